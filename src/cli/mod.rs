@@ -1,0 +1,42 @@
+//! The command-line front door: clap structs → library config structs → library calls.
+//! Printing happens only here.
+
+mod inspect;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lorafuse",
+    version,
+    about = "LoRA training, merging into ONNX Stable Diffusion pipelines, and ONNX Runtime text-to-image"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// ONNX Runtime shared library (libonnxruntime.so.1.31.x). Default search: ORT_DYLIB_PATH,
+    /// the project's .venv, the active Python's onnxruntime package, the system library path.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Describe an ONNX pipeline folder, an ONNX model, a diffusers folder or a safetensors file.
+    Inspect(inspect::InspectArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(args) => inspect::run(&cli.global, args),
+    }
+}

@@ -1,0 +1,34 @@
+//! # lorafuse
+//!
+//! From "a folder of captioned images" to "images generated with my LoRA inside an ONNX Runtime app".
+//!
+//! ```text
+//! images + captions ─► train (tch, feature `train`) ─► LoRA safetensors (diffusers/PEFT or kohya keys)
+//!                                                          │
+//! LoRA files (diffusers, kohya, attn-procs, PEFT) ──► lora:: parse → canonical {module, down, up, scale}
+//!                                                          │
+//! ONNX pipeline dir ─► onnx:: graph index: module path → initializer (name, layout, dtype, location)
+//!                                                          │
+//!               merge:: W' = W + Σ weight_i · scale_i · ΔW_i   (f32 accumulate, cast back)
+//!                      ├─► new ONNX pipeline dir (CLI `merge`)
+//!                      └─► runtime:: ORT sessions with overridden initializers (no files written)
+//!                                                          │
+//! prompt ─► pipeline::tokenizer ─► text encoder ─► UNet × steps (CFG, scheduler) ─► VAE ─► image:: PNG
+//! ```
+//!
+//! One library, three front doors: the CLI (`src/main.rs` → [`cli`]), the C ABI (`ffi`, implementing
+//! `plugin-api`), and Rust users of this crate. Each external format has exactly one owner module:
+//! safetensors → [`weights`], LoRA dialects → [`lora`], ONNX protobuf → [`onnx`],
+//! ONNX Runtime → [`runtime`], tokenizer and schedulers → [`pipeline`].
+#![warn(clippy::unwrap_used)]
+
+pub mod cli;
+pub mod error;
+pub mod layout;
+pub mod lora;
+pub mod onnx;
+pub mod pipeline;
+pub mod runtime;
+pub mod weights;
+
+pub use error::{Error, Result};

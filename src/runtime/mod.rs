@@ -1,0 +1,190 @@
+//! ONNX Runtime: finding and loading the shared library at run time, and building sessions.
+//!
+//! ONNX Runtime is never linked at build time (`ort`'s `load-dynamic`): the library comes from the
+//! PyPI wheels `onnxruntime==1.31.1` / `onnxruntime-gpu==1.31.1` (DESIGN.md section 6). [`init`]
+//! looks for it in this order and reports every place it tried when none works:
+//! 1. an explicit path (`--ort-lib PATH`, plugin options),
+//! 2. `ORT_DYLIB_PATH`,
+//! 3. the project-local install made by `scripts/setup.sh` (`.venv/` beside the build),
+//! 4. an `onnxruntime`/`onnxruntime-gpu` package in the active Python (`VIRTUAL_ENV`, then `python3`),
+//! 5. the system library path (`libonnxruntime.so`).
+
+pub mod session;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::{Error, Result};
+
+/// The ONNX Runtime library this process uses.
+#[derive(Debug, Clone)]
+pub struct OrtLibrary {
+    pub path: PathBuf,
+    /// Which rule of the search order found it.
+    pub source: &'static str,
+}
+
+static LOADED: OnceLock<OrtLibrary> = OnceLock::new();
+static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
+
+/// The process-wide ORT environment, loading the library with the default search if needed.
+pub fn environment() -> Result<&'static ort::environment::Environment> {
+    init(None)?;
+    ENV.get().ok_or_else(|| Error::OrtLoad("ONNX Runtime environment missing after load".into()))
+}
+
+/// Load ONNX Runtime once per process (later calls return the first result; a different
+/// `explicit` path after a successful load is an error, since one process holds one ORT).
+pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
+    if let Some(lib) = LOADED.get() {
+        if let Some(p) = explicit {
+            if !same_file(p, &lib.path) {
+                return Err(Error::OrtLoad(format!(
+                    "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+                    lib.path.display(),
+                    p.display()
+                )));
+            }
+        }
+        return Ok(lib);
+    }
+    let mut tried = Vec::new();
+    for (source, path) in candidates(explicit) {
+        match try_load(&path) {
+            Ok(()) => {
+                let lib = OrtLibrary { path, source };
+                let _ = LOADED.set(lib);
+                return LOADED.get().ok_or_else(|| Error::OrtLoad("ONNX Runtime load raced".into()));
+            }
+            Err(why) => {
+                tried.push(format!("  {source}: {} ({why})", path.display()));
+                // An explicit choice that fails is final: falling back would hide the user's mistake.
+                if source == "--ort-lib" {
+                    break;
+                }
+            }
+        }
+    }
+    Err(Error::OrtLoad(format!(
+        "cannot load ONNX Runtime (need onnxruntime 1.31.x). Tried:\n{}\n\
+         Fix: run scripts/setup.sh (installs onnxruntime==1.31.1 into .venv/), or pass --ort-lib PATH, \
+         or set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (inside the onnxruntime wheel: onnxruntime/capi/)",
+        if tried.is_empty() { "  (no candidates)".to_string() } else { tried.join("\n") }
+    )))
+}
+
+/// The library loaded by [`init`], if any.
+pub fn loaded() -> Option<&'static OrtLibrary> {
+    LOADED.get()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn try_load(path: &Path) -> std::result::Result<(), String> {
+    // A bare file name goes to the dynamic loader's search path; anything else must exist.
+    let bare = path.components().count() == 1;
+    if !bare && !path.is_file() {
+        return Err("no such file".into());
+    }
+    let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+    // Build the environment now so a broken library is reported here, not at first use.
+    let env = builder.with_name("lorafuse").build().map_err(|e| e.to_string())?;
+    let _ = ENV.set(env);
+    Ok(())
+}
+
+/// Every place [`init`] looks, in order, with the rule that produced it.
+pub fn candidates(explicit: Option<&Path>) -> Vec<(&'static str, PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(p) = explicit {
+        out.push(("--ort-lib", p.to_path_buf()));
+        return out;
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+        out.push(("ORT_DYLIB_PATH", PathBuf::from(p)));
+    }
+    // Recorded at build time by scripts/setup.sh (.cargo/config.toml), absolute.
+    if let Some(p) = option_env!("LORAFUSE_ORT_LIB") {
+        out.push(("project .venv", PathBuf::from(p)));
+    }
+    for root in project_roots() {
+        for lib in wheel_libs_in_venv(&root.join(".venv")) {
+            out.push(("project .venv", lib));
+        }
+    }
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        for lib in wheel_libs_in_venv(Path::new(&venv)) {
+            out.push(("active Python (VIRTUAL_ENV)", lib));
+        }
+    }
+    if let Some(dir) = python_onnxruntime_capi() {
+        for lib in wheel_libs_in(&dir) {
+            out.push(("active Python (python3)", lib));
+        }
+    }
+    out.push(("system library path", PathBuf::from("libonnxruntime.so")));
+    out.push(("system library path", PathBuf::from("libonnxruntime.so.1")));
+    // Keep the first occurrence of each path.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(_, p)| seen.insert(p.clone()));
+    out
+}
+
+/// Folders that may hold the project-local `.venv`: the crate root this binary was built from,
+/// and the ancestors of the executable (`target/release/lorafuse` → repo root).
+fn project_roots() -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    roots
+}
+
+/// `VENV/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*`.
+fn wheel_libs_in_venv(venv: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else { return Vec::new() };
+    let mut pys: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python3")))
+        .collect();
+    pys.sort();
+    pys.iter().flat_map(|py| wheel_libs_in(&py.join("site-packages/onnxruntime/capi"))).collect()
+}
+
+fn wheel_libs_in(capi: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(capi) else { return Vec::new() };
+    let mut libs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "onnxruntime.dll" || n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
+        })
+        .collect();
+    // Prefer the fully versioned file (libonnxruntime.so.1.31.1) over shorter links.
+    libs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    libs
+}
+
+/// Ask the active `python3` where its onnxruntime package lives (works for onnxruntime-gpu too,
+/// which installs the same `onnxruntime` module). Silent on any failure.
+fn python_onnxruntime_capi() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.util as u, os; s = u.find_spec('onnxruntime'); print(os.path.join(os.path.dirname(s.origin), 'capi') if s and s.origin else '')",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let s = String::from_utf8(out.stdout).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}

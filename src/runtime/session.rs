@@ -1,0 +1,112 @@
+//! Building ORT sessions for pipeline components, and describing their inputs and outputs.
+
+use std::path::Path;
+
+use ort::session::Session;
+use ort::value::ValueType;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// Where a session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// CUDA if its provider loads, else CPU with a warning.
+    #[default]
+    Auto,
+    Cpu,
+    /// ORT's CUDA execution provider on this device id; failing to load it is an error.
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<i32>) {
+                Some(Ok(id)) if id >= 0 => Ok(Device::Cuda(id)),
+                _ => Err(Error::InvalidArgument(format!("device `{s}`: expected auto, cpu, cuda or cuda:N"))),
+            },
+        }
+    }
+}
+
+/// Options shared by every component session of a pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    pub device: Device,
+    /// Intra-op threads; `None` lets ORT decide (one per physical core).
+    pub intra_threads: Option<usize>,
+}
+
+/// Open one ONNX model as a session.
+pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    let env = super::environment()?;
+    if !path.is_file() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file")));
+    }
+    let mut builder = Session::builder(env)?;
+    if let Some(n) = opts.intra_threads {
+        builder = builder.with_intra_threads(n).map_err(ort::Error::from)?;
+    }
+    match opts.device {
+        Device::Cpu => {}
+        Device::Auto => {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build()])
+                .map_err(ort::Error::from)?;
+        }
+        Device::Cuda(id) => {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().with_device_id(id).build().error_on_failure()])
+                .map_err(|e| Error::OrtLoad(format!("CUDA execution provider (device {id}) failed to load: {e}")))?;
+        }
+    }
+    builder.commit_from_file(path).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// One graph input or output as ORT sees it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IoInfo {
+    pub name: String,
+    /// ONNX element type name, e.g. `float32`, `float16`, `int64`.
+    pub dtype: String,
+    /// Dimensions: a number, or the symbolic name (or `?`) of a dynamic one.
+    pub shape: Vec<String>,
+}
+
+impl std::fmt::Display for IoInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}[{}]", self.name, self.dtype, self.shape.join(", "))
+    }
+}
+
+/// Inputs and outputs of a session.
+pub fn describe(session: &Session) -> (Vec<IoInfo>, Vec<IoInfo>) {
+    let conv = |o: &ort::value::Outlet| io_info(o.name(), o.dtype());
+    (session.inputs().iter().map(conv).collect(), session.outputs().iter().map(conv).collect())
+}
+
+fn io_info(name: &str, ty: &ValueType) -> IoInfo {
+    match ty {
+        ValueType::Tensor { ty, shape, dimension_symbols } => IoInfo {
+            name: name.to_string(),
+            dtype: ty.to_string(),
+            shape: shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    if d >= 0 {
+                        d.to_string()
+                    } else {
+                        dimension_symbols.get(i).filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "?".into())
+                    }
+                })
+                .collect(),
+        },
+        other => IoInfo { name: name.to_string(), dtype: format!("{other:?}"), shape: Vec::new() },
+    }
+}
