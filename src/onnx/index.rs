@@ -13,6 +13,10 @@
 //!    a Transpose holds the weight as `[in, out]` ([`Layout::Transposed`]);
 //! 3. callers check the LoRA's ΔW shape with [`MappedWeight::check_shape`] and refuse mismatches.
 //!
+//! Dynamo exports of a wrapper module (`self.unet = UNet2DConditionModel(...)`) prefix every
+//! path and initializer name with the wrapper's attribute (`unet.down_blocks.0…`): the prefix is
+//! read from the `pkg.torch.onnx.class_hierarchy` metadata (the scope of the first `diffusers.` or
+//! `transformers.` class) and stripped ([`WeightIndex::root_prefix`]).
 //! An optional leading `text_model.` is stripped on both sides (transformers 4.x keeps it in
 //! text-encoder paths, 5.x drops it). A weight that reaches more than one consumer (exporters
 //! de-duplicate equal tensors behind Identity nodes), or a module path that two different
@@ -134,6 +138,10 @@ pub struct WeightIndex {
     format: String,
     #[serde(default = "format_version")]
     version: u32,
+    /// Module path of the exported model inside a wrapper module (dynamo exports of
+    /// `Wrapper(unet=UNet2DConditionModel)` name everything `unet.…`), stripped from every path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root_prefix: Option<String>,
     modules: Vec<MappedWeight>,
     #[serde(default)]
     skipped: Vec<Skipped>,
@@ -154,17 +162,41 @@ pub fn canonical_module_path(path: &str) -> &str {
     path.strip_prefix("text_model.").unwrap_or(path)
 }
 
+fn canonical_with_root<'p>(root: Option<&str>, path: &'p str) -> &'p str {
+    let path = match root {
+        Some(r) => path
+            .strip_prefix(r)
+            .and_then(|p| p.strip_prefix('.'))
+            .unwrap_or(path),
+        None => path,
+    };
+    canonical_module_path(path)
+}
+
 impl WeightIndex {
     /// Derive the map from the model's graph (no file access beyond the decoded model).
     pub fn build(model: &OnnxModel) -> WeightIndex {
         Builder::new(model).run()
     }
 
-    /// The mapping for `module_path` (with or without a leading `text_model.`).
+    /// The mapping for `module_path` (with or without a leading `text_model.`, or the
+    /// [`root_prefix`](Self::root_prefix)).
     pub fn lookup(&self, module_path: &str) -> Option<&MappedWeight> {
         self.by_module
-            .get(canonical_module_path(module_path))
+            .get(&self.canonical(module_path))
             .map(|&i| &self.modules[i])
+    }
+
+    /// The wrapper module path stripped from every module path (`Some("unet")` for a dynamo
+    /// export of a module holding the UNet as `self.unet`), detected from the dynamo exporter's
+    /// `pkg.torch.onnx.class_hierarchy` metadata: the scope of the first diffusers or
+    /// transformers class.
+    pub fn root_prefix(&self) -> Option<&str> {
+        self.root_prefix.as_deref()
+    }
+
+    fn canonical(&self, path: &str) -> String {
+        canonical_with_root(self.root_prefix.as_deref(), path).to_owned()
     }
 
     /// Every mappable module path, sorted: what LoRA keys (kohya's underscored ones included)
@@ -216,7 +248,7 @@ impl WeightIndex {
             Layout::Torch => t.dims.clone(),
             Layout::Transposed => t.dims.iter().rev().copied().collect(),
         };
-        let module = canonical_module_path(module).to_owned();
+        let module = self.canonical(module);
         let m = MappedWeight {
             module: module.clone(),
             initializer: initializer.to_owned(),
@@ -257,8 +289,9 @@ impl WeightIndex {
                 idx.format, idx.version
             )));
         }
+        let root = idx.root_prefix.clone();
         for m in &mut idx.modules {
-            m.module = canonical_module_path(&m.module).to_owned();
+            m.module = canonical_with_root(root.as_deref(), &m.module).to_owned();
         }
         idx.reindex();
         if idx.by_module.len() != idx.modules.len() {
@@ -332,6 +365,7 @@ struct Use {
 
 struct Builder<'a> {
     model: &'a OnnxModel,
+    root: Option<String>,
     nodes: &'a [NodeProto],
     producer: HashMap<&'a str, usize>,
     consumers: HashMap<&'a str, Vec<(usize, usize)>>,
@@ -429,12 +463,40 @@ fn parse_py_str_list(s: &str) -> Option<Vec<String>> {
     }
 }
 
+fn metadata_list(n: &NodeProto, key: &str) -> Option<Vec<String>> {
+    let meta = n.metadata_props.iter().find(|kv| kv.key() == key)?;
+    parse_py_str_list(meta.value())
+}
+
+/// The scope of the exported diffusers/transformers model inside user wrappers, when every node
+/// that carries dynamo metadata agrees on it; `None` when the model is the root.
+fn root_prefix(nodes: &[NodeProto]) -> Option<String> {
+    let mut found: Option<String> = None;
+    for n in nodes {
+        let (Some(scopes), Some(classes)) = (
+            metadata_list(n, "pkg.torch.onnx.name_scopes"),
+            metadata_list(n, "pkg.torch.onnx.class_hierarchy"),
+        ) else {
+            continue;
+        };
+        let Some(i) = classes
+            .iter()
+            .position(|c| c.starts_with("diffusers.") || c.starts_with("transformers."))
+        else {
+            continue;
+        };
+        let Some(scope) = scopes.get(i) else { continue };
+        match &found {
+            None => found = Some(scope.clone()),
+            Some(f) if f == scope => {}
+            Some(_) => return None, // several models in one graph: strip nothing
+        }
+    }
+    found.filter(|s| !s.is_empty())
+}
+
 fn scope_path(n: &NodeProto) -> Option<String> {
-    let meta = n
-        .metadata_props
-        .iter()
-        .find(|kv| kv.key() == "pkg.torch.onnx.name_scopes")?;
-    let list = parse_py_str_list(meta.value())?;
+    let list = metadata_list(n, "pkg.torch.onnx.name_scopes")?;
     let p = list.len().checked_sub(2).map(|i| list[i].clone())?;
     (!p.is_empty()).then_some(p)
 }
@@ -459,6 +521,7 @@ impl<'a> Builder<'a> {
         let graph_outputs = g.output.iter().map(|v| v.name()).collect();
         Builder {
             model,
+            root: root_prefix(&g.node),
             nodes: &g.node,
             producer,
             consumers,
@@ -576,7 +639,7 @@ impl<'a> Builder<'a> {
             let Some(p) = t.name.strip_suffix(".weight") else {
                 continue;
             };
-            let module = canonical_module_path(p);
+            let module = canonical_with_root(self.root.as_deref(), p);
             if module.is_empty() {
                 continue;
             }
@@ -618,7 +681,7 @@ impl<'a> Builder<'a> {
                     None => continue,
                 },
             };
-            let module = canonical_module_path(&path).to_owned();
+            let module = canonical_with_root(self.root.as_deref(), &path).to_owned();
             if rule1_tried.contains(&module) {
                 continue;
             }
@@ -678,6 +741,7 @@ impl<'a> Builder<'a> {
         let mut idx = WeightIndex {
             format: format_tag(),
             version: format_version(),
+            root_prefix: self.root.clone(),
             modules,
             skipped,
             by_module: BTreeMap::new(),
