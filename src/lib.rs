@@ -24,8 +24,10 @@
 
 pub mod cli;
 pub mod error;
+pub mod image;
 pub mod layout;
 pub mod lora;
+pub mod merge;
 pub mod onnx;
 pub mod pipeline;
 pub mod runtime;

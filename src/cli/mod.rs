@@ -1,6 +1,7 @@
 //! The command-line front door: clap structs → library config structs → library calls.
 //! Printing happens only here.
 
+mod generate;
 mod inspect;
 
 use std::path::PathBuf;
@@ -33,10 +34,13 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Describe an ONNX pipeline folder, an ONNX model, a diffusers folder or a safetensors file.
     Inspect(inspect::InspectArgs),
+    /// Text-to-image through ONNX Runtime; writes PNGs with A1111-style `parameters`.
+    Generate(generate::GenerateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&cli.global, args),
+        Command::Generate(args) => generate::run(&cli.global, args),
     }
 }

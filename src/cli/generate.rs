@@ -1,0 +1,191 @@
+//! `lorafuse generate`: text-to-image through ONNX Runtime, PNGs with A1111 `parameters`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::GlobalArgs;
+use crate::image::{GeneratedImage, a1111_parameters, unit_to_u8, write_png};
+use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
+use crate::runtime::{self, session};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// ONNX pipeline folder (optimum layout: text_encoder/, unet/, vae_decoder/, tokenizer/, scheduler/).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    #[arg(long, short = 'n', default_value = "")]
+    pub negative_prompt: String,
+    /// Image width in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
+    #[arg(long, short = 'W')]
+    pub width: Option<u32>,
+    /// Image height in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
+    #[arg(long, short = 'H')]
+    pub height: Option<u32>,
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance (and the negative prompt) off.
+    #[arg(long = "guidance-scale", alias = "cfg", default_value_t = 7.5)]
+    pub guidance_scale: f32,
+    /// Seed of the first image; image k uses seed + k.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// pndm, ddim, euler, euler-a, dpmpp-2m, lms (+ "-karras" for euler, dpmpp-2m, lms).
+    /// Default: the class in scheduler/scheduler_config.json.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// How many images to make.
+    #[arg(long = "num-images", default_value_t = 1)]
+    pub num_images: usize,
+    /// Images per UNet batch.
+    #[arg(long = "batch-size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Starting latents [b, 4, h/8, w/8] (.npy, or .safetensors with one tensor), as diffusers' `latents=`.
+    #[arg(long = "init-latents")]
+    pub init_latents: Option<PathBuf>,
+    /// Output file pattern: {index} (image number), {seed}.
+    #[arg(long, short = 'o', default_value = "outputs/{index}-{seed}.png")]
+    pub output: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Intra-op threads for ONNX Runtime (default: ORT's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
+    runtime::init(global.ort_lib.as_deref())?;
+    let device: session::Device = a.device.parse()?;
+    let scheduler = a.scheduler.as_deref().map(|s| s.replace('-', "_"));
+    if a.batch_size == 0 || a.num_images == 0 {
+        bail!("--num-images and --batch-size must be at least 1");
+    }
+    let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
+    let opts = session::SessionOptions { device, intra_threads: a.threads };
+    let mut pipe = Txt2Img::open(&a.model, &opts).with_context(|| format!("opening pipeline {}", a.model.display()))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Ctrl-C stops between steps; a second Ctrl-C falls through to the default handler's exit.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping after this step (Ctrl-C again to quit now)");
+        });
+    }
+
+    let model_name = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut index = 0usize;
+    while index < a.num_images {
+        let b = a.batch_size.min(a.num_images - index);
+        let seed = a.seed + index as u64;
+        let params = GenerateParams {
+            prompt: a.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone(),
+            width: a.width.unwrap_or(0),
+            height: a.height.unwrap_or(0),
+            steps: a.steps,
+            guidance_scale: a.guidance_scale,
+            seed,
+            scheduler: scheduler.clone(),
+            init_latents: init_latents.clone(),
+            batch: b,
+        };
+        let bar = ProgressBar::new(a.steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})")
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("images {}..{} of {}", index + 1, index + b, a.num_images));
+        let out = pipe.generate(&params, &mut |step, total| {
+            bar.set_length(total as u64);
+            bar.set_position(step as u64);
+            !stop.load(Ordering::SeqCst)
+        });
+        bar.finish_and_clear();
+        let out = out?;
+        if out.prompt_truncated {
+            eprintln!("warning: the prompt is longer than 77 CLIP tokens; the rest was ignored");
+        }
+        let sampler = a1111_sampler_name(&pipe.scheduler_name(scheduler.as_deref()));
+        let per = (out.width * out.height * 3) as usize;
+        for k in 0..out.batch {
+            let image_seed = seed + k as u64;
+            let settings = [
+                ("Steps", a.steps.to_string()),
+                ("Sampler", sampler.clone()),
+                ("CFG scale", a.guidance_scale.to_string()),
+                ("Seed", image_seed.to_string()),
+                ("Size", format!("{}x{}", out.width, out.height)),
+                ("Model", model_name.clone()),
+                ("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))),
+            ];
+            let img = GeneratedImage {
+                width: out.width,
+                height: out.height,
+                rgb: unit_to_u8(&out.pixels[k * per..(k + 1) * per]),
+                parameters: a1111_parameters(&a.prompt, &a.negative_prompt, &settings),
+            };
+            let path = PathBuf::from(a.output.replace("{index}", &(index + k).to_string()).replace("{seed}", &image_seed.to_string()));
+            write_png(&path, &img)?;
+            println!("{}", path.display());
+        }
+        index += b;
+    }
+    Ok(())
+}
+
+/// Latents from `.npy` (f32) or `.safetensors` (one tensor, any float dtype).
+fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => {
+            let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let arr: ndarray::ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(f)
+                .with_context(|| format!("{}: expected a float32 .npy array", path.display()))?;
+            Ok((arr.shape().to_vec(), arr.iter().copied().collect()))
+        }
+        Some("safetensors") => {
+            let w = crate::weights::WeightFile::open(path)?;
+            let names: Vec<&str> = w.names().collect();
+            let name = match names.as_slice() {
+                [one] => (*one).to_string(),
+                _ => ["init_latents", "latents"]
+                    .into_iter()
+                    .find(|n| names.contains(n))
+                    .map(String::from)
+                    .with_context(|| format!("{}: holds {} tensors; name one `latents` or `init_latents`", path.display(), names.len()))?,
+            };
+            Ok(w.tensor_f32(&name)?)
+        }
+        _ => bail!("{}: --init-latents takes a .npy or .safetensors file", path.display()),
+    }
+}
+
+/// The sampler name AUTOMATIC1111 writes for a scheduler, so other tools read the settings back.
+fn a1111_sampler_name(name: &str) -> String {
+    let (base, karras) = match name.strip_suffix("_karras") {
+        Some(b) => (b, " Karras"),
+        None => (name, ""),
+    };
+    let label = match base {
+        "pndm" => "PLMS",
+        "ddim" => "DDIM",
+        "ddpm" => "DDPM",
+        "euler" => "Euler",
+        "euler_ancestral" | "euler_a" => "Euler a",
+        "dpmpp_2m" => "DPM++ 2M",
+        "lms" => "LMS",
+        other => other,
+    };
+    format!("{label}{karras}")
+}

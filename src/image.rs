@@ -1,0 +1,112 @@
+//! Images: VAE output ↔ RGB pixels, and PNG files carrying A1111-style `parameters` text.
+//!
+//! Pixel conversion mirrors diffusers' `VaeImageProcessor.postprocess` + `numpy_to_pil`
+//! (diffusers 0.42.1 `image_processor.py`): `x / 2 + 0.5`, clamp to [0, 1], `round(x · 255)`.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// An 8-bit RGB image with the settings that made it.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub width: u32,
+    pub height: u32,
+    /// Row-major RGB, 3 bytes a pixel.
+    pub rgb: Vec<u8>,
+    /// A1111 `parameters` text (prompt, negative prompt, settings line).
+    pub parameters: String,
+}
+
+/// One image of a VAE decoder output `[b, 3, h, w]` (values in [-1, 1]) as floats in [0, 1],
+/// laid out `[h, w, 3]` like diffusers' `output_type="np"`.
+pub fn vae_to_unit(sample: &[f32], index: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+    let plane = h * w;
+    let start = index * 3 * plane;
+    let img = sample.get(start..start + 3 * plane).ok_or_else(|| {
+        Error::InvalidArgument(format!("VAE output holds {} values, too few for image {index} of {h}x{w}", sample.len()))
+    })?;
+    let mut out = vec![0f32; 3 * plane];
+    for c in 0..3 {
+        for p in 0..plane {
+            out[p * 3 + c] = (img[c * plane + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+        }
+    }
+    Ok(out)
+}
+
+/// Floats in [0, 1] to bytes the way diffusers' `numpy_to_pil` does (`(x * 255).round()`).
+pub fn unit_to_u8(unit: &[f32]) -> Vec<u8> {
+    unit.iter().map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect()
+}
+
+/// Write `image` as a PNG at `path` atomically (temporary file in the same folder, then rename), with the
+/// settings in a `parameters` text chunk as AUTOMATIC1111's web UI writes them.
+pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".lorafuse-")
+        .suffix(".png.part")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    {
+        let w = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut enc = png::Encoder::new(w, image.width, image.height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
+        if image.parameters.is_ascii() {
+            enc.add_text_chunk("parameters".into(), image.parameters.clone()).map_err(png_err)?;
+        } else {
+            enc.add_itxt_chunk("parameters".into(), image.parameters.clone()).map_err(png_err)?;
+        }
+        let mut writer = enc.write_header().map_err(png_err)?;
+        writer.write_image_data(&image.rgb).map_err(png_err)?;
+        writer.finish().map_err(png_err)?;
+    }
+    tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // Temporary files are created 0600; an image is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Read the `parameters` text back from a PNG (tEXt or iTXt), as other tools do.
+pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    let info = reader.info();
+    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+        return Ok(Some(t.text.clone()));
+    }
+    for t in &info.utf8_text {
+        if t.keyword == "parameters" {
+            return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+        }
+    }
+    Ok(None)
+}
+
+/// The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value` settings.
+pub fn a1111_parameters(prompt: &str, negative_prompt: &str, settings: &[(&str, String)]) -> String {
+    let mut s = prompt.to_string();
+    if !negative_prompt.is_empty() {
+        s.push_str("\nNegative prompt: ");
+        s.push_str(negative_prompt);
+    }
+    s.push('\n');
+    let line: Vec<String> = settings
+        .iter()
+        .map(|(k, v)| if v.contains(',') || v.contains(':') { format!("{k}: \"{v}\"") } else { format!("{k}: {v}") })
+        .collect();
+    s.push_str(&line.join(", "));
+    s
+}

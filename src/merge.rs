@@ -1,0 +1,408 @@
+//! LoRAs into an ONNX pipeline: plan which initializer receives which adapters, compute the merged
+//! weights in f32 (W' = W + Σ weightᵢ · scaleᵢ · ΔWᵢ, cast back to the initializer's dtype), and
+//! hand them out either as bytes for a new pipeline folder ([`merge_pipeline`]) or as ORT values
+//! that override initializers when sessions are created (no files written).
+//!
+//! LoRA dialects are read by [`crate::lora`]; the module → initializer map is [`crate::onnx::index`];
+//! the maths is [`crate::lora::merge`]. This module only joins them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::layout::{OnnxComponent, OnnxPipelineDir};
+use crate::lora::format::{self as lora_format, LoraAdapter, ReadOptions};
+use crate::lora::merge as lora_merge;
+use crate::onnx::index::{Layout, MappedWeight, WeightIndex};
+use crate::onnx::model::{OnnxModel, encode_like};
+use crate::weights::Component;
+use crate::weights::keys::ModuleList;
+use crate::{Error, Result};
+
+/// One LoRA file and its weight, as written on the command line: `FILE[:WEIGHT]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub weight: f32,
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        // Split at the last ':' only when what follows is a number, so paths with ':' still work.
+        if let Some((p, w)) = s.rsplit_once(':') {
+            if let Ok(weight) = w.parse::<f32>() {
+                if !weight.is_finite() {
+                    return Err(Error::InvalidArgument(format!("LoRA weight in `{s}` is not finite")));
+                }
+                return Ok(LoraSpec { path: PathBuf::from(p), weight });
+            }
+        }
+        if s.is_empty() {
+            return Err(Error::InvalidArgument("empty LoRA argument (expected FILE[:WEIGHT])".into()));
+        }
+        Ok(LoraSpec { path: PathBuf::from(s), weight: 1.0 })
+    }
+}
+
+/// How to merge.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Multiplier on every LoRA's UNet part (A1111's "UNet weight").
+    pub unet_scale: f32,
+    /// Multiplier on every LoRA's text-encoder part.
+    pub text_encoder_scale: f32,
+    /// Treat keys that map nowhere as an error instead of reporting them.
+    pub strict: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions { unet_scale: 1.0, text_encoder_scale: 1.0, strict: false }
+    }
+}
+
+/// What one LoRA contributed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraReport {
+    pub path: PathBuf,
+    pub weight: f32,
+    pub dialect: String,
+    /// Modules patched, per component.
+    pub unet_modules: usize,
+    pub text_encoder_modules: usize,
+    /// Keys (or modules) that map nowhere, with the reason.
+    pub unmapped: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// The merged weight of one initializer, ready to be written or bound.
+#[derive(Debug, Clone)]
+pub struct MergedWeight {
+    pub initializer: String,
+    pub module: String,
+    pub layout: Layout,
+    /// The initializer's own dims (as stored).
+    pub dims: Vec<usize>,
+    pub dtype: crate::onnx::proto::tensor_proto::DataType,
+    /// f32 values in stored layout.
+    pub values: Vec<f32>,
+}
+
+struct Target {
+    mapped: MappedWeight,
+    /// (lora index, module index in that adapter, total weight)
+    items: Vec<(usize, usize, f32)>,
+}
+
+/// The LoRA targets of one component model.
+pub struct ComponentPlan {
+    pub component: OnnxComponent,
+    pub model: OnnxModel,
+    pub index: WeightIndex,
+    targets: BTreeMap<String, Target>,
+}
+
+impl ComponentPlan {
+    /// Initializers that change.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+/// Which weights a set of LoRAs changes in a pipeline, checked (dialects, mapping, shapes) before
+/// anything is computed or written.
+pub struct MergePlan {
+    pub loras: Vec<LoraAdapter>,
+    pub reports: Vec<LoraReport>,
+    pub components: Vec<ComponentPlan>,
+}
+
+fn to_component(c: Component) -> OnnxComponent {
+    match c {
+        Component::Unet => OnnxComponent::Unet,
+        Component::TextEncoder => OnnxComponent::TextEncoder,
+    }
+}
+
+fn lora_layout(l: Layout) -> lora_merge::Layout {
+    match l {
+        Layout::Torch => lora_merge::Layout::Torch,
+        Layout::Transposed => lora_merge::Layout::Transposed,
+    }
+}
+
+/// Open the pipeline's UNet and text encoder and index their LoRA-target weights.
+pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<(OnnxModel, WeightIndex, OnnxComponent)>> {
+    let mut out = Vec::new();
+    for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
+        if !dir.has(c) {
+            continue;
+        }
+        let model = OnnxModel::open(dir.model_path(c))?;
+        let index = WeightIndex::build(&model);
+        out.push((model, index, c));
+    }
+    Ok(out)
+}
+
+/// Plan the merge of `loras` into the pipeline at `dir`.
+pub fn plan(dir: &OnnxPipelineDir, loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
+    let indexed = index_pipeline(dir)?;
+    let mut modules = ModuleList::new();
+    for (_, index, c) in &indexed {
+        let comp = match c {
+            OnnxComponent::Unet => Component::Unet,
+            _ => Component::TextEncoder,
+        };
+        for m in index.modules() {
+            modules.insert(comp, m);
+        }
+    }
+    let mut components: Vec<ComponentPlan> = indexed
+        .into_iter()
+        .map(|(model, index, component)| ComponentPlan { component, model, index, targets: BTreeMap::new() })
+        .collect();
+
+    let mut adapters = Vec::with_capacity(loras.len());
+    let mut reports = Vec::with_capacity(loras.len());
+    for (li, spec) in loras.iter().enumerate() {
+        let adapter = lora_format::read(&spec.path, &ReadOptions { modules: Some(&modules), adapter_config: None })?;
+        if adapter.is_sdxl() {
+            return Err(Error::Lora {
+                file: spec.path.clone(),
+                msg: format!(
+                    "this is an SDXL LoRA ({} keys name SDXL-only modules); the pipeline is SD 1.x",
+                    adapter.unmapped.len()
+                ),
+            });
+        }
+        let mut report = LoraReport {
+            path: spec.path.clone(),
+            weight: spec.weight,
+            dialect: adapter.dialect.to_string(),
+            unet_modules: 0,
+            text_encoder_modules: 0,
+            unmapped: adapter.unmapped.iter().map(|u| u.to_string()).collect(),
+            notes: adapter.notes.clone(),
+        };
+        for (mi, m) in adapter.modules.iter().enumerate() {
+            let oc = to_component(m.component);
+            let Some(cp) = components.iter_mut().find(|cp| cp.component == oc) else {
+                report.unmapped.push(format!("`{}` ({}): the pipeline has no {oc} model", m.module_path, m.keys.join(", ")));
+                continue;
+            };
+            let Some(mapped) = cp.index.lookup(&m.module_path) else {
+                report.unmapped.push(format!(
+                    "`{}` ({}): no weight for this module found in {}",
+                    m.module_path,
+                    m.keys.join(", "),
+                    cp.model.path().display()
+                ));
+                continue;
+            };
+            let dshape = delta_shape(m)?;
+            if !lora_merge::shape_fits(&dshape, &mapped.torch_shape) {
+                return Err(Error::Lora {
+                    file: spec.path.clone(),
+                    msg: format!(
+                        "module `{}`: the LoRA's ΔW is {:?} but the model's weight (`{}` in {}) is {:?}; is this LoRA for another model?",
+                        m.module_path,
+                        dshape,
+                        mapped.initializer,
+                        cp.model.path().display(),
+                        mapped.torch_shape
+                    ),
+                });
+            }
+            let comp_scale = match m.component {
+                Component::Unet => opts.unet_scale,
+                Component::TextEncoder => opts.text_encoder_scale,
+            };
+            match m.component {
+                Component::Unet => report.unet_modules += 1,
+                Component::TextEncoder => report.text_encoder_modules += 1,
+            }
+            cp.targets
+                .entry(mapped.initializer.clone())
+                .or_insert_with(|| Target { mapped: mapped.clone(), items: Vec::new() })
+                .items
+                .push((li, mi, spec.weight * comp_scale));
+        }
+        if opts.strict && !report.unmapped.is_empty() {
+            let list: Vec<&str> = report.unmapped.iter().take(10).map(String::as_str).collect();
+            return Err(Error::Lora {
+                file: spec.path.clone(),
+                msg: format!(
+                    "{} keys map nowhere (strict mode):\n  {}{}",
+                    report.unmapped.len(),
+                    list.join("\n  "),
+                    if report.unmapped.len() > 10 { "\n  ..." } else { "" }
+                ),
+            });
+        }
+        adapters.push(adapter);
+        reports.push(report);
+    }
+    Ok(MergePlan { loras: adapters, reports, components })
+}
+
+impl MergePlan {
+    /// Compute the merged weights of one component (f32, stored layout).
+    pub fn merged(&self, component: OnnxComponent) -> Result<Vec<MergedWeight>> {
+        let Some(cp) = self.components.iter().find(|c| c.component == component) else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(cp.targets.len());
+        for (name, t) in &cp.targets {
+            let (dims, mut values) = cp.model.initializer_f32(name)?;
+            let items: Vec<(&lora_format::LoraModule, f32)> =
+                t.items.iter().map(|&(li, mi, w)| (&self.loras[li].modules[mi], w)).collect();
+            lora_merge::merge_into(&mut values, &t.mapped.torch_shape, lora_layout(t.mapped.layout), &items)?;
+            out.push(MergedWeight {
+                initializer: name.clone(),
+                module: t.mapped.module.clone(),
+                layout: t.mapped.layout,
+                dims,
+                dtype: t.mapped.dtype,
+                values,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Initializers that change, per component.
+    pub fn counts(&self) -> Vec<(OnnxComponent, usize)> {
+        self.components.iter().map(|c| (c.component, c.len())).collect()
+    }
+}
+
+/// What [`merge_pipeline`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    pub out: PathBuf,
+    pub loras: Vec<LoraReport>,
+    /// Initializers patched per component.
+    pub patched: BTreeMap<String, usize>,
+    pub dry_run: bool,
+}
+
+/// Write a complete copy of the pipeline at `src` to `out` with the LoRAs merged into the UNet and
+/// text encoder. The copy is assembled in a temporary folder beside `out` and renamed into place
+/// at the end, so an error or an interrupt leaves no half pipeline; `src` is never modified.
+/// `progress(done, total, what)` is called per file.
+pub fn merge_pipeline(
+    src: &Path,
+    out: &Path,
+    loras: &[LoraSpec],
+    opts: &MergeOptions,
+    dry_run: bool,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<MergeReport> {
+    let dir = OnnxPipelineDir::open(src)?;
+    if out.exists() {
+        return Err(Error::InvalidArgument(format!("{}: output already exists; choose a new folder", out.display())));
+    }
+    if let (Ok(a), Some(parent)) = (src.canonicalize(), out.parent()) {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        if let Ok(p) = parent.canonicalize() {
+            if p.starts_with(&a) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the output must not be inside the input pipeline {}",
+                    out.display(),
+                    src.display()
+                )));
+            }
+        }
+    }
+    let plan = plan(&dir, loras, opts)?;
+    let patched: BTreeMap<String, usize> = plan.counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect();
+    let report = MergeReport { out: out.to_path_buf(), loras: plan.reports.clone(), patched, dry_run };
+    if dry_run {
+        return Ok(report);
+    }
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.lorafuse-"))
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+
+    // Files of the components we rewrite are produced by the patch writer; everything else is copied.
+    let rewritten: Vec<(OnnxComponent, &ComponentPlan)> =
+        plan.components.iter().filter(|c| !c.is_empty()).map(|c| (c.component, c)).collect();
+    let skip_dirs: Vec<PathBuf> = rewritten.iter().map(|(c, _)| src.join(c.dir_name())).collect();
+    let mut files = Vec::new();
+    list_files(src, &mut files)?;
+    let total = files.len();
+    let mut done = 0usize;
+    for f in &files {
+        let rel = f.strip_prefix(src).map_err(|_| Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display())))?;
+        let in_rewritten = skip_dirs.iter().any(|d| f.parent() == Some(d.as_path()));
+        let is_model_data = in_rewritten && {
+            let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n == "model.onnx" || n.ends_with(".onnx_data") || n.ends_with(".data")
+        };
+        if !is_model_data {
+            let dst = tmp.path().join(rel);
+            if let Some(p) = dst.parent() {
+                std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+            }
+            std::fs::copy(f, &dst).map_err(|e| Error::io(f, e))?;
+            done += 1;
+            progress(done, total, &rel.to_string_lossy());
+        }
+    }
+    for (c, cp) in &rewritten {
+        let merged = plan.merged(*c)?;
+        let mut replacements = HashMap::with_capacity(merged.len());
+        for m in merged {
+            replacements.insert(m.initializer, encode_like(m.dtype, &m.values)?);
+        }
+        let out_dir = tmp.path().join(c.dir_name());
+        let written = crate::onnx::write::write_patched(&cp.model, &replacements, &out_dir)?;
+        done += 1 + written.data_files.len();
+        progress(done.min(total), total, c.dir_name());
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp_path);
+        Error::io(out, e)
+    })?;
+    Ok(report)
+}
+
+/// The torch-layout shape of a module's ΔW, without computing it for plain LoRAs.
+fn delta_shape(m: &lora_format::LoraModule) -> Result<Vec<usize>> {
+    match &m.kind {
+        lora_format::LoraKind::Lora { down, up, mid: None } => {
+            let mut s = vec![up.shape[0]];
+            s.extend_from_slice(&down.shape[1..]);
+            Ok(s)
+        }
+        _ => Ok(lora_merge::delta(m)?.shape),
+    }
+}
+
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let ft = e.file_type().map_err(|err| Error::io(&p, err))?;
+        if ft.is_dir() {
+            list_files(&p, out)?;
+        } else if ft.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}

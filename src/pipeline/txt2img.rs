@@ -1,0 +1,411 @@
+//! Text-to-image through ONNX Runtime, step for step what diffusers' `StableDiffusionPipeline.__call__`
+//! does (diffusers 0.42.1 `pipelines/stable_diffusion/pipeline_stable_diffusion.py`):
+//! encode prompt and negative prompt → latents · init_noise_sigma → for each timestep: CFG batch of 2
+//! through the UNet, `uncond + g·(text − uncond)`, scheduler step → `latents / scaling_factor` through
+//! the VAE decoder → pixels.
+
+use std::path::Path;
+
+use ort::session::Session;
+use ort::value::{TensorElementType, ValueType};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::layout::{OnnxComponent, OnnxPipelineDir};
+use crate::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
+use crate::pipeline::tokenizer::ClipTokenizer;
+use crate::runtime::session::{self, SessionOptions};
+use crate::runtime::tensor::{extract_f32, float_value, ids_value};
+use crate::{Error, Result};
+
+/// What one generation call needs besides the pipeline.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance_scale: f32,
+    pub seed: u64,
+    /// A scheduler name (`pndm`, `euler_ancestral`, `dpmpp_2m_karras`, ...); `None`: the class
+    /// named by `scheduler/scheduler_config.json`.
+    pub scheduler: Option<String>,
+    /// Starting latents `[b, 4, h/8, w/8]` (before `init_noise_sigma`), as diffusers' `latents=`.
+    pub init_latents: Option<(Vec<usize>, Vec<f32>)>,
+    /// Images per call (the batch).
+    pub batch: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 0,
+            height: 0,
+            steps: 25,
+            guidance_scale: 7.5,
+            seed: 0,
+            scheduler: None,
+            init_latents: None,
+            batch: 1,
+        }
+    }
+}
+
+/// The result of one call: floats in [0, 1] laid out `[b, h, w, 3]` (diffusers' `output_type="np"`).
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub batch: usize,
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<f32>,
+    /// Whether the prompt was cut to 77 tokens.
+    pub prompt_truncated: bool,
+}
+
+/// What a UNet export declares, read once from the session.
+#[derive(Debug, Clone)]
+struct UnetSignature {
+    sample_ty: TensorElementType,
+    hidden_ty: TensorElementType,
+    timestep_ty: TensorElementType,
+    /// Rank of the `timestep` input: 0 (optimum), or 1 (`[1]` or `[batch]`).
+    timestep_rank: usize,
+    /// A fixed batch dimension (exports traced with batch 1): run CFG halves one by one.
+    fixed_batch: Option<usize>,
+    sample_name: String,
+    timestep_name: String,
+    hidden_name: String,
+}
+
+/// An opened ONNX SD pipeline, ready to generate.
+pub struct Txt2Img {
+    pub dir: OnnxPipelineDir,
+    tokenizer: ClipTokenizer,
+    scheduler_config: SchedulerConfig,
+    text_encoder: Session,
+    unet: Session,
+    vae_decoder: Session,
+    unet_sig: UnetSignature,
+    ids_ty: TensorElementType,
+    latent_ty: TensorElementType,
+    /// `vae.config.scaling_factor` (0.18215 for SD 1.x).
+    pub vae_scaling_factor: f32,
+    /// `2 ** (len(vae.config.block_out_channels) - 1)` (8 for SD 1.x).
+    pub vae_scale_factor: usize,
+    /// `unet.config.sample_size · vae_scale_factor`: the default width/height.
+    pub default_size: u32,
+    pub latent_channels: usize,
+}
+
+fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
+    s.inputs().iter().find(|i| i.name() == name).and_then(|i| match i.dtype() {
+        ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.to_vec())),
+        _ => None,
+    })
+}
+
+fn first_input(s: &Session) -> Option<(String, TensorElementType)> {
+    s.inputs().first().and_then(|i| match i.dtype() {
+        ValueType::Tensor { ty, .. } => Some((i.name().to_string(), *ty)),
+        _ => None,
+    })
+}
+
+impl Txt2Img {
+    /// Open the components of an optimum-layout folder with the given session options.
+    pub fn open(root: &Path, opts: &SessionOptions) -> Result<Self> {
+        let dir = OnnxPipelineDir::open(root)?;
+        let tokenizer = ClipTokenizer::from_dir(dir.tokenizer_dir())?;
+        let scheduler_config = SchedulerConfig::from_file(dir.scheduler_config())?;
+        let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), opts)?;
+        let unet = session::open(&dir.model_path(OnnxComponent::Unet), opts)?;
+        let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), opts)?;
+        Self::from_parts(dir, tokenizer, scheduler_config, text_encoder, unet, vae_decoder)
+    }
+
+    /// Assemble a pipeline from sessions built elsewhere (e.g. with LoRA weights overridden).
+    pub fn from_parts(
+        dir: OnnxPipelineDir,
+        tokenizer: ClipTokenizer,
+        scheduler_config: SchedulerConfig,
+        text_encoder: Session,
+        unet: Session,
+        vae_decoder: Session,
+    ) -> Result<Self> {
+        let unet_path = dir.model_path(OnnxComponent::Unet);
+        let bad = |msg: String| Error::Onnx { file: unet_path.clone(), msg };
+        let (sample_ty, sample_shape) =
+            input_ty(&unet, "sample").ok_or_else(|| bad("UNet has no `sample` input".into()))?;
+        let (timestep_ty, timestep_shape) =
+            input_ty(&unet, "timestep").ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
+        let (hidden_ty, _) = input_ty(&unet, "encoder_hidden_states")
+            .ok_or_else(|| bad("UNet has no `encoder_hidden_states` input".into()))?;
+        let fixed_batch = sample_shape.first().copied().filter(|&d| d > 0).map(|d| d as usize);
+        let unet_sig = UnetSignature {
+            sample_ty,
+            hidden_ty,
+            timestep_ty,
+            timestep_rank: timestep_shape.len(),
+            fixed_batch,
+            sample_name: "sample".into(),
+            timestep_name: "timestep".into(),
+            hidden_name: "encoder_hidden_states".into(),
+        };
+        let (_, ids_ty) = first_input(&text_encoder).ok_or_else(|| Error::Onnx {
+            file: dir.model_path(OnnxComponent::TextEncoder),
+            msg: "text encoder has no inputs".into(),
+        })?;
+        let (_, latent_ty) = first_input(&vae_decoder).ok_or_else(|| Error::Onnx {
+            file: dir.model_path(OnnxComponent::VaeDecoder),
+            msg: "VAE decoder has no inputs".into(),
+        })?;
+        // Configs optimum copies beside each model; SD 1.x defaults when absent.
+        let vae_cfg = dir.component_config(OnnxComponent::VaeDecoder)?;
+        let unet_cfg = dir.component_config(OnnxComponent::Unet)?;
+        let vae_scaling_factor = vae_cfg
+            .as_ref()
+            .and_then(|c| c.get("scaling_factor"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.18215) as f32;
+        let vae_scale_factor = vae_cfg
+            .as_ref()
+            .and_then(|c| c.get("block_out_channels"))
+            .and_then(|v| v.as_array())
+            .map(|a| 1usize << a.len().saturating_sub(1))
+            .unwrap_or(8);
+        let sample_size = unet_cfg
+            .as_ref()
+            .and_then(|c| c.get("sample_size"))
+            .and_then(|v| v.as_u64())
+            .or_else(|| sample_shape.get(2).copied().filter(|&d| d > 0).map(|d| d as u64))
+            .unwrap_or(64) as u32;
+        let latent_channels = unet_cfg
+            .as_ref()
+            .and_then(|c| c.get("in_channels"))
+            .and_then(|v| v.as_u64())
+            .or_else(|| sample_shape.get(1).copied().filter(|&d| d > 0).map(|d| d as u64))
+            .unwrap_or(4) as usize;
+        Ok(Txt2Img {
+            default_size: sample_size * vae_scale_factor as u32,
+            dir,
+            tokenizer,
+            scheduler_config,
+            text_encoder,
+            unet,
+            vae_decoder,
+            unet_sig,
+            ids_ty,
+            latent_ty,
+            vae_scaling_factor,
+            vae_scale_factor,
+            latent_channels,
+        })
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// The scheduler a run uses: `requested`, else the config's class (PNDM when it names none we know).
+    pub fn scheduler_name(&self, requested: Option<&str>) -> String {
+        match requested {
+            Some(n) => n.to_string(),
+            None => self.scheduler_config.default_kind().unwrap_or(SchedulerKind::Pndm).name().to_string(),
+        }
+    }
+
+    /// Replace the UNet session (LoRA switch at run time).
+    pub fn replace_unet(&mut self, unet: Session) {
+        self.unet = unet;
+    }
+
+    /// Replace the text encoder session (LoRA switch at run time).
+    pub fn replace_text_encoder(&mut self, text_encoder: Session) {
+        self.text_encoder = text_encoder;
+    }
+
+    /// Token ids → `last_hidden_state` `[b, 77, hidden]`.
+    fn encode(&mut self, prompts: &[&str]) -> Result<(Vec<usize>, Vec<f32>, bool)> {
+        let mut ids = Vec::with_capacity(prompts.len() * 77);
+        let mut truncated = false;
+        for p in prompts {
+            let t = self.tokenizer.encode(p)?;
+            truncated |= t.truncated;
+            ids.extend(t.ids.iter().map(|&i| i as i64));
+        }
+        let len = ids.len() / prompts.len();
+        let input = ids_value(&ids, &[prompts.len(), len], self.ids_ty)?;
+        let outputs = self.text_encoder.run(ort::inputs![self.text_encoder_input() => input])?;
+        let (shape, data) = extract_f32(&outputs[0], "text encoder output")?;
+        Ok((shape, data, truncated))
+    }
+
+    fn text_encoder_input(&self) -> &'static str {
+        "input_ids"
+    }
+
+    /// One UNet evaluation on a batch `sample` `[n, c, h, w]` with `hidden` `[n, 77, d]`.
+    fn unet_call(&mut self, sample: &[f32], sample_shape: &[usize], t: f64, hidden: &[f32], hidden_shape: &[usize]) -> Result<Vec<f32>> {
+        let sig = self.unet_sig.clone();
+        let n = sample_shape[0];
+        let timestep = match sig.timestep_rank {
+            0 => float_value(&[t as f32], &[], sig.timestep_ty)?,
+            _ => {
+                let want = if sig.fixed_batch.is_some() || n == 1 { 1 } else { n };
+                float_value(&vec![t as f32; want], &[want], sig.timestep_ty)?
+            }
+        };
+        let inputs = ort::inputs![
+            sig.sample_name.as_str() => float_value(sample, sample_shape, sig.sample_ty)?,
+            sig.timestep_name.as_str() => timestep,
+            sig.hidden_name.as_str() => float_value(hidden, hidden_shape, sig.hidden_ty)?,
+        ];
+        let outputs = self.unet.run(inputs)?;
+        let (_, data) = extract_f32(&outputs[0], "UNet output")?;
+        Ok(data)
+    }
+
+    /// Run the pipeline. `progress(step, total)` is called after every denoising step; returning
+    /// `false` stops the run with [`Error::Cancelled`].
+    pub fn generate(&mut self, p: &GenerateParams, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Generated> {
+        let width = if p.width == 0 { self.default_size } else { p.width };
+        let height = if p.height == 0 { self.default_size } else { p.height };
+        let f = self.vae_scale_factor as u32;
+        if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {f}, got {width}x{height}"
+            )));
+        }
+        if p.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        if p.batch == 0 {
+            return Err(Error::InvalidArgument("batch must be at least 1".into()));
+        }
+        let b = p.batch;
+        let (lh, lw) = ((height / f) as usize, (width / f) as usize);
+        let c = self.latent_channels;
+        let latent_shape = vec![b, c, lh, lw];
+        let latent_len = b * c * lh * lw;
+
+        let name = self.scheduler_name(p.scheduler.as_deref());
+        let mut sched = scheduler::scheduler_from_name(&name, &self.scheduler_config)?;
+        sched.set_timesteps(p.steps)?;
+
+        // Prompt embeddings: [negative; positive] as diffusers concatenates them for CFG.
+        let cfg = p.guidance_scale > 1.0;
+        let prompts: Vec<&str> = std::iter::repeat_n(p.prompt.as_str(), b).collect();
+        let (pshape, pos, truncated) = self.encode(&prompts)?;
+        let (hidden, hidden_shape) = if cfg {
+            let negs: Vec<&str> = std::iter::repeat_n(p.negative_prompt.as_str(), b).collect();
+            let (_, neg, _) = self.encode(&negs)?;
+            let mut h = neg;
+            h.extend_from_slice(&pos);
+            let mut s = pshape.clone();
+            s[0] *= 2;
+            (h, s)
+        } else {
+            (pos, pshape.clone())
+        };
+
+        // Initial latents: image k of the batch from its own seed (seed + k), so an image does not
+        // depend on the batch size; ancestral noise from a separate stream of the first seed.
+        let per_image = c * lh * lw;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed);
+        rng.set_stream(1);
+        let mut latents: Vec<f32> = match &p.init_latents {
+            Some((shape, data)) => {
+                if *shape != latent_shape {
+                    return Err(Error::Shape { name: "init latents".into(), expected: latent_shape.clone(), got: shape.clone() });
+                }
+                data.clone()
+            }
+            None => (0..b as u64)
+                .flat_map(|k| {
+                    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed.wrapping_add(k));
+                    (0..per_image).map(move |_| rand_distr::StandardNormal.sample(&mut r)).collect::<Vec<f32>>()
+                })
+                .collect(),
+        };
+        let sigma0 = sched.init_noise_sigma();
+        latents.iter_mut().for_each(|v| *v *= sigma0);
+
+        let timesteps = sched.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = sched.scale_model_input(&latents, i)?;
+            let t = f64::from(t);
+            let noise_pred = if cfg {
+                let (uncond, text) = self.cfg_halves(&model_in, &latent_shape, t, &hidden, &hidden_shape)?;
+                uncond.iter().zip(&text).map(|(&u, &x)| u + p.guidance_scale * (x - u)).collect::<Vec<f32>>()
+            } else {
+                self.unet_call(&model_in, &latent_shape, t, &hidden, &hidden_shape)?
+            };
+            let noise: Option<Vec<f32>> = sched
+                .needs_noise(i)
+                .then(|| (0..latent_len).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect());
+            latents = sched.step(&noise_pred, i, &latents, noise.as_deref())?;
+            if !progress(i + 1, total) {
+                return Err(Error::Cancelled);
+            }
+        }
+
+        // VAE decode, one image at a time (the decoder is the memory peak at large sizes).
+        let inv = 1.0 / self.vae_scaling_factor;
+        let per = c * lh * lw;
+        let (h, w) = (height as usize, width as usize);
+        let mut pixels = Vec::with_capacity(b * h * w * 3);
+        for k in 0..b {
+            let z: Vec<f32> = latents[k * per..(k + 1) * per].iter().map(|v| v * inv).collect();
+            let input = float_value(&z, &[1, c, lh, lw], self.latent_ty)?;
+            let outputs = self.vae_decoder.run(ort::inputs!["latent_sample" => input])?;
+            let (shape, data) = extract_f32(&outputs[0], "VAE decoder output")?;
+            if shape != [1, 3, h, w] {
+                return Err(Error::Shape { name: "VAE decoder output".into(), expected: vec![1, 3, h, w], got: shape });
+            }
+            pixels.extend(crate::image::vae_to_unit(&data, 0, h, w)?);
+        }
+        Ok(Generated { batch: b, width, height, pixels, prompt_truncated: truncated })
+    }
+
+    /// The unconditional and text-conditioned noise predictions for one step: one UNet call on a
+    /// batch of 2b, or two calls for exports with a fixed batch.
+    fn cfg_halves(
+        &mut self,
+        model_in: &[f32],
+        latent_shape: &[usize],
+        t: f64,
+        hidden: &[f32],
+        hidden_shape: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let b = latent_shape[0];
+        let n = model_in.len();
+        let half_hidden = hidden.len() / 2;
+        let mut hs_half = hidden_shape.to_vec();
+        hs_half[0] = b;
+        match self.unet_sig.fixed_batch {
+            Some(fixed) if fixed != 2 * b => {
+                if fixed != b {
+                    return Err(Error::InvalidArgument(format!(
+                        "the UNet export has a fixed batch of {fixed}; use batch {fixed} without guidance or {} with it",
+                        fixed / 2
+                    )));
+                }
+                let uncond = self.unet_call(model_in, latent_shape, t, &hidden[..half_hidden], &hs_half)?;
+                let text = self.unet_call(model_in, latent_shape, t, &hidden[half_hidden..], &hs_half)?;
+                Ok((uncond, text))
+            }
+            _ => {
+                let mut doubled = model_in.to_vec();
+                doubled.extend_from_slice(model_in);
+                let mut s = latent_shape.to_vec();
+                s[0] *= 2;
+                let out = self.unet_call(&doubled, &s, t, hidden, hidden_shape)?;
+                Ok((out[..n].to_vec(), out[n..].to_vec()))
+            }
+        }
+    }
+}
