@@ -331,3 +331,70 @@ fn dotted_checks_against_module_list() {
         Ok((Component::Unet, Q.to_string()))
     );
 }
+
+/// Random keys assembled from LoRA-ish tokens never panic the parser or the resolver.
+#[test]
+fn fuzz_key_grammar_never_panics() {
+    const TOKS: &[&str] = &[
+        ".",
+        "_",
+        "..",
+        "lora_A",
+        "lora_B",
+        "weight",
+        "bias",
+        "unet",
+        "text_encoder",
+        "text_model",
+        "lora_unet_",
+        "lora_te_",
+        "lora_te1_",
+        "lora_te2_",
+        "base_model.model.",
+        "processor",
+        "to_q_lora",
+        "to_out_lora",
+        "down",
+        "up",
+        "lora",
+        "lora_linear_layer",
+        "alpha",
+        "lora_down",
+        "lora_up",
+        "hada_w1_a",
+        "lokr_w2",
+        "0",
+        "12",
+        "to_out",
+        "self_attn",
+        "transformer_blocks",
+        "input_blocks",
+        "default",
+        "lora_magnitude_vector",
+        "",
+    ];
+    let mut list = ModuleList::new();
+    list.insert(Component::Unet, Q);
+    list.insert(Component::TextEncoder, TEQ);
+    let with = Resolver::new(Some(&list));
+    let without = Resolver::new(None);
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..20_000 {
+        let mut key = String::new();
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let n = 1 + (s % 9) as usize;
+        for i in 0..n {
+            let t = (s >> (i * 5)) as usize % TOKS.len();
+            key.push_str(TOKS[t]);
+        }
+        if let Some(k) = parse_lora_key(&key) {
+            let _ = with.resolve(&k);
+            let _ = without.resolve(&k);
+        }
+        let _ = split_sd1_underscored(&key);
+        let _ = from_kohya(&key, Some(&list));
+        let _ = from_dotted(&key, None);
+    }
+}

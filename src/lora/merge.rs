@@ -38,7 +38,7 @@ pub enum Layout {
 }
 
 fn view2<'a>(t: &'a Tensor, rows: usize, what: &str) -> Result<ArrayView2<'a, f32>> {
-    let cols = if rows == 0 { 0 } else { t.numel() / rows };
+    let cols = t.numel().checked_div(rows).unwrap_or(0);
     ArrayView2::from_shape((rows, cols), &t.data).map_err(|_| Error::Shape {
         name: what.to_string(),
         expected: vec![rows, cols],
@@ -111,6 +111,9 @@ fn product_2d(a: &Tensor, b: &Tensor) -> Result<Array2<f32>> {
 /// ΔW of one module (scale included), in torch layout: [out, in], [out, in, kh, kw], or for
 /// LoHa/LoKr convs stored without a Tucker core [out, in·kh·kw].
 pub fn delta(m: &LoraModule) -> Result<Tensor> {
+    m.kind
+        .check()
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", m.module_path)))?;
     let s = m.scale;
     match &m.kind {
         LoraKind::Lora {
@@ -274,7 +277,7 @@ pub fn add_delta(
     weight: f32,
 ) -> Result<()> {
     let (out, inner) = check_target("ΔW target", base, torch_shape, layout)?;
-    if !shape_fits(&delta.shape, torch_shape) {
+    if !shape_fits(&delta.shape, torch_shape) || delta.data.len() != base.len() {
         return Err(Error::Shape {
             name: "ΔW".into(),
             expected: torch_shape.to_vec(),
@@ -327,6 +330,9 @@ pub fn merge_into(
 ) -> Result<()> {
     for (m, weight) in items {
         let (out, inner) = check_target(&m.module_path, base, torch_shape, layout)?;
+        m.kind
+            .check()
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", m.module_path)))?;
         match &m.kind {
             LoraKind::Lora {
                 down,

@@ -3,6 +3,7 @@
 //! - [`format`]: read a LoRA safetensors file, detect its dialect, resolve every module to the
 //!   canonical `(Component, module path)` of [`crate::weights::keys`], decide the adapter kind
 //!   and its scale, and report every key that maps nowhere ([`LoraAdapter::unmapped`]).
+//!   [`write`] writes standard LoRA modules back in the diffusers or kohya layout (for trainers).
 //! - [`merge`]: ΔW per kind, and W' = W + Σ wᵢ·ΔWᵢ in f32 into torch-layout or [in, out]
 //!   weights ([`merge_into`]); [`merge_state_dict`] merges into a diffusers-layout safetensors
 //!   file (what trainers need).
@@ -40,7 +41,7 @@ pub mod merge;
 
 pub use self::format::{
     Dialect, KronFactor, LoraAdapter, LoraKind, LoraModule, PeftConfig, ReadOptions, Unmapped,
-    read, read_file,
+    WriteOptions, WriteStyle, read, read_file, write,
 };
 pub use self::merge::{
     Layout, MergeReport, add_delta, delta, merge_deltas_into, merge_into, merge_state_dict,

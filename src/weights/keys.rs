@@ -421,9 +421,7 @@ pub fn parse_lora_key(key: &str) -> Option<LoraKey> {
     let mut path = path.to_string();
     // Old attn-procs: `<attn>.processor.to_q_lora` (or without `.processor`).
     if dialect == KeyDialect::AttnProcs {
-        let Some((attn, proc_name)) = path.rsplit_once('.') else {
-            return None;
-        };
+        let (attn, proc_name) = path.rsplit_once('.')?;
         let attn = attn.strip_suffix(".processor").unwrap_or(attn);
         let te = match &target {
             Target::TextEncoder => true,
