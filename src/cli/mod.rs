@@ -3,6 +3,7 @@
 
 mod generate;
 mod inspect;
+mod merge;
 
 use std::path::PathBuf;
 
@@ -36,11 +37,14 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Text-to-image through ONNX Runtime; writes PNGs with A1111-style `parameters`.
     Generate(generate::GenerateArgs),
+    /// Bake LoRAs (diffusers, PEFT, kohya, attn-procs, LyCORIS) into a copy of an ONNX pipeline.
+    Merge(merge::MergeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
+        Command::Merge(args) => merge::run(&cli.global, args),
     }
 }

@@ -37,6 +37,9 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 /// Load ONNX Runtime once per process (later calls return the first result; a different
 /// `explicit` path after a successful load is an error, since one process holds one ORT).
 pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // One thread loads; the others wait and then see its result (ORT allows one environment).
+    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(lib) = LOADED.get() {
         if let Some(p) = explicit {
             if !same_file(p, &lib.path) {

@@ -1,0 +1,84 @@
+//! `lorafuse merge`: bake LoRAs into a copy of an ONNX pipeline.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::GlobalArgs;
+use crate::merge::{LoraSpec, MergeOptions, MergeReport, merge_pipeline};
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// ONNX pipeline folder (optimum layout) to read; never modified.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// A LoRA file with an optional weight, FILE[:WEIGHT] (default weight 1). Repeat for several.
+    #[arg(long = "lora", short = 'l', required = true, value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<LoraSpec>,
+    /// The new pipeline folder (must not exist).
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// Multiplier on the UNet part of every LoRA.
+    #[arg(long, default_value_t = 1.0)]
+    pub unet_scale: f32,
+    /// Multiplier on the text-encoder part of every LoRA.
+    #[arg(long, default_value_t = 1.0)]
+    pub text_encoder_scale: f32,
+    /// Fail when a LoRA has keys that map to no module (default: report them).
+    #[arg(long)]
+    pub strict: bool,
+    /// Print what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
+    let opts = MergeOptions { unet_scale: a.unet_scale, text_encoder_scale: a.text_encoder_scale, strict: a.strict };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} files {elapsed_precise}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    let report = merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut |done, total, what| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    });
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("merging into {}", a.model.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &MergeReport) {
+    for l in &r.loras {
+        println!("{} (weight {}): {}", l.path.display(), l.weight, l.dialect);
+        println!("  modules: unet {}, text encoder {}", l.unet_modules, l.text_encoder_modules);
+        for n in &l.notes {
+            println!("  note: {n}");
+        }
+        if !l.unmapped.is_empty() {
+            println!("  {} keys map to no module:", l.unmapped.len());
+            for u in &l.unmapped {
+                println!("    {u}");
+            }
+        }
+    }
+    let patched: Vec<String> = r.patched.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    if r.dry_run {
+        println!("dry run: would patch initializers: {}; nothing written", patched.join(", "));
+    } else {
+        println!("patched initializers: {}", patched.join(", "));
+        println!("wrote {}", r.out.display());
+    }
+}
