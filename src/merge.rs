@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -90,17 +91,49 @@ pub struct MergedWeight {
     pub values: Vec<f32>,
 }
 
+impl MergedWeight {
+    /// The merged weight as an ORT value of the initializer's dtype and dims, for
+    /// `SessionBuilder::with_initializer` (a session with LoRAs applied, no files written).
+    pub fn to_ort_value(&self) -> Result<ort::value::DynValue> {
+        use crate::onnx::proto::tensor_proto::DataType;
+        use ort::value::TensorElementType as T;
+        let ty = match self.dtype {
+            DataType::Float => T::Float32,
+            DataType::Float16 => T::Float16,
+            DataType::Bfloat16 => T::Bfloat16,
+            DataType::Double => T::Float64,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "initializer `{}` has dtype {}; only float weights can take a LoRA",
+                    self.initializer,
+                    other.name()
+                )));
+            }
+        };
+        crate::runtime::tensor::float_value(&self.values, &self.dims, ty)
+    }
+}
+
 struct Target {
     mapped: MappedWeight,
     /// (lora index, module index in that adapter, total weight)
     items: Vec<(usize, usize, f32)>,
 }
 
+/// A component model opened and indexed once, shareable between plans (a live pipeline keeps these
+/// so that switching LoRAs does not re-read the graphs).
+#[derive(Clone)]
+pub struct IndexedModel {
+    pub component: OnnxComponent,
+    pub model: Arc<OnnxModel>,
+    pub index: Arc<WeightIndex>,
+}
+
 /// The LoRA targets of one component model.
 pub struct ComponentPlan {
     pub component: OnnxComponent,
-    pub model: OnnxModel,
-    pub index: WeightIndex,
+    pub model: Arc<OnnxModel>,
+    pub index: Arc<WeightIndex>,
     targets: BTreeMap<String, Target>,
 }
 
@@ -138,35 +171,44 @@ fn lora_layout(l: Layout) -> lora_merge::Layout {
 }
 
 /// Open the pipeline's UNet and text encoder and index their LoRA-target weights.
-pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<(OnnxModel, WeightIndex, OnnxComponent)>> {
+pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<IndexedModel>> {
     let mut out = Vec::new();
-    for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
-        if !dir.has(c) {
+    for component in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
+        if !dir.has(component) {
             continue;
         }
-        let model = OnnxModel::open(dir.model_path(c))?;
+        let model = OnnxModel::open(dir.model_path(component))?;
         let index = WeightIndex::build(&model);
-        out.push((model, index, c));
+        out.push(IndexedModel { component, model: Arc::new(model), index: Arc::new(index) });
     }
     Ok(out)
 }
 
 /// Plan the merge of `loras` into the pipeline at `dir`.
 pub fn plan(dir: &OnnxPipelineDir, loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
-    let indexed = index_pipeline(dir)?;
+    plan_indexed(&index_pipeline(dir)?, loras, opts)
+}
+
+/// Plan the merge of `loras` into already indexed component models.
+pub fn plan_indexed(indexed: &[IndexedModel], loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
     let mut modules = ModuleList::new();
-    for (_, index, c) in &indexed {
-        let comp = match c {
+    for im in indexed {
+        let comp = match im.component {
             OnnxComponent::Unet => Component::Unet,
             _ => Component::TextEncoder,
         };
-        for m in index.modules() {
+        for m in im.index.modules() {
             modules.insert(comp, m);
         }
     }
     let mut components: Vec<ComponentPlan> = indexed
-        .into_iter()
-        .map(|(model, index, component)| ComponentPlan { component, model, index, targets: BTreeMap::new() })
+        .iter()
+        .map(|im| ComponentPlan {
+            component: im.component,
+            model: im.model.clone(),
+            index: im.index.clone(),
+            targets: BTreeMap::new(),
+        })
         .collect();
 
     let mut adapters = Vec::with_capacity(loras.len());

@@ -10,6 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
 use crate::image::{GeneratedImage, a1111_parameters, unit_to_u8, write_png};
+use crate::merge::{LoraSpec, MergeOptions};
+use crate::pipeline::prompt;
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
 use crate::runtime::{self, session};
 
@@ -58,6 +60,15 @@ pub struct GenerateArgs {
     /// Intra-op threads for ONNX Runtime (default: ORT's choice).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Apply a LoRA at run time (no files written), FILE[:WEIGHT]. Repeat for several.
+    #[arg(long = "lora", short = 'l', value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<LoraSpec>,
+    /// Folder where `<lora:name:weight>` tags in the prompt are looked up.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// Fail when a LoRA has keys that map to no module (default: report them).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
@@ -70,6 +81,28 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
     let opts = session::SessionOptions { device, intra_threads: a.threads };
     let mut pipe = Txt2Img::open(&a.model, &opts).with_context(|| format!("opening pipeline {}", a.model.display()))?;
+
+    // LoRAs: --lora flags, then <lora:name:weight> tags (which leave the prompt text).
+    let tags = prompt::extract_lora_tags(&a.prompt)?;
+    let mut loras = a.loras.clone();
+    loras.extend(prompt::tag_specs(&tags, a.lora_dir.as_deref())?);
+    let prompt_text = tags.text.clone();
+    if !loras.is_empty() {
+        let reports = pipe.set_loras(&loras, &MergeOptions { strict: a.strict, ..Default::default() })?;
+        for r in &reports {
+            eprintln!(
+                "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
+                r.path.display(),
+                r.weight,
+                r.dialect,
+                r.unet_modules,
+                r.text_encoder_modules
+            );
+            for u in &r.unmapped {
+                eprintln!("  unmapped: {u}");
+            }
+        }
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -89,7 +122,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         let b = a.batch_size.min(a.num_images - index);
         let seed = a.seed + index as u64;
         let params = GenerateParams {
-            prompt: a.prompt.clone(),
+            prompt: prompt_text.clone(),
             negative_prompt: a.negative_prompt.clone(),
             width: a.width.unwrap_or(0),
             height: a.height.unwrap_or(0),
@@ -121,15 +154,22 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         let per = (out.width * out.height * 3) as usize;
         for k in 0..out.batch {
             let image_seed = seed + k as u64;
-            let settings = [
+            let mut settings = vec![
                 ("Steps", a.steps.to_string()),
                 ("Sampler", sampler.clone()),
                 ("CFG scale", a.guidance_scale.to_string()),
                 ("Seed", image_seed.to_string()),
                 ("Size", format!("{}x{}", out.width, out.height)),
                 ("Model", model_name.clone()),
-                ("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))),
             ];
+            if !loras.is_empty() {
+                let list: Vec<String> = loras
+                    .iter()
+                    .map(|l| format!("{}: {}", l.path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default(), l.weight))
+                    .collect();
+                settings.push(("Lora weights", list.join(", ")));
+            }
+            settings.push(("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))));
             let img = GeneratedImage {
                 width: out.width,
                 height: out.height,

@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::layout::{OnnxComponent, OnnxPipelineDir};
+use crate::merge::{IndexedModel, LoraReport, LoraSpec, MergeOptions};
 use crate::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
 use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::runtime::session::{self, SessionOptions};
@@ -98,6 +99,12 @@ pub struct Txt2Img {
     /// `unet.config.sample_size · vae_scale_factor`: the default width/height.
     pub default_size: u32,
     pub latent_channels: usize,
+    opts: SessionOptions,
+    /// The UNet and text encoder graphs, indexed on first LoRA use.
+    indexed: Option<Vec<IndexedModel>>,
+    /// Components whose session currently carries LoRA weights.
+    patched: Vec<OnnxComponent>,
+    active: Vec<LoraSpec>,
 }
 
 fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
@@ -123,7 +130,9 @@ impl Txt2Img {
         let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), opts)?;
         let unet = session::open(&dir.model_path(OnnxComponent::Unet), opts)?;
         let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), opts)?;
-        Self::from_parts(dir, tokenizer, scheduler_config, text_encoder, unet, vae_decoder)
+        let mut p = Self::from_parts(dir, tokenizer, scheduler_config, text_encoder, unet, vae_decoder)?;
+        p.opts = opts.clone();
+        Ok(p)
     }
 
     /// Assemble a pipeline from sessions built elsewhere (e.g. with LoRA weights overridden).
@@ -202,7 +211,54 @@ impl Txt2Img {
             vae_scaling_factor,
             vae_scale_factor,
             latent_channels,
+            opts: SessionOptions::default(),
+            indexed: None,
+            patched: Vec::new(),
+            active: Vec::new(),
         })
+    }
+
+    /// The LoRAs applied now.
+    pub fn active_loras(&self) -> &[LoraSpec] {
+        &self.active
+    }
+
+    /// Apply a LoRA set (replacing the previous one) without writing files: the merged weights
+    /// override the UNet's and text encoder's initializers when their sessions are rebuilt. Only
+    /// the sessions whose weights change are rebuilt; an empty set restores the base weights.
+    pub fn set_loras(&mut self, loras: &[LoraSpec], opts: &MergeOptions) -> Result<Vec<LoraReport>> {
+        if self.indexed.is_none() {
+            self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
+        }
+        let indexed = self.indexed.as_deref().unwrap_or_default();
+        let plan = crate::merge::plan_indexed(indexed, loras, opts)?;
+        // Build every new session before replacing any, so an error leaves the pipeline as it was.
+        let mut rebuilt = Vec::new();
+        let mut now_patched = Vec::new();
+        for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
+            let merged = plan.merged(c)?;
+            if merged.is_empty() && !self.patched.contains(&c) {
+                continue;
+            }
+            if !merged.is_empty() {
+                now_patched.push(c);
+            }
+            let overrides = merged
+                .iter()
+                .map(|m| Ok((m.initializer.clone(), m.to_ort_value()?)))
+                .collect::<Result<Vec<_>>>()?;
+            let session = session::open_with_overrides(&self.dir.model_path(c), &self.opts, overrides)?;
+            rebuilt.push((c, session));
+        }
+        for (c, s) in rebuilt {
+            match c {
+                OnnxComponent::Unet => self.unet = s,
+                _ => self.text_encoder = s,
+            }
+        }
+        self.patched = now_patched;
+        self.active = loras.to_vec();
+        Ok(plan.reports)
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {

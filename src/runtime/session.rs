@@ -48,16 +48,29 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     if !path.is_file() {
         return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file")));
     }
-    let mut builder = Session::builder(env)?;
+    let mut builder = configure(Session::builder(env)?, opts)?;
+    builder.commit_from_file(path).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// Apply threads and execution providers to a session builder.
+fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionOptions) -> Result<ort::session::builder::SessionBuilder> {
     if let Some(n) = opts.intra_threads {
         builder = builder.with_intra_threads(n).map_err(ort::Error::from)?;
     }
     match opts.device {
         Device::Cpu => {}
         Device::Auto => {
-            builder = builder
-                .with_execution_providers([ort::ep::CUDA::default().build()])
-                .map_err(ort::Error::from)?;
+            // CUDA when its provider registers; otherwise the same builder on the CPU, with a warning
+            // once per process (the CPU ORT build simply has no CUDA provider).
+            match builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]) {
+                Ok(b) => builder = b,
+                Err(e) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    let msg = e.message().to_string();
+                    WARNED.call_once(|| eprintln!("warning: CUDA is not available ({msg}); running on the CPU"));
+                    builder = e.recover();
+                }
+            }
         }
         Device::Cuda(id) => {
             builder = builder
@@ -65,7 +78,7 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
                 .map_err(|e| Error::OrtLoad(format!("CUDA execution provider (device {id}) failed to load: {e}")))?;
         }
     }
-    builder.commit_from_file(path).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
+    Ok(builder)
 }
 
 /// One graph input or output as ORT sees it.
@@ -109,4 +122,23 @@ fn io_info(name: &str, ty: &ValueType) -> IoInfo {
         },
         other => IoInfo { name: name.to_string(), dtype: format!("{other:?}"), shape: Vec::new() },
     }
+}
+
+/// Open a model with some initializers replaced by `overrides` (name → value of the same dtype and
+/// shape) before ORT optimises the graph: LoRAs applied at session creation, nothing written.
+pub fn open_with_overrides(path: &Path, opts: &SessionOptions, overrides: Vec<(String, ort::value::DynValue)>) -> Result<Session> {
+    if overrides.is_empty() {
+        return open(path, opts);
+    }
+    let env = super::environment()?;
+    if !path.is_file() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file")));
+    }
+    let mut builder = configure(Session::builder(env)?, opts)?;
+    for (name, value) in overrides {
+        builder = builder
+            .with_initializer(&name, value)
+            .map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: format!("overriding initializer `{name}`: {e}") })?;
+    }
+    builder.commit_from_file(path).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
 }
