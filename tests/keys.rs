@@ -102,6 +102,14 @@ fn module_list_resolution_beats_string_surgery() {
     // Without the list the fallback refuses the unknown words instead of guessing.
     assert!(from_kohya("lora_unet_down_blocks_0_my_adapter_block_to_q", None).is_err());
     // Not in the list → unresolved, naming the kohya name.
+    // Spellable by SD 1.x rules but absent from the model → names the missing module.
+    assert_eq!(
+        r.resolve_underscored(Component::Unet, "up_blocks_3_attentions_2_proj_out"),
+        Err(UnmappedReason::NoSuchModule {
+            component: Component::Unet,
+            path: "up_blocks.3.attentions.2.proj_out".into()
+        })
+    );
     match r.resolve_underscored(Component::Unet, "down_blocks_9_x") {
         Err(UnmappedReason::Unresolved(n)) => assert_eq!(n, "lora_unet_down_blocks_9_x"),
         other => panic!("{other:?}"),

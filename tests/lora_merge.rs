@@ -507,41 +507,52 @@ fn merge_state_dict_f32_and_f16() {
     }
 }
 
-/// SD 1.5-sized merge timing (run with `--ignored --nocapture`): 16 transformer blocks' worth of
-/// attention + FF LoRAs at rank 32.
+/// SD 1.5-sized merge timing (run with `--release -- --ignored --nocapture`): every transformer
+/// block's attention, FF and proj_in/out weights (≈267 M weights) at rank 32, in both layouts.
 #[test]
 #[ignore]
 fn perf_sd15_sized_merge() {
-    let dims = [(320usize, 8usize), (640, 8), (1280, 16)];
-    let mut total = 0usize;
-    let start = std::time::Instant::now();
-    for (dim, blocks) in dims {
-        for b in 0..blocks {
-            for (out, inp) in [
-                (dim, dim),
-                (dim, dim),
-                (dim, dim),
-                (dim, dim),
-                (dim * 8, dim),
-                (dim, dim * 4),
-            ] {
-                let m = module(
-                    LoraKind::Lora {
-                        down: rt_(&[32, inp], b as u64),
-                        up: rt_(&[out, 32], 7),
-                        mid: None,
-                    },
-                    1.0,
-                );
-                let mut w = vec![0f32; out * inp];
-                merge_into(&mut w, &[out, inp], Layout::Transposed, &[(&m, 1.0)]).unwrap();
-                total += w.len();
-            }
+    // (width, transformer blocks) of SD 1.5: 320×5, 640×5, 1280×6; context 768.
+    let mut shapes = Vec::new();
+    for (d, blocks) in [(320usize, 5usize), (640, 5), (1280, 6)] {
+        for _ in 0..blocks {
+            shapes.extend([(d, d); 7]); // attn1 q k v out, attn2 q out, proj_in(out) ...
+            shapes.extend([(d, d); 1]); // proj_out
+            shapes.extend([(d, 768), (d, 768), (8 * d, d), (d, 4 * d)]);
         }
     }
+    let mut weights: Vec<Vec<f32>> = shapes.iter().map(|(o, i)| rand(o * i, 3)).collect();
+    let mods: Vec<LoraModule> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, (o, i))| {
+            module(
+                LoraKind::Lora {
+                    down: rt_(&[32, *i], k as u64),
+                    up: rt_(&[*o, 32], 7),
+                    mid: None,
+                },
+                1.0,
+            )
+        })
+        .collect();
+    let total: usize = weights.iter().map(Vec::len).sum();
+    for layout in [Layout::Torch, Layout::Transposed] {
+        let start = std::time::Instant::now();
+        for ((w, (o, i)), m) in weights.iter_mut().zip(&shapes).zip(&mods) {
+            merge_into(w, &[*o, *i], layout, &[(m, 1.0)]).unwrap();
+        }
+        eprintln!(
+            "{layout:?}: merged {:.0} M weights (rank 32) in {:?}",
+            total as f64 / 1e6,
+            start.elapsed()
+        );
+    }
+    let start = std::time::Instant::now();
+    let copies: Vec<Vec<f32>> = weights.iter().map(|w| w.clone()).collect();
     eprintln!(
-        "merged {} M weights in {:?}",
-        total / 1_000_000,
-        start.elapsed()
+        "plain copy of the same weights: {:?} ({})",
+        start.elapsed(),
+        copies.len()
     );
 }

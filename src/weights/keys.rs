@@ -761,10 +761,13 @@ impl<'a> Resolver<'a> {
             {
                 Some([one]) => Ok(one.clone()),
                 Some(many) if many.len() > 1 => Err(UnmappedReason::Ambiguous(many.to_vec())),
-                _ => Err(UnmappedReason::Unresolved(format!(
-                    "{}_{name}",
-                    component.kohya_prefix()
-                ))),
+                // Not in the model: name the module when SD 1.x rules can spell it.
+                _ => Err(match split_sd1_underscored(name) {
+                    Some(path) => UnmappedReason::NoSuchModule { component, path },
+                    None => {
+                        UnmappedReason::Unresolved(format!("{}_{name}", component.kohya_prefix()))
+                    }
+                }),
             },
             None => split_sd1_underscored(name).ok_or_else(|| {
                 UnmappedReason::Unresolved(format!("{}_{name}", component.kohya_prefix()))
