@@ -100,9 +100,17 @@ fn expected_module(key: &str) -> (Component, String) {
 }
 
 /// Compare base + Σ wᵢΔWᵢ with an expected fused file; returns the max abs error.
-fn check_fused(t: &Tiny, adapters: &[(&LoraAdapter, f32)], expected: &str, tol: f32) -> f32 {
+fn check_fused(
+    t: &Tiny,
+    adapters: &[(&LoraAdapter, f32)],
+    expected: &str,
+    only: Option<&str>,
+    tol: f32,
+) -> f32 {
     let exp = WeightFile::open(t.root.join("expected").join(expected)).expect("expected file");
-    let want: BTreeSet<(Component, String)> = exp.names().map(expected_module).collect();
+    let keep = |k: &&str| only.is_none_or(|p| k.starts_with(p));
+    let want: BTreeSet<(Component, String)> =
+        exp.names().filter(keep).map(expected_module).collect();
     let have: BTreeSet<(Component, String)> = adapters
         .iter()
         .flat_map(|(a, _)| {
@@ -113,7 +121,7 @@ fn check_fused(t: &Tiny, adapters: &[(&LoraAdapter, f32)], expected: &str, tol: 
         .collect();
     assert_eq!(have, want, "{expected}: module sets differ");
     let mut worst = 0f32;
-    for name in exp.names() {
+    for name in exp.names().filter(keep) {
         let (c, path) = expected_module(name);
         let (shape, mut w) = t.base(c, &path);
         let items: Vec<_> = adapters
@@ -147,25 +155,45 @@ fn every_fixture_lora_maps_completely() {
     }
 }
 
+/// The expected fused file for a LoRA: `expected/lora_checks.json` `loras.<stem>.fused_file`
+/// (`"expected/fused_diffusers.safetensors (unet.* keys only)"` for a UNet-only file), else
+/// `expected/fused_<stem>.safetensors`. Returns (file name, key prefix filter).
+fn fused_ref(t: &Tiny, stem: &str) -> Option<(String, Option<&'static str>)> {
+    let checks = std::fs::read_to_string(t.root.join("expected/lora_checks.json")).ok();
+    let from_checks = checks
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+        .and_then(|v| {
+            let f = v["loras"][stem]["fused_file"].as_str()?.to_string();
+            let only = f.contains("unet.* keys only").then_some("unet.");
+            let file = f
+                .split(" (")
+                .next()?
+                .trim_start_matches("expected/")
+                .to_string();
+            Some((file, only))
+        });
+    let (file, only) = from_checks.unwrap_or_else(|| (format!("fused_{stem}.safetensors"), None));
+    t.root
+        .join("expected")
+        .join(&file)
+        .exists()
+        .then_some((file, only))
+}
+
 #[test]
 fn fused_weights_match_diffusers() {
     let Some(t) = tiny() else { return };
     for &(stem, _) in LORAS {
         let a = t.lora(stem, true);
-        let file = format!("fused_{stem}.safetensors");
-        if !t.root.join("expected").join(&file).exists() {
-            eprintln!("skip {stem}: expected/{file} missing");
+        let Some((file, only)) = fused_ref(&t, stem) else {
+            eprintln!("skip {stem}: no expected fused file");
             continue;
-        }
-        let worst = check_fused(&t, &[(&a, 1.0)], &file, 1e-5);
+        };
+        let worst = check_fused(&t, &[(&a, 1.0)], &file, only, 1e-5);
+        let scales: BTreeSet<String> = a.modules.iter().map(|m| format!("{}", m.scale)).collect();
         eprintln!(
-            "{stem:>17}: {} modules, scale {:?}, max abs diff {worst:.2e}",
-            a.modules.len(),
-            {
-                let s: BTreeSet<String> =
-                    a.modules.iter().map(|m| format!("{}", m.scale)).collect();
-                s
-            }
+            "{stem:>17}: {} modules, scale {scales:?}, vs {file}: max abs diff {worst:.2e}",
+            a.modules.len()
         );
     }
 }
@@ -178,7 +206,13 @@ fn combo_matches_diffusers_set_adapters() {
         return;
     }
     let (a, b) = (t.lora("diffusers", true), t.lora("diffusers_wide", true));
-    let worst = check_fused(&t, &[(&a, 0.7), (&b, 0.4)], "fused_combo.safetensors", 1e-5);
+    let worst = check_fused(
+        &t,
+        &[(&a, 0.7), (&b, 0.4)],
+        "fused_combo.safetensors",
+        None,
+        1e-5,
+    );
     eprintln!("combo: max abs diff {worst:.2e}");
 }
 
@@ -208,15 +242,11 @@ fn sdxl_kohya_is_unmapped_as_sdxl() {
 #[test]
 fn merge_state_dict_matches_fused_files() {
     let Some(t) = tiny() else { return };
-    if !t
-        .root
-        .join("expected/fused_diffusers_wide.safetensors")
-        .exists()
-    {
+    let Some((file, _)) = fused_ref(&t, "kohya_wide") else {
         return;
-    }
+    };
     let a = t.lora("kohya_wide", true);
-    let exp = WeightFile::open(t.root.join("expected/fused_kohya_wide.safetensors")).unwrap();
+    let exp = WeightFile::open(t.root.join("expected").join(file)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (c, base, rel) in [
         (

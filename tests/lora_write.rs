@@ -158,7 +158,7 @@ fn rewritten_fixture_keeps_its_effect() {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("models/tiny"));
     let src = root.join("loras/kohya_wide.safetensors");
-    if !src.exists() || !root.join("expected/fused_kohya_wide.safetensors").exists() {
+    if !src.exists() {
         eprintln!("skip: tiny LoRA fixtures not generated yet");
         return;
     }
