@@ -1,6 +1,7 @@
 //! The command-line front door: clap structs → library config structs → library calls.
 //! Printing happens only here.
 
+mod bench;
 mod generate;
 mod inspect;
 mod merge;
@@ -39,6 +40,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Bake LoRAs (diffusers, PEFT, kohya, attn-procs, LyCORIS) into a copy of an ONNX pipeline.
     Merge(merge::MergeArgs),
+    /// Time a pipeline: session build, seconds per image, step time, LoRA switch vs fresh pipeline.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Merge(args) => merge::run(&cli.global, args),
+        Command::Bench(args) => bench::run(&cli.global, args),
     }
 }

@@ -265,6 +265,13 @@ impl Txt2Img {
         &self.scheduler_config
     }
 
+    /// Use another scheduler config than the pipeline folder's (e.g. the original diffusers one:
+    /// optimum's export writes PNDM's defaults such as `timestep_spacing: leading` into the file,
+    /// which other schedulers built `from_config` then inherit).
+    pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
+        self.scheduler_config = config;
+    }
+
     /// The scheduler a run uses: `requested`, else the config's class (PNDM when it names none we know).
     pub fn scheduler_name(&self, requested: Option<&str>) -> String {
         match requested {
