@@ -4,6 +4,7 @@
 //! `train_text_to_image_lora.py` uses); `step` covers the fixed variance types.
 
 use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
+use super::numerics::CorrectlyRounded;
 use super::numerics::{np_arange_f64, np_linspace, np_round};
 use super::schedule::{BetaSet, add_noise_alphas, alphas_cumprod, betas, velocity_alphas};
 use super::{Scheduler, SchedulerKind, check_len, check_step_index, need_noise};
@@ -221,9 +222,9 @@ impl Scheduler for DdpmScheduler {
             let variance = ((1.0 - aptp) / (1.0 - apt) * current_beta_t).max(1e-20);
             let scale = match self.variance_type {
                 VarianceType::FixedSmall => variance.sqrt(),
-                VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
+                VarianceType::FixedSmallLog => (0.5 * variance.ln_cr()).exp_cr(),
                 VarianceType::FixedLarge => current_beta_t.sqrt(),
-                VarianceType::FixedLargeLog => current_beta_t.ln().sqrt(),
+                VarianceType::FixedLargeLog => current_beta_t.ln_cr().sqrt(),
             };
             for (p, &n) in prev.iter_mut().zip(noise) {
                 *p += scale * n;

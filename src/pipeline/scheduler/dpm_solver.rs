@@ -7,6 +7,7 @@
 
 use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
 use super::euler::SigmaSpacing;
+use super::numerics::CorrectlyRounded;
 use super::numerics::{
     exponential_sigmas, karras_sigmas, np_arange_f64, np_linspace, np_log_f32, np_round,
     sigma_table, sigma_to_t,
@@ -63,7 +64,7 @@ fn alpha_sigma(sigma: f32) -> (f32, f32) {
 
 /// `torch.log(alpha_t) - torch.log(sigma_t)`.
 fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
-    alpha_t.ln() - sigma_t.ln()
+    alpha_t.ln_cr() - sigma_t.ln_cr()
 }
 
 impl DpmSolverMultistepScheduler {
@@ -225,7 +226,7 @@ impl DpmSolverMultistepScheduler {
         match self.algorithm {
             Algorithm::DpmSolverPP => {
                 let a = sigma_t / sigma_s;
-                let b = alpha_t * ((-h).exp() - 1.0);
+                let b = alpha_t * ((-h).exp_cr() - 1.0);
                 sample
                     .iter()
                     .zip(m0)
@@ -234,7 +235,7 @@ impl DpmSolverMultistepScheduler {
             }
             Algorithm::DpmSolver => {
                 let a = alpha_t / alpha_s;
-                let b = sigma_t * (h.exp() - 1.0);
+                let b = sigma_t * (h.exp_cr() - 1.0);
                 sample
                     .iter()
                     .zip(m0)
@@ -242,17 +243,17 @@ impl DpmSolverMultistepScheduler {
                     .collect()
             }
             Algorithm::SdeDpmSolverPP => {
-                let a = sigma_t / sigma_s * (-h).exp();
-                let b = alpha_t * (1.0 - (-2.0 * h).exp());
-                let c = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
+                let a = sigma_t / sigma_s * (-h).exp_cr();
+                let b = alpha_t * (1.0 - (-2.0 * h).exp_cr());
+                let c = sigma_t * (1.0 - (-2.0 * h).exp_cr()).sqrt();
                 (0..sample.len())
                     .map(|k| a * sample[k] + b * m0[k] + c * z(k))
                     .collect()
             }
             Algorithm::SdeDpmSolver => {
                 let a = alpha_t / alpha_s;
-                let b = 2.0 * (sigma_t * (h.exp() - 1.0));
-                let c = sigma_t * ((2.0 * h).exp() - 1.0).sqrt();
+                let b = 2.0 * (sigma_t * (h.exp_cr() - 1.0));
+                let c = sigma_t * ((2.0 * h).exp_cr() - 1.0).sqrt();
                 (0..sample.len())
                     .map(|k| a * sample[k] - b * m0[k] + c * z(k))
                     .collect()
@@ -285,58 +286,58 @@ impl DpmSolverMultistepScheduler {
         match (self.algorithm, self.heun) {
             (Algorithm::DpmSolverPP, false) => {
                 let a = sigma_t / sigma_s0;
-                let b = alpha_t * ((-h).exp() - 1.0);
-                let c = 0.5 * (alpha_t * ((-h).exp() - 1.0));
+                let b = alpha_t * ((-h).exp_cr() - 1.0);
+                let c = 0.5 * (alpha_t * ((-h).exp_cr() - 1.0));
                 (0..len)
                     .map(|k| a * sample[k] - b * m0[k] - c * d1(k))
                     .collect()
             }
             (Algorithm::DpmSolverPP, true) => {
                 let a = sigma_t / sigma_s0;
-                let b = alpha_t * ((-h).exp() - 1.0);
-                let c = alpha_t * (((-h).exp() - 1.0) / h + 1.0);
+                let b = alpha_t * ((-h).exp_cr() - 1.0);
+                let c = alpha_t * (((-h).exp_cr() - 1.0) / h + 1.0);
                 (0..len)
                     .map(|k| a * sample[k] - b * m0[k] + c * d1(k))
                     .collect()
             }
             (Algorithm::DpmSolver, false) => {
                 let a = alpha_t / alpha_s0;
-                let b = sigma_t * (h.exp() - 1.0);
-                let c = 0.5 * (sigma_t * (h.exp() - 1.0));
+                let b = sigma_t * (h.exp_cr() - 1.0);
+                let c = 0.5 * (sigma_t * (h.exp_cr() - 1.0));
                 (0..len)
                     .map(|k| a * sample[k] - b * m0[k] - c * d1(k))
                     .collect()
             }
             (Algorithm::DpmSolver, true) => {
                 let a = alpha_t / alpha_s0;
-                let b = sigma_t * (h.exp() - 1.0);
-                let c = sigma_t * ((h.exp() - 1.0) / h - 1.0);
+                let b = sigma_t * (h.exp_cr() - 1.0);
+                let c = sigma_t * ((h.exp_cr() - 1.0) / h - 1.0);
                 (0..len)
                     .map(|k| a * sample[k] - b * m0[k] - c * d1(k))
                     .collect()
             }
             (Algorithm::SdeDpmSolverPP, heun) => {
-                let a = sigma_t / sigma_s0 * (-h).exp();
-                let b = alpha_t * (1.0 - (-2.0 * h).exp());
+                let a = sigma_t / sigma_s0 * (-h).exp_cr();
+                let b = alpha_t * (1.0 - (-2.0 * h).exp_cr());
                 let c = if heun {
-                    alpha_t * ((1.0 - (-2.0 * h).exp()) / (-2.0 * h) + 1.0)
+                    alpha_t * ((1.0 - (-2.0 * h).exp_cr()) / (-2.0 * h) + 1.0)
                 } else {
-                    0.5 * (alpha_t * (1.0 - (-2.0 * h).exp()))
+                    0.5 * (alpha_t * (1.0 - (-2.0 * h).exp_cr()))
                 };
-                let e = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
+                let e = sigma_t * (1.0 - (-2.0 * h).exp_cr()).sqrt();
                 (0..len)
                     .map(|k| a * sample[k] + b * m0[k] + c * d1(k) + e * z(k))
                     .collect()
             }
             (Algorithm::SdeDpmSolver, heun) => {
                 let a = alpha_t / alpha_s0;
-                let b = 2.0 * (sigma_t * (h.exp() - 1.0));
+                let b = 2.0 * (sigma_t * (h.exp_cr() - 1.0));
                 let c = if heun {
-                    2.0 * (sigma_t * ((h.exp() - 1.0) / h - 1.0))
+                    2.0 * (sigma_t * ((h.exp_cr() - 1.0) / h - 1.0))
                 } else {
-                    sigma_t * (h.exp() - 1.0)
+                    sigma_t * (h.exp_cr() - 1.0)
                 };
-                let e = sigma_t * ((2.0 * h).exp() - 1.0).sqrt();
+                let e = sigma_t * ((2.0 * h).exp_cr() - 1.0).sqrt();
                 (0..len)
                     .map(|k| a * sample[k] - b * m0[k] - c * d1(k) + e * z(k))
                     .collect()
@@ -382,13 +383,13 @@ impl DpmSolverMultistepScheduler {
             let v = match self.algorithm {
                 Algorithm::DpmSolverPP => {
                     let a = sigma_t / sigma_s0;
-                    let e = (-h).exp();
+                    let e = (-h).exp_cr();
                     a * x - (alpha_t * (e - 1.0)) * m0[k] + (alpha_t * ((e - 1.0) / h + 1.0)) * d1
                         - (alpha_t * ((e - 1.0 + h) / (h * h) - 0.5)) * d2
                 }
                 Algorithm::DpmSolver => {
                     let a = alpha_t / alpha_s0;
-                    let e = h.exp();
+                    let e = h.exp_cr();
                     a * x
                         - (sigma_t * (e - 1.0)) * m0[k]
                         - (sigma_t * ((e - 1.0) / h - 1.0)) * d1
@@ -396,8 +397,8 @@ impl DpmSolverMultistepScheduler {
                 }
                 Algorithm::SdeDpmSolverPP | Algorithm::SdeDpmSolver => {
                     // sde-dpmsolver++ (third-order sde-dpmsolver is refused in from_config).
-                    let e2 = (-2.0 * h).exp();
-                    (sigma_t / sigma_s0 * (-h).exp()) * x
+                    let e2 = (-2.0 * h).exp_cr();
+                    (sigma_t / sigma_s0 * (-h).exp_cr()) * x
                         + (alpha_t * (1.0 - e2)) * m0[k]
                         + (alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)) * d1
                         + (alpha_t * ((1.0 - e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5)) * d2
@@ -435,7 +436,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             self.alphas_cumprod
                 .iter()
                 .rev()
-                .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
+                .map(|&a| a.sqrt().ln_cr() - (1.0 - a).sqrt().ln_cr())
                 .filter(|&l| l < clip)
                 .count()
         };

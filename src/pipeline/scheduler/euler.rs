@@ -5,6 +5,7 @@
 //! Also holds the sigma-schedule code the Euler-family schedulers share.
 
 use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
+use super::numerics::CorrectlyRounded;
 use super::numerics::{
     exponential_sigmas, karras_sigmas, np_arange_f64, np_interp_arange, np_linspace, np_log_f32,
     np_round, sigma_table, sigma_to_t, torch_linspace_f32,
@@ -251,7 +252,7 @@ impl Scheduler for EulerDiscreteScheduler {
             let hi = f64::from(np_log_f32(table[0]));
             torch_linspace_f32(lo, hi, n + 1)
                 .into_iter()
-                .map(|v| f64::from(v.exp()))
+                .map(|v| f64::from(v.exp_cr()))
                 .collect()
         } else {
             interp_sigmas(&timesteps, &table)

@@ -7,11 +7,33 @@
 //!   `end - step*(n-1-i)` (second half) with one FMA each (the AVX2 kernel is built with FMA).
 //! - `torch.cumprod` of a float32 tensor accumulates in float64 and rounds each prefix.
 //! - torch float32 `sqrt`/`log`/`exp` go through MKL VML (`VML_HA`), which is *not* correctly
-//!   rounded (sqrt ≤0.75 ulp, log ≤0.86 ulp, exp ≤0.55 ulp) and cannot be reproduced without MKL;
-//!   we use correctly rounded `f32::sqrt` / glibc `logf` / `expf`. This is the one known source of
+//!   rounded and depends on the CPU: on an AMD EPYC (AVX2) 21% of `sqrt` results are off by one
+//!   ulp (error up to 0.75 ulp; `log` 9%, up to 0.86 ulp), on an Intel Xeon (AVX-512) 0.7%, and the
+//!   two machines disagree on 19% of SD 1.5's sigma table. We use correctly rounded results
+//!   (`f32::sqrt`, [`CorrectlyRounded`]); with those substituted into diffusers our schedules and
+//!   steps are bit-identical to it (tests/schedulers.rs). This is the one known source of
 //!   last-bit differences against diffusers.
 //! - `np.log` on a float32 array uses numpy's own AVX2/AVX512F kernel (`simd_log_FLOAT` in
 //!   `numpy/_core/src/umath/loops_exponent_log.dispatch.c.src`), ported in [`np_log_f32`].
+
+/// torch float32 `log`/`exp` stand-ins: correctly rounded (through f64). torch's CPU results come
+/// from MKL VML and are not correctly rounded (see the module docs), so no choice reproduces them
+/// on every CPU; correct rounding is what diffusers computes wherever MKL is exact.
+pub(crate) trait CorrectlyRounded {
+    /// `ln(x)` rounded once to f32.
+    fn ln_cr(self) -> f32;
+    /// `exp(x)` rounded once to f32.
+    fn exp_cr(self) -> f32;
+}
+
+impl CorrectlyRounded for f32 {
+    fn ln_cr(self) -> f32 {
+        f64::from(self).ln() as f32
+    }
+    fn exp_cr(self) -> f32 {
+        f64::from(self).exp() as f32
+    }
+}
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on CPU
 /// (`aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp`, `linspace_kernel`, FMA-contracted).

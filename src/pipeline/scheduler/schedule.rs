@@ -3,6 +3,7 @@
 //! zero-terminal-SNR rescale (`rescale_zero_terminal_snr`, `scheduling_ddim.py`).
 
 use super::config::Common;
+use super::numerics::CorrectlyRounded;
 use super::numerics::{torch_cumprod_f32, torch_linspace_f32};
 use crate::error::{Error, Result};
 
@@ -66,7 +67,7 @@ pub(crate) fn betas(c: &Common, set: BetaSet, class: &str) -> Result<Vec<f32>> {
                 let start = c.beta_start as f32;
                 torch_linspace_f32(-6.0, 6.0, n)
                     .into_iter()
-                    .map(|x| (1.0 / (1.0 + (-x).exp())) * scale + start)
+                    .map(|x| (1.0 / (1.0 + (-x).exp_cr())) * scale + start)
                     .collect()
             }
             other => {
