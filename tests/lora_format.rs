@@ -615,3 +615,88 @@ fn fp16_and_bf16_files_read_as_f32() {
     };
     assert_close(&down.data, &d, 1e-2, "bf16 down");
 }
+
+#[test]
+fn sdxl_diffusers_unet_only_is_recognised_by_its_block_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = "down_blocks.2.attentions.0.transformer_blocks.5.attn1.to_q";
+    let p = FileBuilder::new()
+        .f32(&format!("unet.{Q}.lora_A.weight"), &[2, 32], &rand(64, 1))
+        .f32(&format!("unet.{Q}.lora_B.weight"), &[32, 2], &rand(64, 2))
+        .f32(
+            &format!("unet.{deep}.lora_A.weight"),
+            &[2, 32],
+            &rand(64, 3),
+        )
+        .f32(
+            &format!("unet.{deep}.lora_B.weight"),
+            &[32, 2],
+            &rand(64, 4),
+        )
+        .write(&dir.path().join("sdxl_unet.safetensors"));
+    for list in [Some(modules()), None] {
+        let a = read(&p, list.as_ref());
+        assert!(a.is_sdxl(), "{:?}", a.unmapped);
+        assert!(
+            a.unmapped[0].to_string().contains("transformer_blocks.N"),
+            "{}",
+            a.unmapped[0]
+        );
+    }
+    // A model that really has a second transformer block takes it.
+    let mut list = modules();
+    list.insert(Component::Unet, deep);
+    let a = read(&p, Some(&list));
+    assert!(a.unmapped.is_empty(), "{:?}", a.unmapped);
+    assert_eq!(a.modules.len(), 2);
+}
+
+#[test]
+fn delta_shapes_are_checked_against_known_weight_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut list = ModuleList::new();
+    list.insert_with_shape(Component::Unet, Q, vec![32, 32]);
+    list.insert_with_shape(Component::Unet, PROJ_IN, vec![32, 32, 1, 1]);
+    list.insert_with_shape(Component::Unet, OUT, vec![32, 32]);
+    let k = |p: &str| format!("lora_unet_{}", p.replace('.', "_"));
+    let p = FileBuilder::new()
+        // fits
+        .f32(
+            &format!("{}.lora_down.weight", k(Q)),
+            &[4, 32],
+            &rand(128, 1),
+        )
+        .f32(&format!("{}.lora_up.weight", k(Q)), &[32, 4], &rand(128, 2))
+        // Linear-shaped LoRA on a 1×1 conv: fits (same memory order)
+        .f32(
+            &format!("{}.lora_down.weight", k(PROJ_IN)),
+            &[4, 32],
+            &rand(128, 3),
+        )
+        .f32(
+            &format!("{}.lora_up.weight", k(PROJ_IN)),
+            &[32, 4],
+            &rand(128, 4),
+        )
+        // a 2048-wide input (SDXL context) on a 32-wide weight: refused
+        .f32(
+            &format!("{}.lora_down.weight", k(OUT)),
+            &[4, 2048],
+            &rand(8192, 5),
+        )
+        .f32(
+            &format!("{}.lora_up.weight", k(OUT)),
+            &[32, 4],
+            &rand(128, 6),
+        )
+        .write(&dir.path().join("shapes.safetensors"));
+    let a = read(&p, Some(&list));
+    assert_eq!(a.modules.len(), 2);
+    assert_eq!(a.unmapped.len(), 2);
+    for u in &a.unmapped {
+        assert!(
+            u.to_string().contains("does not fit") && u.to_string().contains("[32, 2048]"),
+            "{u}"
+        );
+    }
+}

@@ -549,7 +549,7 @@ fn perf_sd15_sized_merge() {
         );
     }
     let start = std::time::Instant::now();
-    let copies: Vec<Vec<f32>> = weights.iter().map(|w| w.clone()).collect();
+    let copies: Vec<Vec<f32>> = weights.to_vec();
     eprintln!(
         "plain copy of the same weights: {:?} ({})",
         start.elapsed(),

@@ -552,10 +552,23 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
     };
 
     // An SDXL file is refused as a whole: half of it (te1) would fit SD 1.x and mislead.
-    let sdxl: Vec<&str> = parsed
+    // Evidence: SDXL-only prefixes (`lora_te2_`, `text_encoder_2.`, sgm `input_blocks`), or a
+    // UNet `transformer_blocks.N` with N ≥ 1 that the model lacks (SD 1.x has one transformer
+    // block per attention, SDXL 2 or 10).
+    let resolver = Resolver::new(opts.modules);
+    let sdxl: Vec<String> = parsed
         .iter()
         .filter_map(|(_, k)| match &k.target {
-            Target::Sdxl(why) => Some(why.as_str()),
+            Target::Sdxl(why) => Some(why.clone()),
+            Target::Unet | Target::Unknown
+                if deep_transformer_block(&k.module)
+                    && (opts.modules.is_none() || resolver.resolve(k).is_err()) =>
+            {
+                Some(
+                    "UNet `transformer_blocks.N` with N ≥ 1 (SD 1.x has one per attention)"
+                        .to_string(),
+                )
+            }
             _ => None,
         })
         .collect();
@@ -575,7 +588,6 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
         return Ok(adapter);
     }
 
-    let resolver = Resolver::new(opts.modules);
     let mut resolved_cache: HashMap<
         (Target, ModuleName),
         std::result::Result<(Component, String), UnmappedReason>,
@@ -640,7 +652,27 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
         let all_keys: Vec<String> = roles.values().cloned().collect();
         let dora_cfg = config.get(component).is_some_and(|cfg| cfg.use_dora);
         match build_module(file, component, &module_path, &roles, &config, dora_cfg)? {
-            Ok(m) => adapter.modules.push(m),
+            Ok(m) => {
+                // Check ΔW against the model's weight when the module list knows its shape.
+                let target = opts
+                    .modules
+                    .and_then(|ms| ms.weight_shape(component, &module_path));
+                let dshape = super::merge::delta_shape(&m.kind);
+                match target {
+                    Some(t) if !super::merge::shape_fits(&dshape, &t) => {
+                        let reason = UnmappedReason::Invalid(format!(
+                            "ΔW {dshape:?} does not fit the {component} weight `{module_path}` {t:?}"
+                        ));
+                        for key in all_keys {
+                            unmapped.push(Unmapped {
+                                key,
+                                reason: reason.clone(),
+                            });
+                        }
+                    }
+                    _ => adapter.modules.push(m),
+                }
+            }
             Err(reason) => {
                 for key in all_keys {
                     unmapped.push(Unmapped {
@@ -661,6 +693,23 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
     unmapped.sort_by(|a, b| a.key.cmp(&b.key));
     adapter.unmapped = unmapped;
     Ok(adapter)
+}
+
+/// Whether a module name has `transformer_blocks.N` / `transformer_blocks_N` with N ≥ 1.
+fn deep_transformer_block(name: &ModuleName) -> bool {
+    let s = match name {
+        ModuleName::Dotted(s) | ModuleName::Underscored(s) => s,
+    };
+    s.match_indices("transformer_blocks").any(|(i, m)| {
+        let rest = &s[i + m.len()..];
+        let digits: String = rest
+            .chars()
+            .skip(1)
+            .take_while(char::is_ascii_digit)
+            .collect();
+        matches!(rest.chars().next(), Some('.' | '_'))
+            && digits.parse::<u32>().is_ok_and(|n| n >= 1)
+    })
 }
 
 type Built = std::result::Result<LoraModule, UnmappedReason>;

@@ -224,6 +224,62 @@ pub fn delta(m: &LoraModule) -> Result<Tensor> {
     }
 }
 
+/// The shape [`delta`] returns for `kind`, computed from the tensor shapes alone (assumes
+/// [`LoraKind::check`] passed).
+pub fn delta_shape(kind: &LoraKind) -> Vec<usize> {
+    let tail = |s: &[usize], from: usize| s.get(from..).map(<[usize]>::to_vec).unwrap_or_default();
+    let dim = |s: &[usize], i: usize| s.get(i).copied().unwrap_or(0);
+    match kind {
+        LoraKind::Lora {
+            down,
+            up,
+            mid: None,
+        } => [vec![dim(&up.shape, 0)], tail(&down.shape, 1)].concat(),
+        LoraKind::Lora {
+            down,
+            up,
+            mid: Some(m),
+        } => [
+            vec![dim(&up.shape, 0), dim(&down.shape, 1)],
+            tail(&m.shape, 2),
+        ]
+        .concat(),
+        LoraKind::LoHa {
+            w1a, w1b, t1: None, ..
+        } => vec![dim(&w1a.shape, 0), dim(&w1b.shape, 1)],
+        LoraKind::LoHa {
+            w1a,
+            w1b,
+            t1: Some(t),
+            ..
+        } => [
+            vec![dim(&w1a.shape, 1), dim(&w1b.shape, 1)],
+            tail(&t.shape, 2),
+        ]
+        .concat(),
+        LoraKind::LoKr { w1, w2, t2 } => {
+            let (a, c) = match w1 {
+                KronFactor::Full(w) => (dim(&w.shape, 0), dim(&w.shape, 1)),
+                KronFactor::LowRank { a, b } => (dim(&a.shape, 0), dim(&b.shape, 1)),
+            };
+            let (b, rest) = match (w2, t2) {
+                (KronFactor::Full(w), _) => (dim(&w.shape, 0), tail(&w.shape, 1)),
+                (KronFactor::LowRank { a, b }, None) => (dim(&a.shape, 0), tail(&b.shape, 1)),
+                (KronFactor::LowRank { a, b }, Some(t)) => (
+                    dim(&a.shape, 1),
+                    [vec![dim(&b.shape, 1)], tail(&t.shape, 2)].concat(),
+                ),
+            };
+            if rest.len() >= 2 {
+                [vec![a * b, c * rest[0]], rest[1..].to_vec()].concat()
+            } else {
+                vec![a * b, c * rest.iter().product::<usize>()]
+            }
+        }
+        LoraKind::Full { diff } => diff.shape.clone(),
+    }
+}
+
 fn strip_ones(s: &[usize]) -> &[usize] {
     let mut n = s.len();
     while n > 2 && s[n - 1] == 1 {

@@ -18,11 +18,13 @@
 //! | kohya / sd-scripts / A1111 | `lora_unet_<path _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (any float or I64, shape `[]` or `[1]`); `lora_te_` / `lora_te1_` (diffusers' converter) + `text_model_encoder_layers_0_self_attn_q_proj` | `alpha / rank`, rank = rows of `lora_down`; no alpha or 0 → 1 |
 //! | LyCORIS under kohya names | LoHa `hada_w1_a/b`, `hada_w2_a/b` (+ `hada_t1/t2`); LoKr `lokr_w1` or `lokr_w1_a/b`, `lokr_w2` or `lokr_w2_a/b` (+ `lokr_t2`); LoCon `lora_mid`; `diff` | `alpha / rank` (rank = rows of the `_b` factor); LoKr with both factors full → 1; no alpha → 1 |
 //! | old attn-procs (diffusers 0.17–0.20) | `unet.<attn>.processor.to_q_lora.down.weight` (`to_out_lora` → `to_out.0`); text encoder `…self_attn.to_q_lora` → `q_proj`, `to_out_lora` → `out_proj` | 1 (or `.alpha`) |
-//! | refused with a reason | SDXL (`lora_te2_`, `text_encoder_2.`, sgm `input_blocks`): the whole file; DoRA (`dora_scale`, `lora_magnitude_vector`, `use_dora`), OFT/IA3/…, bias diffs: the module | — |
+//! | refused with a reason | SDXL (`lora_te2_`, `text_encoder_2.`, sgm `input_blocks`, or a UNet `transformer_blocks.N≥1` the model lacks): the whole file; DoRA (`dora_scale`, `lora_magnitude_vector`, `use_dora`), OFT/IA3/…, bias diffs: the module | — |
 //!
 //! kohya's underscored names are resolved against the caller's module list
 //! ([`crate::weights::ModuleSet`], from the ONNX weight index or a diffusers safetensors key set),
-//! with SD 1.x diffusers naming rules as the fallback when none is given.
+//! with SD 1.x diffusers naming rules as the fallback when none is given. When the module set
+//! knows weight shapes ([`crate::weights::ModuleSet::weight_shape`]), a module whose ΔW does not
+//! fit the model's weight is reported instead of read.
 //!
 //! ## Upstream references (read for the maths and key rules; the code here is our own)
 //! - diffusers `src/diffusers/loaders/lora_conversion_utils.py` (`_convert_non_diffusers_lora_to_diffusers`,
@@ -44,7 +46,7 @@ pub use self::format::{
     WriteOptions, WriteStyle, read, read_file, write,
 };
 pub use self::merge::{
-    Layout, MergeReport, add_delta, delta, merge_deltas_into, merge_into, merge_state_dict,
-    shape_fits,
+    Layout, MergeReport, add_delta, delta, delta_shape, merge_deltas_into, merge_into,
+    merge_state_dict, shape_fits,
 };
 pub use crate::weights::keys::UnmappedReason;

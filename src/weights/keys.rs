@@ -156,13 +156,19 @@ pub trait ModuleSet {
     fn contains(&self, component: Component, path: &str) -> bool;
     /// Every canonical module path of `component`.
     fn paths(&self, component: Component) -> Vec<String>;
+    /// The torch-layout shape of the module's `weight` ([out, in] or [out, in, kh, kw]) when
+    /// known. LoRA readers then refuse adapters whose ΔW does not fit.
+    fn weight_shape(&self, _component: Component, _path: &str) -> Option<Vec<usize>> {
+        None
+    }
 }
 
-/// A [`ModuleSet`] held in memory.
+/// A [`ModuleSet`] held in memory (with weight shapes when built from weight files).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleList {
     unet: BTreeSet<String>,
     text_encoder: BTreeSet<String>,
+    shapes: HashMap<(Component, String), Vec<usize>>,
 }
 
 impl ModuleList {
@@ -186,6 +192,15 @@ impl ModuleList {
         };
     }
 
+    /// Add a module with the torch-layout shape of its `weight`.
+    pub fn insert_with_shape(&mut self, component: Component, path: &str, shape: Vec<usize>) {
+        self.insert(component, path);
+        self.shapes.insert(
+            (component, canonical_path(component, path).to_string()),
+            shape,
+        );
+    }
+
     /// Add the module of every parameter key (`<path>.weight`, `<path>.bias`, ...).
     pub fn extend_from_weight_keys<'a>(
         &mut self,
@@ -199,10 +214,24 @@ impl ModuleList {
         }
     }
 
-    /// Modules of a diffusers-layout weight file (keys `<module>.<param>`).
+    /// Add the modules of a diffusers-layout weight file (keys `<module>.<param>`), with the
+    /// shapes of their `weight` tensors.
+    pub fn extend_from_weight_file(&mut self, component: Component, file: &WeightFile) {
+        for (key, info) in file.tensors() {
+            if let Some((path, param)) = module_of_weight_key(component, key) {
+                if param == "weight" {
+                    self.insert_with_shape(component, &path, info.shape.clone());
+                } else {
+                    self.insert(component, &path);
+                }
+            }
+        }
+    }
+
+    /// Modules of a diffusers-layout weight file (keys `<module>.<param>`), with weight shapes.
     pub fn from_weight_file(component: Component, file: &WeightFile) -> Self {
         let mut list = Self::new();
-        list.extend_from_weight_keys(component, file.names());
+        list.extend_from_weight_file(component, file);
         list
     }
 
@@ -219,7 +248,7 @@ impl ModuleList {
             let p = dir.join(rel);
             if p.exists() {
                 let f = WeightFile::open(&p)?;
-                list.extend_from_weight_keys(component, f.names());
+                list.extend_from_weight_file(component, &f);
                 found = true;
             }
         }
@@ -253,6 +282,12 @@ impl ModuleSet for ModuleList {
 
     fn paths(&self, component: Component) -> Vec<String> {
         self.set(component).iter().cloned().collect()
+    }
+
+    fn weight_shape(&self, component: Component, path: &str) -> Option<Vec<usize>> {
+        self.shapes
+            .get(&(component, canonical_path(component, path).to_string()))
+            .cloned()
     }
 }
 
