@@ -805,3 +805,101 @@ fn inspect_summarises() {
         "{text}"
     );
 }
+
+#[test]
+fn writer_handles_in_memory_models_and_keeps_permissions() {
+    let (d, p) = write_tmp(&sd_like());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    let new_q = encode_like(DataType::Float, &values(128, 5)).unwrap();
+    let repl = HashMap::from([("onnx::MatMul_101".to_string(), new_q.clone())]);
+    let on_disk = OnnxModel::open(&p).unwrap();
+    let a = write_patched(&on_disk, &repl, &d.path().join("a")).unwrap();
+    // Decoded from memory under a path that does not exist: written from the bytes.
+    let bytes = Bytes::from(std::fs::read(&p).unwrap());
+    let in_mem = OnnxModel::from_bytes(d.path().join("virtual/model.onnx"), bytes).unwrap();
+    let b = write_patched(&in_mem, &repl, &d.path().join("b")).unwrap();
+    assert_eq!(
+        std::fs::read(&a.model).unwrap(),
+        std::fs::read(&b.model).unwrap()
+    );
+    assert_eq!(
+        &*OnnxModel::open(&b.model)
+            .unwrap()
+            .initializer_bytes("onnx::MatMul_101")
+            .unwrap(),
+        &new_q[..]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&a.model).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "output should carry the source's permissions");
+    }
+}
+
+#[test]
+fn dynamo_wrapper_scope_is_stripped() {
+    // torch.onnx.export(Wrapper(unet), dynamo=True): every scope and parameter starts `unet.`.
+    let classes = "['__main__.Wrapper', 'diffusers.models.unets.unet_2d_condition.UNet2DConditionModel', 'diffusers.models.attention_processor.Attention', 'torch.nn.modules.linear.Linear', 'aten.linear.default']";
+    let scoped = |n: lorafuse::onnx::proto::NodeProto, scopes: &str| {
+        let mut n = with_scopes(n, scopes);
+        n.metadata_props
+            .push(lorafuse::onnx::proto::StringStringEntryProto {
+                key: Some("pkg.torch.onnx.class_hierarchy".into()),
+                value: Some(classes.into()),
+            });
+        n
+    };
+    let m = model(
+        vec![
+            scoped(
+                node("MatMul", "node_linear_3", &["x", "val_3"], &["q"], vec![]),
+                "['', 'unet', 'unet.mid_block.attentions.0.transformer_blocks.0.attn1', 'unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q', 'linear_3']",
+            ),
+            scoped(
+                node(
+                    "Conv",
+                    "node_conv2d",
+                    &["img", "unet.conv_in.weight"],
+                    &["c"],
+                    vec![],
+                ),
+                "['', 'unet', 'unet.conv_in', 'conv2d']",
+            ),
+        ],
+        vec![
+            f32_tensor("val_3", &[8, 4], 1),
+            f32_tensor("unet.conv_in.weight", &[4, 2, 3, 3], 2),
+        ],
+    );
+    let (_d, p) = write_tmp(&m);
+    let model = OnnxModel::open(&p).unwrap();
+    let idx = WeightIndex::build(&model);
+    assert_eq!(idx.root_prefix(), Some("unet"));
+    assert_eq!(
+        idx.modules().collect::<Vec<_>>(),
+        [
+            "conv_in",
+            "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+        ]
+    );
+    let q = idx
+        .lookup("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+        .unwrap();
+    assert_eq!(
+        (q.initializer.as_str(), q.layout, q.via),
+        ("val_3", Layout::Transposed, Via::NameScope)
+    );
+    assert_eq!(
+        idx.lookup("unet.conv_in").unwrap().initializer,
+        "unet.conv_in.weight"
+    );
+    // The prefix survives the JSON cache.
+    let back = WeightIndex::from_json(&idx.to_json()).unwrap();
+    assert_eq!(back.root_prefix(), Some("unet"));
+    assert!(back.lookup("unet.conv_in").is_some() && back.lookup("conv_in").is_some());
+}
