@@ -890,9 +890,10 @@ fn build_module(
         if let Err(msg) = check_lokr_shapes(&w1, &w2, t2.as_ref()) {
             return Ok(invalid(msg));
         }
-        // LyCORIS: both factors full → scale 1; else alpha / rank (rank = rows of the `_b` factor,
-        // as A1111/ComfyUI read it; LyCORIS `make_module_from_state_dict` agrees for non-Tucker files).
-        let rank = match (&w1, &w2) {
+        // LyCORIS: both factors full → scale 1; else alpha / rank, rank = rows of lokr_w2_b, else
+        // of lokr_w1_b (diffusers `_bake_lokr_alpha_`, ComfyUI and A1111 read it so; LyCORIS's
+        // `make_module_from_state_dict` agrees for non-Tucker files).
+        let rank = match (&w2, &w1) {
             (KronFactor::LowRank { b, .. }, _) | (_, KronFactor::LowRank { b, .. }) => b.shape[0],
             _ => 0,
         };

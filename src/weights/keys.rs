@@ -422,7 +422,10 @@ pub fn parse_lora_key(key: &str) -> Option<LoraKey> {
                 .iter()
                 .find(|m| rest.starts_with(*m) || rest.contains(&format!("_{m}")))
             {
-                Some(m) => Target::Sdxl(format!("sgm UNet naming `{}`", m.trim_end_matches('_'))),
+                Some(m) => Target::Sdxl(format!(
+                    "sgm/LDM UNet naming `{}`, as kohya SDXL files use",
+                    m.trim_end_matches('_')
+                )),
                 None => Target::Unet,
             };
             (t, rest)
@@ -490,7 +493,10 @@ pub fn parse_lora_key(key: &str) -> Option<LoraKey> {
             "add_embedding.",
         ] {
             if path.starts_with(m) || path.contains(&format!(".{m}")) {
-                target = Target::Sdxl(format!("sgm UNet naming `{}`", m.trim_end_matches('.')));
+                target = Target::Sdxl(format!(
+                    "sgm/LDM UNet naming `{}`, as kohya SDXL files use",
+                    m.trim_end_matches('.')
+                ));
             }
         }
     }
