@@ -66,15 +66,15 @@ pub enum KronFactor {
 /// The adapter tensors of one module (all f32, torch layout, shapes validated).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoraKind {
-    /// Standard LoRA: `down` [r,in] or [r,in,kh,kw]; `up` [out,r] or [out,r,1,1]. With `mid`
-    /// (LoCon Tucker): `down` [r1,in,1,1], `mid` [r2,r1,kh,kw], `up` [out,r2,1,1].
+    /// Standard LoRA: `down` `[r,in]` or `[r,in,kh,kw]`; `up` `[out,r]` or `[out,r,1,1]`. With `mid`
+    /// (LoCon Tucker): `down` `[r1,in,1,1]`, `mid` `[r2,r1,kh,kw]`, `up` `[out,r2,1,1]`.
     Lora {
         down: Tensor,
         up: Tensor,
         mid: Option<Tensor>,
     },
-    /// LyCORIS LoHa: ΔW = (w1a @ w1b) ⊙ (w2a @ w2b); w1a [out,r], w1b [r,in·kh·kw]. With Tucker
-    /// cores t1/t2 [r,r,kh,kw]: w1a [r,out], w1b [r,in].
+    /// LyCORIS LoHa: ΔW = (w1a @ w1b) ⊙ (w2a @ w2b); w1a `[out,r]`, w1b `[r,in·kh·kw]`. With Tucker
+    /// cores t1/t2 `[r,r,kh,kw]`: w1a `[r,out]`, w1b `[r,in]`.
     LoHa {
         w1a: Tensor,
         w1b: Tensor,
@@ -83,7 +83,7 @@ pub enum LoraKind {
         t1: Option<Tensor>,
         t2: Option<Tensor>,
     },
-    /// LyCORIS LoKr: ΔW = w1 ⊗ w2; with Tucker core `t2` [r,r,kh,kw]: w2 = t2 ×₁ w2a ×₂ w2b.
+    /// LyCORIS LoKr: ΔW = w1 ⊗ w2; with Tucker core `t2` `[r,r,kh,kw]`: w2 = t2 ×₁ w2a ×₂ w2b.
     LoKr {
         w1: KronFactor,
         w2: KronFactor,

@@ -5,15 +5,15 @@
 //!   also what PEFT's `Conv2d.get_delta_weight` computes for a 1×1 `lora_B`). [`merge_into`]
 //!   accumulates it straight into the weight with one GEMM (ndarray → matrixmultiply), no ΔW
 //!   buffer, in either layout.
-//! - LoCon Tucker (`lora_mid`): ΔW[i,j,…] = Σₘₙ mid[m,n,…]·up[i,m]·down[n,j] (LyCORIS
+//! - LoCon Tucker (`lora_mid`): ΔW`[i,j,…]` = Σₘₙ mid`[m,n,…]`·up`[i,m]`·down`[n,j]` (LyCORIS
 //!   `functional/general.py` `tucker_weight_from_conv`).
 //! - LoHa: ΔW = scale · (w1a@w1b) ⊙ (w2a@w2b); Tucker: `rebuild_tucker(t1, w1a, w1b) ⊙
 //!   rebuild_tucker(t2, w2a, w2b)` (LyCORIS `functional/loha.py`).
 //! - LoKr: ΔW = scale · kron(w1, w2), each factor full or `a@b`, `w2` optionally a Tucker
 //!   rebuild (LyCORIS `functional/lokr.py` `make_kron`, `diff_weight`).
 //!
-//! A LoHa/LoKr conv without a Tucker core stores `w_b` as [r, in·kh·kw], so its ΔW comes out as
-//! [out, in·kh·kw]; merging accepts that against an [out, in, kh, kw] weight (same memory order).
+//! A LoHa/LoKr conv without a Tucker core stores `w_b` as `[r, in·kh·kw]`, so its ΔW comes out as
+//! `[out, in·kh·kw]`; merging accepts that against an `[out, in, kh, kw]` weight (same memory order).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,9 +31,9 @@ use crate::{Error, Result};
 /// How a target weight is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// PyTorch's layout: Linear [out, in], Conv2d [out, in, kh, kw].
+    /// PyTorch's layout: Linear `[out, in]`, Conv2d `[out, in, kh, kw]`.
     Torch,
-    /// A Linear weight stored [in, out] (ONNX MatMul initializers): ΔWᵀ is added.
+    /// A Linear weight stored `[in, out]` (ONNX MatMul initializers): ΔWᵀ is added.
     Transposed,
 }
 
@@ -50,8 +50,8 @@ fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     a.dot(&b)
 }
 
-/// result[p, q, s…] = Σᵢⱼ t[i, j, s…] · wa[i, p] · wb[j, q]: LyCORIS `rebuild_tucker(t, wa, wb)`.
-/// Returns the data and the shape [p, q, s…].
+/// result`[p, q, s…]` = Σᵢⱼ t`[i, j, s…]` · wa`[i, p]` · wb`[j, q]`: LyCORIS `rebuild_tucker(t, wa, wb)`.
+/// Returns the data and the shape `[p, q, s…]`.
 fn tucker(t: &Tensor, wa: &Tensor, wb: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
     let (ri, rj) = (t.shape[0], t.shape[1]);
     let kk: usize = t.shape[2..].iter().product();
@@ -76,7 +76,7 @@ fn tucker(t: &Tensor, wa: &Tensor, wb: &Tensor) -> Result<(Vec<usize>, Vec<f32>)
     Ok((shape, out))
 }
 
-/// kron(A [a, c], B [b, e]) → [a·b, c·e].
+/// kron(A `[a, c]`, B `[b, e]`) → `[a·b, c·e]`.
 fn kron(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
     let (ra, ca) = a.dim();
     let (rb, cb) = b.dim();
@@ -108,8 +108,8 @@ fn product_2d(a: &Tensor, b: &Tensor) -> Result<Array2<f32>> {
     Ok(matmul(av, bv))
 }
 
-/// ΔW of one module (scale included), in torch layout: [out, in], [out, in, kh, kw], or for
-/// LoHa/LoKr convs stored without a Tucker core [out, in·kh·kw].
+/// ΔW of one module (scale included), in torch layout: `[out, in]`, `[out, in, kh, kw]`, or for
+/// LoHa/LoKr convs stored without a Tucker core `[out, in·kh·kw]`.
 pub fn delta(m: &LoraModule) -> Result<Tensor> {
     m.kind
         .check()
@@ -289,7 +289,7 @@ fn strip_ones(s: &[usize]) -> &[usize] {
 }
 
 /// Whether a ΔW of shape `delta` can be added to a weight of torch shape `target` (same memory
-/// order): equal, equal up to trailing 1s, or a 2-D [out, in·kh·kw] against [out, in, kh, kw].
+/// order): equal, equal up to trailing 1s, or a 2-D `[out, in·kh·kw]` against `[out, in, kh, kw]`.
 pub fn shape_fits(delta: &[usize], target: &[usize]) -> bool {
     if delta == target || strip_ones(delta) == strip_ones(target) {
         return true;
@@ -376,7 +376,7 @@ pub fn merge_deltas_into(
 }
 
 /// base += Σ wᵢ · ΔWᵢ for module adapters, in f32. Standard LoRAs go through one GEMM each
-/// straight into `base` (C = α·up·down + C, or α·downᵀ·upᵀ + C for [in, out] storage); other
+/// straight into `base` (C = α·up·down + C, or α·downᵀ·upᵀ + C for `[in, out]` storage); other
 /// kinds build ΔW first.
 pub fn merge_into(
     base: &mut [f32],

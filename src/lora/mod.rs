@@ -1,10 +1,10 @@
 //! LoRA files: every dialect read into one canonical [`LoraAdapter`], and the merge maths.
 //!
-//! - [`format`]: read a LoRA safetensors file, detect its dialect, resolve every module to the
+//! - [`format`](mod@format): read a LoRA safetensors file, detect its dialect, resolve every module to the
 //!   canonical `(Component, module path)` of [`crate::weights::keys`], decide the adapter kind
 //!   and its scale, and report every key that maps nowhere ([`LoraAdapter::unmapped`]).
-//!   [`write`] writes standard LoRA modules back in the diffusers or kohya layout (for trainers).
-//! - [`merge`]: ΔW per kind, and W' = W + Σ wᵢ·ΔWᵢ in f32 into torch-layout or [in, out]
+//!   [`write()`] writes standard LoRA modules back in the diffusers or kohya layout (for trainers).
+//! - [`merge`]: ΔW per kind, and W' = W + Σ wᵢ·ΔWᵢ in f32 into torch-layout or `[in, out]`
 //!   weights ([`merge_into`]); [`merge_state_dict`] merges into a diffusers-layout safetensors
 //!   file (what trainers need).
 //!
@@ -12,7 +12,7 @@
 //!
 //! | dialect | keys | scale |
 //! |---|---|---|
-//! | diffusers (`save_lora_weights` today) | `unet.<path>.lora_A.weight` [r,in(,kh,kw)] / `.lora_B.weight` [out,r(,1,1)]; `text_encoder.[text_model.]<path>.lora_A.weight` | header `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.*`): `alpha / r` per module; none → 1 |
+//! | diffusers (`save_lora_weights` today) | `unet.<path>.lora_A.weight` `[r,in(,kh,kw)]` / `.lora_B.weight` `[out,r(,1,1)]`; `text_encoder.[text_model.]<path>.lora_A.weight` | header `lora_adapter_metadata` JSON (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.*`): `alpha / r` per module; none → 1 |
 //! | diffusers legacy | `unet.<path>.lora.down.weight` / `.lora.up.weight`; `text_encoder.[text_model.]<path>.lora_linear_layer.down.weight` | `.alpha` keys if any, else 1 |
 //! | PEFT raw | `base_model.model.<path>.lora_A[.<adapter>].weight` | `adapter_config.json` (explicit, `<stem>_adapter_config.json`, or beside the file) or `lora_adapter_metadata`; none → 1 with a note |
 //! | kohya / sd-scripts / A1111 | `lora_unet_<path _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (any float or I64, shape `[]` or `[1]`); `lora_te_` / `lora_te1_` (diffusers' converter) + `text_model_encoder_layers_0_self_attn_q_proj` | `alpha / rank`, rank = rows of `lora_down`; no alpha or 0 → 1 |

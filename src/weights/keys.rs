@@ -156,7 +156,7 @@ pub trait ModuleSet {
     fn contains(&self, component: Component, path: &str) -> bool;
     /// Every canonical module path of `component`.
     fn paths(&self, component: Component) -> Vec<String>;
-    /// The torch-layout shape of the module's `weight` ([out, in] or [out, in, kh, kw]) when
+    /// The torch-layout shape of the module's `weight` (`[out, in]` or `[out, in, kh, kw]`) when
     /// known. LoRA readers then refuse adapters whose ΔW does not fit.
     fn weight_shape(&self, _component: Component, _path: &str) -> Option<Vec<usize>> {
         None
