@@ -147,12 +147,23 @@ impl Worst {
     }
 }
 
-/// `Class.from_config(sd15_config, **overrides)` as the fixture's JSON records it.
+/// `Class.from_config(config, **overrides)` as the fixture's JSON records it: the pipeline's
+/// in-memory scheduler config (`pipe_scheduler_config`, with diffusers' `_use_default_values`),
+/// else the SD 1.5 file (`sd15_scheduler_config_json` / `sd15_config`).
 fn config_of(meta: &serde_json::Value) -> (SchedulerKind, SchedulerConfig) {
     let class = meta["class"].as_str().expect("class");
     let kind =
         SchedulerKind::from_class_name(class).unwrap_or_else(|| panic!("unknown class {class}"));
-    let mut cfg = meta["sd15_config"].clone();
+    let mut cfg = [
+        "pipe_scheduler_config",
+        "sd15_scheduler_config_json",
+        "sd15_config",
+    ]
+    .iter()
+    .map(|k| &meta[*k])
+    .find(|v| v.is_object())
+    .unwrap_or_else(|| panic!("fixture JSON has no scheduler config"))
+    .clone();
     if let (Some(obj), Some(ov)) = (cfg.as_object_mut(), meta["overrides"].as_object()) {
         for (k, v) in ov {
             obj.insert(k.clone(), v.clone());
