@@ -38,6 +38,13 @@ pub enum Error {
     InvalidArgument(String),
     #[error("cancelled")]
     Cancelled,
+    /// A training data set problem (unreadable image, missing caption), naming the file.
+    #[error("{file}: {msg}")]
+    Dataset { file: PathBuf, msg: String },
+    /// An error libtorch reported (training, feature `train`).
+    #[cfg(feature = "train")]
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,6 +71,9 @@ impl Error {
             | Error::Tokenizer(_) => code::MODEL,
             Error::OrtLoad(_) | Error::Ort(_) => code::RUNTIME,
             Error::Cancelled => code::CANCELLED,
+            Error::Dataset { .. } => code::INVALID_ARGUMENT,
+            #[cfg(feature = "train")]
+            Error::Torch(_) => code::RUNTIME,
         }
     }
 }

@@ -31,6 +31,8 @@ pub mod merge;
 pub mod onnx;
 pub mod pipeline;
 pub mod runtime;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,0 +1,448 @@
+//! LoRA layers on a frozen base model, and the [`Paths`] that build both in lockstep.
+//!
+//! The maths is peft's (peft 0.21 `src/peft/tuners/lora/layer.py`, classes `Linear` and
+//! `Conv2d`): `y = base(x) + lora_B(lora_A(x)) · scaling` with `scaling = lora_alpha / r`;
+//! `lora_A` is `[r, in]` (conv: `[r, in, kh, kw]`, same stride/padding as the base conv),
+//! `lora_B` is `[out, r]` (conv: `[out, r, 1, 1]`), both without bias. Initialisation
+//! (`reset_lora_parameters`): `init_lora_weights="gaussian"` draws `lora_A ~ N(0, 1/r)`
+//! (what train_text_to_image_lora.py asks for), `True` draws kaiming-uniform with `a = √5`
+//! (`U(-1/√fan_in, 1/√fan_in)`); `lora_B` starts at zero either way.
+//!
+//! Targets match as peft's `check_target_module_exists` does for a list: a module is a target
+//! when its full dotted name equals an entry or ends with `.` + entry (`to_out.0`, `ff.net.2`).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use tch::{Device, Kind, Tensor, nn};
+
+use super::weights::WeightSource;
+use crate::{Error, Result};
+
+/// How LoRA A matrices start (B always starts at zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LoraInit {
+    /// peft `init_lora_weights="gaussian"`: `A ~ N(0, 1/r)` (the diffusers script's choice).
+    Gaussian,
+    /// peft `init_lora_weights=True`: kaiming-uniform with `a = √5`.
+    Kaiming,
+}
+
+/// Which modules get a LoRA and how big it is (peft `LoraConfig` fields).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// `r`.
+    pub rank: i64,
+    /// `lora_alpha` (scaling = alpha / rank).
+    pub alpha: f64,
+    /// `target_modules`: names or dotted suffixes (`to_q`, `to_out.0`, `ff.net.0.proj`, `conv1`).
+    pub targets: Vec<String>,
+    pub init: LoraInit,
+}
+
+impl LoraConfig {
+    /// The diffusers script's adapter: `LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    /// target_modules=["to_k", "to_q", "to_v", "to_out.0"])`.
+    pub fn script_default(rank: i64) -> Self {
+        Self {
+            rank,
+            alpha: rank as f64,
+            targets: ["to_k", "to_q", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+            init: LoraInit::Gaussian,
+        }
+    }
+
+    /// `lora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// peft's list matching: exact name or `.`-suffix.
+    pub fn is_target(&self, module: &str) -> bool {
+        self.targets.iter().any(|t| {
+            module == t
+                || (module.len() > t.len()
+                    && module.ends_with(t.as_str())
+                    && module[..module.len() - t.len()].ends_with('.'))
+        })
+    }
+}
+
+/// What a LoRA-carrying module is, for saving and listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModuleInfo {
+    /// Dotted module path inside the component (`down_blocks.0.attentions.0...to_q`).
+    pub path: String,
+    pub in_features: i64,
+    pub out_features: i64,
+    /// `None` for Linear, `Some((kh, kw))` for Conv2d.
+    pub kernel: Option<(i64, i64)>,
+}
+
+/// Shared state while a model is built: where base weights come from, their dtype and device,
+/// the LoRA config, and what has been loaded.
+pub struct Builder<'a> {
+    pub(crate) source: &'a dyn WeightSource,
+    pub(crate) kind: Kind,
+    pub(crate) device: Device,
+    pub(crate) lora: Option<LoraConfig>,
+    used: RefCell<Vec<String>>,
+    modules: RefCell<Vec<LoraModuleInfo>>,
+}
+
+impl<'a> Builder<'a> {
+    /// Base weights from `source`, stored as `kind` on `device`; LoRA layers where `lora` says.
+    pub fn new(
+        source: &'a dyn WeightSource,
+        kind: Kind,
+        device: Device,
+        lora: Option<LoraConfig>,
+    ) -> Self {
+        Self {
+            source,
+            kind,
+            device,
+            lora,
+            used: RefCell::new(Vec::new()),
+            modules: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The LoRA modules created so far, in construction order.
+    pub fn lora_modules(&self) -> Vec<LoraModuleInfo> {
+        self.modules.borrow().clone()
+    }
+
+    /// Source keys the model did not use (e.g. a checkpoint's EMA copy, or a wrong file).
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used: std::collections::HashSet<String> = self.used.borrow().iter().cloned().collect();
+        self.source
+            .keys()
+            .into_iter()
+            .filter(|k| !used.contains(k))
+            .collect()
+    }
+}
+
+/// Walks the frozen base store and the trainable LoRA store in lockstep, so one dotted module
+/// path names both `weight` (base) and `lora_A.weight` / `lora_B.weight` (LoRA). A list index is
+/// its own segment (`sub(0)`), never a dotted string (tch panics on dots).
+pub struct Paths<'a> {
+    base: nn::Path<'a>,
+    lora: nn::Path<'a>,
+    name: Vec<String>,
+    b: &'a Builder<'a>,
+}
+
+impl<'a> Paths<'a> {
+    /// The root of a component: `base` holds frozen weights, `lora` the trainable adapters.
+    pub fn root(base: &'a nn::VarStore, lora: &'a nn::VarStore, b: &'a Builder<'a>) -> Self {
+        Self {
+            base: base.root(),
+            lora: lora.root(),
+            name: Vec::new(),
+            b,
+        }
+    }
+
+    pub fn sub<T: ToString>(&self, s: T) -> Paths<'a> {
+        let s = s.to_string();
+        let mut name = self.name.clone();
+        name.push(s.clone());
+        Paths {
+            base: self.base.sub(&s),
+            lora: self.lora.sub(&s),
+            name,
+            b: self.b,
+        }
+    }
+
+    /// The dotted module path (`down_blocks.0.resnets.1`).
+    pub fn name(&self) -> String {
+        self.name.join(".")
+    }
+
+    fn key(&self, param: &str) -> String {
+        if self.name.is_empty() {
+            param.to_string()
+        } else {
+            format!("{}.{param}", self.name())
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.b.device
+    }
+
+    /// The base weights' kind (the compute dtype of the frozen model).
+    pub fn kind(&self) -> Kind {
+        self.b.kind
+    }
+
+    /// A frozen base tensor `param` of this module, read from the weight source and checked
+    /// against `shape`.
+    pub fn base(&self, param: &str, shape: &[i64]) -> Result<Tensor> {
+        let key = self.key(param);
+        let (src_key, t) = self.b.source.tensor(&key)?;
+        let got: Vec<i64> = t.size();
+        if got != shape {
+            return Err(Error::Shape {
+                name: format!("{key} ({})", self.b.source.describe()),
+                expected: shape.iter().map(|&d| d as usize).collect(),
+                got: got.iter().map(|&d| d as usize).collect(),
+            });
+        }
+        self.b.used.borrow_mut().push(src_key);
+        let t = t.to_kind(self.b.kind).to_device(self.b.device);
+        Ok(self.base.add(param, t, false))
+    }
+
+    /// Whether this module gets a LoRA adapter.
+    fn lora_here(&self) -> Option<LoraConfig> {
+        let cfg = self.b.lora.as_ref()?;
+        cfg.is_target(&self.name()).then(|| cfg.clone())
+    }
+
+    fn lora_pair(
+        &self,
+        a_shape: &[i64],
+        b_shape: &[i64],
+        info: LoraModuleInfo,
+    ) -> (Tensor, Tensor) {
+        let opts = (Kind::Float, self.b.device);
+        let a = self
+            .lora
+            .sub("lora_A")
+            .add("weight", Tensor::zeros(a_shape, opts), true);
+        let bm = self
+            .lora
+            .sub("lora_B")
+            .add("weight", Tensor::zeros(b_shape, opts), true);
+        self.b.modules.borrow_mut().push(info);
+        (a, bm)
+    }
+}
+
+/// `nn.Linear` with an optional peft LoRA adapter.
+#[derive(Debug)]
+pub struct LoraLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// `(lora_A [r, in], lora_B [out, r], scaling)`.
+    pub lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl LoraLinear {
+    pub fn new(p: &Paths, in_features: i64, out_features: i64, bias: bool) -> Result<Self> {
+        let weight = p.base("weight", &[out_features, in_features])?;
+        let bias = if bias {
+            Some(p.base("bias", &[out_features])?)
+        } else {
+            None
+        };
+        let lora = p.lora_here().map(|cfg| {
+            let info = LoraModuleInfo {
+                path: p.name(),
+                in_features,
+                out_features,
+                kernel: None,
+            };
+            let (a, b) = p.lora_pair(&[cfg.rank, in_features], &[out_features, cfg.rank], info);
+            (a, b, cfg.scaling())
+        });
+        Ok(Self { weight, bias, lora })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            None => y,
+            Some((a, b, s)) => {
+                // peft casts the input to the adapter dtype; in mixed precision the f32 master
+                // weights are cast to the compute dtype instead (what autocast does for matmul).
+                let k = x.kind();
+                let (a, b) = (a.to_kind(k), b.to_kind(k));
+                y + x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * *s
+            }
+        }
+    }
+}
+
+/// `nn.Conv2d` with an optional peft LoRA adapter.
+#[derive(Debug)]
+pub struct LoraConv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: i64,
+    pub padding: i64,
+    pub lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl LoraConv2d {
+    pub fn new(p: &Paths, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> Result<Self> {
+        let weight = p.base("weight", &[cout, cin, k, k])?;
+        let bias = Some(p.base("bias", &[cout])?);
+        let lora = p.lora_here().map(|cfg| {
+            let info = LoraModuleInfo {
+                path: p.name(),
+                in_features: cin,
+                out_features: cout,
+                kernel: Some((k, k)),
+            };
+            let (a, b) = p.lora_pair(&[cfg.rank, cin, k, k], &[cout, cfg.rank, 1, 1], info);
+            (a, b, cfg.scaling())
+        });
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            lora,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (s, pd) = ([self.stride, self.stride], [self.padding, self.padding]);
+        let y = x.conv2d(&self.weight, self.bias.as_ref(), s, pd, [1, 1], 1);
+        match &self.lora {
+            None => y,
+            Some((a, b, sc)) => {
+                let k = x.kind();
+                let (a, b) = (a.to_kind(k), b.to_kind(k));
+                let h = x.conv2d::<Tensor>(&a, None, s, pd, [1, 1], 1);
+                y + h.conv2d::<Tensor>(&b, None, [1, 1], [0, 0], [1, 1], 1) * *sc
+            }
+        }
+    }
+}
+
+/// `nn.GroupNorm` (affine).
+#[derive(Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: i64,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(p: &Paths, groups: i64, channels: i64, eps: f64) -> Result<Self> {
+        if groups <= 0 || channels % groups != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {channels} channels do not split into {groups} groups",
+                p.name()
+            )));
+        }
+        Ok(Self {
+            weight: p.base("weight", &[channels])?,
+            bias: p.base("bias", &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension (affine).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub dim: i64,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Paths, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: p.base("weight", &[dim])?,
+            bias: p.base("bias", &[dim])?,
+            dim,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// Initialise every LoRA pair of `lora_vs` as peft does, visiting tensors in sorted name order
+/// with one generator (so the result does not depend on construction order).
+pub fn init_lora(
+    lora_vs: &nn::VarStore,
+    init: LoraInit,
+    rank: i64,
+    rng: &mut impl Rng,
+) -> Result<()> {
+    let vars: BTreeMap<String, Tensor> = lora_vs.variables().into_iter().collect();
+    tch::no_grad(|| -> Result<()> {
+        for (name, t) in &vars {
+            let mut t = t.shallow_clone();
+            if name.ends_with(".lora_B.weight") {
+                let _ = t.zero_();
+                continue;
+            }
+            let size = t.size();
+            let n: i64 = size.iter().product();
+            let fan_in: i64 = size.iter().skip(1).product();
+            let vals: Vec<f32> = match init {
+                LoraInit::Gaussian => {
+                    let std = 1.0 / rank as f64;
+                    (0..n)
+                        .map(|_| {
+                            let z: f64 = StandardNormal.sample(rng);
+                            (z * std) as f32
+                        })
+                        .collect()
+                }
+                LoraInit::Kaiming => {
+                    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                    (0..n)
+                        .map(|_| rng.random_range(-bound..bound) as f32)
+                        .collect()
+                }
+            };
+            let src = Tensor::from_slice(&vals)
+                .reshape(&size)
+                .to_device(t.device());
+            t.copy_(&src);
+        }
+        Ok(())
+    })
+}
+
+/// The LoRA tensors of `lora_vs` by module path: `path → (lora_A, lora_B)`.
+pub fn lora_pairs(lora_vs: &nn::VarStore) -> BTreeMap<String, (Tensor, Tensor)> {
+    let mut a: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut b: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in lora_vs.variables() {
+        if let Some(p) = name.strip_suffix(".lora_A.weight") {
+            a.insert(p.to_string(), t);
+        } else if let Some(p) = name.strip_suffix(".lora_B.weight") {
+            b.insert(p.to_string(), t);
+        }
+    }
+    a.into_iter()
+        .filter_map(|(p, ta)| b.remove(&p).map(|tb| (p, (ta, tb))))
+        .collect()
+}

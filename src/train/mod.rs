@@ -1,0 +1,170 @@
+//! LoRA training with libtorch (tch), behind the `train` feature: the recipe of diffusers'
+//! `examples/text_to_image/train_text_to_image_lora.py`, on models whose module names mirror
+//! diffusers so diffusers safetensors load by name.
+//!
+//! ```text
+//! diffusers folder ─► weights::FileSource ─► Paths(base VarStore, frozen │ LoRA VarStore, trainable)
+//!     unet_2d::UNet2DConditionModel (LoRA on to_q/to_k/to_v/to_out.0 by default)
+//!     clip::ClipTextModel, vae::VaeEncoder (frozen; their outputs are cached once)
+//! dataset::Dataset ─► trainer::Trainer (DDPM noise, MSE, AdamW, LR schedule, checkpoints)
+//!     ─► output::save_lora (diffusers dialect, or kohya with ss_* metadata, through crate::lora)
+//! ```
+//!
+//! Files are named like the diffusers modules they port; each cites its upstream file.
+
+pub mod attention;
+pub mod clip;
+pub mod dataset;
+pub mod embeddings;
+pub mod lora;
+pub mod noise;
+pub mod optim;
+pub mod resnet;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+pub mod vae;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, nn};
+
+pub use self::clip::{ClipTextConfig, ClipTextModel};
+pub use self::lora::{Builder, LoraConfig, LoraInit, LoraModuleInfo, Paths};
+pub use self::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+pub use self::vae::{AutoencoderKlConfig, VaeDecoder, VaeEncoder};
+pub use self::weights::{FileSource, WeightSource};
+use crate::{Error, Result};
+
+/// A model with the stores that hold its weights.
+pub struct Loaded<M> {
+    pub model: M,
+    /// Frozen base weights (named as in the diffusers file).
+    pub base: nn::VarStore,
+    /// Trainable LoRA tensors (`<module>.lora_A.weight`, `<module>.lora_B.weight`), f32.
+    pub lora: nn::VarStore,
+    /// The modules that carry a LoRA, in construction order.
+    pub lora_modules: Vec<LoraModuleInfo>,
+    /// Keys of the weight file the model did not use.
+    pub unused_keys: Vec<String>,
+}
+
+/// The weights file of a diffusers component folder: `<name>.safetensors`, else the `.fp16` variant.
+pub fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        let p = dir.join(&name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::io(
+        dir.join(format!("{stem}.safetensors")),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no weights file (.safetensors or .fp16.safetensors)",
+        ),
+    ))
+}
+
+fn build<M>(
+    source: &dyn WeightSource,
+    kind: Kind,
+    device: Device,
+    lora: Option<LoraConfig>,
+    f: impl FnOnce(&Paths) -> Result<M>,
+) -> Result<Loaded<M>> {
+    let base = nn::VarStore::new(device);
+    let lora_vs = nn::VarStore::new(device);
+    let b = Builder::new(source, kind, device, lora);
+    let model = {
+        let p = Paths::root(&base, &lora_vs, &b);
+        f(&p)?
+    };
+    let mut base = base;
+    base.freeze();
+    Ok(Loaded {
+        model,
+        base,
+        lora: lora_vs,
+        lora_modules: b.lora_modules(),
+        unused_keys: b.unused_keys(),
+    })
+}
+
+/// `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`, base weights as `kind`,
+/// LoRA layers per `lora`.
+pub fn load_unet(
+    root: &Path,
+    device: Device,
+    kind: Kind,
+    lora: Option<LoraConfig>,
+) -> Result<Loaded<UNet2DConditionModel>> {
+    let dir = root.join("unet");
+    let cfg = UNet2DConditionConfig::from_file(dir.join("config.json"))?;
+    let src = FileSource::open(component_weights(&dir, "diffusion_pytorch_model")?)?;
+    build(&src, kind, device, lora, |p| {
+        UNet2DConditionModel::new(p, &cfg)
+    })
+}
+
+/// `CLIPTextModel.from_pretrained(dir, subfolder="text_encoder")` (keys with or without `text_model.`).
+pub fn load_text_encoder(
+    root: &Path,
+    device: Device,
+    kind: Kind,
+    lora: Option<LoraConfig>,
+) -> Result<Loaded<ClipTextModel>> {
+    let dir = root.join("text_encoder");
+    let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;
+    let src = FileSource::open(component_weights(&dir, "model")?)?.with_alias_prefix("text_model.");
+    build(&src, kind, device, lora, |p| ClipTextModel::new(p, &cfg))
+}
+
+/// The encoder half of `AutoencoderKL.from_pretrained(dir, subfolder="vae")`.
+pub fn load_vae_encoder(root: &Path, device: Device, kind: Kind) -> Result<Loaded<VaeEncoder>> {
+    let dir = root.join("vae");
+    let cfg = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
+    let src = FileSource::open(component_weights(&dir, "diffusion_pytorch_model")?)?;
+    build(&src, kind, device, None, |p| VaeEncoder::new(p, &cfg))
+}
+
+/// The decoder half of `AutoencoderKL.from_pretrained(dir, subfolder="vae")`.
+pub fn load_vae_decoder(root: &Path, device: Device, kind: Kind) -> Result<Loaded<VaeDecoder>> {
+    let dir = root.join("vae");
+    let cfg = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
+    let src = FileSource::open(component_weights(&dir, "diffusion_pytorch_model")?)?;
+    build(&src, kind, device, None, |p| VaeDecoder::new(p, &cfg))
+}
+
+/// `--device auto|cpu|cuda|cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(Error::InvalidArgument(
+                    "--device cuda: libtorch sees no CUDA device".into(),
+                ))
+            }
+        }
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
+            Some(n) => Err(Error::InvalidArgument(format!(
+                "--device cuda:{n}: only {} CUDA devices",
+                tch::Cuda::device_count()
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "--device {s}: expected auto, cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
