@@ -24,6 +24,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod ffi;
 pub mod image;
 pub mod layout;
 pub mod lora;

@@ -1,0 +1,464 @@
+//! What the C entries do, in safe Rust: the objects behind handles and the library calls they make.
+//! Nothing here knows about raw pointers; `mod.rs` converts and checks them.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::handles::c_string;
+use super::log;
+use crate::image::{a1111_parameters, unit_to_u8};
+use crate::layout::{self, OnnxComponent, OnnxPipelineDir, PathKind};
+use crate::lora::format::{self as lora_format, ReadOptions};
+use crate::merge::{LoraSpec, MergeOptions};
+use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
+use crate::runtime::{self, session};
+use crate::weights::Component;
+use crate::{Error, Result};
+
+/// A loaded LoRA: the file (absolute, so a host's later `chdir` does not matter) and its summary.
+/// The library's `set_loras` takes paths and reads the file against the pipeline's module list, so
+/// the parsed tensors are not kept.
+pub(crate) struct LoraObj {
+    pub path: PathBuf,
+    pub info_json: String,
+}
+
+#[derive(Serialize)]
+struct LoraInfo<'a> {
+    path: &'a Path,
+    dialect: String,
+    modules: usize,
+    unet_modules: usize,
+    text_encoder_modules: usize,
+    unmapped: usize,
+    sdxl: bool,
+    dtype: Option<String>,
+    notes: &'a [String],
+    metadata: &'a std::collections::BTreeMap<String, String>,
+}
+
+pub(crate) fn load_lora(path: &Path) -> Result<LoraObj> {
+    let abs = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    if !abs.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: not a file",
+            path.display()
+        )));
+    }
+    let adapter = lora_format::read(&abs, &ReadOptions::default())?;
+    let count = |c: Component| adapter.modules.iter().filter(|m| m.component == c).count();
+    let info = LoraInfo {
+        path: &abs,
+        dialect: adapter.dialect.to_string(),
+        modules: adapter.modules.len(),
+        unet_modules: count(Component::Unet),
+        text_encoder_modules: count(Component::TextEncoder),
+        unmapped: adapter.unmapped.len(),
+        sdxl: adapter.is_sdxl(),
+        dtype: adapter.dtype.map(|d| format!("{d:?}")),
+        notes: &adapter.notes,
+        metadata: &adapter.metadata,
+    };
+    let info_json = to_json(&info)?;
+    Ok(LoraObj {
+        path: abs,
+        info_json,
+    })
+}
+
+/// Options of `create_pipeline`, checked.
+pub(crate) struct PipelineConfig {
+    pub model_dir: PathBuf,
+    pub session: session::SessionOptions,
+    pub ort_library: Option<PathBuf>,
+}
+
+/// An open pipeline with the LoRA handles of its active set.
+pub(crate) struct PipelineState {
+    pipe: Txt2Img,
+    /// What the A1111 text calls the model: the folder's name, as `lorafuse generate` writes it.
+    model_name: String,
+    active: Vec<(Arc<LoraObj>, f32)>,
+    report_json: String,
+}
+
+// A pipeline handle may move between threads (it is used by one call at a time, under a mutex).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<PipelineState>();
+};
+
+/// Load ONNX Runtime for a pipeline. Without an explicit library, the copy already in the process
+/// (the host's) is preferred over the search order, so the process never holds two.
+pub(crate) fn ensure_ort(explicit: Option<&Path>) -> Result<()> {
+    if explicit.is_none()
+        && runtime::loaded().is_none()
+        && let Some(found) = loaded_ort_in_process()
+    {
+        log::info(&format!(
+            "using the ONNX Runtime already loaded in this process: {}",
+            found.display()
+        ));
+        runtime::init(Some(&found))?;
+        return Ok(());
+    }
+    let lib = runtime::init(explicit)?;
+    log::info(&format!(
+        "ONNX Runtime: {} ({})",
+        lib.path.display(),
+        lib.source
+    ));
+    Ok(())
+}
+
+/// The path of a `libonnxruntime.so*` already mapped into this process, if any.
+#[cfg(target_os = "linux")]
+pub(crate) fn loaded_ort_in_process() -> Option<PathBuf> {
+    use std::ffi::{CStr, c_int, c_void};
+    use std::os::unix::ffi::OsStrExt;
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader passes a valid record; `data` is the Option below.
+        let info = unsafe { &*info };
+        if info.dlpi_name.is_null() {
+            return 0;
+        }
+        let name = unsafe { CStr::from_ptr(info.dlpi_name) };
+        let path = Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        if path
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"libonnxruntime.so"))
+        {
+            unsafe { *(data as *mut Option<PathBuf>) = Some(path.to_path_buf()) };
+            return 1;
+        }
+        0
+    }
+    let mut found: Option<PathBuf> = None;
+    // SAFETY: `visit` only reads the records and writes `found`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(visit),
+            &mut found as *mut Option<PathBuf> as *mut c_void,
+        )
+    };
+    found
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn loaded_ort_in_process() -> Option<PathBuf> {
+    None
+}
+
+pub(crate) fn open_pipeline(cfg: PipelineConfig) -> Result<PipelineState> {
+    if !cfg.model_dir.exists() {
+        return Err(Error::io(
+            &cfg.model_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such pipeline folder"),
+        ));
+    }
+    ensure_ort(cfg.ort_library.as_deref())?;
+    let pipe = Txt2Img::open(&cfg.model_dir, &cfg.session)?;
+    let model_name = cfg
+        .model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(PipelineState {
+        pipe,
+        model_name,
+        active: Vec::new(),
+        report_json: "[]".into(),
+    })
+}
+
+fn specs(loras: &[(Arc<LoraObj>, f32)]) -> Vec<LoraSpec> {
+    loras
+        .iter()
+        .map(|(l, w)| LoraSpec {
+            path: l.path.clone(),
+            weight: *w,
+        })
+        .collect()
+}
+
+/// What one `generate` call asks for, checked.
+pub(crate) struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance_scale: f32,
+    pub num_images: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub scheduler: Option<String>,
+}
+
+pub(crate) struct ImageEntry {
+    pub rgb: Vec<u8>,
+    pub parameters: CString,
+    pub seed: u64,
+}
+
+/// The images of one call.
+pub(crate) struct ImageSet {
+    pub width: u32,
+    pub height: u32,
+    pub images: Vec<ImageEntry>,
+}
+
+impl PipelineState {
+    /// Hot swap the active set. Unmapped keys go to the log callback and the report.
+    pub fn set_loras(
+        &mut self,
+        loras: Vec<(Arc<LoraObj>, f32)>,
+        opts: &MergeOptions,
+    ) -> Result<()> {
+        let reports = self.pipe.set_loras(&specs(&loras), opts)?;
+        for r in &reports {
+            log::info(&format!(
+                "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
+                r.path.display(),
+                r.weight,
+                r.dialect,
+                r.unet_modules,
+                r.text_encoder_modules
+            ));
+            for u in &r.unmapped {
+                log::warn(&format!("lora {}: unmapped: {u}", r.path.display()));
+            }
+        }
+        self.report_json = to_json(&reports)?;
+        self.active = loras;
+        Ok(())
+    }
+
+    pub fn report_json(&self) -> &str {
+        &self.report_json
+    }
+
+    /// Generate as `lorafuse generate` does: `num_images` images in UNet batches of `batch_size`,
+    /// image k from seed + k, pixels through [`unit_to_u8`], the same A1111 text.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(u32, u32) -> bool,
+    ) -> Result<ImageSet> {
+        if req.num_images == 0 || req.batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "num_images and batch_size must be at least 1".into(),
+            ));
+        }
+        let scheduler = req.scheduler.as_deref().map(|s| s.replace('-', "_"));
+        let chunks = req.num_images.div_ceil(req.batch_size);
+        let loras = specs(&self.active);
+        let mut set = ImageSet {
+            width: 0,
+            height: 0,
+            images: Vec::with_capacity(req.num_images),
+        };
+        let mut index = 0usize;
+        let mut chunk = 0usize;
+        while index < req.num_images {
+            let b = req.batch_size.min(req.num_images - index);
+            let seed = req.seed.wrapping_add(index as u64);
+            let params = GenerateParams {
+                prompt: req.prompt.clone(),
+                negative_prompt: req.negative_prompt.clone(),
+                width: req.width,
+                height: req.height,
+                steps: req.steps,
+                guidance_scale: req.guidance_scale,
+                seed,
+                scheduler: scheduler.clone(),
+                init_latents: None,
+                batch: b,
+            };
+            let out = self.pipe.generate(&params, &mut |step, total| {
+                let all = (total * chunks).min(u32::MAX as usize) as u32;
+                let done = (chunk * total + step).min(u32::MAX as usize) as u32;
+                progress(done, all)
+            })?;
+            if out.prompt_truncated {
+                log::warn("the prompt is longer than 77 CLIP tokens; the rest was ignored");
+            }
+            let sampler = a1111_sampler_name(&self.pipe.scheduler_name(scheduler.as_deref()));
+            let per = (out.width * out.height * 3) as usize;
+            for k in 0..out.batch {
+                let image_seed = seed.wrapping_add(k as u64);
+                let text = a1111_text(
+                    req,
+                    &sampler,
+                    image_seed,
+                    out.width,
+                    out.height,
+                    &self.model_name,
+                    &loras,
+                );
+                set.images.push(ImageEntry {
+                    rgb: unit_to_u8(&out.pixels[k * per..(k + 1) * per]),
+                    parameters: c_string(text),
+                    seed: image_seed,
+                });
+            }
+            set.width = out.width;
+            set.height = out.height;
+            index += b;
+            chunk += 1;
+        }
+        Ok(set)
+    }
+}
+
+/// The `parameters` text `lorafuse generate` writes (src/cli/generate.rs builds the same list; keep
+/// them in step: tests/ffi_hosts.rs compares the two).
+fn a1111_text(
+    req: &GenerateRequest,
+    sampler: &str,
+    seed: u64,
+    width: u32,
+    height: u32,
+    model: &str,
+    loras: &[LoraSpec],
+) -> String {
+    let mut settings = vec![
+        ("Steps", req.steps.to_string()),
+        ("Sampler", sampler.to_string()),
+        ("CFG scale", req.guidance_scale.to_string()),
+        ("Seed", seed.to_string()),
+        ("Size", format!("{width}x{height}")),
+        ("Model", model.to_string()),
+    ];
+    if !loras.is_empty() {
+        let list: Vec<String> = loras
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}: {}",
+                    l.path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy())
+                        .unwrap_or_default(),
+                    l.weight
+                )
+            })
+            .collect();
+        settings.push(("Lora weights", list.join(", ")));
+    }
+    settings.push(("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))));
+    a1111_parameters(&req.prompt, &req.negative_prompt, &settings)
+}
+
+/// The sampler name AUTOMATIC1111 writes for a scheduler (a copy of the CLI's private helper in
+/// src/cli/generate.rs; it belongs in a shared module).
+pub(crate) fn a1111_sampler_name(name: &str) -> String {
+    let (base, karras) = match name.strip_suffix("_karras") {
+        Some(b) => (b, " Karras"),
+        None => (name, ""),
+    };
+    let label = match base {
+        "pndm" => "PLMS",
+        "ddim" => "DDIM",
+        "ddpm" => "DDPM",
+        "euler" => "Euler",
+        "euler_ancestral" | "euler_a" => "Euler a",
+        "dpmpp_2m" => "DPM++ 2M",
+        "lms" => "LMS",
+        other => other,
+    };
+    format!("{label}{karras}")
+}
+
+/// `merge_export`: returns the JSON report.
+pub(crate) fn merge_export(
+    src: &Path,
+    out: &Path,
+    loras: &[(Arc<LoraObj>, f32)],
+    opts: &MergeOptions,
+    dry_run: bool,
+) -> Result<String> {
+    let report =
+        crate::merge::merge_pipeline(src, out, &specs(loras), opts, dry_run, &mut |_, _, _| {})?;
+    for r in &report.loras {
+        for u in &r.unmapped {
+            log::warn(&format!("lora {}: unmapped: {u}", r.path.display()));
+        }
+    }
+    to_json(&report)
+}
+
+#[derive(Serialize)]
+struct ComponentInspection {
+    component: OnnxComponent,
+    #[serde(flatten)]
+    inspection: crate::onnx::Inspection,
+}
+
+#[derive(Serialize)]
+struct PipelineInspection {
+    kind: PathKind,
+    path: PathBuf,
+    class_name: Option<String>,
+    scheduler: Option<String>,
+    models: Vec<ComponentInspection>,
+}
+
+/// `inspect`: JSON for an ONNX pipeline folder, an ONNX model or a safetensors (LoRA) file.
+pub(crate) fn inspect_json(path: &Path) -> Result<String> {
+    match layout::classify(path)? {
+        PathKind::OnnxPipeline => {
+            let dir = OnnxPipelineDir::open(path)?;
+            let class_name = dir.model_index()?.and_then(|v| {
+                v.get("_class_name")
+                    .and_then(|c| c.as_str())
+                    .map(String::from)
+            });
+            let scheduler = layout::read_json_opt(&dir.scheduler_config())?.and_then(|v| {
+                v.get("_class_name")
+                    .and_then(|c| c.as_str())
+                    .map(String::from)
+            });
+            let mut models = Vec::new();
+            for c in OnnxComponent::ALL {
+                if dir.has(c) {
+                    let model = crate::onnx::model::OnnxModel::open(dir.model_path(c))?;
+                    models.push(ComponentInspection {
+                        component: c,
+                        inspection: crate::onnx::inspect(&model),
+                    });
+                }
+            }
+            to_json(&PipelineInspection {
+                kind: PathKind::OnnxPipeline,
+                path: path.to_path_buf(),
+                class_name,
+                scheduler,
+                models,
+            })
+        }
+        PathKind::OnnxModel => {
+            let model = crate::onnx::model::OnnxModel::open(path)?;
+            to_json(&crate::onnx::inspect(&model))
+        }
+        PathKind::Safetensors => {
+            let lora = load_lora(path)?;
+            Ok(lora.info_json)
+        }
+        kind @ PathKind::DiffusersPipeline => Err(Error::InvalidArgument(format!(
+            "{}: inspecting a {kind:?} is not supported by the plugin (ONNX pipelines, ONNX models and LoRA files are)",
+            path.display()
+        ))),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| Error::InvalidArgument(e.to_string()))
+}

@@ -1,0 +1,936 @@
+//! The plugin's C ABI, driven through `target/<profile>/liblorafuse.so` as a host sees it (dlopen
+//! through plugin-api's loader): version negotiation, NULL and stale handles, struct versions,
+//! double release, bad LoRAs, cancellation, injected panics, concurrency, one ONNX Runtime per
+//! process, and hot swap equal to a fresh pipeline. `cargo test` builds the cdylib of the package
+//! before running its tests, so the library is always current.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::path::{Path, PathBuf};
+use std::ptr::{null, null_mut};
+
+use plugin_api::loader::{GenerateParams, LoadError, PipelineOptions, Plugin};
+use plugin_api::*;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny(rel: &str) -> PathBuf {
+    root().join("models/tiny").join(rel)
+}
+
+/// The cdylib this `cargo test` run built.
+fn cdylib() -> PathBuf {
+    // `cargo test` compiles the package's lib as rlib + cdylib into `deps/`, beside this test
+    // binary, on every run (it copies it up to `target/<profile>/` only on `cargo build`).
+    let exe = std::env::current_exe().expect("test exe");
+    let deps = exe.parent().expect("deps");
+    let name = format!(
+        "{}lorafuse{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    [
+        deps.join(&name),
+        deps.parent().expect("target/<profile>").join(&name),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| {
+        panic!(
+            "{name} is missing beside {}: build it with `cargo build --lib`",
+            deps.display()
+        )
+    })
+}
+
+fn plugin() -> Plugin {
+    Plugin::open(cdylib()).expect("load plugin")
+}
+
+fn cpu_options() -> PipelineOptions {
+    PipelineOptions {
+        device: LORAFUSE_DEVICE_CPU,
+        intra_threads: 1,
+        ..PipelineOptions::new(tiny("onnx"))
+    }
+}
+
+fn params() -> GenerateParams {
+    GenerateParams {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry".into(),
+        steps: 3,
+        seed: 42,
+        ..Default::default()
+    }
+}
+
+/// Code and message of a raw status, freeing it.
+fn take(plugin: &Plugin, st: *mut LorafuseStatus) -> (u32, String) {
+    let api = plugin.api();
+    unsafe {
+        let code = (api.status_code)(st);
+        let msg = CStr::from_ptr((api.status_message)(st))
+            .to_string_lossy()
+            .into_owned();
+        (api.release_status)(st);
+        (code, msg)
+    }
+}
+
+fn expect_code(plugin: &Plugin, st: *mut LorafuseStatus, code: u32, what: &str) -> String {
+    assert!(!st.is_null(), "{what}: expected code {code}, got success");
+    let (c, msg) = take(plugin, st);
+    assert_eq!(c, code, "{what}: {msg}");
+    assert!(!msg.is_empty(), "{what}: empty message");
+    msg
+}
+
+fn sentinel<T>() -> *mut T {
+    0xdead0 as *mut T
+}
+
+#[test]
+fn version_negotiation() {
+    let p = plugin();
+    assert_eq!(p.version(), env!("CARGO_PKG_VERSION"));
+    let base = p.base();
+    unsafe {
+        assert!(!(base.get_api)(1).is_null());
+        assert!((base.get_api)(0).is_null(), "version 0 does not exist");
+        assert!(
+            (base.get_api)(LORAFUSE_API_VERSION + 1).is_null(),
+            "a future version is NULL"
+        );
+        assert!((base.get_api)(u32::MAX).is_null());
+        assert_eq!((base.get_api)(1), (base.get_api)(1));
+    }
+    match Plugin::open_version(cdylib(), 2) {
+        Err(LoadError::BadVersion {
+            wanted: 2,
+            plugin_version,
+            ..
+        }) => assert_eq!(plugin_version, env!("CARGO_PKG_VERSION")),
+        other => panic!("expected BadVersion, got {other:?}"),
+    }
+    assert!(matches!(
+        Plugin::open(root().join("no-such-lib.so")),
+        Err(LoadError::Dlopen { .. })
+    ));
+}
+
+#[test]
+fn null_arguments_are_invalid_argument() {
+    let p = plugin();
+    let api = p.api();
+    const BAD: u32 = LORAFUSE_STATUS_INVALID_ARGUMENT;
+    unsafe {
+        // Statuses and accessors of NULL.
+        assert_eq!((api.status_code)(null()), LORAFUSE_STATUS_OK);
+        assert_eq!(CStr::from_ptr((api.status_message)(null())).to_bytes(), b"");
+        assert_eq!((api.image_count)(null()), 0);
+        assert!((api.image_pixels)(null(), 0, null_mut(), null_mut()).is_null());
+        assert!((api.image_parameters)(null(), 0).is_null());
+        assert_eq!((api.image_seed)(null(), 0), 0);
+        assert!((api.string_data)(null(), null_mut()).is_null());
+
+        expect_code(
+            &p,
+            (api.init_pipeline_options)(null_mut()),
+            BAD,
+            "init_pipeline_options(NULL)",
+        );
+        expect_code(
+            &p,
+            (api.init_generate_params)(null_mut()),
+            BAD,
+            "init_generate_params(NULL)",
+        );
+        expect_code(
+            &p,
+            (api.init_merge_options)(null_mut()),
+            BAD,
+            "init_merge_options(NULL)",
+        );
+
+        let mut out: *mut LorafusePipeline = sentinel();
+        let msg = expect_code(
+            &p,
+            (api.create_pipeline)(null(), &mut out),
+            BAD,
+            "create_pipeline(NULL options)",
+        );
+        assert!(msg.contains("options is NULL"), "{msg}");
+        assert_eq!(out, sentinel(), "outputs are written only on success");
+        let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            BAD,
+            "create_pipeline(model_dir NULL)",
+        );
+        let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
+        o.model_dir = dir.as_ptr();
+        expect_code(
+            &p,
+            (api.create_pipeline)(&o, null_mut()),
+            BAD,
+            "create_pipeline(out NULL)",
+        );
+        o.device = 7;
+        expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            BAD,
+            "create_pipeline(device 7)",
+        );
+        assert_eq!(out, sentinel());
+        let missing = CString::new("/no/such/pipeline").expect("c");
+        o.device = LORAFUSE_DEVICE_CPU;
+        o.model_dir = missing.as_ptr();
+        expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            LORAFUSE_STATUS_NO_SUCH_FILE,
+            "create_pipeline(missing dir)",
+        );
+
+        let mut lora: *mut LorafuseLora = sentinel();
+        expect_code(
+            &p,
+            (api.load_lora)(null(), &mut lora),
+            BAD,
+            "load_lora(NULL path)",
+        );
+        let lpath =
+            CString::new(tiny("loras/diffusers.safetensors").to_str().expect("utf-8")).expect("c");
+        expect_code(
+            &p,
+            (api.load_lora)(lpath.as_ptr(), null_mut()),
+            BAD,
+            "load_lora(NULL out)",
+        );
+        let nofile = CString::new("/no/such/lora.safetensors").expect("c");
+        expect_code(
+            &p,
+            (api.load_lora)(nofile.as_ptr(), &mut lora),
+            LORAFUSE_STATUS_NO_SUCH_FILE,
+            "load_lora(missing)",
+        );
+        assert_eq!(lora, sentinel());
+
+        expect_code(
+            &p,
+            (api.set_loras)(null_mut(), null(), null(), 0, null()),
+            BAD,
+            "set_loras(NULL pipeline)",
+        );
+        expect_code(
+            &p,
+            (api.lora_report)(null_mut(), null_mut()),
+            BAD,
+            "lora_report(NULL)",
+        );
+        let mut img: *mut LorafuseImage = sentinel();
+        expect_code(
+            &p,
+            (api.generate)(null_mut(), null(), &mut img),
+            BAD,
+            "generate(NULL pipeline)",
+        );
+        assert_eq!(img, sentinel());
+        let mut s: *mut LorafuseString = sentinel();
+        expect_code(&p, (api.inspect)(null(), &mut s), BAD, "inspect(NULL)");
+        expect_code(
+            &p,
+            (api.inspect)(dir.as_ptr(), null_mut()),
+            BAD,
+            "inspect(out NULL)",
+        );
+        expect_code(&p, (api.lora_info)(null(), &mut s), BAD, "lora_info(NULL)");
+        expect_code(
+            &p,
+            (api.merge_export)(null(), dir.as_ptr(), null(), null(), 0, null(), null_mut()),
+            BAD,
+            "merge_export(NULL src)",
+        );
+        expect_code(
+            &p,
+            (api.merge_export)(dir.as_ptr(), null(), null(), null(), 0, null(), null_mut()),
+            BAD,
+            "merge_export(NULL out)",
+        );
+        assert_eq!(s, sentinel());
+        // A handle that was never created is refused, not dereferenced.
+        expect_code(
+            &p,
+            (api.lora_info)(sentinel(), &mut s),
+            BAD,
+            "lora_info(garbage)",
+        );
+
+        // With a live pipeline: NULL params, NULL prompt, NULL arrays with n > 0, NULL elements.
+        let mut pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+        let raw = pipe.raw();
+        expect_code(
+            &p,
+            (api.generate)(raw, null(), &mut img),
+            BAD,
+            "generate(NULL params)",
+        );
+        let mut gp = plugin_api::loader::blank_generate_params();
+        assert!((api.init_generate_params)(&mut gp).is_null());
+        assert_eq!((gp.steps, gp.guidance_scale, gp.num_images), (25, 7.5, 1));
+        let msg = expect_code(
+            &p,
+            (api.generate)(raw, &gp, &mut img),
+            BAD,
+            "generate(NULL prompt)",
+        );
+        assert!(msg.contains("prompt"), "{msg}");
+        let prompt = CString::new("x").expect("c");
+        gp.prompt = prompt.as_ptr();
+        expect_code(
+            &p,
+            (api.generate)(raw, &gp, null_mut()),
+            BAD,
+            "generate(NULL out)",
+        );
+        gp.steps = 0;
+        expect_code(
+            &p,
+            (api.generate)(raw, &gp, &mut img),
+            BAD,
+            "generate(0 steps)",
+        );
+        gp.steps = 1;
+        gp.width = 60;
+        expect_code(
+            &p,
+            (api.generate)(raw, &gp, &mut img),
+            BAD,
+            "generate(width 60)",
+        );
+        assert_eq!(img, sentinel());
+        let w = [1.0f32];
+        expect_code(
+            &p,
+            (api.set_loras)(raw, null(), w.as_ptr(), 1, null()),
+            BAD,
+            "set_loras(NULL loras, n 1)",
+        );
+        let l: [*const LorafuseLora; 1] = [null()];
+        expect_code(
+            &p,
+            (api.set_loras)(raw, l.as_ptr(), null(), 1, null()),
+            BAD,
+            "set_loras(NULL weights)",
+        );
+        expect_code(
+            &p,
+            (api.set_loras)(raw, l.as_ptr(), w.as_ptr(), 1, null()),
+            BAD,
+            "set_loras(NULL element)",
+        );
+        let lora = p
+            .load_lora(tiny("loras/diffusers.safetensors"))
+            .expect("lora");
+        let l: [*const LorafuseLora; 1] = [lora.raw()];
+        let nan = [f32::NAN];
+        expect_code(
+            &p,
+            (api.set_loras)(raw, l.as_ptr(), nan.as_ptr(), 1, null()),
+            BAD,
+            "set_loras(NaN weight)",
+        );
+        // A pipeline handle passed as a LoRA is refused by type.
+        let wrong: [*const LorafuseLora; 1] = [raw as *const LorafuseLora];
+        let msg = expect_code(
+            &p,
+            (api.set_loras)(raw, wrong.as_ptr(), w.as_ptr(), 1, null()),
+            BAD,
+            "set_loras(pipeline as LoRA)",
+        );
+        assert!(msg.contains("pipeline handle"), "{msg}");
+        // n = 0 with NULL arrays is fine: the base weights.
+        assert!((api.set_loras)(raw, null(), null(), 0, null()).is_null());
+        assert_eq!(pipe.lora_report().expect("report").trim(), "[]");
+    }
+}
+
+#[test]
+fn wrong_struct_versions_are_refused() {
+    let p = plugin();
+    let api = p.api();
+    unsafe {
+        let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
+        let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert_eq!(o.struct_version, LORAFUSE_PIPELINE_OPTIONS_VERSION);
+        o.model_dir = dir.as_ptr();
+        o.device = LORAFUSE_DEVICE_CPU;
+        let mut out: *mut LorafusePipeline = sentinel();
+        for v in [0, 2, 0xffff_ffff] {
+            o.struct_version = v;
+            let msg = expect_code(
+                &p,
+                (api.create_pipeline)(&o, &mut out),
+                LORAFUSE_STATUS_INVALID_ARGUMENT,
+                "options version",
+            );
+            assert!(msg.contains("struct_version"), "{msg}");
+            assert_eq!(out, sentinel());
+        }
+
+        let pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+        let prompt = CString::new("x").expect("c");
+        let mut gp = plugin_api::loader::blank_generate_params();
+        assert!((api.init_generate_params)(&mut gp).is_null());
+        gp.prompt = prompt.as_ptr();
+        gp.steps = 1;
+        gp.struct_version = 99;
+        let mut img: *mut LorafuseImage = sentinel();
+        expect_code(
+            &p,
+            (api.generate)(pipe.raw(), &gp, &mut img),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "params version",
+        );
+        assert_eq!(img, sentinel());
+
+        let mut m = std::mem::zeroed::<LorafuseMergeOptions>();
+        assert!((api.init_merge_options)(&mut m).is_null());
+        assert_eq!(
+            (m.unet_scale, m.text_encoder_scale, m.strict, m.dry_run),
+            (1.0, 1.0, false, false)
+        );
+        m.struct_version = 7;
+        expect_code(
+            &p,
+            (api.set_loras)(pipe.raw(), null(), null(), 0, &m),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "merge options version",
+        );
+    }
+}
+
+#[test]
+fn double_release_and_null_release_are_harmless() {
+    let p = plugin();
+    let api = p.api();
+    unsafe {
+        (api.release_status)(null_mut());
+        (api.release_pipeline)(null_mut());
+        (api.release_lora)(null_mut());
+        (api.release_image)(null_mut());
+        (api.release_string)(null_mut());
+
+        let mut lora = null_mut();
+        let path =
+            CString::new(tiny("loras/diffusers.safetensors").to_str().expect("utf-8")).expect("c");
+        assert!((api.load_lora)(path.as_ptr(), &mut lora).is_null());
+        let mut info = null_mut();
+        assert!((api.lora_info)(lora, &mut info).is_null());
+        let text = CStr::from_ptr((api.string_data)(info, null_mut()))
+            .to_str()
+            .expect("utf-8")
+            .to_string();
+        assert!(text.contains("\"dialect\""), "{text}");
+        (api.release_string)(info);
+        (api.release_string)(info);
+        assert!(
+            (api.string_data)(info, null_mut()).is_null(),
+            "a released string reads as NULL"
+        );
+        (api.release_lora)(lora);
+        (api.release_lora)(lora);
+        // A call on the released handle is an error, not a use-after-free.
+        let msg = expect_code(
+            &p,
+            (api.lora_info)(lora, &mut info),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "lora_info(released)",
+        );
+        assert!(msg.contains("not a live handle"), "{msg}");
+
+        let st = (api.load_lora)(null(), &mut lora);
+        assert_eq!((api.status_code)(st), LORAFUSE_STATUS_INVALID_ARGUMENT);
+        (api.release_status)(st);
+        (api.release_status)(st);
+        assert_eq!(
+            (api.status_code)(st),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "a released status is not OK"
+        );
+
+        // Releasing a handle of one kind through another kind's release does nothing.
+        let pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+        (api.release_image)(pipe.raw() as *mut LorafuseImage);
+        (api.release_lora)(pipe.raw() as *mut LorafuseLora);
+        let mut gp = params();
+        gp.steps = 1;
+        let mut pipe = pipe;
+        let images = pipe
+            .generate(&gp, None)
+            .expect("the pipeline survived the wrong releases");
+        let raw = images.raw();
+        assert_eq!(images.len(), 1);
+        drop(images);
+        (api.release_image)(raw);
+        assert_eq!((api.image_count)(raw), 0);
+        let raw_pipe = pipe.raw();
+        drop(pipe);
+        (api.release_pipeline)(raw_pipe);
+        let mut img = null_mut();
+        expect_code(
+            &p,
+            (api.generate)(raw_pipe, null(), &mut img),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "generate(released)",
+        );
+    }
+}
+
+#[test]
+fn a_lora_for_another_model_is_refused_and_the_pipeline_keeps_its_set() {
+    let p = plugin();
+    let mut pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let good = p
+        .load_lora(tiny("loras/diffusers.safetensors"))
+        .expect("lora");
+    pipe.set_loras(&[(&good, 1.0)], None).expect("good LoRA");
+    let before = pipe.generate(&params(), None).expect("generate");
+    let sdxl = p
+        .load_lora(tiny("loras/sdxl_kohya.safetensors"))
+        .expect("an SDXL LoRA file reads fine on its own");
+    let err = pipe
+        .set_loras(&[(&sdxl, 1.0)], None)
+        .expect_err("SDXL LoRA on an SD 1.x pipeline");
+    assert!(
+        err.code == LORAFUSE_STATUS_MODEL || err.code == LORAFUSE_STATUS_INVALID_ARGUMENT,
+        "code {}: {}",
+        err.code,
+        err.message
+    );
+    assert!(
+        err.message.contains("sdxl_kohya") && err.message.to_lowercase().contains("sdxl"),
+        "{}",
+        err.message
+    );
+    let after = pipe.generate(&params(), None).expect("generate");
+    assert_eq!(
+        before.get(0).expect("img").rgb,
+        after.get(0).expect("img").rgb,
+        "the previous LoRA set stays active"
+    );
+    let report = pipe.lora_report().expect("report");
+    assert!(report.contains("diffusers.safetensors"), "{report}");
+}
+
+#[test]
+fn cancel_from_the_progress_callback() {
+    let p = plugin();
+    let mut pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let mut seen = Vec::new();
+    let mut progress = |step: u32, total: u32| {
+        seen.push((step, total));
+        step < 2
+    };
+    let err = pipe
+        .generate(
+            &GenerateParams {
+                steps: 5,
+                ..params()
+            },
+            Some(&mut progress),
+        )
+        .err()
+        .expect("cancelled");
+    assert_eq!(err.code, LORAFUSE_STATUS_CANCELLED, "{}", err.message);
+    assert_eq!(seen.last().map(|s| s.0), Some(2), "{seen:?}");
+    // The pipeline is fine afterwards, and a full run reports every step up to the total.
+    let mut steps = Vec::new();
+    let mut progress = |step: u32, total: u32| {
+        steps.push((step, total));
+        true
+    };
+    let imgs = pipe
+        .generate(
+            &GenerateParams {
+                num_images: 2,
+                ..params()
+            },
+            Some(&mut progress),
+        )
+        .expect("generate");
+    assert_eq!(imgs.len(), 2);
+    let total = steps.last().expect("progress").1;
+    assert_eq!(steps.len() as u32, total, "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{steps:?}");
+}
+
+/// Runs one `#[ignore]`d test of this binary in a child process with `env` set.
+fn run_child(test: &str, env: &[(&str, &str)]) -> String {
+    let exe = std::env::current_exe().expect("exe");
+    let out = std::process::Command::new(exe)
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .expect("spawn child test");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "child {test} failed ({:?}):\n{text}",
+        out.status
+    );
+    assert!(
+        text.contains("1 passed"),
+        "child {test} ran nothing:\n{text}"
+    );
+    text
+}
+
+#[test]
+fn an_injected_panic_comes_back_as_a_panic_status() {
+    let text = run_child(
+        "child_injected_panic",
+        &[("LORAFUSE_FFI_INJECT_PANIC", "inspect")],
+    );
+    assert!(text.contains("child saw PANIC"), "{text}");
+}
+
+#[test]
+#[ignore = "run by an_injected_panic_comes_back_as_a_panic_status in a child process"]
+fn child_injected_panic() {
+    if std::env::var_os("LORAFUSE_FFI_INJECT_PANIC").is_none() {
+        return;
+    }
+    let p = plugin();
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
+    let sink = logged.clone();
+    p.set_logger(move |level, msg| sink.lock().expect("log").push((level, msg.to_string())))
+        .expect("logger");
+    let err = p.inspect(tiny("onnx")).expect_err("injected panic");
+    assert_eq!(err.code, LORAFUSE_STATUS_PANIC, "{}", err.message);
+    assert!(
+        err.message.contains("injected") && err.message.contains("inspect"),
+        "{}",
+        err.message
+    );
+    // The host goes on: other entries work, and the panic report went to the log callback.
+    let lora = p
+        .load_lora(tiny("loras/diffusers.safetensors"))
+        .expect("plugin still works after a panic");
+    assert!(lora.info().expect("info").contains("dialect"));
+    let logs = logged.lock().expect("log").clone();
+    assert!(
+        logs.iter()
+            .any(|(l, m)| *l == LORAFUSE_LOG_ERROR && m.contains("injected")),
+        "{logs:?}"
+    );
+    p.clear_logger().expect("clear");
+    println!("child saw PANIC: {}", err.message);
+}
+
+#[test]
+fn separate_pipelines_run_concurrently_and_one_pipeline_refuses_a_second_call() {
+    let p = plugin();
+    let lora = std::sync::Arc::new(
+        p.load_lora(tiny("loras/kohya_wide.safetensors"))
+            .expect("lora"),
+    );
+    let results: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let lora = lora.clone();
+                s.spawn(move || {
+                    let mut pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+                    pipe.set_loras(&[(&lora, 0.6)], None).expect("set");
+                    let img = pipe.generate(&params(), None).expect("generate");
+                    img.get(0).expect("img").rgb.to_vec()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(
+        results[0], results[1],
+        "two pipelines on two threads give the same image"
+    );
+
+    // Re-entering the same pipeline from its own progress callback is refused, not a data race.
+    let mut pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let raw = pipe.raw();
+    let api = p.api();
+    let mut refused = None;
+    let mut progress = |_: u32, _: u32| {
+        if refused.is_none() {
+            let st = unsafe { (api.set_loras)(raw, null(), null(), 0, null()) };
+            refused = Some(take(&p, st));
+        }
+        true
+    };
+    pipe.generate(
+        &GenerateParams {
+            steps: 1,
+            ..params()
+        },
+        Some(&mut progress),
+    )
+    .expect("generate");
+    let (code, msg) = refused.expect("callback ran");
+    assert_eq!(code, LORAFUSE_STATUS_INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("in use"), "{msg}");
+}
+
+#[test]
+fn switching_loras_on_a_live_pipeline_equals_a_fresh_pipeline() {
+    let p = plugin();
+    let a = p.load_lora(tiny("loras/diffusers.safetensors")).expect("a");
+    let b = p
+        .load_lora(tiny("loras/kohya_wide.safetensors"))
+        .expect("b");
+    let mut live = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let base = live.generate(&params(), None).expect("base");
+    live.set_loras(&[(&a, 1.0)], None).expect("a");
+    let with_a = live.generate(&params(), None).expect("a");
+    live.set_loras(&[(&b, 0.6)], None).expect("b");
+    drop(b); // the pipeline keeps its own reference
+    let with_b = live.generate(&params(), None).expect("b");
+    let report = live.lora_report().expect("report");
+    assert!(
+        report.contains("kohya_wide") && report.contains("\"unmapped\""),
+        "{report}"
+    );
+
+    let mut fresh = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let b = p
+        .load_lora(tiny("loras/kohya_wide.safetensors"))
+        .expect("b");
+    fresh.set_loras(&[(&b, 0.6)], None).expect("b");
+    let fresh_b = fresh.generate(&params(), None).expect("fresh b");
+
+    let px = |i: &plugin_api::loader::Images| i.get(0).expect("image").rgb.to_vec();
+    assert_ne!(px(&base), px(&with_a), "the LoRA changes the image");
+    assert_ne!(px(&with_a), px(&with_b));
+    assert_eq!(
+        px(&with_b),
+        px(&fresh_b),
+        "switching gives exactly what a fresh pipeline gives"
+    );
+    assert_eq!(
+        with_b.get(0).expect("i").parameters,
+        fresh_b.get(0).expect("i").parameters
+    );
+    live.set_loras(&[], None).expect("none");
+    let back = live.generate(&params(), None).expect("back");
+    assert_eq!(
+        px(&back),
+        px(&base),
+        "an empty set restores the base weights"
+    );
+}
+
+#[test]
+fn inspect_merge_export_and_lora_info() {
+    let p = plugin();
+    let json: serde_json::Value =
+        serde_json::from_str(&p.inspect(tiny("onnx")).expect("inspect")).expect("json");
+    assert_eq!(json["kind"], "onnx_pipeline");
+    assert!(
+        json["models"].as_array().is_some_and(|m| m.len() >= 3),
+        "{json}"
+    );
+    let lora: serde_json::Value = serde_json::from_str(
+        &p.inspect(tiny("loras/kohya_wide.safetensors"))
+            .expect("inspect"),
+    )
+    .expect("json");
+    assert!(lora["modules"].as_u64().is_some_and(|n| n > 0), "{lora}");
+    let err = p
+        .inspect(root().join("Cargo.toml"))
+        .expect_err("not a model");
+    assert_ne!(err.code, LORAFUSE_STATUS_OK);
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = p.load_lora(tiny("loras/diffusers.safetensors")).expect("a");
+    let out = tmp.path().join("merged");
+    let report = p
+        .merge_export(&tiny("onnx"), &out, &[(&a, 1.0)], None)
+        .expect("merge");
+    assert!(report.contains("diffusers.safetensors"), "{report}");
+    assert!(out.join("unet/model.onnx").is_file());
+    let again = p
+        .merge_export(&tiny("onnx"), &out, &[(&a, 1.0)], None)
+        .expect_err("out exists");
+    assert_eq!(
+        again.code, LORAFUSE_STATUS_INVALID_ARGUMENT,
+        "{}",
+        again.message
+    );
+
+    // The merged pipeline gives what the live pipeline with the LoRA gives (within float noise:
+    // ORT folds a merged initializer and an override identically only up to rounding).
+    let mut merged = p
+        .create_pipeline(&PipelineOptions {
+            model_dir: out.clone(),
+            ..cpu_options()
+        })
+        .expect("merged");
+    let mut live = p.create_pipeline(&cpu_options()).expect("live");
+    live.set_loras(&[(&a, 1.0)], None).expect("a");
+    let (m, l) = (
+        merged.generate(&params(), None).expect("m"),
+        live.generate(&params(), None).expect("l"),
+    );
+    let diff = m
+        .get(0)
+        .expect("m")
+        .rgb
+        .iter()
+        .zip(l.get(0).expect("l").rgb)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max();
+    assert!(
+        diff.is_some_and(|d| d <= 1),
+        "max pixel difference {diff:?}"
+    );
+}
+
+#[test]
+fn the_cdylib_links_no_libtorch() {
+    let out = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(cdylib())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: readelf is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("NEEDED"), "{text}");
+    for lib in ["libtorch", "libc10", "libonnxruntime"] {
+        assert!(!text.contains(lib), "liblorafuse links {lib}:\n{text}");
+    }
+    let exported = std::process::Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(cdylib())
+        .output();
+    if let Ok(e) = exported {
+        let syms = String::from_utf8_lossy(&e.stdout);
+        assert!(syms.contains("lorafuse_get_api_base"), "{syms}");
+    }
+}
+
+/// Distinct files named libonnxruntime.so* mapped into this process.
+fn ort_copies() -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut inodes: Vec<String> = maps
+        .lines()
+        .filter(|l| {
+            l.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .collect();
+    inodes.sort();
+    inodes.dedup();
+    inodes
+}
+
+#[test]
+fn the_hosts_onnx_runtime_is_reused() {
+    if !Path::new("/proc/self/maps").exists() {
+        eprintln!("skipped: no /proc/self/maps");
+        return;
+    }
+    let text = run_child("child_host_loaded_ort", &[("LORAFUSE_FFI_CHILD", "1")]);
+    assert!(text.contains("one ONNX Runtime"), "{text}");
+}
+
+#[test]
+#[ignore = "run by the_hosts_onnx_runtime_is_reused in a child process"]
+fn child_host_loaded_ort() {
+    if std::env::var_os("LORAFUSE_FFI_CHILD").is_none() {
+        return;
+    }
+    // The host loads ONNX Runtime itself first, through a link with a name of its own.
+    let real = lorafuse::runtime::candidates(None)
+        .into_iter()
+        .map(|(_, p)| p)
+        .find(|p| p.is_absolute() && p.is_file())
+        .expect("an ONNX Runtime library (scripts/setup.sh)");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let link = tmp.path().join("libonnxruntime.so.1.31.1");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let host_ort = unsafe { libloading::Library::new(&link) }.expect("host loads ORT");
+    assert_eq!(ort_copies().len(), 1);
+
+    let p = plugin();
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = logged.clone();
+    p.set_logger(move |_, m| sink.lock().expect("log").push(m.to_string()))
+        .expect("logger");
+    let mut pipe = p
+        .create_pipeline(&cpu_options())
+        .expect("pipeline with the host's ORT");
+    pipe.generate(
+        &GenerateParams {
+            steps: 1,
+            ..params()
+        },
+        None,
+    )
+    .expect("generate");
+    let logs = logged.lock().expect("log").join("\n");
+    assert!(
+        logs.contains("already loaded in this process")
+            && logs.contains(link.to_str().expect("utf-8")),
+        "{logs}"
+    );
+    // Naming the same library explicitly (by its real path) also reuses it.
+    let _second = p
+        .create_pipeline(&PipelineOptions {
+            ort_library: Some(real.clone()),
+            ..cpu_options()
+        })
+        .expect("same library by another path");
+    assert_eq!(ort_copies().len(), 1, "{:?}", ort_copies());
+    // A different library than the one in use is refused rather than loaded beside it.
+    let other = tmp.path().join("libonnxruntime.so.other");
+    std::fs::copy(&real, &other).expect("copy");
+    let err = p
+        .create_pipeline(&PipelineOptions {
+            ort_library: Some(other),
+            ..cpu_options()
+        })
+        .err()
+        .expect("a second ONNX Runtime");
+    assert_eq!(err.code, LORAFUSE_STATUS_RUNTIME, "{}", err.message);
+    assert_eq!(ort_copies().len(), 1, "{:?}", ort_copies());
+    p.clear_logger().expect("clear");
+    drop(host_ort);
+    println!("one ONNX Runtime in the process");
+}
+
+// Keep the raw callback types honest: they are what the header declares.
+#[allow(dead_code)]
+const _: LorafuseProgressFn = None::<unsafe extern "C" fn(*mut c_void, u32, u32) -> bool>;
+#[allow(dead_code)]
+const _: LorafuseLogFn = None::<unsafe extern "C" fn(*mut c_void, u32, *const c_char)>;
