@@ -5,6 +5,8 @@ mod bench;
 mod generate;
 mod inspect;
 mod merge;
+#[cfg(feature = "train")]
+mod train;
 
 use std::path::PathBuf;
 
@@ -40,6 +42,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Bake LoRAs (diffusers, PEFT, kohya, attn-procs, LyCORIS) into a copy of an ONNX pipeline.
     Merge(merge::MergeArgs),
+    /// Train a LoRA with the diffusers text-to-image recipe (libtorch; feature `train`).
+    #[cfg(feature = "train")]
+    Train(Box<train::TrainArgs>),
     /// Time a pipeline: session build, seconds per image, step time, LoRA switch vs fresh pipeline.
     Bench(bench::BenchArgs),
 }
@@ -49,6 +54,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Merge(args) => merge::run(&cli.global, args),
+        #[cfg(feature = "train")]
+        Command::Train(args) => train::run(&cli.global, *args),
         Command::Bench(args) => bench::run(&cli.global, args),
     }
 }

@@ -19,10 +19,13 @@ pub mod embeddings;
 pub mod lora;
 pub mod noise;
 pub mod optim;
+pub mod output;
 pub mod resnet;
+pub mod trainer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;
+pub mod validation;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,563 @@
+//! `lorafuse train`: the command line of diffusers' `train_text_to_image_lora.py` (same option
+//! names; kebab-case aliases), mapped onto [`crate::train::trainer::TrainConfig`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::GlobalArgs;
+use crate::train::lora::{LoraConfig, LoraInit};
+use crate::train::noise::Prediction;
+use crate::train::optim::{AdamWConfig, LrSchedule};
+use crate::train::output::SaveFormat;
+use crate::train::trainer::{Event, MixedPrecision, TrainConfig, train};
+use crate::train::validation::ValidationConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitArg {
+    Gaussian,
+    Kaiming,
+}
+
+/// The script's options (`parse_args`), plus lorafuse's own after them.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A local diffusers-layout pipeline folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/).
+    #[arg(
+        long = "pretrained_model_name_or_path",
+        visible_alias = "pretrained-model-name-or-path",
+        value_name = "DIR"
+    )]
+    pub pretrained_model_name_or_path: PathBuf,
+    /// Accepted for compatibility (local folders have no revisions).
+    #[arg(long, hide = true)]
+    pub revision: Option<String>,
+    /// Accepted for compatibility; `.fp16.safetensors` files are used when the plain ones are absent.
+    #[arg(long, hide = true)]
+    pub variant: Option<String>,
+    /// A local data set folder (same as --train_data_dir).
+    #[arg(
+        long = "dataset_name",
+        visible_alias = "dataset-name",
+        value_name = "DIR"
+    )]
+    pub dataset_name: Option<PathBuf>,
+    #[arg(
+        long = "dataset_config_name",
+        visible_alias = "dataset-config-name",
+        hide = true
+    )]
+    pub dataset_config_name: Option<String>,
+    /// Folder with images + metadata.jsonl / metadata.csv (file_name + caption column), or kohya-style image + .txt pairs.
+    #[arg(
+        long = "train_data_dir",
+        visible_alias = "train-data-dir",
+        value_name = "DIR"
+    )]
+    pub train_data_dir: Option<PathBuf>,
+    /// The metadata column naming the image file (the script's `image` means `file_name` here).
+    #[arg(
+        long = "image_column",
+        visible_alias = "image-column",
+        default_value = "image"
+    )]
+    pub image_column: String,
+    /// The metadata column with the caption (a string or a list of strings).
+    #[arg(
+        long = "caption_column",
+        visible_alias = "caption-column",
+        default_value = "text"
+    )]
+    pub caption_column: String,
+    /// A prompt to sample while training (images land in OUTPUT_DIR/validation/).
+    #[arg(long = "validation_prompt", visible_alias = "validation-prompt")]
+    pub validation_prompt: Option<String>,
+    #[arg(
+        long = "num_validation_images",
+        visible_alias = "num-validation-images",
+        default_value_t = 4
+    )]
+    pub num_validation_images: usize,
+    /// Validate every N epochs.
+    #[arg(
+        long = "validation_epochs",
+        visible_alias = "validation-epochs",
+        default_value_t = 1
+    )]
+    pub validation_epochs: i64,
+    /// Validate every N optimiser steps instead of every N epochs.
+    #[arg(long = "validation_steps", visible_alias = "validation-steps")]
+    pub validation_steps: Option<i64>,
+    #[arg(long = "max_train_samples", visible_alias = "max-train-samples")]
+    pub max_train_samples: Option<usize>,
+    #[arg(
+        long = "output_dir",
+        visible_alias = "output-dir",
+        default_value = "sd-model-finetuned-lora"
+    )]
+    pub output_dir: PathBuf,
+    #[arg(long = "cache_dir", visible_alias = "cache-dir", hide = true)]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 512)]
+    pub resolution: u32,
+    #[arg(long = "center_crop", visible_alias = "center-crop")]
+    pub center_crop: bool,
+    #[arg(long = "random_flip", visible_alias = "random-flip")]
+    pub random_flip: bool,
+    #[arg(
+        long = "train_batch_size",
+        visible_alias = "train-batch-size",
+        default_value_t = 16
+    )]
+    pub train_batch_size: usize,
+    #[arg(
+        long = "num_train_epochs",
+        visible_alias = "num-train-epochs",
+        default_value_t = 100
+    )]
+    pub num_train_epochs: i64,
+    /// Total optimiser steps (overrides --num_train_epochs).
+    #[arg(long = "max_train_steps", visible_alias = "max-train-steps")]
+    pub max_train_steps: Option<i64>,
+    #[arg(
+        long = "gradient_accumulation_steps",
+        visible_alias = "gradient-accumulation-steps",
+        default_value_t = 1
+    )]
+    pub gradient_accumulation_steps: usize,
+    /// Accepted; not implemented (LoRA training fits without it).
+    #[arg(
+        long = "gradient_checkpointing",
+        visible_alias = "gradient-checkpointing"
+    )]
+    pub gradient_checkpointing: bool,
+    #[arg(
+        long = "learning_rate",
+        visible_alias = "learning-rate",
+        default_value_t = 1e-4
+    )]
+    pub learning_rate: f64,
+    #[arg(long = "scale_lr", visible_alias = "scale-lr")]
+    pub scale_lr: bool,
+    #[arg(
+        long = "lr_scheduler",
+        visible_alias = "lr-scheduler",
+        value_enum,
+        default_value = "constant"
+    )]
+    pub lr_scheduler: LrSchedule,
+    #[arg(
+        long = "lr_warmup_steps",
+        visible_alias = "lr-warmup-steps",
+        default_value_t = 500
+    )]
+    pub lr_warmup_steps: i64,
+    /// Min-SNR loss weighting γ (5.0 recommended).
+    #[arg(long = "snr_gamma", visible_alias = "snr-gamma")]
+    pub snr_gamma: Option<f64>,
+    #[arg(long = "use_8bit_adam", visible_alias = "use-8bit-adam", hide = true)]
+    pub use_8bit_adam: bool,
+    /// Accepted (libtorch's default matmul precision is used).
+    #[arg(long = "allow_tf32", visible_alias = "allow-tf32")]
+    pub allow_tf32: bool,
+    #[arg(
+        long = "dataloader_num_workers",
+        visible_alias = "dataloader-num-workers",
+        hide = true,
+        default_value_t = 0
+    )]
+    pub dataloader_num_workers: usize,
+    #[arg(
+        long = "adam_beta1",
+        visible_alias = "adam-beta1",
+        default_value_t = 0.9
+    )]
+    pub adam_beta1: f64,
+    #[arg(
+        long = "adam_beta2",
+        visible_alias = "adam-beta2",
+        default_value_t = 0.999
+    )]
+    pub adam_beta2: f64,
+    #[arg(
+        long = "adam_weight_decay",
+        visible_alias = "adam-weight-decay",
+        default_value_t = 1e-2
+    )]
+    pub adam_weight_decay: f64,
+    #[arg(
+        long = "adam_epsilon",
+        visible_alias = "adam-epsilon",
+        default_value_t = 1e-8
+    )]
+    pub adam_epsilon: f64,
+    #[arg(
+        long = "max_grad_norm",
+        visible_alias = "max-grad-norm",
+        default_value_t = 1.0
+    )]
+    pub max_grad_norm: f64,
+    #[arg(long = "push_to_hub", visible_alias = "push-to-hub", hide = true)]
+    pub push_to_hub: bool,
+    #[arg(long = "hub_token", visible_alias = "hub-token", hide = true)]
+    pub hub_token: Option<String>,
+    #[arg(long = "hub_model_id", visible_alias = "hub-model-id", hide = true)]
+    pub hub_model_id: Option<String>,
+    /// epsilon or v_prediction (default: the scheduler config's).
+    #[arg(
+        long = "prediction_type",
+        visible_alias = "prediction-type",
+        value_enum
+    )]
+    pub prediction_type: Option<Prediction>,
+    #[arg(long = "logging_dir", visible_alias = "logging-dir", hide = true)]
+    pub logging_dir: Option<PathBuf>,
+    /// Accepted; the log is OUTPUT_DIR/logs/train_log.csv.
+    #[arg(long = "report_to", visible_alias = "report-to", hide = true)]
+    pub report_to: Option<String>,
+    #[arg(
+        long = "mixed_precision",
+        visible_alias = "mixed-precision",
+        value_enum,
+        default_value = "no"
+    )]
+    pub mixed_precision: MixedPrecision,
+    #[arg(long = "local_rank", visible_alias = "local-rank", hide = true, default_value_t = -1)]
+    pub local_rank: i64,
+    #[arg(
+        long = "checkpointing_steps",
+        visible_alias = "checkpointing-steps",
+        default_value_t = 500
+    )]
+    pub checkpointing_steps: i64,
+    #[arg(
+        long = "checkpoints_total_limit",
+        visible_alias = "checkpoints-total-limit"
+    )]
+    pub checkpoints_total_limit: Option<usize>,
+    /// `latest` or a checkpoint folder (OUTPUT_DIR/checkpoint-N).
+    #[arg(
+        long = "resume_from_checkpoint",
+        visible_alias = "resume-from-checkpoint"
+    )]
+    pub resume_from_checkpoint: Option<String>,
+    /// Accepted (attention always uses scaled_dot_product_attention).
+    #[arg(long = "enable_xformers_memory_efficient_attention", hide = true)]
+    pub enable_xformers_memory_efficient_attention: bool,
+    #[arg(
+        long = "noise_offset",
+        visible_alias = "noise-offset",
+        default_value_t = 0.0
+    )]
+    pub noise_offset: f64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 4)]
+    pub rank: i64,
+    /// Only lanczos (the script's default) is implemented.
+    #[arg(
+        long = "image_interpolation_mode",
+        visible_alias = "image-interpolation-mode",
+        default_value = "lanczos"
+    )]
+    pub image_interpolation_mode: String,
+
+    // ---- lorafuse's own
+    /// LoRA alpha (default: the rank, as the script does). Scale = alpha / rank.
+    #[arg(long = "lora_alpha", visible_alias = "lora-alpha")]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated target module names or dotted suffixes (peft `target_modules`), e.g.
+    /// `to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2`.
+    #[arg(
+        long = "lora_targets",
+        visible_alias = "lora-targets",
+        default_value = "to_k,to_q,to_v,to_out.0",
+        value_delimiter = ','
+    )]
+    pub lora_targets: Vec<String>,
+    /// peft init of lora_A: gaussian (the script's) or kaiming (peft's default).
+    #[arg(
+        long = "lora_init",
+        visible_alias = "lora-init",
+        value_enum,
+        default_value = "gaussian"
+    )]
+    pub lora_init: InitArg,
+    /// Also train a LoRA on the text encoder (q/k/v/out_proj).
+    #[arg(long = "train_text_encoder", visible_alias = "train-text-encoder")]
+    pub train_text_encoder: bool,
+    /// Text encoder LoRA targets.
+    #[arg(
+        long = "text_encoder_targets",
+        visible_alias = "text-encoder-targets",
+        default_value = "q_proj,k_proj,v_proj,out_proj",
+        value_delimiter = ','
+    )]
+    pub text_encoder_targets: Vec<String>,
+    /// diffusers (the script's file) or kohya (A1111 / ComfyUI, with ss_* metadata).
+    #[arg(
+        long = "save_format",
+        visible_alias = "save-format",
+        value_enum,
+        default_value = "diffusers"
+    )]
+    pub save_format: SaveFormat,
+    /// Storage dtype of the written LoRA: fp32, fp16 or bf16.
+    #[arg(
+        long = "save_precision",
+        visible_alias = "save-precision",
+        default_value = "fp32"
+    )]
+    pub save_precision: String,
+    /// Do not cache VAE latents / text embeddings (re-encode every step, new random crops).
+    #[arg(long = "no_cache_latents", visible_alias = "no-cache-latents")]
+    pub no_cache_latents: bool,
+    /// Run accumulated micro-batches one at a time instead of as one batch.
+    #[arg(long = "no_fuse_accumulation", visible_alias = "no-fuse-accumulation")]
+    pub no_fuse_accumulation: bool,
+    /// Skip unreadable images and missing captions with a warning instead of failing.
+    #[arg(long = "skip_bad_images", visible_alias = "skip-bad-images")]
+    pub skip_bad_images: bool,
+    /// auto (CUDA when available), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Inference steps of validation images (the script's 30).
+    #[arg(
+        long = "validation_inference_steps",
+        visible_alias = "validation-inference-steps",
+        default_value_t = 30
+    )]
+    pub validation_inference_steps: usize,
+    #[arg(
+        long = "validation_guidance_scale",
+        visible_alias = "validation-guidance-scale",
+        default_value_t = 7.5
+    )]
+    pub validation_guidance_scale: f64,
+    /// Print one line per step (no progress bar), e.g. for logs.
+    #[arg(long = "plain_log", visible_alias = "plain-log")]
+    pub plain_log: bool,
+    /// Testing: abort the process (like kill -9) right after this optimiser step.
+    #[arg(long = "debug_abort_after_step", hide = true)]
+    pub debug_abort_after_step: Option<i64>,
+}
+
+impl TrainArgs {
+    pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
+        let data = match (&self.train_data_dir, &self.dataset_name) {
+            (Some(d), _) | (None, Some(d)) => d.clone(),
+            (None, None) => anyhow::bail!(
+                "Need either a dataset name or a training folder (--dataset_name or --train_data_dir)."
+            ),
+        };
+        if self.use_8bit_adam {
+            anyhow::bail!(
+                "--use_8bit_adam is not supported (bitsandbytes is a CUDA-Python library); drop the flag"
+            );
+        }
+        if self.push_to_hub {
+            anyhow::bail!("--push_to_hub is not supported: lorafuse never uploads anything");
+        }
+        if self.image_interpolation_mode != "lanczos" {
+            anyhow::bail!(
+                "--image_interpolation_mode {}: only lanczos is implemented",
+                self.image_interpolation_mode
+            );
+        }
+        let init = match self.lora_init {
+            InitArg::Gaussian => LoraInit::Gaussian,
+            InitArg::Kaiming => LoraInit::Kaiming,
+        };
+        let alpha = self.lora_alpha.unwrap_or(self.rank as f64);
+        let lora = LoraConfig {
+            rank: self.rank,
+            alpha,
+            targets: self.lora_targets.clone(),
+            init,
+        };
+        let text_encoder_lora = self.train_text_encoder.then(|| LoraConfig {
+            rank: self.rank,
+            alpha,
+            targets: self.text_encoder_targets.clone(),
+            init,
+        });
+        let validation = self.validation_prompt.as_ref().map(|p| ValidationConfig {
+            prompt: p.clone(),
+            num_images: self.num_validation_images,
+            steps: self.validation_inference_steps,
+            guidance_scale: self.validation_guidance_scale,
+            every_epochs: Some(self.validation_epochs),
+            every_steps: self.validation_steps,
+        });
+        let mut c = TrainConfig::new(self.pretrained_model_name_or_path.clone(), data);
+        c.caption_column = self.caption_column.clone();
+        c.image_column = if self.image_column == "image" {
+            "file_name".into()
+        } else {
+            self.image_column.clone()
+        };
+        c.skip_bad_images = self.skip_bad_images;
+        c.max_train_samples = self.max_train_samples;
+        c.output_dir = self.output_dir.clone();
+        c.resolution = self.resolution;
+        c.center_crop = self.center_crop;
+        c.random_flip = self.random_flip;
+        c.train_batch_size = self.train_batch_size;
+        c.gradient_accumulation_steps = self.gradient_accumulation_steps;
+        c.max_train_steps = self.max_train_steps;
+        c.num_train_epochs = self.num_train_epochs;
+        c.learning_rate = self.learning_rate;
+        c.scale_lr = self.scale_lr;
+        c.lr_scheduler = self.lr_scheduler;
+        c.lr_warmup_steps = self.lr_warmup_steps;
+        c.adam = AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            weight_decay: self.adam_weight_decay,
+            eps: self.adam_epsilon,
+        };
+        c.max_grad_norm = self.max_grad_norm;
+        c.lora = lora;
+        c.text_encoder_lora = text_encoder_lora;
+        c.mixed_precision = self.mixed_precision;
+        c.seed = self.seed;
+        c.snr_gamma = self.snr_gamma;
+        c.noise_offset = self.noise_offset;
+        c.prediction_type = self.prediction_type;
+        c.checkpointing_steps = self.checkpointing_steps;
+        c.checkpoints_total_limit = self.checkpoints_total_limit;
+        c.resume_from_checkpoint = self.resume_from_checkpoint.clone();
+        c.validation = validation;
+        c.save_format = self.save_format;
+        c.save_dtype = self.save_precision.clone();
+        c.cache_latents = !self.no_cache_latents;
+        c.fuse_accumulation = !self.no_fuse_accumulation;
+        c.device = self.device.clone();
+        c.abort_after_step = self.debug_abort_after_step;
+        Ok(c)
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+pub fn run(_global: &GlobalArgs, a: TrainArgs) -> anyhow::Result<()> {
+    let cfg = a.to_config()?;
+    for (flag, on) in [
+        ("--gradient_checkpointing", a.gradient_checkpointing),
+        (
+            "--enable_xformers_memory_efficient_attention",
+            a.enable_xformers_memory_efficient_attention,
+        ),
+    ] {
+        if on {
+            eprintln!("note: {flag} is accepted and ignored");
+        }
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if c.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to quit now)"
+            );
+        });
+    }
+    let bar = ProgressBar::hidden();
+    let plain = a.plain_log;
+    // Lines go above the bar once it is drawn, straight to stderr before that.
+    let say = |bar: &ProgressBar, s: String| {
+        if bar.is_hidden() {
+            eprintln!("{s}")
+        } else {
+            bar.println(s)
+        }
+    };
+    let mut on_event = |e: Event| match e {
+        Event::Info(s) => say(&bar, s),
+        Event::Warning(s) => say(&bar, format!("warning: {s}")),
+        Event::Caching { what, done, total } => {
+            if done == total || done % 256 == 0 {
+                say(&bar, format!("caching {what}: {done}/{total}"));
+            }
+        }
+        Event::Started {
+            total_steps,
+            initial_step,
+            examples,
+            epochs,
+        } => {
+            say(
+                &bar,
+                format!(
+                    "***** Running training *****\n  Num examples = {examples}\n  Num Epochs = {epochs}\n  Instantaneous batch size per device = {}\n  Gradient Accumulation steps = {}\n  Total optimization steps = {total_steps}",
+                    cfg.train_batch_size, cfg.gradient_accumulation_steps
+                ),
+            );
+            if !plain {
+                bar.set_length(total_steps as u64);
+                bar.set_position(initial_step as u64);
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                if let Ok(style) = ProgressStyle::with_template(
+                    "Steps {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+            }
+        }
+        Event::Step(l) => {
+            let mem = l
+                .device_mem
+                .map(|m| format!(", mem {}", gib(m)))
+                .unwrap_or_default();
+            let msg = format!(
+                "loss={:.4}, lr={:.3e}, {:.2} samples/s{mem}{}",
+                l.loss,
+                l.lr,
+                l.samples_per_s,
+                if l.skipped { " (skipped: inf/NaN)" } else { "" }
+            );
+            if plain {
+                println!("step {} epoch {} {msg}", l.step, l.epoch);
+            } else {
+                bar.set_position(l.step as u64);
+                bar.set_message(msg);
+            }
+        }
+        Event::Checkpoint(p) => say(&bar, format!("Saved state to {}", p.display())),
+        Event::Validation(ps) => say(
+            &bar,
+            format!(
+                "validation images: {}",
+                ps.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Event::Saved(p) => say(&bar, format!("LoRA written to {}", p.display())),
+    };
+    let report = train(&cfg, Some(&cancel), &mut on_event);
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("training on {}", cfg.train_data_dir.display()))?;
+    println!(
+        "done: {} steps, mean {:.2} samples/s{}, LoRA {}",
+        report.steps,
+        report.mean_samples_per_s,
+        report
+            .peak_device_mem
+            .map(|m| format!(", peak device memory {}", gib(m)))
+            .unwrap_or_default(),
+        report.output.display()
+    );
+    Ok(())
+}

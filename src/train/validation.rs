@@ -1,0 +1,154 @@
+//! Validation images from the weights being trained: the script's `log_validation`
+//! (`pipeline(validation_prompt, num_inference_steps=30, generator=seeded)`, guidance 7.5, the
+//! pipeline's own scheduler, `sample_size · 8` pixels) run on the tch UNet (with its live LoRA
+//! layers), the tch CLIP text encoder and VAE decoder, and [`crate::pipeline::scheduler`].
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_distr::Distribution;
+use tch::{Device, Kind, Tensor};
+
+use super::clip::ClipTextModel;
+use super::unet_2d::UNet2DConditionModel;
+use super::vae::VaeDecoder;
+use crate::image::{GeneratedImage, a1111_parameters, unit_to_u8, vae_to_unit, write_png};
+use crate::pipeline::scheduler::{SchedulerConfig, make_scheduler};
+use crate::pipeline::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ValidationConfig {
+    pub prompt: String,
+    /// `--num_validation_images` (the script's default 4).
+    pub num_images: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// `--validation_epochs`: every N epochs (the script's default 1).
+    pub every_epochs: Option<i64>,
+    /// `--validation_steps`: every N optimiser steps.
+    pub every_steps: Option<i64>,
+}
+
+/// The frozen models validation needs besides the UNet (loaded once, on first use).
+pub struct Validator {
+    pub text_encoder: ClipTextModel,
+    pub vae: VaeDecoder,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl Validator {
+    /// `n` images of `prompt` (`width`×`height` pixels) from `unet`, seeded by `seed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        &self,
+        unet: &UNet2DConditionModel,
+        cfg: &ValidationConfig,
+        width: i64,
+        height: i64,
+        seed: u64,
+    ) -> Result<Vec<GeneratedImage>> {
+        let kind_sched = self
+            .scheduler
+            .default_kind()
+            .unwrap_or(crate::pipeline::scheduler::SchedulerKind::Pndm);
+        let ids = |p: &str| -> Result<Tensor> {
+            let t = self.tokenizer.encode(p)?;
+            Ok(Tensor::from_slice(&t.ids).unsqueeze(0))
+        };
+        let cond = Tensor::cat(&[ids("")?, ids(&cfg.prompt)?], 0);
+        let (h, w) = (height / 8, width / 8);
+        if h <= 0 || w <= 0 {
+            return Err(Error::InvalidArgument(format!(
+                "validation size {width}x{height} is too small"
+            )));
+        }
+        tch::no_grad(|| {
+            let (ehs, _) = self.text_encoder.forward(&cond.to_device(self.device))?;
+            let ehs = ehs.to_kind(self.kind);
+            let mut out = Vec::new();
+            for i in 0..cfg.num_images {
+                let mut sched = make_scheduler(kind_sched, &self.scheduler)?;
+                sched.set_timesteps(cfg.steps)?;
+                let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed.wrapping_add(i as u64));
+                let n = (4 * h * w) as usize;
+                let sigma = sched.init_noise_sigma();
+                let mut lat: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
+                        z * sigma
+                    })
+                    .collect();
+                let timesteps = sched.timesteps().to_vec();
+                for (si, &t) in timesteps.iter().enumerate() {
+                    let scaled = sched.scale_model_input(&lat, si)?;
+                    let x = Tensor::from_slice(&scaled)
+                        .view([1, 4, h, w])
+                        .to_device(self.device)
+                        .to_kind(self.kind);
+                    let x2 = Tensor::cat(&[&x, &x], 0);
+                    let tt = Tensor::from(t).to_device(self.device);
+                    let pred = unet.forward(&x2, &tt, &ehs).to_kind(Kind::Float);
+                    let parts = pred.chunk(2, 0);
+                    let guided = &parts[0] + (&parts[1] - &parts[0]) * cfg.guidance_scale;
+                    let g: Vec<f32> =
+                        Vec::<f32>::try_from(guided.to_device(Device::Cpu).flatten(0, -1))?;
+                    let noise: Option<Vec<f32>> = sched.needs_noise(si).then(|| {
+                        (0..n)
+                            .map(|_| {
+                                let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
+                                z
+                            })
+                            .collect()
+                    });
+                    lat = sched.step(&g, si, &lat, noise.as_deref())?;
+                }
+                let z = Tensor::from_slice(&lat)
+                    .view([1, 4, h, w])
+                    .to_device(self.device);
+                let z = (z / self.vae.config.scaling_factor).to_kind(self.kind);
+                let img = self
+                    .vae
+                    .decode(&z)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu);
+                let px: Vec<f32> = Vec::<f32>::try_from(img.flatten(0, -1))?;
+                let unit = vae_to_unit(&px, 0, height as usize, width as usize)?;
+                let parameters = a1111_parameters(
+                    &cfg.prompt,
+                    "",
+                    &[
+                        ("Steps", cfg.steps.to_string()),
+                        ("Sampler", kind_sched.name().to_string()),
+                        ("CFG scale", cfg.guidance_scale.to_string()),
+                        ("Seed", seed.wrapping_add(i as u64).to_string()),
+                        ("Size", format!("{width}x{height}")),
+                    ],
+                );
+                out.push(GeneratedImage {
+                    width: width as u32,
+                    height: height as u32,
+                    rgb: unit_to_u8(&unit),
+                    parameters,
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Write validation images as `<dir>/<tag>-<i>.png`; returns the paths.
+pub fn write_images(dir: &Path, tag: &str, images: &[GeneratedImage]) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut paths = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let p = dir.join(format!("{tag}-{i}.png"));
+        write_png(&p, img)?;
+        paths.push(p);
+    }
+    Ok(paths)
+}
