@@ -1,0 +1,429 @@
+//! The training loop on the tiny model and data set (CPU): the loss goes down, a run killed
+//! mid-way and resumed ends bit-identical to an uninterrupted one, fused accumulation equals
+//! micro-batch accumulation, the LR schedules match diffusers, and bad data sets fail by name.
+#![cfg(feature = "train")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lorafuse::train::dataset::{Dataset, DatasetOptions};
+use lorafuse::train::optim::{LrSchedule, LrScheduler};
+use lorafuse::train::trainer::{Event, TrainConfig, train};
+use lorafuse::weights::WeightFile;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn tiny() -> PathBuf {
+    root().join("models/tiny")
+}
+
+fn config(data: &Path, out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new(tiny().join("diffusers"), data.to_path_buf());
+    c.caption_column = "caption".into();
+    c.image_column = "file_name".into();
+    c.output_dir = out.to_path_buf();
+    c.resolution = 64;
+    c.center_crop = true;
+    c.random_flip = true;
+    c.train_batch_size = 4;
+    c.lr_warmup_steps = 0;
+    c.checkpointing_steps = 1000;
+    c.seed = Some(7);
+    c.device = "cpu".into();
+    c
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn a_short_run_lowers_the_loss() {
+    // Every random draw depends only on (seed, epoch, batch), so a run with learning rate 0 sees
+    // exactly the same noise and timesteps: its losses are the untrained baseline, step by step.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tiny().join("dataset"), &tmp.path().join("base"));
+    c.max_train_steps = Some(30);
+    c.learning_rate = 0.0;
+    let base = train(&c, None, &mut |_| {}).expect("baseline").losses;
+    c.learning_rate = 1e-3;
+    c.lr_scheduler = LrSchedule::Cosine;
+    c.output_dir = tmp.path().join("trained");
+    let trained = train(&c, None, &mut |_| {}).expect("train").losses;
+    assert_eq!(base.len(), 30);
+    let (b, t) = (mean(&base[20..]), mean(&trained[20..]));
+    println!(
+        "last-10 mean loss: untrained {b:.4}, trained {t:.4}; first step {:.4} vs {:.4}",
+        base[0], trained[0]
+    );
+    assert_eq!(base[0], trained[0], "the first step runs before any update");
+    assert!(t < 0.9 * b, "loss did not go down: {t} vs {b}");
+}
+
+fn lora_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = WeightFile::open(path).expect("lora");
+    let mut names: Vec<String> = f.names().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| (n.clone(), f.tensor_f32(&n).expect("f32").1))
+        .collect()
+}
+
+#[test]
+fn fused_accumulation_equals_micro_batches() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tiny().join("dataset"), &tmp.path().join("fused"));
+    c.train_batch_size = 2;
+    c.gradient_accumulation_steps = 3;
+    c.max_train_steps = Some(3); // 12 images / 2 = 6 batches = 2 steps an epoch: the 3rd starts epoch 2
+    c.learning_rate = 1e-3;
+    c.snr_gamma = Some(5.0);
+    let fused = train(&c, None, &mut |_| {}).expect("fused");
+    c.fuse_accumulation = false;
+    c.output_dir = tmp.path().join("micro");
+    let micro = train(&c, None, &mut |_| {}).expect("micro");
+    for (a, b) in fused.losses.iter().zip(&micro.losses) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+    }
+    // Parameters: Adam's first steps move each element by about ±lr whatever the gradient's size,
+    // so elements whose gradient is ~0 may differ by rounding; compare the whole LoRA by norm.
+    let (fa, fb) = (lora_tensors(&fused.output), lora_tensors(&micro.output));
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for ((na, a), (nb, b)) in fa.iter().zip(&fb) {
+        assert_eq!(na, nb);
+        diff += a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>();
+        norm += b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
+    }
+    let rel = (diff / norm).sqrt();
+    println!(
+        "fused vs micro-batch accumulation: losses equal to 1e-5, LoRA relative difference {rel:.2e}"
+    );
+    assert!(rel <= 1e-4, "{rel}");
+}
+
+#[test]
+fn resume_after_kill_is_bit_identical() {
+    let exe = env!("CARGO_BIN_EXE_lorafuse");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tiny().join("diffusers");
+    let data = tiny().join("dataset");
+    let args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "train".into(),
+            "--pretrained_model_name_or_path".into(),
+            model.display().to_string(),
+        ];
+        v.extend([
+            "--train_data_dir".into(),
+            data.display().to_string(),
+            "--output_dir".into(),
+            out.display().to_string(),
+        ]);
+        for a in "--caption_column caption --resolution 64 --random_flip --train_batch_size 3 --gradient_accumulation_steps 2 \
+                  --max_train_steps 8 --checkpointing_steps 3 --checkpoints_total_limit 2 --seed 11 --lr_scheduler cosine \
+                  --lr_warmup_steps 2 --learning_rate 1e-3 --snr_gamma 5 --noise_offset 0.1 --device cpu --plain_log"
+            .split_whitespace()
+        {
+            v.push(a.into());
+        }
+        v
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let st = Command::new(exe).args(args(&a)).output().expect("run a");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // b: killed (abort, no cleanup) after step 5; the last checkpoint is step 3
+    let st = Command::new(exe)
+        .args(args(&b))
+        .args(["--debug_abort_after_step", "5"])
+        .output()
+        .expect("run b");
+    assert!(!st.status.success());
+    assert!(
+        b.join("checkpoint-3").is_dir() && !b.join("pytorch_lora_weights.safetensors").exists()
+    );
+    let st = Command::new(exe)
+        .args(args(&b))
+        .args(["--resume_from_checkpoint", "latest"])
+        .output()
+        .expect("resume b");
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{err}");
+    assert!(
+        err.contains("Resuming from checkpoint") && err.contains("checkpoint-3"),
+        "{err}"
+    );
+    let fa = std::fs::read(a.join("pytorch_lora_weights.safetensors")).expect("a");
+    let fb = std::fs::read(b.join("pytorch_lora_weights.safetensors")).expect("b");
+    assert!(fa == fb, "resumed LoRA differs from the uninterrupted run");
+    for f in ["lora_state.safetensors", "optimizer.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join("checkpoint-6").join(f)).expect("a"),
+            std::fs::read(b.join("checkpoint-6").join(f)).expect("b"),
+            "{f}"
+        );
+    }
+    // checkpoints_total_limit 2: checkpoint-3 was removed when checkpoint-6 came... only 2 remain
+    let left: Vec<_> = lorafuse::train::trainer::list_checkpoints(&a)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(left, vec![3, 6]);
+    // the log has each step once
+    let log = std::fs::read_to_string(b.join("logs/train_log.csv")).expect("log");
+    let steps: Vec<&str> = log
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap_or(""))
+        .collect();
+    assert_eq!(steps, ["1", "2", "3", "4", "5", "6", "7", "8"]);
+}
+
+#[test]
+fn lr_schedules_match_diffusers() {
+    // diffusers get_scheduler(name, optimizer(lr=1), num_warmup_steps=3, num_training_steps=10)
+    let want: [(LrSchedule, [f64; 12]); 6] = [
+        (LrSchedule::Constant, [1.0; 12]),
+        (
+            LrSchedule::ConstantWithWarmup,
+            [
+                0.0,
+                1.0 / 3.0,
+                2.0 / 3.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+            ],
+        ),
+        (
+            LrSchedule::Linear,
+            [
+                0.0,
+                1.0 / 3.0,
+                2.0 / 3.0,
+                1.0,
+                6.0 / 7.0,
+                5.0 / 7.0,
+                4.0 / 7.0,
+                3.0 / 7.0,
+                2.0 / 7.0,
+                1.0 / 7.0,
+                0.0,
+                0.0,
+            ],
+        ),
+        (LrSchedule::Cosine, [0.0; 12]),
+        (LrSchedule::CosineWithRestarts, [0.0; 12]),
+        (LrSchedule::Polynomial, [0.0; 12]),
+    ];
+    let py = root().join("models/.venv-ref/bin/python");
+    let reference: Option<serde_json::Value> = py.is_file().then(|| {
+        let script = r#"
+import json, torch
+from diffusers.optimization import get_scheduler
+out = {}
+for name in ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = get_scheduler(name, optimizer=opt, num_warmup_steps=3, num_training_steps=10)
+    v = []
+    for _ in range(12):
+        v.append(s.get_last_lr()[0]); opt.step(); s.step()
+    out[name] = v
+print(json.dumps(out))
+"#;
+        let o = Command::new(&py).args(["-c", script]).output().expect("python");
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")).expect("json")
+    });
+    for (kind, w) in want {
+        let s = LrScheduler {
+            kind,
+            base_lr: 1.0,
+            warmup_steps: 3,
+            total_steps: 10,
+        };
+        let got: Vec<f64> = (0..12).map(|i| s.lr(i)).collect();
+        let name = serde_json::to_value(kind).expect("name");
+        match &reference {
+            Some(r) => {
+                let r: Vec<f64> = r[name.as_str().expect("str")]
+                    .as_array()
+                    .expect("arr")
+                    .iter()
+                    .map(|v| v.as_f64().expect("f64"))
+                    .collect();
+                for (i, (g, e)) in got.iter().zip(&r).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-12,
+                        "{name} step {i}: {g} vs diffusers {e}"
+                    );
+                }
+            }
+            None if !matches!(
+                kind,
+                LrSchedule::Cosine | LrSchedule::CosineWithRestarts | LrSchedule::Polynomial
+            ) =>
+            {
+                for (i, (g, e)) in got.iter().zip(&w).enumerate() {
+                    assert!((g - e).abs() <= 1e-12, "{name} step {i}: {g} vs {e}");
+                }
+            }
+            None => {
+                println!("skip: {name} checked against diffusers only when models/.venv-ref exists")
+            }
+        }
+    }
+}
+
+fn copy_dataset(to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(tiny().join("dataset")).expect("dataset") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, to.join(p.file_name().expect("name"))).expect("copy");
+    }
+}
+
+fn err_of(c: &TrainConfig) -> String {
+    train(c, None, &mut |_| {})
+        .err()
+        .expect("must fail")
+        .to_string()
+}
+
+#[test]
+fn bad_datasets_name_the_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    copy_dataset(&data);
+    let out = tmp.path().join("out");
+    let mut c = config(&data, &out);
+    c.max_train_steps = Some(1);
+
+    // the script's default caption column `text` is not in metadata.csv
+    c.caption_column = "text".into();
+    let e = err_of(&c);
+    assert!(
+        e.contains("metadata.csv") && e.contains("`text`") && e.contains("file_name, caption"),
+        "{e}"
+    );
+    c.caption_column = "caption".into();
+
+    // an unreadable image
+    std::fs::write(data.join("0003.png"), b"not a png").expect("write");
+    let e = err_of(&c);
+    assert!(e.contains("0003.png") && e.contains("cannot decode"), "{e}");
+
+    // a listed image that does not exist
+    std::fs::remove_file(data.join("0003.png")).expect("rm");
+    let e = err_of(&c);
+    assert!(
+        e.contains("0003.png") && e.contains("not found") && e.contains("metadata.csv"),
+        "{e}"
+    );
+
+    // --skip_bad_images: trains on the other 11 with a warning naming the file
+    c.skip_bad_images = true;
+    let mut warnings = Vec::new();
+    train(&c, None, &mut |e| {
+        if let Event::Warning(w) = e {
+            warnings.push(w)
+        }
+    })
+    .expect("skip bad");
+    assert!(
+        warnings.iter().any(|w| w.contains("0003.png")),
+        "{warnings:?}"
+    );
+
+    // a corrupt metadata file
+    std::fs::write(
+        data.join("metadata.csv"),
+        "file_name,caption\n\"0001.png,unterminated\n",
+    )
+    .expect("write");
+    let e = err_of(&c);
+    assert!(
+        e.contains("metadata.csv") && e.contains("unterminated"),
+        "{e}"
+    );
+
+    // not a diffusers folder
+    let mut c2 = config(&tiny().join("dataset"), &out);
+    c2.pretrained_model = tmp.path().to_path_buf();
+    assert!(err_of(&c2).contains("not a diffusers pipeline folder"));
+}
+
+#[test]
+fn kohya_folders_and_jsonl_captions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // kohya: 10_shapes/<img>.png + <img>.txt (10 repeats), one image without a caption
+    let k = tmp.path().join("kohya");
+    let sub = k.join("10_shapes");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    for i in 0..3 {
+        let name = format!("{i:04}.png");
+        std::fs::copy(tiny().join("dataset").join(&name), sub.join(&name)).expect("copy");
+        if i < 2 {
+            std::fs::write(
+                sub.join(format!("{i:04}.txt")),
+                format!("shape {i}, simple\n"),
+            )
+            .expect("txt");
+        }
+    }
+    let opts = DatasetOptions::default();
+    let e = Dataset::open(&k, &opts)
+        .err()
+        .expect("missing caption")
+        .to_string();
+    assert!(e.contains("0002.txt"), "{e}");
+    let ds = Dataset::open(
+        &k,
+        &DatasetOptions {
+            skip_bad: true,
+            ..opts.clone()
+        },
+    )
+    .expect("kohya");
+    assert_eq!((ds.layout.as_str(), ds.len()), ("kohya", 20));
+    assert_eq!(ds.tag_frequency()["10_shapes"]["simple"], 20);
+
+    // jsonl with a list of captions per image
+    let j = tmp.path().join("jsonl");
+    copy_dataset(&j);
+    std::fs::remove_file(j.join("metadata.csv")).expect("rm");
+    let mut lines = String::new();
+    for i in 0..12 {
+        lines.push_str(&format!("{{\"file_name\": \"{i:04}.png\", \"en_text\": [\"shape {i}\", \"picture {i}\"], \"zh_text\": \"x\"}}\n"));
+    }
+    std::fs::write(j.join("metadata.jsonl"), lines).expect("jsonl");
+    let mut c = config(&j, &tmp.path().join("out"));
+    c.caption_column = "en_text".into();
+    c.max_train_steps = Some(2);
+    let r = train(&c, None, &mut |_| {}).expect("jsonl train");
+    assert_eq!(r.steps, 2);
+    let ds = Dataset::open(
+        &j,
+        &DatasetOptions {
+            caption_column: "en_text".into(),
+            ..opts
+        },
+    )
+    .expect("jsonl");
+    assert_eq!(ds.distinct_captions().len(), 24);
+}
