@@ -43,7 +43,7 @@ mod safetensors_owned {
 }
 
 fn cpu() -> SessionOptions {
-    SessionOptions { device: Device::Cpu, intra_threads: Some(1) }
+    SessionOptions { device: Device::Cpu, intra_threads: Some(1), tf32: false }
 }
 
 /// The pipeline's UNet on the fixture inputs of `unet_io.safetensors`.

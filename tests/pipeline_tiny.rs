@@ -23,7 +23,7 @@ fn f32_tensor(file: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 }
 
 fn cpu() -> SessionOptions {
-    SessionOptions { device: Device::Cpu, intra_threads: Some(1) }
+    SessionOptions { device: Device::Cpu, intra_threads: Some(1), tf32: false }
 }
 
 fn run(fixture: &str, scheduler: &str, lora: bool) {

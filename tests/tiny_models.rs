@@ -11,7 +11,7 @@ fn tiny(rel: &str) -> PathBuf {
 }
 
 fn io(path: &Path) -> (Vec<IoInfo>, Vec<IoInfo>) {
-    let s = session::open(path, &SessionOptions { device: Device::Cpu, intra_threads: Some(1) })
+    let s = session::open(path, &SessionOptions { device: Device::Cpu, intra_threads: Some(1), tf32: false })
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     session::describe(&s)
 }

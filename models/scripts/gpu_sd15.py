@@ -124,34 +124,6 @@ def loras(d, out):
     print(f"loras in {out}")
 
 
-class _Unet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class _Te(torch.nn.Module):
-    def __init__(self, te):
-        super().__init__()
-        self.te = te
-
-    def forward(self, input_ids):
-        o = self.te(input_ids, return_dict=True)
-        return o.last_hidden_state, o.pooler_output
-
-
-class _VaeDec(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
 def export(d, out):
     """optimum's layout and names; the legacy exporter as optimum-onnx 0.1.0 calls it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -161,25 +133,30 @@ def export(d, out):
     os.makedirs(out, exist_ok=True)
     jobs = []
     unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "unet"), torch_dtype=dt).to(dev).eval()
-    jobs.append(("unet", _Unet(unet), (torch.randn(2, 4, 64, 64, dtype=dt, device=dev), torch.tensor(981.0, dtype=dt, device=dev),
+    # Exported directly (no wrapper module), so node and initializer names carry diffusers' module
+    # paths as optimum's do; return_dict=False through the exporter's kwargs.
+    jobs.append(("unet", unet, (torch.randn(2, 4, 64, 64, dtype=dt, device=dev), torch.tensor(981.0, dtype=dt, device=dev),
                                        torch.randn(2, 77, 768, dtype=dt, device=dev)),
                  ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                  {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
                   "out_sample": {0: "batch_size", 2: "height", 3: "width"}}, unet.config))
-    te = CLIPTextModel.from_pretrained(os.path.join(d, "text_encoder"), torch_dtype=dt).to(dev).eval()
-    jobs.append(("text_encoder", _Te(te), (torch.ones(1, 77, dtype=torch.int64, device=dev),), ["input_ids"], ["last_hidden_state", "pooler_output"],
+    # The text encoder stays fp32: the legacy exporter leaves an fp32 LayerNormalization scale in an
+    # fp16 CLIP graph, which ORT rejects (seen with torch 2.11 / transformers 5.17); it runs once per image.
+    te = CLIPTextModel.from_pretrained(os.path.join(d, "text_encoder"), torch_dtype=torch.float32).to(dev).eval()
+    jobs.append(("text_encoder", te, (torch.ones(1, 77, dtype=torch.int64, device=dev),), ["input_ids"], ["last_hidden_state", "pooler_output"],
                  {"input_ids": {0: "batch_size", 1: "sequence_length"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
                   "pooler_output": {0: "batch_size"}}, None))
     vae = AutoencoderKL.from_pretrained(os.path.join(d, "vae"), torch_dtype=dt).to(dev).eval()
-    jobs.append(("vae_decoder", _VaeDec(vae), (torch.randn(1, 4, 64, 64, dtype=dt, device=dev),), ["latent_sample"], ["sample"],
+    vae.forward = vae.decode  # the decoder half, as optimum's vae_decoder
+    jobs.append(("vae_decoder", vae, (torch.randn(1, 4, 64, 64, dtype=dt, device=dev),), ["latent_sample"], ["sample"],
                  {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}, "sample": {0: "batch_size", 2: "height", 3: "width"}},
                  vae.config))
     for name, mod, args, ins, outs, axes, cfg in jobs:
         t = time.time()
         os.makedirs(os.path.join(out, name), exist_ok=True)
         with torch.no_grad():
-            torch.onnx.export(mod, args, os.path.join(out, name, "model.onnx"), input_names=ins, output_names=outs,
-                              dynamic_axes=axes, opset_version=17, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(mod, args, os.path.join(out, name, "model.onnx"), kwargs={"return_dict": False}, input_names=ins,
+                              output_names=outs, dynamic_axes=axes, opset_version=17, do_constant_folding=True, dynamo=False)
         if cfg is not None:
             with open(os.path.join(out, name, "config.json"), "w") as f:
                 json.dump(dict(cfg), f, indent=2, default=list)

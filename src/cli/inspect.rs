@@ -110,7 +110,7 @@ fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Resul
                 .sum()
         })
         .unwrap_or(0);
-    let sess = session::open(path, &session::SessionOptions { device: session::Device::Cpu, intra_threads: Some(1) })
+    let sess = session::open(path, &session::SessionOptions { device: session::Device::Cpu, intra_threads: Some(1), tf32: false })
         .with_context(|| format!("opening {} with ONNX Runtime", path.display()))?;
     let (inputs, outputs) = session::describe(&sess);
     Ok(ModelReport { component, path: path.to_path_buf(), bytes, external_data_bytes, inputs, outputs })

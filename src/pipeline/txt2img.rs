@@ -243,11 +243,22 @@ impl Txt2Img {
             if !merged.is_empty() {
                 now_patched.push(c);
             }
-            let overrides = merged
-                .iter()
-                .map(|m| Ok((m.initializer.clone(), m.to_ort_value()?)))
-                .collect::<Result<Vec<_>>>()?;
-            let session = session::open_with_overrides(&self.dir.model_path(c), &self.opts, overrides)?;
+            // The merged weights go into a patched in-memory copy of the model rather than through
+            // ORT's AddInitializer overrides: on the CUDA provider those gave wrong images (seen on
+            // an H200 with ORT 1.31.1, at every graph optimisation level), on the CPU right ones.
+            let session = if merged.is_empty() {
+                session::open(&self.dir.model_path(c), &self.opts)?
+            } else {
+                let model = &self.indexed.as_deref().unwrap_or_default().iter().find(|m| m.component == c).ok_or_else(|| {
+                    Error::InvalidArgument(format!("no indexed {c} model"))
+                })?.model;
+                let mut replacements = std::collections::HashMap::with_capacity(merged.len());
+                for m in &merged {
+                    replacements.insert(m.initializer.clone(), crate::onnx::model::encode_like(m.dtype, &m.values)?);
+                }
+                let patched = crate::onnx::write::patched_in_memory(model, &replacements)?;
+                session::open_from_memory(&self.dir.model_path(c), &self.opts, patched)?
+            };
             rebuilt.push((c, session));
         }
         for (c, s) in rebuilt {
