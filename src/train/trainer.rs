@@ -393,6 +393,10 @@ pub fn train(
 ) -> Result<TrainReport> {
     let device = super::parse_device(&cfg.device)?;
     let kind = cfg.mixed_precision.kind();
+    if matches!(device, Device::Cuda(_)) {
+        // fixed shapes every step: let cuDNN pick its fastest convolutions once
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     if device == Device::Cpu && kind != Kind::Float {
         on_event(Event::Warning(format!(
             "mixed precision {:?} on the CPU is slow; consider --mixed_precision no",
