@@ -145,3 +145,185 @@ fn bad_weights_name_the_tensor() {
         "{err}"
     );
 }
+
+/// The tiny model's weights under the original LDM names, written by hand from the layout of
+/// CompVis `ldm/modules/diffusionmodules/openaimodel.py` (`UNetModel`: input_blocks = conv, then per
+/// level `num_res_blocks` × [ResBlock, SpatialTransformer] and a Downsample; output_blocks = per
+/// level `num_res_blocks + 1` × [ResBlock, SpatialTransformer] with the Upsample appended to the
+/// last) and `model.py` (`Encoder`/`Decoder`), independent of the converter under test.
+fn tiny_as_ldm(out: &Path) {
+    use lorafuse::weights::{TensorData, write_safetensors};
+    let d = tiny().join("diffusers");
+    let mut tensors: Vec<(String, TensorData<'static>)> = Vec::new();
+    let mut add = |file: &WeightFile, from: &str, to: String, conv1x1: bool| {
+        let (shape, data) = file.tensor_f32(from).expect(from);
+        let shape = if conv1x1 && shape.len() == 2 {
+            vec![shape[0], shape[1], 1, 1]
+        } else {
+            shape
+        };
+        tensors.push((
+            to,
+            TensorData::from_f32(lorafuse::weights::Dtype::F32, shape, &data).expect("data"),
+        ));
+    };
+    let unet = WeightFile::open(d.join("unet/diffusion_pytorch_model.safetensors")).expect("unet");
+    let res = |r: &str| {
+        r.replace("norm1.", "in_layers.0.")
+            .replace("conv1.", "in_layers.2.")
+            .replace("time_emb_proj.", "emb_layers.1.")
+            .replace("norm2.", "out_layers.0.")
+            .replace("conv2.", "out_layers.3.")
+            .replace("conv_shortcut.", "skip_connection.")
+    };
+    let unet_map: &[(&str, &str)] = &[
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("down_blocks.0.resnets.0.", "input_blocks.1.0."),
+        ("down_blocks.0.attentions.0.", "input_blocks.1.1."),
+        ("down_blocks.0.downsamplers.0.conv.", "input_blocks.2.0.op."),
+        ("down_blocks.1.resnets.0.", "input_blocks.3.0."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+        ("up_blocks.0.resnets.0.", "output_blocks.0.0."),
+        ("up_blocks.0.resnets.1.", "output_blocks.1.0."),
+        ("up_blocks.0.upsamplers.0.conv.", "output_blocks.1.1.conv."),
+        ("up_blocks.1.resnets.0.", "output_blocks.2.0."),
+        ("up_blocks.1.attentions.0.", "output_blocks.2.1."),
+        ("up_blocks.1.resnets.1.", "output_blocks.3.0."),
+        ("up_blocks.1.attentions.1.", "output_blocks.3.1."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ];
+    for k in unet.names() {
+        let (from, to) = unet_map
+            .iter()
+            .find(|(a, _)| k.starts_with(a))
+            .unwrap_or_else(|| panic!("unmapped {k}"));
+        let rest = &k[from.len()..];
+        let rest = if from.contains("resnets") {
+            res(rest)
+        } else {
+            rest.to_string()
+        };
+        add(&unet, k, format!("model.diffusion_model.{to}{rest}"), false);
+    }
+    let vae = WeightFile::open(d.join("vae/diffusion_pytorch_model.safetensors")).expect("vae");
+    for k in vae.names() {
+        let mut l = k.to_string();
+        for i in 0..4 {
+            l = l.replace(
+                &format!("encoder.down_blocks.{i}.resnets."),
+                &format!("encoder.down.{i}.block."),
+            );
+            l = l.replace(
+                &format!("encoder.down_blocks.{i}.downsamplers.0.conv."),
+                &format!("encoder.down.{i}.downsample.conv."),
+            );
+            l = l.replace(
+                &format!("decoder.up_blocks.{i}.resnets."),
+                &format!("decoder.up.{}.block.", 3 - i),
+            );
+            l = l.replace(
+                &format!("decoder.up_blocks.{i}.upsamplers.0.conv."),
+                &format!("decoder.up.{}.upsample.conv.", 3 - i),
+            );
+        }
+        for (a, b) in [
+            ("mid_block.resnets.0.", "mid.block_1."),
+            ("mid_block.resnets.1.", "mid.block_2."),
+            ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."),
+            ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
+            ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
+            ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
+            ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."),
+            ("conv_norm_out.", "norm_out."),
+            ("conv_shortcut.", "nin_shortcut."),
+        ] {
+            l = l.replace(a, b);
+        }
+        add(
+            &vae,
+            k,
+            format!("first_stage_model.{l}"),
+            k.contains("attentions.0.to_"),
+        );
+    }
+    let te = WeightFile::open(d.join("text_encoder/model.safetensors")).expect("te");
+    for k in te.names() {
+        let name = if k.starts_with("text_model.") {
+            k.to_string()
+        } else {
+            format!("text_model.{k}")
+        };
+        add(
+            &te,
+            k,
+            format!("cond_stage_model.transformer.{name}"),
+            false,
+        );
+    }
+    write_safetensors(out, tensors, None).expect("write");
+}
+
+#[test]
+fn single_file_checkpoint_matches_the_diffusers_folder() {
+    use lorafuse::train::single_file::{Part, SingleFile};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ckpt = tmp.path().join("tiny.safetensors");
+    tiny_as_ldm(&ckpt);
+    let d = tiny().join("diffusers");
+    let sf = SingleFile::with_configs(
+        &ckpt,
+        train::UNet2DConditionConfig::from_file(d.join("unet/config.json")).expect("cfg"),
+        train::AutoencoderKlConfig::from_file(d.join("vae/config.json")).expect("cfg"),
+        train::ClipTextConfig::from_file(d.join("text_encoder/config.json")).expect("cfg"),
+    )
+    .expect("open");
+    let src = train::ModelSource::SingleFile {
+        file: Box::new(sf),
+        tokenizer: d.join("tokenizer"),
+    };
+    let unet = src.unet(Device::Cpu, Kind::Float, None).expect("unet");
+    assert!(
+        unet.unused_keys
+            .iter()
+            .all(|k| !k.starts_with("model.diffusion_model.")),
+        "{:?}",
+        unet.unused_keys
+    );
+    let f = fixture("unet_io.safetensors");
+    let out = tch::no_grad(|| {
+        unet.model.forward(
+            &t(&f, "sample"),
+            &t(&f, "timestep"),
+            &t(&f, "encoder_hidden_states"),
+        )
+    });
+    assert_eq!(rel(&out, &t(&f, "out_sample")), 0.0);
+    let te = src
+        .text_encoder(Device::Cpu, Kind::Float, None)
+        .expect("te");
+    let f = fixture("text_encoder_io.safetensors");
+    let (last, _) = tch::no_grad(|| te.model.forward(&t(&f, "input_ids"))).expect("forward");
+    assert_eq!(rel(&last, &t(&f, "last_hidden_state")), 0.0);
+    let enc = src.vae_encoder(Device::Cpu, Kind::Float).expect("vae");
+    let f = fixture("vae_encoder_io.safetensors");
+    let (mean, _) = tch::no_grad(|| enc.model.encode(&t(&f, "sample")));
+    assert_eq!(rel(&mean, &t(&f, "mean")), 0.0);
+    let dec = src.vae_decoder(Device::Cpu, Kind::Float).expect("vae");
+    let f = fixture("vae_decoder_io.safetensors");
+    let img = tch::no_grad(|| dec.model.decode(&t(&f, "latent_sample")));
+    assert_eq!(rel(&img, &t(&f, "sample")), 0.0);
+    // every LDM key of the file found its diffusers name
+    if let train::ModelSource::SingleFile { file, .. } = &src {
+        use train::WeightSource;
+        let n: usize = [Part::Unet, Part::Vae, Part::TextEncoder]
+            .iter()
+            .map(|p| file.source(*p).keys().len())
+            .sum();
+        assert_eq!(n, WeightFile::open(&ckpt).expect("ckpt").len());
+    }
+}

@@ -26,13 +26,18 @@ pub enum InitArg {
 /// The script's options (`parse_args`), plus lorafuse's own after them.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// A local diffusers-layout pipeline folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/).
+    /// A local diffusers-layout pipeline folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/),
+    /// or an SD 1.x single-file `.safetensors` checkpoint (original LDM key names).
     #[arg(
         long = "pretrained_model_name_or_path",
         visible_alias = "pretrained-model-name-or-path",
         value_name = "DIR"
     )]
     pub pretrained_model_name_or_path: PathBuf,
+    /// The tokenizer folder (vocab.json + merges.txt) for a single-file checkpoint; default:
+    /// `tokenizer/` beside the file.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
     /// Accepted for compatibility (local folders have no revisions).
     #[arg(long, hide = true)]
     pub revision: Option<String>,
@@ -395,6 +400,7 @@ impl TrainArgs {
             every_steps: self.validation_steps,
         });
         let mut c = TrainConfig::new(self.pretrained_model_name_or_path.clone(), data);
+        c.tokenizer = self.tokenizer.clone();
         c.caption_column = self.caption_column.clone();
         c.image_column = if self.image_column == "image" {
             "file_name".into()

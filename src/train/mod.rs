@@ -21,6 +21,7 @@ pub mod noise;
 pub mod optim;
 pub mod output;
 pub mod resnet;
+pub mod single_file;
 pub mod trainer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
@@ -140,6 +141,131 @@ pub fn load_vae_decoder(root: &Path, device: Device, kind: Kind) -> Result<Loade
     let cfg = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
     let src = FileSource::open(component_weights(&dir, "diffusion_pytorch_model")?)?;
     build(&src, kind, device, None, |p| VaeDecoder::new(p, &cfg))
+}
+
+/// Where the base model comes from: a diffusers folder or an SD 1.x single-file checkpoint.
+pub enum ModelSource {
+    Diffusers(PathBuf),
+    SingleFile {
+        file: Box<single_file::SingleFile>,
+        tokenizer: PathBuf,
+    },
+}
+
+impl ModelSource {
+    /// `path` is a diffusers pipeline folder or a `.safetensors` single-file checkpoint; single
+    /// files carry no tokenizer, so `tokenizer` (or a `tokenizer/` folder beside the file) names one.
+    pub fn open(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        if path.is_dir() {
+            if !path.join("unet").is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: not a diffusers pipeline folder (no unet/) nor a single-file checkpoint",
+                    path.display()
+                )));
+            }
+            return Ok(Self::Diffusers(path.to_path_buf()));
+        }
+        if !path.is_file() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder or file"),
+            ));
+        }
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(Error::InvalidArgument(format!(
+                "{}: only .safetensors single-file checkpoints are read (pickled .ckpt files are not)",
+                path.display()
+            )));
+        }
+        let file = Box::new(single_file::SingleFile::open(path)?);
+        let beside = path.parent().map(|p| p.join("tokenizer"));
+        let tokenizer = match (tokenizer, beside) {
+            (Some(t), _) => t.to_path_buf(),
+            (None, Some(b)) if b.is_dir() => b,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: single-file checkpoints carry no tokenizer; pass --tokenizer DIR (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/)",
+                    path.display()
+                )));
+            }
+        };
+        Ok(Self::SingleFile { file, tokenizer })
+    }
+
+    pub fn unet(
+        &self,
+        device: Device,
+        kind: Kind,
+        lora: Option<LoraConfig>,
+    ) -> Result<Loaded<UNet2DConditionModel>> {
+        match self {
+            Self::Diffusers(root) => load_unet(root, device, kind, lora),
+            Self::SingleFile { file, .. } => {
+                let src = file.source(single_file::Part::Unet);
+                build(&src, kind, device, lora, |p| {
+                    UNet2DConditionModel::new(p, &file.unet)
+                })
+            }
+        }
+    }
+
+    pub fn text_encoder(
+        &self,
+        device: Device,
+        kind: Kind,
+        lora: Option<LoraConfig>,
+    ) -> Result<Loaded<ClipTextModel>> {
+        match self {
+            Self::Diffusers(root) => load_text_encoder(root, device, kind, lora),
+            Self::SingleFile { file, .. } => {
+                let src = file.source(single_file::Part::TextEncoder);
+                build(&src, kind, device, lora, |p| {
+                    ClipTextModel::new(p, &file.text)
+                })
+            }
+        }
+    }
+
+    pub fn vae_encoder(&self, device: Device, kind: Kind) -> Result<Loaded<VaeEncoder>> {
+        match self {
+            Self::Diffusers(root) => load_vae_encoder(root, device, kind),
+            Self::SingleFile { file, .. } => {
+                let src = file.source(single_file::Part::Vae);
+                build(&src, kind, device, None, |p| VaeEncoder::new(p, &file.vae))
+            }
+        }
+    }
+
+    pub fn vae_decoder(&self, device: Device, kind: Kind) -> Result<Loaded<VaeDecoder>> {
+        match self {
+            Self::Diffusers(root) => load_vae_decoder(root, device, kind),
+            Self::SingleFile { file, .. } => {
+                let src = file.source(single_file::Part::Vae);
+                build(&src, kind, device, None, |p| VaeDecoder::new(p, &file.vae))
+            }
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<crate::pipeline::tokenizer::ClipTokenizer> {
+        match self {
+            Self::Diffusers(root) => {
+                crate::pipeline::tokenizer::ClipTokenizer::from_dir(root.join("tokenizer"))
+            }
+            Self::SingleFile { tokenizer, .. } => {
+                crate::pipeline::tokenizer::ClipTokenizer::from_dir(tokenizer)
+            }
+        }
+    }
+
+    /// `scheduler/scheduler_config.json`, or SD 1.5's for a single file.
+    pub fn scheduler_config(&self) -> Result<crate::pipeline::scheduler::SchedulerConfig> {
+        match self {
+            Self::Diffusers(root) => crate::pipeline::scheduler::SchedulerConfig::from_file(
+                root.join("scheduler/scheduler_config.json"),
+            ),
+            Self::SingleFile { .. } => Ok(crate::pipeline::scheduler::SchedulerConfig::sd15()),
+        }
+    }
 }
 
 /// `--device auto|cpu|cuda|cuda:N`.

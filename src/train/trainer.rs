@@ -70,8 +70,11 @@ impl MixedPrecision {
 /// Everything a training run needs (the CLI maps the script's flags onto it).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
-    /// A diffusers-layout pipeline folder.
+    /// A diffusers-layout pipeline folder or an SD 1.x single-file `.safetensors` checkpoint.
     pub pretrained_model: PathBuf,
+    /// The tokenizer folder for a single-file checkpoint (default: `tokenizer/` beside it).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
     pub train_data_dir: PathBuf,
     pub caption_column: String,
     pub image_column: String,
@@ -120,6 +123,7 @@ impl TrainConfig {
     pub fn new(pretrained_model: PathBuf, train_data_dir: PathBuf) -> Self {
         Self {
             pretrained_model,
+            tokenizer: None,
             train_data_dir,
             caption_column: "text".into(),
             image_column: "file_name".into(),
@@ -413,13 +417,7 @@ pub fn train(
     if cfg.lora.rank <= 0 {
         return Err(Error::InvalidArgument("--rank must be ≥ 1".into()));
     }
-    let root = &cfg.pretrained_model;
-    if !root.join("model_index.json").is_file() && !root.join("unet").is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: not a diffusers pipeline folder (no model_index.json / unet/)",
-            root.display()
-        )));
-    }
+    let source = super::ModelSource::open(&cfg.pretrained_model, cfg.tokenizer.as_deref())?;
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
 
     // ---- resume: which checkpoint, and its seed
@@ -491,12 +489,11 @@ pub fn train(
     )));
 
     // ---- models
-    let sched_path = root.join("scheduler/scheduler_config.json");
-    let sched_cfg = SchedulerConfig::from_file(&sched_path)?;
+    let sched_cfg = source.scheduler_config()?;
     let noise = NoiseSchedule::new(&sched_cfg, device)?;
     let prediction = cfg.prediction_type.unwrap_or(noise.prediction);
-    let tokenizer = ClipTokenizer::from_dir(root.join("tokenizer"))?;
-    let unet = super::load_unet(root, device, kind, Some(cfg.lora.clone()))?;
+    let tokenizer = source.tokenizer()?;
+    let unet = source.unet(device, kind, Some(cfg.lora.clone()))?;
     if unet.lora_modules.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "no UNet module matches the LoRA targets {:?}",
@@ -508,13 +505,13 @@ pub fn train(
             "UNet weight `{k}` is not used by the model"
         )));
     }
-    let text = super::load_text_encoder(root, device, kind, cfg.text_encoder_lora.clone())?;
+    let text = source.text_encoder(device, kind, cfg.text_encoder_lora.clone())?;
     if cfg.text_encoder_lora.is_some() && text.lora_modules.is_empty() {
         return Err(Error::InvalidArgument(
             "no text encoder module matches the text encoder LoRA targets".into(),
         ));
     }
-    let vae = super::load_vae_encoder(root, device, kind)?;
+    let vae = source.vae_encoder(device, kind)?;
     let scaling_factor = vae.model.config.scaling_factor;
     let latent_c = vae.model.config.latent_channels;
     init_lora(
@@ -808,6 +805,7 @@ pub fn train(
                 && global_step % every == 0
             {
                 validate(
+                    &source,
                     cfg,
                     &models.unet.model,
                     &mut validator,
@@ -831,6 +829,7 @@ pub fn train(
             && epoch % every == 0
         {
             validate(
+                &source,
                 cfg,
                 &models.unet.model,
                 &mut validator,
@@ -851,6 +850,7 @@ pub fn train(
     on_event(Event::Saved(&out));
     if cfg.validation.is_some() {
         validate(
+            &source,
             cfg,
             &models.unet.model,
             &mut validator,
@@ -879,6 +879,7 @@ pub fn train(
 
 #[allow(clippy::too_many_arguments)]
 fn validate(
+    source: &super::ModelSource,
     cfg: &TrainConfig,
     unet: &UNet2DConditionModel,
     validator: &mut Option<Validator>,
@@ -894,10 +895,9 @@ fn validate(
         return Ok(());
     };
     if validator.is_none() {
-        let root = &cfg.pretrained_model;
         *validator = Some(Validator {
-            text_encoder: super::load_text_encoder(root, device, kind, None)?.model,
-            vae: super::load_vae_decoder(root, device, kind)?.model,
+            text_encoder: source.text_encoder(device, kind, None)?.model,
+            vae: source.vae_decoder(device, kind)?.model,
             tokenizer: tokenizer.clone(),
             scheduler: sched.clone(),
             device,
