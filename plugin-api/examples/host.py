@@ -34,6 +34,7 @@ class PipelineOptions(C.Structure):
         ("cuda_device_id", C.c_int32),
         ("intra_threads", C.c_uint32),
         ("ort_library", C.c_char_p),
+        ("tf32", C.c_bool),
     ]
 
 

@@ -114,6 +114,9 @@ typedef struct LorafusePipelineOptions {
   // different library than the one lorafuse already uses is an error (one ONNX Runtime per
   // process).
   const char *ort_library;
+  // With CUDA, let fp32 matrix products run in TF32 (faster; fp32 results then differ from the
+  // CPU's, as `lorafuse generate --tf32`). Default false.
+  bool tf32;
 } LorafusePipelineOptions;
 
 // Called after every denoising step with the steps done and the total over the whole call (all

@@ -154,6 +154,9 @@ pub struct LorafusePipelineOptions {
     /// different library than the one lorafuse already uses is an error (one ONNX Runtime per
     /// process).
     pub ort_library: *const c_char,
+    /// With CUDA, let fp32 matrix products run in TF32 (faster; fp32 results then differ from the
+    /// CPU's, as `lorafuse generate --tf32`). Default false.
+    pub tf32: bool,
 }
 
 /// What to generate. Fill with `init_generate_params`, then set `prompt` and what else you need.
@@ -378,7 +381,8 @@ const _: () = {
     if P == 8 {
         assert!(offset_of!(LorafusePipelineOptions, model_dir) == 8);
         assert!(offset_of!(LorafusePipelineOptions, ort_library) == 24);
-        assert!(size_of::<LorafusePipelineOptions>() == 32);
+        assert!(offset_of!(LorafusePipelineOptions, tf32) == 32);
+        assert!(size_of::<LorafusePipelineOptions>() == 40);
         assert!(offset_of!(LorafuseGenerateParams, seed) == 32);
         assert!(offset_of!(LorafuseGenerateParams, prompt) == 40);
         assert!(offset_of!(LorafuseGenerateParams, userdata) == 72);

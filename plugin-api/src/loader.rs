@@ -234,6 +234,7 @@ impl Plugin {
         raw.cuda_device_id = o.cuda_device_id;
         raw.intra_threads = o.intra_threads;
         raw.ort_library = ort.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        raw.tf32 = o.tf32;
         let mut out = std::ptr::null_mut();
         unsafe { self.check((self.api.create_pipeline)(&raw, &mut out))? };
         Ok(Pipeline {
@@ -333,6 +334,7 @@ fn blank_pipeline_options() -> LorafusePipelineOptions {
         cuda_device_id: 0,
         intra_threads: 0,
         ort_library: std::ptr::null(),
+        tf32: false,
     }
 }
 
@@ -366,6 +368,8 @@ pub struct PipelineOptions {
     pub intra_threads: u32,
     /// `None`: the ONNX Runtime already in the process, else the default search.
     pub ort_library: Option<PathBuf>,
+    /// With CUDA, fp32 matrix products in TF32.
+    pub tf32: bool,
 }
 
 impl PipelineOptions {
@@ -376,6 +380,7 @@ impl PipelineOptions {
             cuda_device_id: 0,
             intra_threads: 0,
             ort_library: None,
+            tf32: false,
         }
     }
 }

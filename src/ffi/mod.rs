@@ -276,6 +276,7 @@ unsafe extern "C" fn init_pipeline_options(
             cuda_device_id: 0,
             intra_threads: 0,
             ort_library: std::ptr::null(),
+            tf32: false,
         };
         Ok(())
     })
@@ -364,7 +365,7 @@ unsafe extern "C" fn create_pipeline(
             session: SessionOptions {
                 device,
                 intra_threads,
-                tf32: false,
+                tf32: o.tf32,
             },
             ort_library,
         })?;
