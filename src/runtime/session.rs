@@ -75,15 +75,19 @@ fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionO
     match opts.device {
         Device::Cpu => {}
         Device::Auto => {
-            // CUDA when its provider registers; otherwise the same builder on the CPU, with a warning
-            // once per process (the CPU ORT build simply has no CUDA provider).
-            match builder.with_execution_providers([ort::ep::CUDA::default().with_tf32(opts.tf32).build().error_on_failure()]) {
-                Ok(b) => builder = b,
-                Err(e) => {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    let msg = e.message().to_string();
-                    WARNED.call_once(|| eprintln!("warning: CUDA is not available ({msg}); running on the CPU"));
-                    builder = e.recover();
+            // CUDA when this ONNX Runtime build has the provider and it registers; a CPU-only build
+            // (the `onnxruntime` wheel) runs on the CPU silently, a GPU build that fails to set up
+            // CUDA warns once per process and runs on the CPU.
+            use ort::ep::ExecutionProvider;
+            if ort::ep::CUDA::is_available().unwrap_or(false) {
+                match builder.with_execution_providers([ort::ep::CUDA::default().with_tf32(opts.tf32).build().error_on_failure()]) {
+                    Ok(b) => builder = b,
+                    Err(e) => {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        let msg = e.message().to_string();
+                        WARNED.call_once(|| eprintln!("warning: CUDA is not available ({msg}); running on the CPU"));
+                        builder = e.recover();
+                    }
                 }
             }
         }
