@@ -98,3 +98,27 @@ fn merge_cli_reports_and_writes_a_pipeline_that_generates() {
         lorafuse(&["generate", "-m", out.to_str().unwrap_or_default(), "-p", "x", "--steps", "2", "-o", png.to_str().unwrap_or_default()]);
     assert!(ok && png.is_file(), "{stderr}");
 }
+
+#[test]
+fn inspect_lora_files_and_models() {
+    let p = tiny("loras/kohya_wide.safetensors");
+    let (ok, stdout, stderr) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(v["lora"]["dialect"], "kohya (lora_unet_/lora_te_)");
+    assert_eq!((v["lora"]["unet_modules"].as_u64(), v["lora"]["text_encoder_modules"].as_u64()), (Some(77), Some(12)));
+    assert_eq!(v["lora"]["ranks"]["2"], 89);
+    assert_eq!(v["lora"]["alphas"]["3"], 89, "alpha 3 at rank 2 (scale 1.5)");
+    let p = tiny("loras/diffusers.safetensors");
+    let (_, stdout, _) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(v["metadata"]["lora_adapter_metadata"].as_str().is_some_and(|m| m.contains("lora_alpha")), "{v}");
+    let p = tiny("onnx-extdata/unet/model.onnx");
+    let (ok, stdout, stderr) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let g = &v["models"][0]["graph"];
+    assert_eq!(g["lora_target_modules"], 83);
+    assert_eq!(g["external_data"][0]["location"], "model.onnx_data");
+    assert_eq!(g["opset_imports"][0]["version"], 17);
+}
