@@ -345,6 +345,43 @@ pub fn merge_pipeline(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<MergeReport> {
     let dir = OnnxPipelineDir::open(src)?;
+    check_output(src, out)?;
+    let plan = plan(&dir, loras, opts)?;
+    let patched: BTreeMap<String, usize> = plan.counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect();
+    let report = MergeReport { out: out.to_path_buf(), loras: plan.reports.clone(), patched, dry_run };
+    if dry_run {
+        return Ok(report);
+    }
+
+    let tmp = temp_dir_beside(out)?;
+    // Files of the components we rewrite are produced by the patch writer; everything else is copied.
+    let rewritten: Vec<(OnnxComponent, &ComponentPlan)> =
+        plan.components.iter().filter(|c| !c.is_empty()).map(|c| (c.component, c)).collect();
+    let skip_dirs: Vec<PathBuf> = rewritten.iter().map(|(c, _)| src.join(c.dir_name())).collect();
+    let is_rewritten = |f: &Path| {
+        skip_dirs.iter().any(|d| f.parent() == Some(d.as_path())) && {
+            let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n == "model.onnx" || n.ends_with(".onnx_data") || n.ends_with(".data")
+        }
+    };
+    let (mut done, total) = copy_tree_except(src, tmp.path(), &is_rewritten, progress)?;
+    for (c, cp) in &rewritten {
+        let merged = plan.merged(*c)?;
+        let mut replacements = HashMap::with_capacity(merged.len());
+        for m in merged {
+            replacements.insert(m.initializer, encode_like(m.dtype, &m.values)?);
+        }
+        let out_dir = tmp.path().join(c.dir_name());
+        let written = crate::onnx::write::write_patched(&cp.model, &replacements, &out_dir)?;
+        done += 1 + written.data_files.len();
+        progress(done.min(total), total, c.dir_name());
+    }
+    finish(tmp, out)?;
+    Ok(report)
+}
+
+/// Refuse an existing output, or one inside the input.
+fn check_output(src: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!("{}: output already exists; choose a new folder", out.display())));
     }
@@ -360,65 +397,121 @@ pub fn merge_pipeline(
             }
         }
     }
-    let plan = plan(&dir, loras, opts)?;
-    let patched: BTreeMap<String, usize> = plan.counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect();
-    let report = MergeReport { out: out.to_path_buf(), loras: plan.reports.clone(), patched, dry_run };
-    if dry_run {
-        return Ok(report);
-    }
+    Ok(())
+}
 
+/// A temporary folder beside `out` (same file system, so the final rename is atomic); removed on drop.
+fn temp_dir_beside(out: &Path) -> Result<tempfile::TempDir> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.lorafuse-"))
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    tempfile::Builder::new().prefix(&format!(".{name}.lorafuse-")).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))
+}
 
-    // Files of the components we rewrite are produced by the patch writer; everything else is copied.
-    let rewritten: Vec<(OnnxComponent, &ComponentPlan)> =
-        plan.components.iter().filter(|c| !c.is_empty()).map(|c| (c.component, c)).collect();
-    let skip_dirs: Vec<PathBuf> = rewritten.iter().map(|(c, _)| src.join(c.dir_name())).collect();
+/// Copy every file under `src` to `dst` except those `skip` selects; returns (copied, total files).
+fn copy_tree_except(
+    src: &Path,
+    dst: &Path,
+    skip: &dyn Fn(&Path) -> bool,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<(usize, usize)> {
     let mut files = Vec::new();
     list_files(src, &mut files)?;
     let total = files.len();
-    let mut done = 0usize;
+    let mut done = 0;
     for f in &files {
+        if skip(f) {
+            continue;
+        }
         let rel = f.strip_prefix(src).map_err(|_| Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display())))?;
-        let in_rewritten = skip_dirs.iter().any(|d| f.parent() == Some(d.as_path()));
-        let is_model_data = in_rewritten && {
-            let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            n == "model.onnx" || n.ends_with(".onnx_data") || n.ends_with(".data")
-        };
-        if !is_model_data {
-            let dst = tmp.path().join(rel);
-            if let Some(p) = dst.parent() {
-                std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
-            }
-            std::fs::copy(f, &dst).map_err(|e| Error::io(f, e))?;
-            done += 1;
-            progress(done, total, &rel.to_string_lossy());
+        let to = dst.join(rel);
+        if let Some(p) = to.parent() {
+            std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
         }
+        std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
+        done += 1;
+        progress(done, total, &rel.to_string_lossy());
     }
-    for (c, cp) in &rewritten {
-        let merged = plan.merged(*c)?;
-        let mut replacements = HashMap::with_capacity(merged.len());
-        for m in merged {
-            replacements.insert(m.initializer, encode_like(m.dtype, &m.values)?);
-        }
-        let out_dir = tmp.path().join(c.dir_name());
-        let written = crate::onnx::write::write_patched(&cp.model, &replacements, &out_dir)?;
-        done += 1 + written.data_files.len();
-        progress(done.min(total), total, c.dir_name());
-    }
+    Ok((done, total))
+}
+
+/// Move the finished temporary folder into place.
+fn finish(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
     let tmp_path = tmp.keep();
     std::fs::rename(&tmp_path, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp_path);
         Error::io(out, e)
-    })?;
+    })
+}
+
+/// Merge LoRAs into a diffusers-layout folder (`unet/diffusion_pytorch_model.safetensors`,
+/// `text_encoder/model.safetensors`), writing a complete copy at `out` the same atomic way as
+/// [`merge_pipeline`]: what trainers and diffusers users merge into.
+pub fn merge_diffusers_pipeline(
+    src: &Path,
+    out: &Path,
+    loras: &[LoraSpec],
+    opts: &MergeOptions,
+    dry_run: bool,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<MergeReport> {
+    check_output(src, out)?;
+    let modules = ModuleList::from_diffusers_dir(src)?;
+    let mut adapters = Vec::with_capacity(loras.len());
+    let mut reports = Vec::with_capacity(loras.len());
+    for spec in loras {
+        let a = lora_format::read(&spec.path, &ReadOptions { modules: Some(&modules), adapter_config: None })?;
+        if a.is_sdxl() {
+            return Err(Error::Lora { file: spec.path.clone(), msg: "this is an SDXL LoRA; the pipeline is SD 1.x".into() });
+        }
+        let unmapped: Vec<String> = a.unmapped.iter().map(|u| u.to_string()).collect();
+        if opts.strict && !unmapped.is_empty() {
+            return Err(Error::Lora { file: spec.path.clone(), msg: format!("{} keys map nowhere (strict mode): {}", unmapped.len(), unmapped[0]) });
+        }
+        reports.push(LoraReport {
+            path: spec.path.clone(),
+            weight: spec.weight,
+            dialect: a.dialect.to_string(),
+            unet_modules: a.modules.iter().filter(|m| m.component == Component::Unet).count(),
+            text_encoder_modules: a.modules.iter().filter(|m| m.component == Component::TextEncoder).count(),
+            unmapped,
+            notes: a.notes.clone(),
+        });
+        adapters.push(a);
+    }
+    let files = [
+        (Component::Unet, "unet/diffusion_pytorch_model.safetensors", opts.unet_scale),
+        (Component::TextEncoder, "text_encoder/model.safetensors", opts.text_encoder_scale),
+    ];
+    let mut report = MergeReport { out: out.to_path_buf(), loras: reports, patched: BTreeMap::new(), dry_run };
+    if dry_run {
+        for (c, rel, _) in files {
+            let n = adapters.iter().flat_map(|a| &a.modules).filter(|m| m.component == c).count();
+            report.patched.insert(rel.to_string(), n);
+        }
+        return Ok(report);
+    }
+    let tmp = temp_dir_beside(out)?;
+    let skip = |f: &Path| files.iter().any(|(_, rel, _)| f == src.join(rel));
+    copy_tree_except(src, tmp.path(), &skip, progress)?;
+    for (c, rel, scale) in files {
+        let base = src.join(rel);
+        if !base.is_file() {
+            continue;
+        }
+        let weighted: Vec<(&LoraAdapter, f32)> = adapters.iter().zip(loras).map(|(a, s)| (a, s.weight * scale)).collect();
+        let r = lora_merge::merge_state_dict(&base, c, &weighted, tmp.path().join(rel))?;
+        report.patched.insert(rel.to_string(), r.merged.len());
+        for u in r.unmatched {
+            if let Some(l) = report.loras.first_mut() {
+                l.unmapped.push(u);
+            }
+        }
+    }
+    finish(tmp, out)?;
     Ok(report)
 }
 

@@ -353,3 +353,33 @@ fn lora_spec_parsing() {
     assert_eq!((s.path, s.weight), (PathBuf::from("c:/x/y.safetensors"), 1.0));
     assert!("x.safetensors:inf".parse::<LoraSpec>().is_err());
 }
+
+#[test]
+fn diffusers_layout_merge_matches_fuse_lora_weights() {
+    // Trainers merge into a diffusers folder: the merged safetensors must hold diffusers' fused weights.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("merged");
+    let specs = [LoraSpec { path: tiny("loras/diffusers_wide.safetensors"), weight: 1.0 }];
+    let r = lorafuse::merge::merge_diffusers_pipeline(&tiny("diffusers"), &out, &specs, &MergeOptions::default(), false, &mut |_, _, _| {})
+        .expect("merge");
+    assert_eq!(r.patched.get("unet/diffusion_pytorch_model.safetensors"), Some(&77));
+    let fused = read(&tiny("expected/fused_diffusers_wide.safetensors"));
+    let unet = read(&out.join("unet/diffusion_pytorch_model.safetensors"));
+    let te = read(&out.join("text_encoder/model.safetensors"));
+    let bytes = std::fs::read(tiny("expected/fused_diffusers_wide.safetensors")).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("st");
+    let mut n = 0;
+    for name in st.names() {
+        let (_, want) = fused.f32(name);
+        let (got_file, key) = match name.strip_prefix("unet.") {
+            Some(k) => (&unet, k.to_string()),
+            None => (&te, name.strip_prefix("text_encoder.").expect("prefix").to_string()),
+        };
+        let (_, got) = got_file.f32(&key);
+        let (a, _) = diff(&got, &want);
+        assert!(a <= 1e-5, "{name}: {a}");
+        n += 1;
+    }
+    assert_eq!(n, 89);
+    assert!(out.join("vae/diffusion_pytorch_model.safetensors").is_file() && out.join("tokenizer/vocab.json").is_file());
+}

@@ -7,11 +7,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::merge::{LoraSpec, MergeOptions, MergeReport, merge_pipeline};
+use crate::layout::{PathKind, classify};
+use crate::merge::{LoraSpec, MergeOptions, MergeReport, merge_diffusers_pipeline, merge_pipeline};
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// ONNX pipeline folder (optimum layout) to read; never modified.
+    /// Pipeline folder to read (ONNX optimum layout, or diffusers layout with safetensors); never modified.
     #[arg(long, short = 'm')]
     pub model: PathBuf,
     /// A LoRA file with an optional weight, FILE[:WEIGHT] (default weight 1). Repeat for several.
@@ -45,11 +46,15 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .progress_chars("=> "),
     );
-    let report = merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut |done, total, what| {
+    let mut progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
-    });
+    };
+    let report = match classify(&a.model)? {
+        PathKind::DiffusersPipeline => merge_diffusers_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
+        _ => merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
+    };
     bar.finish_and_clear();
     let report = report.with_context(|| format!("merging into {}", a.model.display()))?;
     if a.json {
