@@ -132,3 +132,35 @@ fn one_step_matches_peft_and_torch_adamw() {
     assert!(worst_after.0 <= 1e-5, "after {worst_after:?}");
     assert!(worst_update.0 <= 1e-3, "update {worst_update:?}");
 }
+
+#[test]
+fn flat_gradients_accumulate_in_place_after_aliasing() {
+    let mut vars = BTreeMap::new();
+    vars.insert(
+        "a".to_string(),
+        Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true),
+    );
+    vars.insert(
+        "b".to_string(),
+        Tensor::from_slice(&[4f32, 5.0])
+            .reshape([1, 2])
+            .set_requires_grad(true),
+    );
+    let mut f = FlatParams::adopt(&vars);
+    let p = f.by_name();
+    let loss = || (&p["a"] * 2.0).sum(Kind::Float) + p["b"].square().sum(Kind::Float);
+    let v = |t: &Tensor| Vec::<f32>::try_from(t.shallow_clone()).expect("vec");
+    loss().backward();
+    let g1 = f.flat_grad(); // first call: concatenated, then the gradients are aliased into it
+    assert_eq!(v(&g1), [2.0, 2.0, 2.0, 8.0, 10.0]);
+    f.zero_grad();
+    assert_eq!(v(&f.flat_grad()), [0.0; 5]);
+    loss().backward();
+    loss().backward(); // accumulates
+    assert_eq!(v(&f.flat_grad()), [4.0, 4.0, 4.0, 16.0, 20.0]);
+    assert_eq!(
+        v(&p["b"].grad().flatten(0, -1)),
+        [16.0, 20.0],
+        "the parameter's own .grad is the buffer view"
+    );
+}

@@ -266,7 +266,9 @@ impl LoraLinear {
                 // weights are cast to the compute dtype instead (what autocast does for matmul).
                 let k = x.kind();
                 let (a, b) = (a.to_kind(k), b.to_kind(k));
-                y + x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * *s
+                let d = x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+                // scaling 1 (alpha = rank, the script's setting) costs no extra kernel
+                if *s == 1.0 { y + d } else { y + d * *s }
             }
         }
     }
@@ -314,7 +316,8 @@ impl LoraConv2d {
                 let k = x.kind();
                 let (a, b) = (a.to_kind(k), b.to_kind(k));
                 let h = x.conv2d::<Tensor>(&a, None, s, pd, [1, 1], 1);
-                y + h.conv2d::<Tensor>(&b, None, [1, 1], [0, 0], [1, 1], 1) * *sc
+                let d = h.conv2d::<Tensor>(&b, None, [1, 1], [0, 0], [1, 1], 1);
+                if *sc == 1.0 { y + d } else { y + d * *sc }
             }
         }
     }

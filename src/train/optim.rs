@@ -30,6 +30,9 @@ pub struct FlatParams {
     pub params: Vec<Tensor>,
     /// The buffer behind every parameter.
     pub flat: Tensor,
+    /// Once every parameter has a gradient, the gradients too live in one buffer (autograd then
+    /// accumulates into it in place: no per-tensor zeroing, no concatenation).
+    grad: Option<Tensor>,
 }
 
 impl FlatParams {
@@ -64,6 +67,7 @@ impl FlatParams {
             layout,
             params,
             flat,
+            grad: None,
         }
     }
 
@@ -80,8 +84,14 @@ impl FlatParams {
         self.flat.numel() as i64
     }
 
-    /// All gradients as one flat tensor (zeros where a parameter got none).
-    pub fn flat_grad(&self) -> Tensor {
+    /// All gradients as one flat tensor (zeros where a parameter got none). After the first
+    /// call where every parameter has a gradient, this is the gradient buffer itself (modified in
+    /// place by clipping/unscaling; [`FlatParams::zero_grad`] clears it).
+    pub fn flat_grad(&mut self) -> Tensor {
+        if let Some(g) = &self.grad {
+            return g.shallow_clone();
+        }
+        let all_defined = self.params.iter().all(|p| p.grad().defined());
         let parts: Vec<Tensor> = self
             .params
             .iter()
@@ -94,12 +104,32 @@ impl FlatParams {
                 }
             })
             .collect();
-        Tensor::cat(&parts, 0)
+        let flat = Tensor::cat(&parts, 0);
+        if all_defined {
+            // `param.grad.data = flat_grad[a:b].view_as(param)`: AccumulateGrad adds into the
+            // existing gradient in place, so from now on backward writes straight into `flat`.
+            tch::no_grad(|| {
+                for ((_, off, shape), p) in self.layout.iter().zip(&self.params) {
+                    let numel: i64 = shape.iter().product();
+                    let mut g = p.grad();
+                    g.set_data(&flat.narrow(0, *off, numel).view(shape.as_slice()));
+                }
+            });
+            self.grad = Some(flat.shallow_clone());
+        }
+        flat
     }
 
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.zero_grad();
+        match &mut self.grad {
+            Some(g) => {
+                let _ = g.zero_();
+            }
+            None => {
+                for p in &mut self.params {
+                    p.zero_grad();
+                }
+            }
         }
     }
 

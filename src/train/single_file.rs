@@ -314,9 +314,20 @@ impl SingleFile {
     }
 
     /// Like [`SingleFile::open`] but with the configs given (checkpoints of non-SD-1.5 shapes).
-    pub fn with_configs(path: &Path, unet: UNet2DConditionConfig, vae: AutoencoderKlConfig, text: ClipTextConfig) -> Result<Self> {
+    pub fn with_configs(
+        path: &Path,
+        unet: UNet2DConditionConfig,
+        vae: AutoencoderKlConfig,
+        text: ClipTextConfig,
+    ) -> Result<Self> {
         let file = std::sync::Arc::new(WeightFile::open(path)?);
-        Ok(Self { path: path.to_path_buf(), file, unet, vae, text })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            unet,
+            vae,
+            text,
+        })
     }
 
     pub fn source(&self, part: Part) -> LdmSource {

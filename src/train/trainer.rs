@@ -252,28 +252,34 @@ pub fn epoch_order(seed: u64, epoch: i64, n: usize) -> Vec<usize> {
 /// `libcudart` libtorch already loaded. `None` off CUDA.
 pub fn cuda_mem_used() -> Option<u64> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
-    const RTLD_NOLOAD: i32 = 4;
-    for name in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
-        // SAFETY: RTLD_NOLOAD only returns a library that is already loaded (by libtorch_cuda);
-        // nothing is initialised by this call.
-        let lib = unsafe {
-            libloading::os::unix::Library::open(
-                Some(name),
-                libloading::os::unix::RTLD_NOW | RTLD_NOLOAD,
-            )
-        };
-        let Ok(lib) = lib else { continue };
-        // SAFETY: cudaMemGetInfo has this C signature in every CUDA runtime.
-        let f = unsafe { lib.get::<MemGetInfo>(b"cudaMemGetInfo\0") };
-        let Ok(f) = f else { continue };
-        let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: two valid out-pointers.
-        let rc = unsafe { f(&mut free, &mut total) };
-        if rc == 0 {
-            return Some((total - free) as u64);
+    static FN: std::sync::OnceLock<Option<MemGetInfo>> = std::sync::OnceLock::new();
+    let f = (*FN.get_or_init(|| {
+        const RTLD_NOLOAD: i32 = 4;
+        for name in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
+            // SAFETY: RTLD_NOLOAD only returns a library that is already loaded (by
+            // libtorch_cuda); nothing is initialised by this call.
+            let lib = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(name),
+                    libloading::os::unix::RTLD_NOW | RTLD_NOLOAD,
+                )
+            };
+            let Ok(lib) = lib else { continue };
+            // SAFETY: cudaMemGetInfo has this C signature in every CUDA runtime.
+            let Ok(sym) = (unsafe { lib.get::<MemGetInfo>(b"cudaMemGetInfo\0") }) else {
+                continue;
+            };
+            let f = *sym;
+            // keep the (already loaded) library mapped for the process lifetime
+            std::mem::forget(lib);
+            return Some(f);
         }
-    }
-    None
+        None
+    }))?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two valid out-pointers.
+    let rc = unsafe { f(&mut free, &mut total) };
+    (rc == 0).then(|| total.saturating_sub(free) as u64)
 }
 
 struct Cache {
