@@ -386,6 +386,10 @@ fn kohya_folders_and_jsonl_captions() {
             .expect("txt");
         }
     }
+    // a JPEG too (kohya folders are mostly JPEGs)
+    let png = image::open(sub.join("0001.png")).expect("png").to_rgb8();
+    png.save(sub.join("0001b.jpg")).expect("jpeg");
+    std::fs::write(sub.join("0001b.txt"), "shape jpeg").expect("txt");
     let opts = DatasetOptions::default();
     let e = Dataset::open(&k, &opts)
         .err()
@@ -400,7 +404,18 @@ fn kohya_folders_and_jsonl_captions() {
         },
     )
     .expect("kohya");
-    assert_eq!((ds.layout.as_str(), ds.len()), ("kohya", 20));
+    assert_eq!((ds.layout.as_str(), ds.len()), ("kohya", 30));
+    let jpg = ds
+        .examples
+        .iter()
+        .find(|e| e.image.extension().is_some_and(|x| x == "jpg"))
+        .expect("jpg listed");
+    assert_eq!(
+        lorafuse::train::dataset::load_rgb(&jpg.image)
+            .expect("decode jpeg")
+            .dimensions(),
+        (64, 64)
+    );
     assert_eq!(ds.tag_frequency()["10_shapes"]["simple"], 20);
 
     // jsonl with a list of captions per image
