@@ -23,11 +23,17 @@ fn main() {
         );
         return;
     };
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
+    // Executables only (the CLI, tests, examples, benches): the cdylib never needs libtorch.
+    let cuda = lib_dir.join("libtorch_cuda.so").exists();
+    if cuda {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    for kind in ["bins", "tests", "examples", "benches"] {
+        println!("cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}", lib_dir.display());
+        if cuda {
+            println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg-{kind}=-ltorch_cuda");
+            println!("cargo:rustc-link-arg-{kind}=-Wl,--as-needed");
+        }
     }
 }

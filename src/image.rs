@@ -110,3 +110,62 @@ pub fn a1111_parameters(prompt: &str, negative_prompt: &str, settings: &[(&str, 
     s.push_str(&line.join(", "));
     s
 }
+
+/// What one generated image's `parameters` text records (shared by the CLI and the C ABI, so both
+/// write the same text for the same settings).
+#[derive(Debug, Clone)]
+pub struct ImageSettings<'a> {
+    /// The prompt as the user wrote it (A1111 keeps `<lora:...>` tags in it).
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub steps: usize,
+    /// lorafuse scheduler name (`dpmpp_2m_karras`, ...).
+    pub scheduler: &'a str,
+    pub guidance_scale: f32,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub model: &'a str,
+    pub loras: &'a [crate::merge::LoraSpec],
+}
+
+/// The A1111 `parameters` text for one image.
+pub fn generation_parameters(s: &ImageSettings<'_>) -> String {
+    let mut settings = vec![
+        ("Steps", s.steps.to_string()),
+        ("Sampler", a1111_sampler_name(s.scheduler)),
+        ("CFG scale", s.guidance_scale.to_string()),
+        ("Seed", s.seed.to_string()),
+        ("Size", format!("{}x{}", s.width, s.height)),
+        ("Model", s.model.to_string()),
+    ];
+    if !s.loras.is_empty() {
+        let list: Vec<String> = s
+            .loras
+            .iter()
+            .map(|l| format!("{}: {}", l.path.file_stem().map(|n| n.to_string_lossy()).unwrap_or_default(), l.weight))
+            .collect();
+        settings.push(("Lora weights", list.join(", ")));
+    }
+    settings.push(("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))));
+    a1111_parameters(s.prompt, s.negative_prompt, &settings)
+}
+
+/// The sampler name AUTOMATIC1111 writes for a scheduler, so other tools read the settings back.
+pub fn a1111_sampler_name(name: &str) -> String {
+    let (base, karras) = match name.strip_suffix("_karras") {
+        Some(b) => (b, " Karras"),
+        None => (name, ""),
+    };
+    let label = match base {
+        "pndm" => "PLMS",
+        "ddim" => "DDIM",
+        "ddpm" => "DDPM",
+        "euler" => "Euler",
+        "euler_ancestral" | "euler_a" => "Euler a",
+        "dpmpp_2m" => "DPM++ 2M",
+        "lms" => "LMS",
+        other => other,
+    };
+    format!("{label}{karras}")
+}

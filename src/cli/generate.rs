@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::image::{GeneratedImage, a1111_parameters, unit_to_u8, write_png};
+use crate::image::{GeneratedImage, ImageSettings, generation_parameters, unit_to_u8, write_png};
 use crate::merge::{LoraSpec, MergeOptions};
 use crate::pipeline::prompt;
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
@@ -153,31 +153,26 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         if out.prompt_truncated {
             eprintln!("warning: the prompt is longer than 77 CLIP tokens; the rest was ignored");
         }
-        let sampler = a1111_sampler_name(&pipe.scheduler_name(scheduler.as_deref()));
+        let sampler = pipe.scheduler_name(scheduler.as_deref());
         let per = (out.width * out.height * 3) as usize;
         for k in 0..out.batch {
             let image_seed = seed + k as u64;
-            let mut settings = vec![
-                ("Steps", a.steps.to_string()),
-                ("Sampler", sampler.clone()),
-                ("CFG scale", a.guidance_scale.to_string()),
-                ("Seed", image_seed.to_string()),
-                ("Size", format!("{}x{}", out.width, out.height)),
-                ("Model", model_name.clone()),
-            ];
-            if !loras.is_empty() {
-                let list: Vec<String> = loras
-                    .iter()
-                    .map(|l| format!("{}: {}", l.path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default(), l.weight))
-                    .collect();
-                settings.push(("Lora weights", list.join(", ")));
-            }
-            settings.push(("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))));
             let img = GeneratedImage {
                 width: out.width,
                 height: out.height,
                 rgb: unit_to_u8(&out.pixels[k * per..(k + 1) * per]),
-                parameters: a1111_parameters(&a.prompt, &a.negative_prompt, &settings),
+                parameters: generation_parameters(&ImageSettings {
+                    prompt: &a.prompt,
+                    negative_prompt: &a.negative_prompt,
+                    steps: a.steps,
+                    scheduler: &sampler,
+                    guidance_scale: a.guidance_scale,
+                    seed: image_seed,
+                    width: out.width,
+                    height: out.height,
+                    model: &model_name,
+                    loras: &loras,
+                }),
             };
             let path = PathBuf::from(a.output.replace("{index}", &(index + k).to_string()).replace("{seed}", &image_seed.to_string()));
             write_png(&path, &img)?;
@@ -212,23 +207,4 @@ fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
         }
         _ => bail!("{}: --init-latents takes a .npy or .safetensors file", path.display()),
     }
-}
-
-/// The sampler name AUTOMATIC1111 writes for a scheduler, so other tools read the settings back.
-fn a1111_sampler_name(name: &str) -> String {
-    let (base, karras) = match name.strip_suffix("_karras") {
-        Some(b) => (b, " Karras"),
-        None => (name, ""),
-    };
-    let label = match base {
-        "pndm" => "PLMS",
-        "ddim" => "DDIM",
-        "ddpm" => "DDPM",
-        "euler" => "Euler",
-        "euler_ancestral" | "euler_a" => "Euler a",
-        "dpmpp_2m" => "DPM++ 2M",
-        "lms" => "LMS",
-        other => other,
-    };
-    format!("{label}{karras}")
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::handles::c_string;
 use super::log;
-use crate::image::{a1111_parameters, unit_to_u8};
+use crate::image::unit_to_u8;
 use crate::layout::{self, OnnxComponent, OnnxPipelineDir, PathKind};
 use crate::lora::format::{self as lora_format, ReadOptions};
 use crate::merge::{LoraSpec, MergeOptions};
@@ -290,7 +290,7 @@ impl PipelineState {
             if out.prompt_truncated {
                 log::warn("the prompt is longer than 77 CLIP tokens; the rest was ignored");
             }
-            let sampler = a1111_sampler_name(&self.pipe.scheduler_name(scheduler.as_deref()));
+            let sampler = self.pipe.scheduler_name(scheduler.as_deref());
             let per = (out.width * out.height * 3) as usize;
             for k in 0..out.batch {
                 let image_seed = seed.wrapping_add(k as u64);
@@ -318,8 +318,7 @@ impl PipelineState {
     }
 }
 
-/// The `parameters` text `lorafuse generate` writes (src/cli/generate.rs builds the same list; keep
-/// them in step: tests/ffi_hosts.rs compares the two).
+/// The `parameters` text `lorafuse generate` writes for the same settings (one shared builder).
 fn a1111_text(
     req: &GenerateRequest,
     sampler: &str,
@@ -329,52 +328,18 @@ fn a1111_text(
     model: &str,
     loras: &[LoraSpec],
 ) -> String {
-    let mut settings = vec![
-        ("Steps", req.steps.to_string()),
-        ("Sampler", sampler.to_string()),
-        ("CFG scale", req.guidance_scale.to_string()),
-        ("Seed", seed.to_string()),
-        ("Size", format!("{width}x{height}")),
-        ("Model", model.to_string()),
-    ];
-    if !loras.is_empty() {
-        let list: Vec<String> = loras
-            .iter()
-            .map(|l| {
-                format!(
-                    "{}: {}",
-                    l.path
-                        .file_stem()
-                        .map(|s| s.to_string_lossy())
-                        .unwrap_or_default(),
-                    l.weight
-                )
-            })
-            .collect();
-        settings.push(("Lora weights", list.join(", ")));
-    }
-    settings.push(("Version", format!("lorafuse {}", env!("CARGO_PKG_VERSION"))));
-    a1111_parameters(&req.prompt, &req.negative_prompt, &settings)
-}
-
-/// The sampler name AUTOMATIC1111 writes for a scheduler (a copy of the CLI's private helper in
-/// src/cli/generate.rs; it belongs in a shared module).
-pub(crate) fn a1111_sampler_name(name: &str) -> String {
-    let (base, karras) = match name.strip_suffix("_karras") {
-        Some(b) => (b, " Karras"),
-        None => (name, ""),
-    };
-    let label = match base {
-        "pndm" => "PLMS",
-        "ddim" => "DDIM",
-        "ddpm" => "DDPM",
-        "euler" => "Euler",
-        "euler_ancestral" | "euler_a" => "Euler a",
-        "dpmpp_2m" => "DPM++ 2M",
-        "lms" => "LMS",
-        other => other,
-    };
-    format!("{label}{karras}")
+    crate::image::generation_parameters(&crate::image::ImageSettings {
+        prompt: &req.prompt,
+        negative_prompt: &req.negative_prompt,
+        steps: req.steps,
+        scheduler: sampler,
+        guidance_scale: req.guidance_scale,
+        seed,
+        width,
+        height,
+        model,
+        loras,
+    })
 }
 
 /// `merge_export`: returns the JSON report.
