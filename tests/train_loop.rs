@@ -410,12 +410,7 @@ fn kohya_folders_and_jsonl_captions() {
         .iter()
         .find(|e| e.image.extension().is_some_and(|x| x == "jpg"))
         .expect("jpg listed");
-    assert_eq!(
-        lorafuse::train::dataset::load_rgb(&jpg.image)
-            .expect("decode jpeg")
-            .dimensions(),
-        (64, 64)
-    );
+    assert_eq!(jpg.load_rgb().expect("decode jpeg").dimensions(), (64, 64));
     assert_eq!(ds.tag_frequency()["10_shapes"]["simple"], 20);
 
     // jsonl with a list of captions per image
@@ -441,4 +436,109 @@ fn kohya_folders_and_jsonl_captions() {
     )
     .expect("jsonl");
     assert_eq!(ds.distinct_captions().len(), 24);
+}
+
+/// A parquet file laid out like the Hugging Face `datasets` export of the tutorial's Pokémon BLIP
+/// captions (`image: struct<bytes: binary, path: string>`, `en_text`, `zh_text`), snappy-compressed.
+fn write_pokemon_like_parquet(path: &Path, n: usize) {
+    use std::sync::Arc;
+
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    let schema = parse_message_type(
+        "message schema { optional group image { optional binary bytes; optional binary path (STRING); } \
+         optional binary en_text (STRING); optional binary zh_text (STRING); }",
+    )
+    .expect("schema");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(path).expect("create");
+    let mut w = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).expect("writer");
+    let mut rg = w.next_row_group().expect("row group");
+    let images: Vec<ByteArray> = (0..n)
+        .map(|i| {
+            std::fs::read(tiny().join(format!("dataset/{:04}.png", i % 12)))
+                .expect("png")
+                .into()
+        })
+        .collect();
+    let en: Vec<ByteArray> = (0..n)
+        .map(|i| format!("a pokemon number {i}").into_bytes().into())
+        .collect();
+    let zh: Vec<ByteArray> = (0..n)
+        .map(|i| format!("宝可梦 {i}").into_bytes().into())
+        .collect();
+    let mut col_i = 0;
+    while let Some(mut col) = rg.next_column().expect("column") {
+        let w = col.typed::<ByteArrayType>();
+        match col_i {
+            0 => w
+                .write_batch(&images, Some(&vec![2i16; n]), None)
+                .expect("bytes"),
+            1 => w
+                .write_batch(&[], Some(&vec![1i16; n]), None)
+                .expect("path (null)"),
+            2 => w.write_batch(&en, Some(&vec![1i16; n]), None).expect("en"),
+            _ => w.write_batch(&zh, Some(&vec![1i16; n]), None).expect("zh"),
+        };
+        col.close().expect("close column");
+        col_i += 1;
+    }
+    rg.close().expect("close row group");
+    w.close().expect("close file");
+}
+
+#[test]
+fn parquet_exports_like_the_tutorials_dataset() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("pokemon");
+    std::fs::create_dir_all(data.join("data")).expect("mkdir");
+    let file = data.join("data/train-00000-of-00001.parquet");
+    write_pokemon_like_parquet(&file, 10);
+    let opts = DatasetOptions {
+        caption_column: "en_text".into(),
+        ..Default::default()
+    };
+    for root in [&data, &file] {
+        let ds = Dataset::open(root, &opts).expect("parquet");
+        assert_eq!((ds.layout.as_str(), ds.len()), ("parquet", 10));
+        assert_eq!(ds.examples[3].captions, ["a pokemon number 3"]);
+        assert_eq!(
+            ds.examples[3].load_rgb().expect("decode").dimensions(),
+            (64, 64)
+        );
+    }
+    let zh = Dataset::open(
+        &data,
+        &DatasetOptions {
+            caption_column: "zh_text".into(),
+            ..Default::default()
+        },
+    )
+    .expect("zh");
+    assert_eq!(zh.examples[0].captions, ["宝可梦 0"]);
+    let e = Dataset::open(&data, &DatasetOptions::default())
+        .err()
+        .expect("no `text` column")
+        .to_string();
+    assert!(
+        e.contains("train-00000-of-00001.parquet")
+            && e.contains("`text`")
+            && e.contains("image, en_text, zh_text"),
+        "{e}"
+    );
+    let mut c = config(&data, &tmp.path().join("out"));
+    c.caption_column = "en_text".into();
+    c.image_column = "image".into();
+    c.max_train_steps = Some(2);
+    assert_eq!(
+        train(&c, None, &mut |_| {})
+            .expect("train on parquet")
+            .steps,
+        2
+    );
 }

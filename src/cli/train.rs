@@ -64,7 +64,8 @@ pub struct TrainArgs {
         value_name = "DIR"
     )]
     pub train_data_dir: Option<PathBuf>,
-    /// The metadata column naming the image file (the script's `image` means `file_name` here).
+    /// The image column of parquet files; in metadata.jsonl / metadata.csv the column naming the
+    /// image file (`image` falls back to `file_name` there).
     #[arg(
         long = "image_column",
         visible_alias = "image-column",
@@ -402,11 +403,7 @@ impl TrainArgs {
         let mut c = TrainConfig::new(self.pretrained_model_name_or_path.clone(), data);
         c.tokenizer = self.tokenizer.clone();
         c.caption_column = self.caption_column.clone();
-        c.image_column = if self.image_column == "image" {
-            "file_name".into()
-        } else {
-            self.image_column.clone()
-        };
+        c.image_column = self.image_column.clone();
         c.skip_bad_images = self.skip_bad_images;
         c.max_train_samples = self.max_train_samples;
         c.output_dir = self.output_dir.clone();

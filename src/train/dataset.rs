@@ -5,6 +5,9 @@
 //!   line) or `metadata.csv` (header row), with a `file_name` column and the caption column named
 //!   by `--caption_column` (a string, or a list of strings of which one is drawn per step, as the
 //!   script's `tokenize_captions` does);
+//! - a Hugging Face `datasets` parquet export (a `.parquet` file, or a folder holding them, also
+//!   under `data/`), like the tutorial's Pokémon BLIP captions set: an image column (`struct<bytes,
+//!   path>`, plain bytes, or a path) and caption columns (`en_text`, `zh_text`, ...);
 //! - kohya / sd-scripts: images with a sibling `<stem>.txt` (or `.caption`) holding the caption,
 //!   in the folder or in sub-folders named `<repeats>_<name>` (each image counted `repeats` times).
 //!
@@ -28,9 +31,22 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp"];
 /// One training example.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// The image file, or for images stored in a parquet file `<file>.parquet#<row>`.
     pub image: PathBuf,
+    /// The encoded image when it is stored inside the data set file (parquet).
+    pub bytes: Option<std::sync::Arc<Vec<u8>>>,
     /// One or more captions (one is drawn per step when there are several).
     pub captions: Vec<String>,
+}
+
+impl Example {
+    /// Decode the image to RGB.
+    pub fn load_rgb(&self) -> Result<RgbImage> {
+        match &self.bytes {
+            Some(b) => decode_rgb(b, &self.image),
+            None => load_rgb(&self.image),
+        }
+    }
 }
 
 /// A loaded data set (paths and captions; images are read when needed).
@@ -49,7 +65,8 @@ pub struct Dataset {
 pub struct DatasetOptions {
     /// `--caption_column` (the script's default is `text`).
     pub caption_column: String,
-    /// `--image_column` for metadata files whose rows name the image under another column.
+    /// `--image_column`: the image column of parquet files, or the column naming the image file
+    /// in metadata files (`image`, the script's default, falls back to `file_name` there).
     pub image_column: String,
     /// Skip examples whose image is missing/unreadable or whose caption is missing, with a
     /// warning, instead of failing.
@@ -62,7 +79,7 @@ impl Default for DatasetOptions {
     fn default() -> Self {
         Self {
             caption_column: "text".into(),
-            image_column: "file_name".into(),
+            image_column: "image".into(),
             skip_bad: false,
             max_samples: None,
         }
@@ -79,28 +96,41 @@ fn ds_err(file: &Path, msg: impl Into<String>) -> Error {
 impl Dataset {
     /// Read the folder `root` (see the module docs for the layouts).
     pub fn open(root: &Path, opts: &DatasetOptions) -> Result<Self> {
-        if !root.is_dir() {
-            if root.extension().and_then(|e| e.to_str()) == Some("parquet") {
-                return Err(ds_err(
-                    root,
-                    "parquet data sets are not supported yet; export the images to a folder with metadata.jsonl",
-                ));
-            }
-            return Err(ds_err(root, "not a folder"));
+        let is_parquet_file =
+            root.is_file() && root.extension().and_then(|e| e.to_str()) == Some("parquet");
+        if !root.is_dir() && !is_parquet_file {
+            return Err(ds_err(root, "not a folder (nor a .parquet file)"));
         }
+        let parquet: Vec<PathBuf> = if root.is_file() {
+            vec![root.to_path_buf()]
+        } else {
+            parquet_files(root)?
+        };
+        let mut warnings = Vec::new();
         let jsonl = root.join("metadata.jsonl");
         let csv = root.join("metadata.csv");
-        let (layout, rows, meta) = if jsonl.is_file() {
+        let (layout, rows, meta) = if root.is_file() {
+            (
+                "parquet",
+                read_parquet(&parquet, opts, &mut warnings)?,
+                Some(root.to_path_buf()),
+            )
+        } else if jsonl.is_file() {
             ("metadata.jsonl", read_jsonl(&jsonl, opts)?, Some(jsonl))
         } else if csv.is_file() {
             ("metadata.csv", read_csv(&csv, opts)?, Some(csv))
+        } else if !parquet.is_empty() {
+            (
+                "parquet",
+                read_parquet(&parquet, opts, &mut warnings)?,
+                parquet.first().cloned(),
+            )
         } else {
             ("kohya", read_kohya(root)?, None)
         };
-        let mut warnings = Vec::new();
         let mut examples = Vec::new();
-        for (image, captions, origin) in rows {
-            let problem = if !image.is_file() {
+        for (image, bytes, captions, origin) in rows {
+            let problem = if bytes.is_none() && !image.is_file() {
                 Some(ds_err(
                     &image,
                     format!("image file not found (listed in {})", origin.display()),
@@ -113,7 +143,11 @@ impl Dataset {
             match problem {
                 Some(e) if opts.skip_bad => warnings.push(format!("skipped: {e}")),
                 Some(e) => return Err(e),
-                None => examples.push(Example { image, captions }),
+                None => examples.push(Example {
+                    image,
+                    bytes,
+                    captions,
+                }),
             }
         }
         if let Some(n) = opts.max_samples {
@@ -175,7 +209,13 @@ impl Dataset {
     }
 }
 
-type Row = (PathBuf, Vec<String>, PathBuf);
+/// (image path or id, embedded bytes, captions, the file that listed it)
+type Row = (
+    PathBuf,
+    Option<std::sync::Arc<Vec<u8>>>,
+    Vec<String>,
+    PathBuf,
+);
 
 fn caption_values(v: &serde_json::Value) -> Option<Vec<String>> {
     match v {
@@ -202,8 +242,14 @@ fn read_jsonl(path: &Path, opts: &DatasetOptions) -> Result<Vec<Row>> {
             .ok_or_else(|| at("not a JSON object".into()))?;
         let name = obj
             .get(&opts.image_column)
+            .or_else(|| obj.get("file_name"))
             .and_then(|v| v.as_str())
-            .ok_or_else(|| at(format!("no `{}` (string) field", opts.image_column)))?;
+            .ok_or_else(|| {
+                at(format!(
+                    "no `{}` or `file_name` (string) field",
+                    opts.image_column
+                ))
+            })?;
         let Some(cap) = obj.get(&opts.caption_column) else {
             let cols: Vec<&str> = obj.keys().map(String::as_str).collect();
             return Err(at(format!(
@@ -218,7 +264,7 @@ fn read_jsonl(path: &Path, opts: &DatasetOptions) -> Result<Vec<Row>> {
                 opts.caption_column
             ))
         })?;
-        rows.push((dir.join(name), caps, path.to_path_buf()));
+        rows.push((dir.join(name), None, caps, path.to_path_buf()));
     }
     Ok(rows)
 }
@@ -275,16 +321,18 @@ fn read_csv(path: &Path, opts: &DatasetOptions) -> Result<Vec<Row>> {
         return Err(ds_err(path, "empty file (expected a header row)"));
     };
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
-    let img = col(&opts.image_column).ok_or_else(|| {
-        ds_err(
-            path,
-            format!(
-                "no `{}` column; columns: {}",
-                opts.image_column,
-                header.join(", ")
-            ),
-        )
-    })?;
+    let img = col(&opts.image_column)
+        .or_else(|| col("file_name"))
+        .ok_or_else(|| {
+            ds_err(
+                path,
+                format!(
+                    "no `{}` or `file_name` column; columns: {}",
+                    opts.image_column,
+                    header.join(", ")
+                ),
+            )
+        })?;
     let cap = col(&opts.caption_column).ok_or_else(|| {
         ds_err(
             path,
@@ -308,7 +356,7 @@ fn read_csv(path: &Path, opts: &DatasetOptions) -> Result<Vec<Row>> {
                 ),
             ));
         };
-        out.push((dir.join(name), vec![c.clone()], path.to_path_buf()));
+        out.push((dir.join(name), None, vec![c.clone()], path.to_path_buf()));
     }
     Ok(out)
 }
@@ -355,7 +403,12 @@ fn read_kohya(root: &Path) -> Result<Vec<Row>> {
                 .find(|p| p.is_file());
             let Some(txt) = txt else {
                 // an image without a caption: reported by name (or skipped with --skip_bad_images)
-                out.push((f.clone(), vec![String::new()], f.with_extension("txt")));
+                out.push((
+                    f.clone(),
+                    None,
+                    vec![String::new()],
+                    f.with_extension("txt"),
+                ));
                 continue;
             };
             let cap = std::fs::read_to_string(&txt).map_err(|e| Error::io(&txt, e))?;
@@ -366,7 +419,7 @@ fn read_kohya(root: &Path) -> Result<Vec<Row>> {
                 .collect::<Vec<_>>()
                 .join(" ");
             for _ in 0..repeats {
-                out.push((f.clone(), vec![cap.clone()], txt.clone()));
+                out.push((f.clone(), None, vec![cap.clone()], txt.clone()));
             }
         }
     }
@@ -376,9 +429,171 @@ fn read_kohya(root: &Path) -> Result<Vec<Row>> {
 /// Decode an image file to RGB (any alpha is dropped, as PIL's `convert("RGB")` does).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| ds_err(path, format!("cannot decode image: {e}")))?;
+    decode_rgb(&bytes, path)
+}
+
+/// Decode encoded image bytes (PNG, JPEG, WebP, BMP) to RGB; `what` names them in errors.
+pub fn decode_rgb(bytes: &[u8], what: &Path) -> Result<RgbImage> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| ds_err(what, format!("cannot decode image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ds_err(what, "image has no pixels"));
+    }
     Ok(img.to_rgb8())
+}
+
+/// `*.parquet` in `dir` or `dir/data` (the Hugging Face layout), sorted.
+fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for d in [dir.to_path_buf(), dir.join("data")] {
+        if !d.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let p = e.map_err(|e| Error::io(&d, e))?.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The image (embedded bytes, or a path relative to the parquet file) of one parquet cell:
+/// `struct<bytes: binary, path: string>` (what `datasets` writes for an `Image` feature), plain
+/// binary, or a string path.
+fn parquet_image(
+    field: &parquet::record::Field,
+    id: &Path,
+    dir: &Path,
+) -> Option<(PathBuf, Option<std::sync::Arc<Vec<u8>>>)> {
+    use parquet::record::Field;
+    match field {
+        Field::Bytes(b) => Some((
+            id.to_path_buf(),
+            Some(std::sync::Arc::new(b.data().to_vec())),
+        )),
+        Field::Str(s) => Some((dir.join(s), None)),
+        Field::Group(g) => {
+            let mut bytes = None;
+            let mut file = None;
+            for (n, v) in g.get_column_iter() {
+                match (n.as_str(), v) {
+                    ("bytes", Field::Bytes(b)) => {
+                        bytes = Some(std::sync::Arc::new(b.data().to_vec()))
+                    }
+                    ("path", Field::Str(s)) => file = Some(s.clone()),
+                    _ => {}
+                }
+            }
+            match (bytes, file) {
+                (Some(b), _) => Some((id.to_path_buf(), Some(b))),
+                (None, Some(f)) => Some((dir.join(f), None)),
+                (None, None) => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn parquet_captions(field: &parquet::record::Field) -> Option<Vec<String>> {
+    use parquet::record::Field;
+    match field {
+        Field::Str(s) => Some(vec![s.clone()]),
+        Field::ListInternal(l) => {
+            let v: Vec<String> = l
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    if let Field::Str(s) = e {
+                        Some(s.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            (!v.is_empty()).then_some(v)
+        }
+        _ => None,
+    }
+}
+
+fn read_parquet(
+    files: &[PathBuf],
+    opts: &DatasetOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut rows = Vec::new();
+    for path in files {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = SerializedFileReader::new(f)
+            .map_err(|e| ds_err(path, format!("not a readable parquet file: {e}")))?;
+        let cols: Vec<String> = reader
+            .metadata()
+            .file_metadata()
+            .schema()
+            .get_fields()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
+        let listed = cols.join(", ");
+        if !cols.contains(&opts.caption_column) {
+            return Err(ds_err(
+                path,
+                format!(
+                    "--caption_column `{}` is not a column; columns: {listed}",
+                    opts.caption_column
+                ),
+            ));
+        }
+        if !cols.contains(&opts.image_column) {
+            return Err(ds_err(
+                path,
+                format!(
+                    "--image_column `{}` is not a column; columns: {listed}",
+                    opts.image_column
+                ),
+            ));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let iter = reader
+            .get_row_iter(None)
+            .map_err(|e| ds_err(path, e.to_string()))?;
+        for (i, row) in iter.enumerate() {
+            let at = |msg: String| ds_err(path, format!("row {i}: {msg}"));
+            let row = row.map_err(|e| at(e.to_string()))?;
+            let id = PathBuf::from(format!("{}#{i}", path.display()));
+            let mut image = None;
+            let mut caps = None;
+            for (name, field) in row.get_column_iter() {
+                if *name == opts.image_column {
+                    image = parquet_image(field, &id, dir);
+                } else if *name == opts.caption_column {
+                    caps = parquet_captions(field);
+                }
+            }
+            let problem = match (&image, &caps) {
+                (None, _) => Some(at(format!(
+                    "image column `{}` holds no image bytes or path",
+                    opts.image_column
+                ))),
+                (_, None) => Some(at(format!(
+                    "caption column `{}` holds no string or list of strings",
+                    opts.caption_column
+                ))),
+                _ => None,
+            };
+            match (problem, image, caps) {
+                (None, Some((p, b)), Some(c)) => rows.push((p, b, c, path.clone())),
+                (Some(e), _, _) if opts.skip_bad => warnings.push(format!("skipped: {e}")),
+                (Some(e), _, _) => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// The crop offsets of one transformed image.

@@ -126,7 +126,7 @@ impl TrainConfig {
             tokenizer: None,
             train_data_dir,
             caption_column: "text".into(),
-            image_column: "file_name".into(),
+            image_column: "image".into(),
             skip_bad_images: false,
             max_train_samples: None,
             output_dir: "sd-model-finetuned-lora".into(),
@@ -997,10 +997,7 @@ fn micro_inputs(
                 .ok_or_else(|| Error::InvalidArgument("VAE not loaded".into()))?;
             let mut px = Vec::new();
             for (&i, &f) in ids.iter().zip(&flips) {
-                let img = dataset::resize_shorter(
-                    &dataset::load_rgb(&ds.examples[i].image)?,
-                    cfg.resolution,
-                );
+                let img = dataset::resize_shorter(&ds.examples[i].load_rgb()?, cfg.resolution);
                 let (w, h) = img.dimensions();
                 let crop = if cfg.center_crop {
                     dataset::center_crop(w, h, cfg.resolution)
@@ -1198,16 +1195,7 @@ fn build_cache(
         let mut pending = 0i64;
         let ri = r as i64;
         for (i, e) in ds.examples.iter().enumerate() {
-            let img = match dataset::load_rgb(&e.image) {
-                Ok(img) if img.width() > 0 && img.height() > 0 => img,
-                Ok(_) => {
-                    return Err(Error::Dataset {
-                        file: e.image.clone(),
-                        msg: "image has no pixels".into(),
-                    });
-                }
-                Err(err) => return Err(err),
-            };
+            let img = e.load_rgb()?;
             let img = dataset::resize_shorter(&img, r);
             let (w, h) = img.dimensions();
             let crop = if cfg.center_crop {
@@ -1246,7 +1234,7 @@ fn build_cache(
     } else {
         // fail early on unreadable images instead of mid-run
         for e in &ds.examples {
-            dataset::load_rgb(&e.image)?;
+            e.load_rgb()?;
         }
         None
     };
