@@ -327,3 +327,51 @@ fn single_file_checkpoint_matches_the_diffusers_folder() {
         assert_eq!(n, WeightFile::open(&ckpt).expect("ckpt").len());
     }
 }
+
+#[test]
+fn validation_txt2img_matches_the_diffusers_pipeline() {
+    // models/tiny/expected/txt2img_pndm: StableDiffusionPipeline, PNDM, 4 steps, CFG 7.5,
+    // "a photo of a cat" / "blurry", 64×64, init latents given.
+    use lorafuse::train::validation::Validator;
+    let d = tiny().join("diffusers");
+    let v = Validator {
+        text_encoder: train::load_text_encoder(&d, Device::Cpu, Kind::Float, None)
+            .expect("te")
+            .model,
+        vae: train::load_vae_decoder(&d, Device::Cpu, Kind::Float)
+            .expect("vae")
+            .model,
+        tokenizer: lorafuse::pipeline::tokenizer::ClipTokenizer::from_dir(d.join("tokenizer"))
+            .expect("tok"),
+        scheduler: lorafuse::pipeline::scheduler::SchedulerConfig::from_file(
+            d.join("scheduler/scheduler_config.json"),
+        )
+        .expect("sched"),
+        device: Device::Cpu,
+        kind: Kind::Float,
+    };
+    let unet = train::load_unet(&d, Device::Cpu, Kind::Float, None).expect("unet");
+    let f = fixture("txt2img_pndm.safetensors");
+    let (_, init) = f.tensor_f32("init_latents").expect("init");
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(0);
+    let img = v
+        .txt2img(
+            &unet.model,
+            "a photo of a cat",
+            "blurry",
+            4,
+            7.5,
+            &init,
+            64,
+            64,
+            &mut rng,
+        )
+        .expect("txt2img");
+    let (_, want) = f.tensor_f32("image").expect("image");
+    let diff = img
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("validation txt2img vs diffusers: max |diff| {diff:.2e} (pixels in [0, 1])");
+    assert!(diff <= 1e-4, "{diff}");
+}

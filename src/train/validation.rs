@@ -42,8 +42,87 @@ pub struct Validator {
 }
 
 impl Validator {
-    /// `n` images of `prompt` (`width`×`height` pixels) from `unet`, seeded by `seed`.
+    /// One image as `StableDiffusionPipeline.__call__` makes it: prompt and negative prompt
+    /// through the text encoder, `latents · init_noise_sigma`, per timestep a CFG batch of 2
+    /// (`uncond + g·(cond − uncond)`) and a scheduler step, then `latents / scaling_factor`
+    /// through the VAE decoder. `init_latents` are the N(0, 1) starting latents `[4, h/8, w/8]`;
+    /// `rng` feeds schedulers that draw noise. Returns floats in [0, 1] laid out `[h, w, 3]`.
     #[allow(clippy::too_many_arguments)]
+    pub fn txt2img(
+        &self,
+        unet: &UNet2DConditionModel,
+        prompt: &str,
+        negative_prompt: &str,
+        steps: usize,
+        guidance_scale: f64,
+        init_latents: &[f32],
+        height: i64,
+        width: i64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Vec<f32>> {
+        let (h, w) = (height / 8, width / 8);
+        let n = (4 * h * w) as usize;
+        if h <= 0 || w <= 0 || init_latents.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "{width}x{height} needs {n} starting latents (got {})",
+                init_latents.len()
+            )));
+        }
+        let kind_sched = self
+            .scheduler
+            .default_kind()
+            .unwrap_or(crate::pipeline::scheduler::SchedulerKind::Pndm);
+        let ids = |p: &str| -> Result<Tensor> {
+            Ok(Tensor::from_slice(&self.tokenizer.encode(p)?.ids).unsqueeze(0))
+        };
+        let cond = Tensor::cat(&[ids(negative_prompt)?, ids(prompt)?], 0);
+        tch::no_grad(|| {
+            let (ehs, _) = self.text_encoder.forward(&cond.to_device(self.device))?;
+            let ehs = ehs.to_kind(self.kind);
+            let mut sched = make_scheduler(kind_sched, &self.scheduler)?;
+            sched.set_timesteps(steps)?;
+            let sigma = sched.init_noise_sigma();
+            let mut lat: Vec<f32> = init_latents.iter().map(|z| z * sigma).collect();
+            let timesteps = sched.timesteps().to_vec();
+            for (si, &t) in timesteps.iter().enumerate() {
+                let scaled = sched.scale_model_input(&lat, si)?;
+                let x = Tensor::from_slice(&scaled)
+                    .view([1, 4, h, w])
+                    .to_device(self.device)
+                    .to_kind(self.kind);
+                let x2 = Tensor::cat(&[&x, &x], 0);
+                let tt = Tensor::from(t).to_device(self.device);
+                let pred = unet.forward(&x2, &tt, &ehs).to_kind(Kind::Float);
+                let parts = pred.chunk(2, 0);
+                let guided = &parts[0] + (&parts[1] - &parts[0]) * guidance_scale;
+                let g: Vec<f32> =
+                    Vec::<f32>::try_from(guided.to_device(Device::Cpu).flatten(0, -1))?;
+                let noise: Option<Vec<f32>> = sched.needs_noise(si).then(|| {
+                    (0..n)
+                        .map(|_| {
+                            let z: f32 = rand_distr::StandardNormal.sample(rng);
+                            z
+                        })
+                        .collect()
+                });
+                lat = sched.step(&g, si, &lat, noise.as_deref())?;
+            }
+            let z = Tensor::from_slice(&lat)
+                .view([1, 4, h, w])
+                .to_device(self.device);
+            let z = (z / self.vae.config.scaling_factor).to_kind(self.kind);
+            let img = self
+                .vae
+                .decode(&z)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu);
+            let px: Vec<f32> = Vec::<f32>::try_from(img.flatten(0, -1))?;
+            vae_to_unit(&px, 0, height as usize, width as usize)
+        })
+    }
+
+    /// `cfg.num_images` images of `cfg.prompt` (`width`×`height` pixels) from `unet`, image `i`
+    /// seeded by `seed + i`.
     pub fn generate(
         &self,
         unet: &UNet2DConditionModel,
@@ -56,88 +135,47 @@ impl Validator {
             .scheduler
             .default_kind()
             .unwrap_or(crate::pipeline::scheduler::SchedulerKind::Pndm);
-        let ids = |p: &str| -> Result<Tensor> {
-            let t = self.tokenizer.encode(p)?;
-            Ok(Tensor::from_slice(&t.ids).unsqueeze(0))
-        };
-        let cond = Tensor::cat(&[ids("")?, ids(&cfg.prompt)?], 0);
-        let (h, w) = (height / 8, width / 8);
-        if h <= 0 || w <= 0 {
-            return Err(Error::InvalidArgument(format!(
-                "validation size {width}x{height} is too small"
-            )));
+        let n = (4 * (height / 8) * (width / 8)).max(0) as usize;
+        let mut out = Vec::new();
+        for i in 0..cfg.num_images {
+            let s = seed.wrapping_add(i as u64);
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(s);
+            let init: Vec<f32> = (0..n)
+                .map(|_| {
+                    let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
+                    z
+                })
+                .collect();
+            let unit = self.txt2img(
+                unet,
+                &cfg.prompt,
+                "",
+                cfg.steps,
+                cfg.guidance_scale,
+                &init,
+                height,
+                width,
+                &mut rng,
+            )?;
+            let parameters = a1111_parameters(
+                &cfg.prompt,
+                "",
+                &[
+                    ("Steps", cfg.steps.to_string()),
+                    ("Sampler", kind_sched.name().to_string()),
+                    ("CFG scale", cfg.guidance_scale.to_string()),
+                    ("Seed", s.to_string()),
+                    ("Size", format!("{width}x{height}")),
+                ],
+            );
+            out.push(GeneratedImage {
+                width: width as u32,
+                height: height as u32,
+                rgb: unit_to_u8(&unit),
+                parameters,
+            });
         }
-        tch::no_grad(|| {
-            let (ehs, _) = self.text_encoder.forward(&cond.to_device(self.device))?;
-            let ehs = ehs.to_kind(self.kind);
-            let mut out = Vec::new();
-            for i in 0..cfg.num_images {
-                let mut sched = make_scheduler(kind_sched, &self.scheduler)?;
-                sched.set_timesteps(cfg.steps)?;
-                let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed.wrapping_add(i as u64));
-                let n = (4 * h * w) as usize;
-                let sigma = sched.init_noise_sigma();
-                let mut lat: Vec<f32> = (0..n)
-                    .map(|_| {
-                        let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
-                        z * sigma
-                    })
-                    .collect();
-                let timesteps = sched.timesteps().to_vec();
-                for (si, &t) in timesteps.iter().enumerate() {
-                    let scaled = sched.scale_model_input(&lat, si)?;
-                    let x = Tensor::from_slice(&scaled)
-                        .view([1, 4, h, w])
-                        .to_device(self.device)
-                        .to_kind(self.kind);
-                    let x2 = Tensor::cat(&[&x, &x], 0);
-                    let tt = Tensor::from(t).to_device(self.device);
-                    let pred = unet.forward(&x2, &tt, &ehs).to_kind(Kind::Float);
-                    let parts = pred.chunk(2, 0);
-                    let guided = &parts[0] + (&parts[1] - &parts[0]) * cfg.guidance_scale;
-                    let g: Vec<f32> =
-                        Vec::<f32>::try_from(guided.to_device(Device::Cpu).flatten(0, -1))?;
-                    let noise: Option<Vec<f32>> = sched.needs_noise(si).then(|| {
-                        (0..n)
-                            .map(|_| {
-                                let z: f32 = rand_distr::StandardNormal.sample(&mut rng);
-                                z
-                            })
-                            .collect()
-                    });
-                    lat = sched.step(&g, si, &lat, noise.as_deref())?;
-                }
-                let z = Tensor::from_slice(&lat)
-                    .view([1, 4, h, w])
-                    .to_device(self.device);
-                let z = (z / self.vae.config.scaling_factor).to_kind(self.kind);
-                let img = self
-                    .vae
-                    .decode(&z)
-                    .to_kind(Kind::Float)
-                    .to_device(Device::Cpu);
-                let px: Vec<f32> = Vec::<f32>::try_from(img.flatten(0, -1))?;
-                let unit = vae_to_unit(&px, 0, height as usize, width as usize)?;
-                let parameters = a1111_parameters(
-                    &cfg.prompt,
-                    "",
-                    &[
-                        ("Steps", cfg.steps.to_string()),
-                        ("Sampler", kind_sched.name().to_string()),
-                        ("CFG scale", cfg.guidance_scale.to_string()),
-                        ("Seed", seed.wrapping_add(i as u64).to_string()),
-                        ("Size", format!("{width}x{height}")),
-                    ],
-                );
-                out.push(GeneratedImage {
-                    width: width as u32,
-                    height: height as u32,
-                    rgb: unit_to_u8(&unit),
-                    parameters,
-                });
-            }
-            Ok(out)
-        })
+        Ok(out)
     }
 }
 
