@@ -29,7 +29,10 @@ fn main() {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
     }
     for kind in ["bins", "tests", "examples", "benches"] {
-        println!("cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}", lib_dir.display());
+        println!(
+            "cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}",
+            lib_dir.display()
+        );
         if cuda {
             println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed");
             println!("cargo:rustc-link-arg-{kind}=-ltorch_cuda");

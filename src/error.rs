@@ -52,14 +52,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wrap an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), err: source }
+        Error::Io {
+            path: path.into(),
+            err: source,
+        }
     }
 
     /// The stable numeric code the C ABI reports (plugin-api `code`).
     pub fn code(&self) -> u32 {
         use plugin_api::code;
         match self {
-            Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => code::NO_SUCH_FILE,
+            Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => {
+                code::NO_SUCH_FILE
+            }
             Error::Io { .. } => code::RUNTIME,
             Error::InvalidArgument(_) | Error::LoraKey(_) => code::INVALID_ARGUMENT,
             Error::MissingTensor { .. }

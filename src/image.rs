@@ -25,7 +25,10 @@ pub fn vae_to_unit(sample: &[f32], index: usize, h: usize, w: usize) -> Result<V
     let plane = h * w;
     let start = index * 3 * plane;
     let img = sample.get(start..start + 3 * plane).ok_or_else(|| {
-        Error::InvalidArgument(format!("VAE output holds {} values, too few for image {index} of {h}x{w}", sample.len()))
+        Error::InvalidArgument(format!(
+            "VAE output holds {} values, too few for image {index} of {h}x{w}",
+            sample.len()
+        ))
     })?;
     let mut out = vec![0f32; 3 * plane];
     for c in 0..3 {
@@ -38,13 +41,18 @@ pub fn vae_to_unit(sample: &[f32], index: usize, h: usize, w: usize) -> Result<V
 
 /// Floats in [0, 1] to bytes the way diffusers' `numpy_to_pil` does (`(x * 255).round()`).
 pub fn unit_to_u8(unit: &[f32]) -> Vec<u8> {
-    unit.iter().map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect()
+    unit.iter()
+        .map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+        .collect()
 }
 
 /// Write `image` as a PNG at `path` atomically (temporary file in the same folder, then rename), with the
 /// settings in a `parameters` text chunk as AUTOMATIC1111's web UI writes them.
 pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".lorafuse-")
@@ -58,9 +66,11 @@ pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
         enc.set_depth(png::BitDepth::Eight);
         let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
         if image.parameters.is_ascii() {
-            enc.add_text_chunk("parameters".into(), image.parameters.clone()).map_err(png_err)?;
+            enc.add_text_chunk("parameters".into(), image.parameters.clone())
+                .map_err(png_err)?;
         } else {
-            enc.add_itxt_chunk("parameters".into(), image.parameters.clone()).map_err(png_err)?;
+            enc.add_itxt_chunk("parameters".into(), image.parameters.clone())
+                .map_err(png_err)?;
         }
         let mut writer = enc.write_header().map_err(png_err)?;
         writer.write_image_data(&image.rgb).map_err(png_err)?;
@@ -72,7 +82,9 @@ pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+        let _ = tmp
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644));
     }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
@@ -82,21 +94,34 @@ pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
 pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    let reader = decoder
+        .read_info()
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
     let info = reader.info();
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Ok(Some(t.text.clone()));
     }
     for t in &info.utf8_text {
         if t.keyword == "parameters" {
-            return t.get_text().map(Some).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
+            return t
+                .get_text()
+                .map(Some)
+                .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())));
         }
     }
     Ok(None)
 }
 
 /// The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value` settings.
-pub fn a1111_parameters(prompt: &str, negative_prompt: &str, settings: &[(&str, String)]) -> String {
+pub fn a1111_parameters(
+    prompt: &str,
+    negative_prompt: &str,
+    settings: &[(&str, String)],
+) -> String {
     let mut s = prompt.to_string();
     if !negative_prompt.is_empty() {
         s.push_str("\nNegative prompt: ");
@@ -105,7 +130,13 @@ pub fn a1111_parameters(prompt: &str, negative_prompt: &str, settings: &[(&str, 
     s.push('\n');
     let line: Vec<String> = settings
         .iter()
-        .map(|(k, v)| if v.contains(',') || v.contains(':') { format!("{k}: \"{v}\"") } else { format!("{k}: {v}") })
+        .map(|(k, v)| {
+            if v.contains(',') || v.contains(':') {
+                format!("{k}: \"{v}\"")
+            } else {
+                format!("{k}: {v}")
+            }
+        })
         .collect();
     s.push_str(&line.join(", "));
     s
@@ -143,7 +174,16 @@ pub fn generation_parameters(s: &ImageSettings<'_>) -> String {
         let list: Vec<String> = s
             .loras
             .iter()
-            .map(|l| format!("{}: {}", l.path.file_stem().map(|n| n.to_string_lossy()).unwrap_or_default(), l.weight))
+            .map(|l| {
+                format!(
+                    "{}: {}",
+                    l.path
+                        .file_stem()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default(),
+                    l.weight
+                )
+            })
             .collect();
         settings.push(("Lora weights", list.join(", ")));
     }

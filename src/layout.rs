@@ -25,8 +25,12 @@ pub enum OnnxComponent {
 }
 
 impl OnnxComponent {
-    pub const ALL: [OnnxComponent; 4] =
-        [OnnxComponent::TextEncoder, OnnxComponent::Unet, OnnxComponent::VaeDecoder, OnnxComponent::VaeEncoder];
+    pub const ALL: [OnnxComponent; 4] = [
+        OnnxComponent::TextEncoder,
+        OnnxComponent::Unet,
+        OnnxComponent::VaeDecoder,
+        OnnxComponent::VaeEncoder,
+    ];
 
     /// The folder name in the optimum layout.
     pub fn dir_name(self) -> &'static str {
@@ -64,10 +68,14 @@ pub enum PathKind {
 pub fn classify(path: &Path) -> Result<PathKind> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        if path.join("unet/model.onnx").is_file() || path.join("text_encoder/model.onnx").is_file() {
+        if path.join("unet/model.onnx").is_file() || path.join("text_encoder/model.onnx").is_file()
+        {
             return Ok(PathKind::OnnxPipeline);
         }
-        if path.join("unet/diffusion_pytorch_model.safetensors").is_file() {
+        if path
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .is_file()
+        {
             return Ok(PathKind::DiffusersPipeline);
         }
         return Err(Error::InvalidArgument(format!(
@@ -95,9 +103,14 @@ impl OnnxPipelineDir {
     /// Open a folder and check that the components a text-to-image run needs are there.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
-            return Err(Error::io(root, std::io::Error::new(std::io::ErrorKind::NotFound, "no such pipeline folder")));
+            return Err(Error::io(
+                root,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such pipeline folder"),
+            ));
         }
-        let dir = OnnxPipelineDir { root: root.to_path_buf() };
+        let dir = OnnxPipelineDir {
+            root: root.to_path_buf(),
+        };
         let missing: Vec<String> = OnnxComponent::ALL
             .into_iter()
             .filter(|c| c.required() && !dir.model_path(*c).is_file())
@@ -145,7 +158,10 @@ pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| Error::Config { file: path.to_path_buf(), msg: e.to_string() }),
+            .map_err(|e| Error::Config {
+                file: path.to_path_buf(),
+                msg: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }

@@ -35,15 +35,25 @@ impl std::str::FromStr for LoraSpec {
         if let Some((p, w)) = s.rsplit_once(':') {
             if let Ok(weight) = w.parse::<f32>() {
                 if !weight.is_finite() {
-                    return Err(Error::InvalidArgument(format!("LoRA weight in `{s}` is not finite")));
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA weight in `{s}` is not finite"
+                    )));
                 }
-                return Ok(LoraSpec { path: PathBuf::from(p), weight });
+                return Ok(LoraSpec {
+                    path: PathBuf::from(p),
+                    weight,
+                });
             }
         }
         if s.is_empty() {
-            return Err(Error::InvalidArgument("empty LoRA argument (expected FILE[:WEIGHT])".into()));
+            return Err(Error::InvalidArgument(
+                "empty LoRA argument (expected FILE[:WEIGHT])".into(),
+            ));
         }
-        Ok(LoraSpec { path: PathBuf::from(s), weight: 1.0 })
+        Ok(LoraSpec {
+            path: PathBuf::from(s),
+            weight: 1.0,
+        })
     }
 }
 
@@ -60,7 +70,11 @@ pub struct MergeOptions {
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { unet_scale: 1.0, text_encoder_scale: 1.0, strict: false }
+        MergeOptions {
+            unet_scale: 1.0,
+            text_encoder_scale: 1.0,
+            strict: false,
+        }
     }
 }
 
@@ -179,7 +193,11 @@ pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<IndexedModel>> {
         }
         let model = OnnxModel::open(dir.model_path(component))?;
         let index = WeightIndex::build(&model);
-        out.push(IndexedModel { component, model: Arc::new(model), index: Arc::new(index) });
+        out.push(IndexedModel {
+            component,
+            model: Arc::new(model),
+            index: Arc::new(index),
+        });
     }
     Ok(out)
 }
@@ -190,7 +208,11 @@ pub fn plan(dir: &OnnxPipelineDir, loras: &[LoraSpec], opts: &MergeOptions) -> R
 }
 
 /// Plan the merge of `loras` into already indexed component models.
-pub fn plan_indexed(indexed: &[IndexedModel], loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
+pub fn plan_indexed(
+    indexed: &[IndexedModel],
+    loras: &[LoraSpec],
+    opts: &MergeOptions,
+) -> Result<MergePlan> {
     let mut modules = ModuleList::new();
     for im in indexed {
         let comp = match im.component {
@@ -214,7 +236,13 @@ pub fn plan_indexed(indexed: &[IndexedModel], loras: &[LoraSpec], opts: &MergeOp
     let mut adapters = Vec::with_capacity(loras.len());
     let mut reports = Vec::with_capacity(loras.len());
     for (li, spec) in loras.iter().enumerate() {
-        let adapter = lora_format::read(&spec.path, &ReadOptions { modules: Some(&modules), adapter_config: None })?;
+        let adapter = lora_format::read(
+            &spec.path,
+            &ReadOptions {
+                modules: Some(&modules),
+                adapter_config: None,
+            },
+        )?;
         if adapter.is_sdxl() {
             return Err(Error::Lora {
                 file: spec.path.clone(),
@@ -236,7 +264,11 @@ pub fn plan_indexed(indexed: &[IndexedModel], loras: &[LoraSpec], opts: &MergeOp
         for (mi, m) in adapter.modules.iter().enumerate() {
             let oc = to_component(m.component);
             let Some(cp) = components.iter_mut().find(|cp| cp.component == oc) else {
-                report.unmapped.push(format!("`{}` ({}): the pipeline has no {oc} model", m.module_path, m.keys.join(", ")));
+                report.unmapped.push(format!(
+                    "`{}` ({}): the pipeline has no {oc} model",
+                    m.module_path,
+                    m.keys.join(", ")
+                ));
                 continue;
             };
             let Some(mapped) = cp.index.lookup(&m.module_path) else {
@@ -272,38 +304,64 @@ pub fn plan_indexed(indexed: &[IndexedModel], loras: &[LoraSpec], opts: &MergeOp
             }
             cp.targets
                 .entry(mapped.initializer.clone())
-                .or_insert_with(|| Target { mapped: mapped.clone(), items: Vec::new() })
+                .or_insert_with(|| Target {
+                    mapped: mapped.clone(),
+                    items: Vec::new(),
+                })
                 .items
                 .push((li, mi, spec.weight * comp_scale));
         }
         if opts.strict && !report.unmapped.is_empty() {
-            let list: Vec<&str> = report.unmapped.iter().take(10).map(String::as_str).collect();
+            let list: Vec<&str> = report
+                .unmapped
+                .iter()
+                .take(10)
+                .map(String::as_str)
+                .collect();
             return Err(Error::Lora {
                 file: spec.path.clone(),
                 msg: format!(
                     "{} keys map nowhere (strict mode):\n  {}{}",
                     report.unmapped.len(),
                     list.join("\n  "),
-                    if report.unmapped.len() > 10 { "\n  ..." } else { "" }
+                    if report.unmapped.len() > 10 {
+                        "\n  ..."
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
         adapters.push(adapter);
         reports.push(report);
     }
-    Ok(MergePlan { loras: adapters, reports, components })
+    Ok(MergePlan {
+        loras: adapters,
+        reports,
+        components,
+    })
 }
 
 impl MergePlan {
     /// Compute the merged weights of one component (f32, stored layout).
     pub fn merged(&self, component: OnnxComponent) -> Result<Vec<MergedWeight>> {
-        let Some(cp) = self.components.iter().find(|c| c.component == component) else { return Ok(Vec::new()) };
+        let Some(cp) = self.components.iter().find(|c| c.component == component) else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::with_capacity(cp.targets.len());
         for (name, t) in &cp.targets {
             let (dims, mut values) = cp.model.initializer_f32(name)?;
-            let items: Vec<(&lora_format::LoraModule, f32)> =
-                t.items.iter().map(|&(li, mi, w)| (&self.loras[li].modules[mi], w)).collect();
-            lora_merge::merge_into(&mut values, &t.mapped.torch_shape, lora_layout(t.mapped.layout), &items)?;
+            let items: Vec<(&lora_format::LoraModule, f32)> = t
+                .items
+                .iter()
+                .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
+                .collect();
+            lora_merge::merge_into(
+                &mut values,
+                &t.mapped.torch_shape,
+                lora_layout(t.mapped.layout),
+                &items,
+            )?;
             out.push(MergedWeight {
                 initializer: name.clone(),
                 module: t.mapped.module.clone(),
@@ -318,7 +376,10 @@ impl MergePlan {
 
     /// Initializers that change, per component.
     pub fn counts(&self) -> Vec<(OnnxComponent, usize)> {
-        self.components.iter().map(|c| (c.component, c.len())).collect()
+        self.components
+            .iter()
+            .map(|c| (c.component, c.len()))
+            .collect()
     }
 }
 
@@ -347,20 +408,39 @@ pub fn merge_pipeline(
     let dir = OnnxPipelineDir::open(src)?;
     check_output(src, out)?;
     let plan = plan(&dir, loras, opts)?;
-    let patched: BTreeMap<String, usize> = plan.counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect();
-    let report = MergeReport { out: out.to_path_buf(), loras: plan.reports.clone(), patched, dry_run };
+    let patched: BTreeMap<String, usize> = plan
+        .counts()
+        .into_iter()
+        .map(|(c, n)| (c.to_string(), n))
+        .collect();
+    let report = MergeReport {
+        out: out.to_path_buf(),
+        loras: plan.reports.clone(),
+        patched,
+        dry_run,
+    };
     if dry_run {
         return Ok(report);
     }
 
     let tmp = temp_dir_beside(out)?;
     // Files of the components we rewrite are produced by the patch writer; everything else is copied.
-    let rewritten: Vec<(OnnxComponent, &ComponentPlan)> =
-        plan.components.iter().filter(|c| !c.is_empty()).map(|c| (c.component, c)).collect();
-    let skip_dirs: Vec<PathBuf> = rewritten.iter().map(|(c, _)| src.join(c.dir_name())).collect();
+    let rewritten: Vec<(OnnxComponent, &ComponentPlan)> = plan
+        .components
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| (c.component, c))
+        .collect();
+    let skip_dirs: Vec<PathBuf> = rewritten
+        .iter()
+        .map(|(c, _)| src.join(c.dir_name()))
+        .collect();
     let is_rewritten = |f: &Path| {
         skip_dirs.iter().any(|d| f.parent() == Some(d.as_path())) && {
-            let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n == "model.onnx" || n.ends_with(".onnx_data") || n.ends_with(".data")
         }
     };
@@ -383,10 +463,17 @@ pub fn merge_pipeline(
 /// Refuse an existing output, or one inside the input.
 fn check_output(src: &Path, out: &Path) -> Result<()> {
     if out.exists() {
-        return Err(Error::InvalidArgument(format!("{}: output already exists; choose a new folder", out.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{}: output already exists; choose a new folder",
+            out.display()
+        )));
     }
     if let (Ok(a), Some(parent)) = (src.canonicalize(), out.parent()) {
-        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
         if let Ok(p) = parent.canonicalize() {
             if p.starts_with(&a) {
                 return Err(Error::InvalidArgument(format!(
@@ -407,8 +494,14 @@ fn temp_dir_beside(out: &Path) -> Result<tempfile::TempDir> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
-    tempfile::Builder::new().prefix(&format!(".{name}.lorafuse-")).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "merged".into());
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.lorafuse-"))
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))
 }
 
 /// Copy every file under `src` to `dst` except those `skip` selects; returns (copied, total files).
@@ -426,7 +519,9 @@ fn copy_tree_except(
         if skip(f) {
             continue;
         }
-        let rel = f.strip_prefix(src).map_err(|_| Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display())))?;
+        let rel = f.strip_prefix(src).map_err(|_| {
+            Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display()))
+        })?;
         let to = dst.join(rel);
         if let Some(p) = to.parent() {
             std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
@@ -463,33 +558,74 @@ pub fn merge_diffusers_pipeline(
     let mut adapters = Vec::with_capacity(loras.len());
     let mut reports = Vec::with_capacity(loras.len());
     for spec in loras {
-        let a = lora_format::read(&spec.path, &ReadOptions { modules: Some(&modules), adapter_config: None })?;
+        let a = lora_format::read(
+            &spec.path,
+            &ReadOptions {
+                modules: Some(&modules),
+                adapter_config: None,
+            },
+        )?;
         if a.is_sdxl() {
-            return Err(Error::Lora { file: spec.path.clone(), msg: "this is an SDXL LoRA; the pipeline is SD 1.x".into() });
+            return Err(Error::Lora {
+                file: spec.path.clone(),
+                msg: "this is an SDXL LoRA; the pipeline is SD 1.x".into(),
+            });
         }
         let unmapped: Vec<String> = a.unmapped.iter().map(|u| u.to_string()).collect();
         if opts.strict && !unmapped.is_empty() {
-            return Err(Error::Lora { file: spec.path.clone(), msg: format!("{} keys map nowhere (strict mode): {}", unmapped.len(), unmapped[0]) });
+            return Err(Error::Lora {
+                file: spec.path.clone(),
+                msg: format!(
+                    "{} keys map nowhere (strict mode): {}",
+                    unmapped.len(),
+                    unmapped[0]
+                ),
+            });
         }
         reports.push(LoraReport {
             path: spec.path.clone(),
             weight: spec.weight,
             dialect: a.dialect.to_string(),
-            unet_modules: a.modules.iter().filter(|m| m.component == Component::Unet).count(),
-            text_encoder_modules: a.modules.iter().filter(|m| m.component == Component::TextEncoder).count(),
+            unet_modules: a
+                .modules
+                .iter()
+                .filter(|m| m.component == Component::Unet)
+                .count(),
+            text_encoder_modules: a
+                .modules
+                .iter()
+                .filter(|m| m.component == Component::TextEncoder)
+                .count(),
             unmapped,
             notes: a.notes.clone(),
         });
         adapters.push(a);
     }
     let files = [
-        (Component::Unet, "unet/diffusion_pytorch_model.safetensors", opts.unet_scale),
-        (Component::TextEncoder, "text_encoder/model.safetensors", opts.text_encoder_scale),
+        (
+            Component::Unet,
+            "unet/diffusion_pytorch_model.safetensors",
+            opts.unet_scale,
+        ),
+        (
+            Component::TextEncoder,
+            "text_encoder/model.safetensors",
+            opts.text_encoder_scale,
+        ),
     ];
-    let mut report = MergeReport { out: out.to_path_buf(), loras: reports, patched: BTreeMap::new(), dry_run };
+    let mut report = MergeReport {
+        out: out.to_path_buf(),
+        loras: reports,
+        patched: BTreeMap::new(),
+        dry_run,
+    };
     if dry_run {
         for (c, rel, _) in files {
-            let n = adapters.iter().flat_map(|a| &a.modules).filter(|m| m.component == c).count();
+            let n = adapters
+                .iter()
+                .flat_map(|a| &a.modules)
+                .filter(|m| m.component == c)
+                .count();
             report.patched.insert(rel.to_string(), n);
         }
         return Ok(report);
@@ -502,7 +638,11 @@ pub fn merge_diffusers_pipeline(
         if !base.is_file() {
             continue;
         }
-        let weighted: Vec<(&LoraAdapter, f32)> = adapters.iter().zip(loras).map(|(a, s)| (a, s.weight * scale)).collect();
+        let weighted: Vec<(&LoraAdapter, f32)> = adapters
+            .iter()
+            .zip(loras)
+            .map(|(a, s)| (a, s.weight * scale))
+            .collect();
         let r = lora_merge::merge_state_dict(&base, c, &weighted, tmp.path().join(rel))?;
         report.patched.insert(rel.to_string(), r.merged.len());
         for u in r.unmatched {
@@ -518,7 +658,11 @@ pub fn merge_diffusers_pipeline(
 /// The torch-layout shape of a module's ΔW, without computing it for plain LoRAs.
 fn delta_shape(m: &lora_format::LoraModule) -> Result<Vec<usize>> {
     match &m.kind {
-        lora_format::LoraKind::Lora { down, up, mid: None } => {
+        lora_format::LoraKind::Lora {
+            down,
+            up,
+            mid: None,
+        } => {
             let mut s = vec![up.shape[0]];
             s.extend_from_slice(&down.shape[1..]);
             Ok(s)
@@ -528,7 +672,10 @@ fn delta_shape(m: &lora_format::LoraModule) -> Result<Vec<usize>> {
 }
 
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let p = e.path();

@@ -5,12 +5,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tiny")
+        .join(rel)
 }
 
 fn lorafuse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).output().expect("run lorafuse");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
+        .args(args)
+        .output()
+        .expect("run lorafuse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -20,20 +29,54 @@ fn generate_writes_png_with_a1111_parameters() {
     let model = tiny("onnx");
     let loras = tiny("loras");
     let (ok, stdout, stderr) = lorafuse(&[
-        "generate", "-m", model.to_str().unwrap_or_default(), "-p", "a photo of a cat <lora:kohya:0.5>", "-n", "blurry",
-        "--steps", "3", "--seed", "7", "--num-images", "2", "--scheduler", "euler-a", "--lora-dir",
-        loras.to_str().unwrap_or_default(), "--device", "cpu", "-o", pattern.to_str().unwrap_or_default(),
+        "generate",
+        "-m",
+        model.to_str().unwrap_or_default(),
+        "-p",
+        "a photo of a cat <lora:kohya:0.5>",
+        "-n",
+        "blurry",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--num-images",
+        "2",
+        "--scheduler",
+        "euler-a",
+        "--lora-dir",
+        loras.to_str().unwrap_or_default(),
+        "--device",
+        "cpu",
+        "-o",
+        pattern.to_str().unwrap_or_default(),
     ]);
     assert!(ok, "{stderr}");
     for (i, seed) in [(0, 7), (1, 8)] {
         let p = dir.path().join(format!("{i}-{seed}.png"));
         assert!(stdout.contains(&p.display().to_string()), "{stdout}");
-        let params = lorafuse::image::read_png_parameters(&p).expect("png").expect("parameters chunk");
-        assert!(params.starts_with("a photo of a cat <lora:kohya:0.5>\nNegative prompt: blurry\n"), "{params}");
-        assert!(params.contains("Steps: 3, Sampler: Euler a, CFG scale: 7.5") && params.contains(&format!("Seed: {seed}")), "{params}");
-        assert!(params.contains("Size: 64x64") && params.contains("Lora weights: \"kohya: 0.5\""), "{params}");
+        let params = lorafuse::image::read_png_parameters(&p)
+            .expect("png")
+            .expect("parameters chunk");
+        assert!(
+            params.starts_with("a photo of a cat <lora:kohya:0.5>\nNegative prompt: blurry\n"),
+            "{params}"
+        );
+        assert!(
+            params.contains("Steps: 3, Sampler: Euler a, CFG scale: 7.5")
+                && params.contains(&format!("Seed: {seed}")),
+            "{params}"
+        );
+        assert!(
+            params.contains("Size: 64x64") && params.contains("Lora weights: \"kohya: 0.5\""),
+            "{params}"
+        );
     }
-    let names: Vec<_> = std::fs::read_dir(dir.path()).expect("read_dir").flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
 }
 
@@ -44,12 +87,50 @@ fn bad_arguments_give_clear_errors() {
     let (m, o) = (tiny("onnx"), out.to_str().unwrap_or_default().to_string());
     let m = m.to_str().unwrap_or_default();
     for (args, want) in [
-        (vec!["generate", "-m", m, "-p", "x", "-W", "60", "-o", &o], "multiples of 8"),
-        (vec!["generate", "-m", m, "-p", "x", "--scheduler", "foo", "-o", &o], "unknown scheduler \"foo\""),
-        (vec!["generate", "-m", "/nonexistent/pipe", "-p", "x", "-o", &o], "/nonexistent/pipe"),
-        (vec!["generate", "-m", m, "-p", "x", "--device", "tpu", "-o", &o], "device `tpu`"),
-        (vec!["generate", "-m", m, "-p", "<lora:nothere>", "--lora-dir", m, "-o", &o], "nothere"),
-        (vec!["generate", "-m", m, "-p", "x", "--steps", "0", "-o", &o], "steps must be at least 1"),
+        (
+            vec!["generate", "-m", m, "-p", "x", "-W", "60", "-o", &o],
+            "multiples of 8",
+        ),
+        (
+            vec![
+                "generate",
+                "-m",
+                m,
+                "-p",
+                "x",
+                "--scheduler",
+                "foo",
+                "-o",
+                &o,
+            ],
+            "unknown scheduler \"foo\"",
+        ),
+        (
+            vec!["generate", "-m", "/nonexistent/pipe", "-p", "x", "-o", &o],
+            "/nonexistent/pipe",
+        ),
+        (
+            vec!["generate", "-m", m, "-p", "x", "--device", "tpu", "-o", &o],
+            "device `tpu`",
+        ),
+        (
+            vec![
+                "generate",
+                "-m",
+                m,
+                "-p",
+                "<lora:nothere>",
+                "--lora-dir",
+                m,
+                "-o",
+                &o,
+            ],
+            "nothere",
+        ),
+        (
+            vec!["generate", "-m", m, "-p", "x", "--steps", "0", "-o", &o],
+            "steps must be at least 1",
+        ),
     ] {
         let (ok, _, stderr) = lorafuse(&args);
         assert!(!ok, "{args:?} should fail");
@@ -74,7 +155,10 @@ fn broken_model_folder() {
     std::fs::create_dir_all(dir.path().join("unet")).expect("mkdir");
     let p = dir.path().to_str().unwrap_or_default();
     let (ok, _, stderr) = lorafuse(&["generate", "-m", p, "-p", "x", "-o", "/tmp/never.png"]);
-    assert!(!ok && stderr.contains("missing unet/model.onnx"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("missing unet/model.onnx"),
+        "{stderr}"
+    );
     // A UNet that is not an ONNX file.
     std::fs::write(dir.path().join("unet/model.onnx"), b"not a model").expect("write");
     let (ok, _, stderr) = lorafuse(&["generate", "-m", p, "-p", "x", "-o", "/tmp/never.png"]);
@@ -89,13 +173,31 @@ fn merge_cli_reports_and_writes_a_pipeline_that_generates() {
     let m = tiny("onnx");
     let l = tiny("loras/kohya_wide.safetensors");
     let (ok, stdout, stderr) = lorafuse(&[
-        "merge", "-m", m.to_str().unwrap_or_default(), "-l", &format!("{}:0.6", l.display()), "-o", out.to_str().unwrap_or_default(),
+        "merge",
+        "-m",
+        m.to_str().unwrap_or_default(),
+        "-l",
+        &format!("{}:0.6", l.display()),
+        "-o",
+        out.to_str().unwrap_or_default(),
     ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("kohya") && stdout.contains("unet 77, text encoder 12"), "{stdout}");
+    assert!(
+        stdout.contains("kohya") && stdout.contains("unet 77, text encoder 12"),
+        "{stdout}"
+    );
     let png = dir.path().join("a.png");
-    let (ok, _, stderr) =
-        lorafuse(&["generate", "-m", out.to_str().unwrap_or_default(), "-p", "x", "--steps", "2", "-o", png.to_str().unwrap_or_default()]);
+    let (ok, _, stderr) = lorafuse(&[
+        "generate",
+        "-m",
+        out.to_str().unwrap_or_default(),
+        "-p",
+        "x",
+        "--steps",
+        "2",
+        "-o",
+        png.to_str().unwrap_or_default(),
+    ]);
     assert!(ok && png.is_file(), "{stderr}");
 }
 
@@ -106,13 +208,27 @@ fn inspect_lora_files_and_models() {
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(v["lora"]["dialect"], "kohya (lora_unet_/lora_te_)");
-    assert_eq!((v["lora"]["unet_modules"].as_u64(), v["lora"]["text_encoder_modules"].as_u64()), (Some(77), Some(12)));
+    assert_eq!(
+        (
+            v["lora"]["unet_modules"].as_u64(),
+            v["lora"]["text_encoder_modules"].as_u64()
+        ),
+        (Some(77), Some(12))
+    );
     assert_eq!(v["lora"]["ranks"]["2"], 89);
-    assert_eq!(v["lora"]["alphas"]["3"], 89, "alpha 3 at rank 2 (scale 1.5)");
+    assert_eq!(
+        v["lora"]["alphas"]["3"], 89,
+        "alpha 3 at rank 2 (scale 1.5)"
+    );
     let p = tiny("loras/diffusers.safetensors");
     let (_, stdout, _) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
-    assert!(v["metadata"]["lora_adapter_metadata"].as_str().is_some_and(|m| m.contains("lora_alpha")), "{v}");
+    assert!(
+        v["metadata"]["lora_adapter_metadata"]
+            .as_str()
+            .is_some_and(|m| m.contains("lora_alpha")),
+        "{v}"
+    );
     let p = tiny("onnx-extdata/unet/model.onnx");
     let (ok, stdout, stderr) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
     assert!(ok, "{stderr}");

@@ -39,7 +39,11 @@ fn lycoris_deltas_match_reference() {
             // f32 rounding of products of unit-scale factors: relative tolerance.
             let peak = want.iter().fold(1f32, |a, x| a.max(x.abs()));
             let d = max_abs_diff(&w, &want);
-            assert!(d <= 1e-6 * peak, "{name}: max abs diff {d}, peak {peak} (scale {})", m.scale);
+            assert!(
+                d <= 1e-6 * peak,
+                "{name}: max abs diff {d}, peak {peak} (scale {})",
+                m.scale
+            );
         }
     }
 }

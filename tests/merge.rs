@@ -11,7 +11,9 @@ use lorafuse::runtime::tensor::{extract_f32, float_value, ids_value};
 use ort::value::TensorElementType;
 
 fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tiny")
+        .join(rel)
 }
 
 fn read(path: &Path) -> safetensors_owned::Owned {
@@ -30,27 +32,44 @@ mod safetensors_owned {
             let st = safetensors::SafeTensors::deserialize(&self.0).expect("safetensors");
             let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-            let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             (t.shape().to_vec(), v)
         }
         pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
             let st = safetensors::SafeTensors::deserialize(&self.0).expect("safetensors");
             let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            let v = t
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
             (t.shape().to_vec(), v)
         }
     }
 }
 
 fn cpu() -> SessionOptions {
-    SessionOptions { device: Device::Cpu, intra_threads: Some(1), tf32: false }
+    SessionOptions {
+        device: Device::Cpu,
+        intra_threads: Some(1),
+        tf32: false,
+    }
 }
 
 /// The pipeline's UNet on the fixture inputs of `unet_io.safetensors`.
 fn run_unet(pipeline: &Path) -> Vec<f32> {
     let io = read(&tiny("expected/unet_io.safetensors"));
     let mut s = session::open(&pipeline.join("unet/model.onnx"), &cpu()).expect("unet session");
-    let ty = |name: &str| match s.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype().clone()) {
+    let ty = |name: &str| match s
+        .inputs()
+        .iter()
+        .find(|i| i.name() == name)
+        .map(|i| i.dtype().clone())
+    {
         Some(ort::value::ValueType::Tensor { ty, .. }) => ty,
         other => panic!("{name}: {other:?}"),
     };
@@ -71,7 +90,8 @@ fn run_unet(pipeline: &Path) -> Vec<f32> {
 fn run_text_encoder(pipeline: &Path) -> Vec<f32> {
     let io = read(&tiny("expected/text_encoder_io.safetensors"));
     let (shape, ids) = io.i64("input_ids");
-    let mut s = session::open(&pipeline.join("text_encoder/model.onnx"), &cpu()).expect("te session");
+    let mut s =
+        session::open(&pipeline.join("text_encoder/model.onnx"), &cpu()).expect("te session");
     let out = s
         .run(ort::inputs!["input_ids" => ids_value(&ids, &shape, TensorElementType::Int64).expect("ids")])
         .expect("te run");
@@ -81,7 +101,11 @@ fn run_text_encoder(pipeline: &Path) -> Vec<f32> {
 /// (max abs diff, max abs diff / max |reference|)
 fn diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len());
-    let m = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let m = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-12);
     (m, m / scale)
 }
@@ -89,12 +113,32 @@ fn diff(got: &[f32], want: &[f32]) -> (f32, f32) {
 fn merge_to_tmp(src: &Path, loras: &[(&str, f32)]) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("merged");
-    let specs: Vec<LoraSpec> =
-        loras.iter().map(|(f, w)| LoraSpec { path: tiny(&format!("loras/{f}")), weight: *w }).collect();
-    let report = merge_pipeline(src, &out, &specs, &MergeOptions { strict: true, ..Default::default() }, false, &mut |_, _, _| {})
-        .unwrap_or_else(|e| panic!("merging {loras:?}: {e}"));
+    let specs: Vec<LoraSpec> = loras
+        .iter()
+        .map(|(f, w)| LoraSpec {
+            path: tiny(&format!("loras/{f}")),
+            weight: *w,
+        })
+        .collect();
+    let report = merge_pipeline(
+        src,
+        &out,
+        &specs,
+        &MergeOptions {
+            strict: true,
+            ..Default::default()
+        },
+        false,
+        &mut |_, _, _| {},
+    )
+    .unwrap_or_else(|e| panic!("merging {loras:?}: {e}"));
     for l in &report.loras {
-        assert!(l.unmapped.is_empty(), "{}: {:?}", l.path.display(), l.unmapped);
+        assert!(
+            l.unmapped.is_empty(),
+            "{}: {:?}",
+            l.path.display(),
+            l.unmapped
+        );
     }
     (tmp, out)
 }
@@ -102,7 +146,10 @@ fn merge_to_tmp(src: &Path, loras: &[(&str, f32)]) -> (tempfile::TempDir, PathBu
 fn check(label: &str, got: &[f32], want: &[f32], abs_tol: f32, rel_tol: f32) {
     let (a, r) = diff(got, want);
     eprintln!("{label}: max abs {a:.3e}, rel {r:.3e}");
-    assert!(a <= abs_tol && r <= rel_tol, "{label}: max abs diff {a:.3e} (tol {abs_tol:e}), rel {r:.3e} (tol {rel_tol:e})");
+    assert!(
+        a <= abs_tol && r <= rel_tol,
+        "{label}: max abs diff {a:.3e} (tol {abs_tol:e}), rel {r:.3e} (tol {rel_tol:e})"
+    );
 }
 
 const FP32_ABS: f32 = 1e-4;
@@ -112,18 +159,44 @@ const FP32_REL: f32 = 1e-5;
 fn base_pipeline_matches_diffusers() {
     // The unmerged export itself: the floor every merged comparison stands on.
     let (_, want) = read(&tiny("expected/unet_io.safetensors")).f32("out_sample");
-    check("base unet", &run_unet(&tiny("onnx")), &want, FP32_ABS, FP32_REL);
+    check(
+        "base unet",
+        &run_unet(&tiny("onnx")),
+        &want,
+        FP32_ABS,
+        FP32_REL,
+    );
     let (_, want) = read(&tiny("expected/text_encoder_io.safetensors")).f32("last_hidden_state");
-    check("base text encoder", &run_text_encoder(&tiny("onnx")), &want, FP32_ABS, FP32_REL);
+    check(
+        "base text encoder",
+        &run_text_encoder(&tiny("onnx")),
+        &want,
+        FP32_ABS,
+        FP32_REL,
+    );
 }
 
 fn check_lora(file: &str, name: &str, scale: f32, abs_tol: f32, rel_tol: f32) {
     let (_tmp, out) = merge_to_tmp(&tiny("onnx"), &[(file, scale)]);
-    let exp = read(&tiny(&format!("expected/lora_{name}_s{scale:.1}.safetensors")));
+    let exp = read(&tiny(&format!(
+        "expected/lora_{name}_s{scale:.1}.safetensors"
+    )));
     let (_, want_u) = exp.f32("unet_out_sample");
     let (_, want_t) = exp.f32("text_encoder_last_hidden_state");
-    check(&format!("{name} s{scale} unet"), &run_unet(&out), &want_u, abs_tol, rel_tol);
-    check(&format!("{name} s{scale} text encoder"), &run_text_encoder(&out), &want_t, abs_tol, rel_tol);
+    check(
+        &format!("{name} s{scale} unet"),
+        &run_unet(&out),
+        &want_u,
+        abs_tol,
+        rel_tol,
+    );
+    check(
+        &format!("{name} s{scale} text encoder"),
+        &run_text_encoder(&out),
+        &want_t,
+        abs_tol,
+        rel_tol,
+    );
 }
 
 macro_rules! dialect_tests {
@@ -151,10 +224,28 @@ dialect_tests! {
 
 #[test]
 fn two_loras_with_weights_match_set_adapters() {
-    let (_tmp, out) = merge_to_tmp(&tiny("onnx"), &[("diffusers.safetensors", 0.7), ("diffusers_wide.safetensors", 0.4)]);
+    let (_tmp, out) = merge_to_tmp(
+        &tiny("onnx"),
+        &[
+            ("diffusers.safetensors", 0.7),
+            ("diffusers_wide.safetensors", 0.4),
+        ],
+    );
     let exp = read(&tiny("expected/lora_combo.safetensors"));
-    check("combo unet", &run_unet(&out), &exp.f32("unet_out_sample").1, FP32_ABS, FP32_REL);
-    check("combo text encoder", &run_text_encoder(&out), &exp.f32("text_encoder_last_hidden_state").1, FP32_ABS, FP32_REL);
+    check(
+        "combo unet",
+        &run_unet(&out),
+        &exp.f32("unet_out_sample").1,
+        FP32_ABS,
+        FP32_REL,
+    );
+    check(
+        "combo text encoder",
+        &run_text_encoder(&out),
+        &exp.f32("text_encoder_last_hidden_state").1,
+        FP32_ABS,
+        FP32_REL,
+    );
 }
 
 /// A pipeline folder like models/tiny/onnx with its UNet taken from another export.
@@ -181,11 +272,23 @@ fn copy_dir(src: &Path, dst: &Path) {
 #[test]
 fn external_data_unet() {
     let src = pipeline_with_unet("onnx-extdata/unet");
-    for (file, name) in [("diffusers_wide.safetensors", "diffusers_wide"), ("kohya.safetensors", "kohya")] {
+    for (file, name) in [
+        ("diffusers_wide.safetensors", "diffusers_wide"),
+        ("kohya.safetensors", "kohya"),
+    ] {
         let (_tmp, out) = merge_to_tmp(src.path(), &[(file, 1.0)]);
-        assert!(out.join("unet/model.onnx_data").is_file(), "external data carried over");
+        assert!(
+            out.join("unet/model.onnx_data").is_file(),
+            "external data carried over"
+        );
         let exp = read(&tiny(&format!("expected/lora_{name}_s1.0.safetensors")));
-        check(&format!("extdata {name}"), &run_unet(&out), &exp.f32("unet_out_sample").1, FP32_ABS, FP32_REL);
+        check(
+            &format!("extdata {name}"),
+            &run_unet(&out),
+            &exp.f32("unet_out_sample").1,
+            FP32_ABS,
+            FP32_REL,
+        );
     }
 }
 
@@ -194,7 +297,13 @@ fn dynamo_exported_unet() {
     let src = pipeline_with_unet("onnx-dynamo/unet");
     let (_tmp, out) = merge_to_tmp(src.path(), &[("diffusers_wide.safetensors", 1.0)]);
     let exp = read(&tiny("expected/lora_diffusers_wide_s1.0.safetensors"));
-    check("dynamo diffusers_wide", &run_unet(&out), &exp.f32("unet_out_sample").1, FP32_ABS, FP32_REL);
+    check(
+        "dynamo diffusers_wide",
+        &run_unet(&out),
+        &exp.f32("unet_out_sample").1,
+        FP32_ABS,
+        FP32_REL,
+    );
 }
 
 #[test]
@@ -210,9 +319,17 @@ fn fp16_pipeline_within_fp16_rounding() {
     let (merged_err, rel) = diff(&run_unet(&out), &want);
     // The LoRA's own effect, to show the tolerance is far below it.
     let (effect, _) = diff(&want, &base_want);
-    eprintln!("fp16: base err {base_err:.3e}, merged err {merged_err:.3e} (rel {rel:.3e}), LoRA effect {effect:.3e}");
-    assert!(merged_err <= 3.0 * base_err + 2e-3, "merged fp16 error {merged_err} vs base fp16 error {base_err}");
-    assert!(merged_err < effect / 20.0, "tolerance must be far below the LoRA's effect ({effect})");
+    eprintln!(
+        "fp16: base err {base_err:.3e}, merged err {merged_err:.3e} (rel {rel:.3e}), LoRA effect {effect:.3e}"
+    );
+    assert!(
+        merged_err <= 3.0 * base_err + 2e-3,
+        "merged fp16 error {merged_err} vs base fp16 error {base_err}"
+    );
+    assert!(
+        merged_err < effect / 20.0,
+        "tolerance must be far below the LoRA's effect ({effect})"
+    );
 }
 
 // ---- bad input: a clear error naming the culprit, and nothing left in the output's folder ----
@@ -221,11 +338,32 @@ fn fp16_pipeline_within_fp16_rounding() {
 fn merge_error(src: &Path, lora: &Path) -> String {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
-    let res = merge_pipeline(src, &out, &[LoraSpec { path: lora.to_path_buf(), weight: 1.0 }], &MergeOptions::default(), false, &mut |_, _, _| {});
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("read_dir").flatten().map(|e| e.file_name()).collect();
-    assert!(left.is_empty(), "left behind after a failed merge: {left:?}");
+    let res = merge_pipeline(
+        src,
+        &out,
+        &[LoraSpec {
+            path: lora.to_path_buf(),
+            weight: 1.0,
+        }],
+        &MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left behind after a failed merge: {left:?}"
+    );
     match res {
-        Ok(_) => panic!("merging {} into {} should fail", lora.display(), src.display()),
+        Ok(_) => panic!(
+            "merging {} into {} should fail",
+            lora.display(),
+            src.display()
+        ),
         Err(e) => e.to_string(),
     }
 }
@@ -233,11 +371,23 @@ fn merge_error(src: &Path, lora: &Path) -> String {
 fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, s, d)| (n.to_string(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|(n, s, d)| {
+            (
+                n.to_string(),
+                s.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("view"),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("write");
 }
@@ -273,18 +423,32 @@ fn lora_whose_shapes_do_not_match_the_model() {
     write_safetensors(
         &p,
         &[
-            (&format!("{m}.lora_down.weight"), vec![4, 320], vec![0.01; 4 * 320]),
-            (&format!("{m}.lora_up.weight"), vec![320, 4], vec![0.01; 320 * 4]),
+            (
+                &format!("{m}.lora_down.weight"),
+                vec![4, 320],
+                vec![0.01; 4 * 320],
+            ),
+            (
+                &format!("{m}.lora_up.weight"),
+                vec![320, 4],
+                vec![0.01; 320 * 4],
+            ),
         ],
     );
     let err = merge_error(&tiny("onnx"), &p);
-    assert!(err.contains("wrong_shape.safetensors") && err.contains("attn1.to_q"), "{err}");
+    assert!(
+        err.contains("wrong_shape.safetensors") && err.contains("attn1.to_q"),
+        "{err}"
+    );
 }
 
 #[test]
 fn sdxl_lora_on_sd1_pipeline() {
     let err = merge_error(&tiny("onnx"), &tiny("loras/sdxl_kohya.safetensors"));
-    assert!(err.contains("SDXL") && err.contains("sdxl_kohya.safetensors"), "{err}");
+    assert!(
+        err.contains("SDXL") && err.contains("sdxl_kohya.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -320,16 +484,29 @@ fn hostile_external_data_location() {
         }
         std::fs::write(&unet, patched).expect("write");
         let err = merge_error(src.path(), &tiny("loras/diffusers.safetensors"));
-        assert!(err.contains("unet/model.onnx") && err.contains(hostile), "{hostile}: {err}");
+        assert!(
+            err.contains("unet/model.onnx") && err.contains(hostile),
+            "{hostile}: {err}"
+        );
     }
 }
 
 #[test]
 fn output_inside_input_or_existing_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let specs = [LoraSpec { path: tiny("loras/diffusers.safetensors"), weight: 1.0 }];
-    let err = merge_pipeline(&tiny("onnx"), tmp.path(), &specs, &MergeOptions::default(), false, &mut |_, _, _| {})
-        .expect_err("existing output");
+    let specs = [LoraSpec {
+        path: tiny("loras/diffusers.safetensors"),
+        weight: 1.0,
+    }];
+    let err = merge_pipeline(
+        &tiny("onnx"),
+        tmp.path(),
+        &specs,
+        &MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    )
+    .expect_err("existing output");
     assert!(err.to_string().contains("already exists"), "{err}");
 }
 
@@ -337,8 +514,19 @@ fn output_inside_input_or_existing_is_refused() {
 fn dry_run_writes_nothing_and_reports() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
-    let specs = [LoraSpec { path: tiny("loras/kohya_wide.safetensors"), weight: 0.5 }];
-    let r = merge_pipeline(&tiny("onnx"), &out, &specs, &MergeOptions::default(), true, &mut |_, _, _| {}).expect("dry run");
+    let specs = [LoraSpec {
+        path: tiny("loras/kohya_wide.safetensors"),
+        weight: 0.5,
+    }];
+    let r = merge_pipeline(
+        &tiny("onnx"),
+        &out,
+        &specs,
+        &MergeOptions::default(),
+        true,
+        &mut |_, _, _| {},
+    )
+    .expect("dry run");
     assert!(!out.exists());
     assert_eq!(r.loras[0].unet_modules, 77);
     assert_eq!(r.loras[0].text_encoder_modules, 12);
@@ -350,7 +538,10 @@ fn lora_spec_parsing() {
     let s: LoraSpec = "a/b.safetensors:0.7".parse().expect("parse");
     assert_eq!((s.path, s.weight), (PathBuf::from("a/b.safetensors"), 0.7));
     let s: LoraSpec = "c:/x/y.safetensors".parse().expect("parse");
-    assert_eq!((s.path, s.weight), (PathBuf::from("c:/x/y.safetensors"), 1.0));
+    assert_eq!(
+        (s.path, s.weight),
+        (PathBuf::from("c:/x/y.safetensors"), 1.0)
+    );
     assert!("x.safetensors:inf".parse::<LoraSpec>().is_err());
 }
 
@@ -359,10 +550,23 @@ fn diffusers_layout_merge_matches_fuse_lora_weights() {
     // Trainers merge into a diffusers folder: the merged safetensors must hold diffusers' fused weights.
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("merged");
-    let specs = [LoraSpec { path: tiny("loras/diffusers_wide.safetensors"), weight: 1.0 }];
-    let r = lorafuse::merge::merge_diffusers_pipeline(&tiny("diffusers"), &out, &specs, &MergeOptions::default(), false, &mut |_, _, _| {})
-        .expect("merge");
-    assert_eq!(r.patched.get("unet/diffusion_pytorch_model.safetensors"), Some(&77));
+    let specs = [LoraSpec {
+        path: tiny("loras/diffusers_wide.safetensors"),
+        weight: 1.0,
+    }];
+    let r = lorafuse::merge::merge_diffusers_pipeline(
+        &tiny("diffusers"),
+        &out,
+        &specs,
+        &MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    )
+    .expect("merge");
+    assert_eq!(
+        r.patched.get("unet/diffusion_pytorch_model.safetensors"),
+        Some(&77)
+    );
     let fused = read(&tiny("expected/fused_diffusers_wide.safetensors"));
     let unet = read(&out.join("unet/diffusion_pytorch_model.safetensors"));
     let te = read(&out.join("text_encoder/model.safetensors"));
@@ -373,7 +577,12 @@ fn diffusers_layout_merge_matches_fuse_lora_weights() {
         let (_, want) = fused.f32(name);
         let (got_file, key) = match name.strip_prefix("unet.") {
             Some(k) => (&unet, k.to_string()),
-            None => (&te, name.strip_prefix("text_encoder.").expect("prefix").to_string()),
+            None => (
+                &te,
+                name.strip_prefix("text_encoder.")
+                    .expect("prefix")
+                    .to_string(),
+            ),
         };
         let (_, got) = got_file.f32(&key);
         let (a, _) = diff(&got, &want);
@@ -381,5 +590,9 @@ fn diffusers_layout_merge_matches_fuse_lora_weights() {
         n += 1;
     }
     assert_eq!(n, 89);
-    assert!(out.join("vae/diffusion_pytorch_model.safetensors").is_file() && out.join("tokenizer/vocab.json").is_file());
+    assert!(
+        out.join("vae/diffusion_pytorch_model.safetensors")
+            .is_file()
+            && out.join("tokenizer/vocab.json").is_file()
+    );
 }

@@ -8,17 +8,34 @@ fn lorafuse() -> Command {
 }
 
 fn run_with_ort_lib(lib: &std::path::Path) -> (bool, String) {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny/onnx/unet/model.onnx");
-    let out = lorafuse().arg("--ort-lib").arg(lib).arg("inspect").arg(model).output().expect("run lorafuse");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/tiny/onnx/unet/model.onnx"
+    );
+    let out = lorafuse()
+        .arg("--ort-lib")
+        .arg(lib)
+        .arg("inspect")
+        .arg(model)
+        .output()
+        .expect("run lorafuse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn missing_library_lists_what_was_tried() {
-    let (ok, err) = run_with_ort_lib(std::path::Path::new("/nonexistent/libonnxruntime.so.1.31.1"));
+    let (ok, err) = run_with_ort_lib(std::path::Path::new(
+        "/nonexistent/libonnxruntime.so.1.31.1",
+    ));
     assert!(!ok);
     assert!(err.contains("cannot load ONNX Runtime"), "{err}");
-    assert!(err.contains("--ort-lib: /nonexistent/libonnxruntime.so.1.31.1 (no such file)"), "{err}");
+    assert!(
+        err.contains("--ort-lib: /nonexistent/libonnxruntime.so.1.31.1 (no such file)"),
+        "{err}"
+    );
     assert!(err.contains("scripts/setup.sh"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -30,17 +47,24 @@ fn file_that_is_not_a_library() {
     std::fs::write(&fake, b"this is not an ELF file").expect("write");
     let (ok, err) = run_with_ort_lib(&fake);
     assert!(!ok);
-    assert!(err.contains("cannot load ONNX Runtime") && err.contains("failed to load from"), "{err}");
+    assert!(
+        err.contains("cannot load ONNX Runtime") && err.contains("failed to load from"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn library_without_the_ort_api() {
     // A real shared library that is not ONNX Runtime.
-    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"]
-        .iter()
-        .map(std::path::Path::new)
-        .find(|p| p.exists());
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .iter()
+    .map(std::path::Path::new)
+    .find(|p| p.exists());
     let Some(libm) = libm else {
         eprintln!("skipped: no libm.so.6 found");
         return;

@@ -11,7 +11,9 @@ use lorafuse::pipeline::txt2img::{GenerateParams, Txt2Img};
 use lorafuse::runtime::session::{Device, SessionOptions};
 
 fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tiny")
+        .join(rel)
 }
 
 fn f32_tensor(file: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
@@ -19,11 +21,21 @@ fn f32_tensor(file: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    (
+        t.shape().to_vec(),
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 fn cpu() -> SessionOptions {
-    SessionOptions { device: Device::Cpu, intra_threads: Some(1), tf32: false }
+    SessionOptions {
+        device: Device::Cpu,
+        intra_threads: Some(1),
+        tf32: false,
+    }
 }
 
 fn run(fixture: &str, scheduler: &str, lora: bool) {
@@ -31,11 +43,22 @@ fn run(fixture: &str, scheduler: &str, lora: bool) {
     let mut pipe = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open pipeline");
     // diffusers ran from the original config (no `timestep_spacing`, so DPM-Solver takes its own
     // default, linspace); optimum's copy spells out PNDM's `leading`.
-    let cfg = SchedulerConfig::from_file(tiny("diffusers/scheduler/scheduler_config.json")).expect("config");
+    let cfg = SchedulerConfig::from_file(tiny("diffusers/scheduler/scheduler_config.json"))
+        .expect("config");
     pipe.set_scheduler_config(cfg);
     if lora {
-        let spec = LoraSpec { path: tiny("loras/diffusers.safetensors"), weight: 1.0 };
-        pipe.set_loras(&[spec], &MergeOptions { strict: true, ..Default::default() }).expect("set_loras");
+        let spec = LoraSpec {
+            path: tiny("loras/diffusers.safetensors"),
+            weight: 1.0,
+        };
+        pipe.set_loras(
+            &[spec],
+            &MergeOptions {
+                strict: true,
+                ..Default::default()
+            },
+        )
+        .expect("set_loras");
     }
     let params = GenerateParams {
         prompt: "a photo of a cat".into(),
@@ -61,7 +84,12 @@ fn run(fixture: &str, scheduler: &str, lora: bool) {
     assert_eq!(calls, last_total, "one progress call per UNet step");
     let (shape, want) = f32_tensor(&file, "image");
     assert_eq!(shape, [1, 64, 64, 3]);
-    let max = out.pixels.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max = out
+        .pixels
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     eprintln!("{fixture}: max abs pixel diff {max:.3e}");
     assert!(max <= 1e-3, "{fixture}: max abs pixel diff {max}");
 }
@@ -96,41 +124,86 @@ fn switching_loras_on_a_live_pipeline_equals_a_fresh_one() {
         init_latents: Some(f32_tensor(&file, "init_latents")),
         ..Default::default()
     };
-    let a = LoraSpec { path: tiny("loras/diffusers.safetensors"), weight: 1.0 };
-    let b = LoraSpec { path: tiny("loras/kohya_wide.safetensors"), weight: 0.6 };
+    let a = LoraSpec {
+        path: tiny("loras/diffusers.safetensors"),
+        weight: 1.0,
+    };
+    let b = LoraSpec {
+        path: tiny("loras/kohya_wide.safetensors"),
+        weight: 0.6,
+    };
     let mut live = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open");
-    let base = live.generate(&params, &mut |_, _| true).expect("base").pixels;
-    live.set_loras(std::slice::from_ref(&a), &MergeOptions::default()).expect("a");
+    let base = live
+        .generate(&params, &mut |_, _| true)
+        .expect("base")
+        .pixels;
+    live.set_loras(std::slice::from_ref(&a), &MergeOptions::default())
+        .expect("a");
     let with_a = live.generate(&params, &mut |_, _| true).expect("a").pixels;
-    live.set_loras(std::slice::from_ref(&b), &MergeOptions::default()).expect("b");
+    live.set_loras(std::slice::from_ref(&b), &MergeOptions::default())
+        .expect("b");
     let with_b = live.generate(&params, &mut |_, _| true).expect("b").pixels;
     live.set_loras(&[], &MergeOptions::default()).expect("none");
-    let back = live.generate(&params, &mut |_, _| true).expect("back").pixels;
+    let back = live
+        .generate(&params, &mut |_, _| true)
+        .expect("back")
+        .pixels;
 
     let mut fresh = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open");
-    fresh.set_loras(std::slice::from_ref(&b), &MergeOptions::default()).expect("b");
-    let fresh_b = fresh.generate(&params, &mut |_, _| true).expect("fresh b").pixels;
+    fresh
+        .set_loras(std::slice::from_ref(&b), &MergeOptions::default())
+        .expect("b");
+    let fresh_b = fresh
+        .generate(&params, &mut |_, _| true)
+        .expect("fresh b")
+        .pixels;
 
     assert_ne!(base, with_a, "the LoRA changes the image");
-    assert_eq!(with_b, fresh_b, "switching gives exactly what a fresh pipeline gives");
+    assert_eq!(
+        with_b, fresh_b,
+        "switching gives exactly what a fresh pipeline gives"
+    );
     assert_eq!(back, base, "an empty set restores the base weights exactly");
 }
 
 #[test]
 fn cancel_from_progress_stops_the_run() {
     let mut pipe = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open");
-    let params = GenerateParams { prompt: "a cat".into(), steps: 4, ..Default::default() };
-    let err = pipe.generate(&params, &mut |step, _| step < 2).expect_err("cancelled");
+    let params = GenerateParams {
+        prompt: "a cat".into(),
+        steps: 4,
+        ..Default::default()
+    };
+    let err = pipe
+        .generate(&params, &mut |step, _| step < 2)
+        .expect_err("cancelled");
     assert!(matches!(err, lorafuse::Error::Cancelled), "{err}");
 }
 
 #[test]
 fn bad_sizes_and_latents_are_refused() {
     let mut pipe = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open");
-    let p = GenerateParams { prompt: "x".into(), width: 60, height: 64, steps: 1, ..Default::default() };
-    let err = pipe.generate(&p, &mut |_, _| true).expect_err("60 is not a multiple of 8").to_string();
+    let p = GenerateParams {
+        prompt: "x".into(),
+        width: 60,
+        height: 64,
+        steps: 1,
+        ..Default::default()
+    };
+    let err = pipe
+        .generate(&p, &mut |_, _| true)
+        .expect_err("60 is not a multiple of 8")
+        .to_string();
     assert!(err.contains("multiples of 8"), "{err}");
-    let p = GenerateParams { prompt: "x".into(), steps: 1, init_latents: Some((vec![1, 4, 4, 4], vec![0.0; 64])), ..Default::default() };
-    let err = pipe.generate(&p, &mut |_, _| true).expect_err("wrong latents").to_string();
+    let p = GenerateParams {
+        prompt: "x".into(),
+        steps: 1,
+        init_latents: Some((vec![1, 4, 4, 4], vec![0.0; 64])),
+        ..Default::default()
+    };
+    let err = pipe
+        .generate(&p, &mut |_, _| true)
+        .expect_err("wrong latents")
+        .to_string();
     assert!(err.contains("init latents"), "{err}");
 }

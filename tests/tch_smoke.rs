@@ -6,7 +6,9 @@ use tch::{Device, Kind, Tensor};
 
 #[test]
 fn matmul_and_autograd_on_cpu() {
-    let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([2, 2]).set_requires_grad(true);
+    let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+        .reshape([2, 2])
+        .set_requires_grad(true);
     let b = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).reshape([2, 2]);
     let c = a.matmul(&b);
     let got: Vec<f32> = Vec::try_from(c.flatten(0, -1)).expect("to vec");

@@ -61,12 +61,20 @@ struct BenchReport {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
 }
 
 pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     runtime::init(global.ort_lib.as_deref())?;
-    let opts = session::SessionOptions { device: a.device.parse()?, intra_threads: a.threads, tf32: a.tf32 };
+    let opts = session::SessionOptions {
+        device: a.device.parse()?,
+        intra_threads: a.threads,
+        tf32: a.tf32,
+    };
     let t0 = Instant::now();
     let mut pipe = Txt2Img::open(&a.model, &opts)?;
     let pipeline_open_s = t0.elapsed().as_secs_f64();
@@ -120,7 +128,11 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     let r = BenchReport {
         model: a.model.clone(),
         device: a.device.clone(),
-        size: format!("{}x{}", a.width.unwrap_or(pipe.default_size), a.height.unwrap_or(pipe.default_size)),
+        size: format!(
+            "{}x{}",
+            a.width.unwrap_or(pipe.default_size),
+            a.height.unwrap_or(pipe.default_size)
+        ),
         steps: a.steps,
         scheduler: a.scheduler.clone(),
         pipeline_open_s,
@@ -133,12 +145,27 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("lorafuse bench: {} on {} ({}, {} steps, {})", r.model.display(), r.device, r.size, r.steps, r.scheduler);
+        println!(
+            "lorafuse bench: {} on {} ({}, {} steps, {})",
+            r.model.display(),
+            r.device,
+            r.size,
+            r.steps,
+            r.scheduler
+        );
         println!("  pipeline open        {:.3} s", r.pipeline_open_s);
-        println!("  seconds per image    {:.3} (median of {})", r.median_seconds_per_image, r.seconds_per_image.len());
+        println!(
+            "  seconds per image    {:.3} (median of {})",
+            r.median_seconds_per_image,
+            r.seconds_per_image.len()
+        );
         println!("  step                 {:.2} ms (median)", r.median_step_ms);
         if !r.lora_switch_s.is_empty() {
-            println!("  LoRA switch (live)   {:.3} s (median of {})", median(&r.lora_switch_s), r.lora_switch_s.len());
+            println!(
+                "  LoRA switch (live)   {:.3} s (median of {})",
+                median(&r.lora_switch_s),
+                r.lora_switch_s.len()
+            );
         }
         if let Some(f) = r.fresh_pipeline_with_lora_s {
             println!("  fresh pipeline+LoRA  {f:.3} s");

@@ -82,8 +82,13 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--num-images and --batch-size must be at least 1");
     }
     let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
-    let opts = session::SessionOptions { device, intra_threads: a.threads, tf32: a.tf32 };
-    let mut pipe = Txt2Img::open(&a.model, &opts).with_context(|| format!("opening pipeline {}", a.model.display()))?;
+    let opts = session::SessionOptions {
+        device,
+        intra_threads: a.threads,
+        tf32: a.tf32,
+    };
+    let mut pipe = Txt2Img::open(&a.model, &opts)
+        .with_context(|| format!("opening pipeline {}", a.model.display()))?;
 
     // LoRAs: --lora flags, then <lora:name:weight> tags (which leave the prompt text).
     let tags = prompt::extract_lora_tags(&a.prompt)?;
@@ -91,7 +96,13 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     loras.extend(prompt::tag_specs(&tags, a.lora_dir.as_deref())?);
     let prompt_text = tags.text.clone();
     if !loras.is_empty() {
-        let reports = pipe.set_loras(&loras, &MergeOptions { strict: a.strict, ..Default::default() })?;
+        let reports = pipe.set_loras(
+            &loras,
+            &MergeOptions {
+                strict: a.strict,
+                ..Default::default()
+            },
+        )?;
         for r in &reports {
             eprintln!(
                 "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
@@ -119,7 +130,11 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         });
     }
 
-    let model_name = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let model_name = a
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut index = 0usize;
     while index < a.num_images {
         let b = a.batch_size.min(a.num_images - index);
@@ -138,11 +153,18 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         };
         let bar = ProgressBar::new(a.steps as u64);
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})")
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
         );
-        bar.set_message(format!("images {}..{} of {}", index + 1, index + b, a.num_images));
+        bar.set_message(format!(
+            "images {}..{} of {}",
+            index + 1,
+            index + b,
+            a.num_images
+        ));
         let out = pipe.generate(&params, &mut |step, total| {
             bar.set_length(total as u64);
             bar.set_position(step as u64);
@@ -174,7 +196,11 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
                     loras: &loras,
                 }),
             };
-            let path = PathBuf::from(a.output.replace("{index}", &(index + k).to_string()).replace("{seed}", &image_seed.to_string()));
+            let path = PathBuf::from(
+                a.output
+                    .replace("{index}", &(index + k).to_string())
+                    .replace("{seed}", &image_seed.to_string()),
+            );
             write_png(&path, &img)?;
             println!("{}", path.display());
         }
@@ -187,7 +213,8 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
 fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") => {
-            let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let arr: ndarray::ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(f)
                 .with_context(|| format!("{}: expected a float32 .npy array", path.display()))?;
             Ok((arr.shape().to_vec(), arr.iter().copied().collect()))
@@ -201,10 +228,19 @@ fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
                     .into_iter()
                     .find(|n| names.contains(n))
                     .map(String::from)
-                    .with_context(|| format!("{}: holds {} tensors; name one `latents` or `init_latents`", path.display(), names.len()))?,
+                    .with_context(|| {
+                        format!(
+                            "{}: holds {} tensors; name one `latents` or `init_latents`",
+                            path.display(),
+                            names.len()
+                        )
+                    })?,
             };
             Ok(w.tensor_f32(&name)?)
         }
-        _ => bail!("{}: --init-latents takes a .npy or .safetensors file", path.display()),
+        _ => bail!(
+            "{}: --init-latents takes a .npy or .safetensors file",
+            path.display()
+        ),
     }
 }

@@ -99,11 +99,22 @@ fn inspect_onnx_pipeline(global: &GlobalArgs, root: &Path) -> anyhow::Result<Pip
     let dir = OnnxPipelineDir::open(root)?;
     let ort = runtime::init(global.ort_lib.as_deref())?;
     let index = dir.model_index()?;
-    let class_name = index.as_ref().and_then(|v| v.get("_class_name")).and_then(|v| v.as_str()).map(String::from);
-    let scheduler = layout::read_json_opt(&dir.scheduler_config())?
-        .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(String::from));
+    let class_name = index
+        .as_ref()
+        .and_then(|v| v.get("_class_name"))
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let scheduler = layout::read_json_opt(&dir.scheduler_config())?.and_then(|v| {
+        v.get("_class_name")
+            .and_then(|c| c.as_str())
+            .map(String::from)
+    });
     let mut tokenizer_files: Vec<String> = std::fs::read_dir(dir.tokenizer_dir())
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     tokenizer_files.sort();
     let mut models = Vec::new();
@@ -124,7 +135,9 @@ fn inspect_onnx_pipeline(global: &GlobalArgs, root: &Path) -> anyhow::Result<Pip
 }
 
 fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Result<ModelReport> {
-    let bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let bytes = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     // External data sits beside the model (optimum: model.onnx_data).
     let external_data_bytes = path
         .parent()
@@ -137,12 +150,27 @@ fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Resul
                 .sum()
         })
         .unwrap_or(0);
-    let sess = session::open(path, &session::SessionOptions { device: session::Device::Cpu, intra_threads: Some(1), tf32: false })
-        .with_context(|| format!("opening {} with ONNX Runtime", path.display()))?;
+    let sess = session::open(
+        path,
+        &session::SessionOptions {
+            device: session::Device::Cpu,
+            intra_threads: Some(1),
+            tf32: false,
+        },
+    )
+    .with_context(|| format!("opening {} with ONNX Runtime", path.display()))?;
     let (inputs, outputs) = session::describe(&sess);
     let model = crate::onnx::model::OnnxModel::open(path)?;
     let graph = crate::onnx::inspect(&model);
-    Ok(ModelReport { component, path: path.to_path_buf(), bytes, external_data_bytes, inputs, outputs, graph })
+    Ok(ModelReport {
+        component,
+        path: path.to_path_buf(),
+        bytes,
+        external_data_bytes,
+        inputs,
+        outputs,
+        graph,
+    })
 }
 
 fn print_human(r: &PipelineReport) {
@@ -158,7 +186,10 @@ fn print_human(r: &PipelineReport) {
     }
     println!("  onnx runtime:   {}", r.onnx_runtime.display());
     for m in &r.models {
-        let name = m.component.map(|c| c.to_string()).unwrap_or_else(|| "model".into());
+        let name = m
+            .component
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "model".into());
         print!("  {name}: {} ({})", m.path.display(), human_bytes(m.bytes));
         if m.external_data_bytes > 0 {
             print!(" + external data {}", human_bytes(m.external_data_bytes));
@@ -168,16 +199,43 @@ fn print_human(r: &PipelineReport) {
         let opsets: Vec<String> = g
             .opset_imports
             .iter()
-            .map(|o| format!("{}{}", if o.domain.is_empty() { "ai.onnx" } else { &o.domain }, o.version))
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    if o.domain.is_empty() {
+                        "ai.onnx"
+                    } else {
+                        &o.domain
+                    },
+                    o.version
+                )
+            })
             .collect();
-        let dtypes: Vec<String> =
-            g.initializers_by_dtype.iter().map(|(d, s)| format!("{d} {} ({})", s.count, human_bytes(s.bytes))).collect();
-        println!("    IR {}, opset {}, producer {} {}", g.ir_version, opsets.join(" "), g.producer_name, g.producer_version);
+        let dtypes: Vec<String> = g
+            .initializers_by_dtype
+            .iter()
+            .map(|(d, s)| format!("{d} {} ({})", s.count, human_bytes(s.bytes)))
+            .collect();
+        println!(
+            "    IR {}, opset {}, producer {} {}",
+            g.ir_version,
+            opsets.join(" "),
+            g.producer_name,
+            g.producer_version
+        );
         println!("    {} nodes, initializers: {}", g.nodes, dtypes.join(", "));
         for e in &g.external_data {
-            println!("    external data: {} ({} initializers, {})", e.location, e.initializers, human_bytes(e.bytes));
+            println!(
+                "    external data: {} ({} initializers, {})",
+                e.location,
+                e.initializers,
+                human_bytes(e.bytes)
+            );
         }
-        println!("    LoRA target modules mapped: {} (refused: {})", g.lora_target_modules, g.lora_targets_skipped);
+        println!(
+            "    LoRA target modules mapped: {} (refused: {})",
+            g.lora_target_modules, g.lora_targets_skipped
+        );
         for i in &m.inputs {
             println!("    in  {i}");
         }
@@ -195,7 +253,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn count<K: Ord>(m: &mut std::collections::BTreeMap<K, usize>, k: K) {
@@ -228,7 +290,12 @@ fn inspect_safetensors(path: &Path, json: bool) -> anyhow::Result<()> {
                     crate::weights::Component::TextEncoder => s.text_encoder_modules += 1,
                 }
                 count(&mut s.ranks, m.rank);
-                count(&mut s.alphas, m.alpha.map(|a| a.to_string()).unwrap_or_else(|| "none".into()));
+                count(
+                    &mut s.alphas,
+                    m.alpha
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                );
                 count(&mut s.scales, m.scale.to_string());
                 let kind = match &m.kind {
                     crate::lora::format::LoraKind::Lora { down, mid, .. } => {
@@ -261,10 +328,18 @@ fn inspect_safetensors(path: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{} (safetensors, {} tensors: {:?})", r.path.display(), r.tensors, r.dtypes);
+    println!(
+        "{} (safetensors, {} tensors: {:?})",
+        r.path.display(),
+        r.tensors,
+        r.dtypes
+    );
     if let Some(l) = &r.lora {
         println!("  LoRA dialect:  {}", l.dialect);
-        println!("  modules:       unet {}, text encoder {}", l.unet_modules, l.text_encoder_modules);
+        println!(
+            "  modules:       unet {}, text encoder {}",
+            l.unet_modules, l.text_encoder_modules
+        );
         println!("  kinds:         {:?}", l.kinds);
         println!("  ranks:         {:?}", l.ranks);
         println!("  alphas:        {:?}", l.alphas);
@@ -280,7 +355,15 @@ fn inspect_safetensors(path: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     for (k, v) in &r.metadata {
-        let v = if v.len() > 200 { format!("{}… ({} chars)", &v[..v.char_indices().nth(200).map_or(v.len(), |c| c.0)], v.len()) } else { v.clone() };
+        let v = if v.len() > 200 {
+            format!(
+                "{}… ({} chars)",
+                &v[..v.char_indices().nth(200).map_or(v.len(), |c| c.0)],
+                v.len()
+            )
+        } else {
+            v.clone()
+        };
         println!("  metadata {k}: {v}");
     }
     Ok(())
@@ -300,8 +383,14 @@ fn inspect_diffusers(root: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} (diffusers layout)", root.display());
-        println!("  pipeline class: {}", v["class_name"].as_str().unwrap_or("?"));
-        println!("  modules: unet {}, text encoder {}", v["unet_modules"], v["text_encoder_modules"]);
+        println!(
+            "  pipeline class: {}",
+            v["class_name"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  modules: unet {}, text encoder {}",
+            v["unet_modules"], v["text_encoder_modules"]
+        );
     }
     Ok(())
 }

@@ -16,7 +16,12 @@ pub struct MergeArgs {
     #[arg(long, short = 'm')]
     pub model: PathBuf,
     /// A LoRA file with an optional weight, FILE[:WEIGHT] (default weight 1). Repeat for several.
-    #[arg(long = "lora", short = 'l', required = true, value_name = "FILE[:WEIGHT]")]
+    #[arg(
+        long = "lora",
+        short = 'l',
+        required = true,
+        value_name = "FILE[:WEIGHT]"
+    )]
     pub loras: Vec<LoraSpec>,
     /// The new pipeline folder (must not exist).
     #[arg(long, short = 'o')]
@@ -39,7 +44,11 @@ pub struct MergeArgs {
 }
 
 pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
-    let opts = MergeOptions { unet_scale: a.unet_scale, text_encoder_scale: a.text_encoder_scale, strict: a.strict };
+    let opts = MergeOptions {
+        unet_scale: a.unet_scale,
+        text_encoder_scale: a.text_encoder_scale,
+        strict: a.strict,
+    };
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} files {elapsed_precise}")
@@ -52,7 +61,9 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         bar.set_message(what.to_string());
     };
     let report = match classify(&a.model)? {
-        PathKind::DiffusersPipeline => merge_diffusers_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
+        PathKind::DiffusersPipeline => {
+            merge_diffusers_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress)
+        }
         _ => merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
     };
     bar.finish_and_clear();
@@ -68,7 +79,10 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
 fn print_report(r: &MergeReport) {
     for l in &r.loras {
         println!("{} (weight {}): {}", l.path.display(), l.weight, l.dialect);
-        println!("  modules: unet {}, text encoder {}", l.unet_modules, l.text_encoder_modules);
+        println!(
+            "  modules: unet {}, text encoder {}",
+            l.unet_modules, l.text_encoder_modules
+        );
         for n in &l.notes {
             println!("  note: {n}");
         }
@@ -81,7 +95,10 @@ fn print_report(r: &MergeReport) {
     }
     let patched: Vec<String> = r.patched.iter().map(|(c, n)| format!("{c} {n}")).collect();
     if r.dry_run {
-        println!("dry run: would patch initializers: {}; nothing written", patched.join(", "));
+        println!(
+            "dry run: would patch initializers: {}; nothing written",
+            patched.join(", ")
+        );
     } else {
         println!("patched initializers: {}", patched.join(", "));
         println!("wrote {}", r.out.display());

@@ -259,15 +259,20 @@ pub struct PatchedInMemory {
 /// Like [`write_patched`], into memory: the bytes ORT gets for a session with merged weights
 /// (`commit_from_memory` + external data served from memory), so that every execution provider
 /// sees the merged values as the model's own initializers.
-pub fn patched_in_memory(model: &OnnxModel, replacements: &HashMap<String, Vec<u8>>) -> Result<PatchedInMemory> {
+pub fn patched_in_memory(
+    model: &OnnxModel,
+    replacements: &HashMap<String, Vec<u8>>,
+) -> Result<PatchedInMemory> {
     let mut inline: Vec<(u64, &[u8])> = Vec::new();
     let mut external: BTreeMap<&str, Vec<(u64, &[u8])>> = BTreeMap::new();
     let mut typed = false;
     for (name, bytes) in replacements {
-        let info = model.initializer(name).ok_or_else(|| Error::MissingTensor {
-            name: name.clone(),
-            file: model.path().to_path_buf(),
-        })?;
+        let info = model
+            .initializer(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                file: model.path().to_path_buf(),
+            })?;
         if bytes.len() as u64 != info.byte_len() {
             return Err(Error::InvalidArgument(format!(
                 "replacement for `{name}` has {} bytes; the initializer has {}",
@@ -277,15 +282,23 @@ pub fn patched_in_memory(model: &OnnxModel, replacements: &HashMap<String, Vec<u
         }
         match &info.storage {
             Storage::Inline { offset, .. } => inline.push((*offset, bytes)),
-            Storage::External { location, offset, .. } => external.entry(location).or_default().push((*offset, bytes)),
+            Storage::External {
+                location, offset, ..
+            } => external.entry(location).or_default().push((*offset, bytes)),
             Storage::Typed { .. } => typed = true,
         }
     }
     let model_bytes = if typed {
         let mut proto = model.proto().clone();
-        let graph = proto.graph.as_mut().ok_or_else(|| onnx_err(model.path(), "the model has no graph"))?;
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| onnx_err(model.path(), "the model has no graph"))?;
         for info in model.initializers() {
-            if let (Some(bytes), false) = (replacements.get(&info.name), matches!(info.storage, Storage::External { .. })) {
+            if let (Some(bytes), false) = (
+                replacements.get(&info.name),
+                matches!(info.storage, Storage::External { .. }),
+            ) {
                 let t = &mut graph.initializer[info.index];
                 t.float_data.clear();
                 t.int32_data.clear();
@@ -315,11 +328,17 @@ pub fn patched_in_memory(model: &OnnxModel, replacements: &HashMap<String, Vec<u
         for (off, b) in patches {
             let end = off as usize + b.len();
             if end > v.len() {
-                return Err(onnx_err(&src, format!("patch at byte {off} runs past the end of the file")));
+                return Err(onnx_err(
+                    &src,
+                    format!("patch at byte {off} runs past the end of the file"),
+                ));
             }
             v[off as usize..end].copy_from_slice(b);
         }
         data_files.push((location, v));
     }
-    Ok(PatchedInMemory { model: model_bytes, data_files })
+    Ok(PatchedInMemory {
+        model: model_bytes,
+        data_files,
+    })
 }

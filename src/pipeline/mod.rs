@@ -4,5 +4,5 @@
 
 pub mod prompt;
 pub mod scheduler;
-pub mod txt2img;
 pub mod tokenizer;
+pub mod txt2img;

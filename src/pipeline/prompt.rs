@@ -21,19 +21,28 @@ pub fn extract_lora_tags(prompt: &str) -> Result<TaggedPrompt> {
     let mut loras = Vec::new();
     let mut rest = prompt;
     while let Some(start) = rest.find("<lora:") {
-        let Some(len) = rest[start..].find('>') else { break };
+        let Some(len) = rest[start..].find('>') else {
+            break;
+        };
         text.push_str(&rest[..start]);
         let body = &rest[start + "<lora:".len()..start + len];
         let mut parts = body.split(':');
         let name = parts.next().unwrap_or_default().trim();
         if name.is_empty() {
-            return Err(Error::InvalidArgument(format!("`<lora:{body}>` names no LoRA")));
+            return Err(Error::InvalidArgument(format!(
+                "`<lora:{body}>` names no LoRA"
+            )));
         }
         let weight = match parts.next() {
             None => 1.0,
-            Some(w) => w.trim().parse::<f32>().ok().filter(|w| w.is_finite()).ok_or_else(|| {
-                Error::InvalidArgument(format!("`<lora:{body}>`: weight `{w}` is not a number"))
-            })?,
+            Some(w) => w
+                .trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|w| w.is_finite())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("`<lora:{body}>`: weight `{w}` is not a number"))
+                })?,
         };
         if parts.next().is_some() {
             return Err(Error::InvalidArgument(format!(
@@ -57,18 +66,25 @@ pub fn resolve_lora(dir: &Path, name: &str) -> Result<PathBuf> {
     }
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "safetensors") && p.file_stem().is_some_and(|s| s == name) {
+            } else if p.extension().is_some_and(|e| e == "safetensors")
+                && p.file_stem().is_some_and(|s| s == name)
+            {
                 return Ok(p);
             }
         }
     }
-    Err(Error::InvalidArgument(format!("<lora:{name}>: no {name}.safetensors in {}", dir.display())))
+    Err(Error::InvalidArgument(format!(
+        "<lora:{name}>: no {name}.safetensors in {}",
+        dir.display()
+    )))
 }
 
 /// The prompt's tags as LoRA specs resolved in `dir`.
@@ -77,9 +93,14 @@ pub fn tag_specs(tags: &TaggedPrompt, dir: Option<&Path>) -> Result<Vec<LoraSpec
         .iter()
         .map(|(name, weight)| {
             let dir = dir.ok_or_else(|| {
-                Error::InvalidArgument(format!("the prompt uses <lora:{name}> but no LoRA folder was given (--lora-dir)"))
+                Error::InvalidArgument(format!(
+                    "the prompt uses <lora:{name}> but no LoRA folder was given (--lora-dir)"
+                ))
             })?;
-            Ok(LoraSpec { path: resolve_lora(dir, name)?, weight: *weight })
+            Ok(LoraSpec {
+                path: resolve_lora(dir, name)?,
+                weight: *weight,
+            })
         })
         .collect()
 }
@@ -90,12 +111,19 @@ mod tests {
 
     #[test]
     fn tags_come_out_of_the_text() {
-        let t = extract_lora_tags("a cat <lora:pokemon:0.7>, <lora:style> in a hat").expect("parse");
-        assert_eq!(t.loras, vec![("pokemon".to_string(), 0.7), ("style".to_string(), 1.0)]);
+        let t =
+            extract_lora_tags("a cat <lora:pokemon:0.7>, <lora:style> in a hat").expect("parse");
+        assert_eq!(
+            t.loras,
+            vec![("pokemon".to_string(), 0.7), ("style".to_string(), 1.0)]
+        );
         assert_eq!(t.text, "a cat ,  in a hat");
         assert!(extract_lora_tags("<lora::1>").is_err());
         assert!(extract_lora_tags("<lora:x:abc>").is_err());
         assert!(extract_lora_tags("<lora:x:1:2>").is_err());
-        assert_eq!(extract_lora_tags("no tags <here>").expect("parse").text, "no tags <here>");
+        assert_eq!(
+            extract_lora_tags("no tags <here>").expect("parse").text,
+            "no tags <here>"
+        );
     }
 }

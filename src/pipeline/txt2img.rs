@@ -108,10 +108,13 @@ pub struct Txt2Img {
 }
 
 fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
-    s.inputs().iter().find(|i| i.name() == name).and_then(|i| match i.dtype() {
-        ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.to_vec())),
-        _ => None,
-    })
+    s.inputs()
+        .iter()
+        .find(|i| i.name() == name)
+        .and_then(|i| match i.dtype() {
+            ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.to_vec())),
+            _ => None,
+        })
 }
 
 fn first_input(s: &Session) -> Option<(String, TensorElementType)> {
@@ -130,7 +133,14 @@ impl Txt2Img {
         let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), opts)?;
         let unet = session::open(&dir.model_path(OnnxComponent::Unet), opts)?;
         let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), opts)?;
-        let mut p = Self::from_parts(dir, tokenizer, scheduler_config, text_encoder, unet, vae_decoder)?;
+        let mut p = Self::from_parts(
+            dir,
+            tokenizer,
+            scheduler_config,
+            text_encoder,
+            unet,
+            vae_decoder,
+        )?;
         p.opts = opts.clone();
         Ok(p)
     }
@@ -145,14 +155,21 @@ impl Txt2Img {
         vae_decoder: Session,
     ) -> Result<Self> {
         let unet_path = dir.model_path(OnnxComponent::Unet);
-        let bad = |msg: String| Error::Onnx { file: unet_path.clone(), msg };
+        let bad = |msg: String| Error::Onnx {
+            file: unet_path.clone(),
+            msg,
+        };
         let (sample_ty, sample_shape) =
             input_ty(&unet, "sample").ok_or_else(|| bad("UNet has no `sample` input".into()))?;
-        let (timestep_ty, timestep_shape) =
-            input_ty(&unet, "timestep").ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
+        let (timestep_ty, timestep_shape) = input_ty(&unet, "timestep")
+            .ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
         let (hidden_ty, _) = input_ty(&unet, "encoder_hidden_states")
             .ok_or_else(|| bad("UNet has no `encoder_hidden_states` input".into()))?;
-        let fixed_batch = sample_shape.first().copied().filter(|&d| d > 0).map(|d| d as usize);
+        let fixed_batch = sample_shape
+            .first()
+            .copied()
+            .filter(|&d| d > 0)
+            .map(|d| d as usize);
         let unet_sig = UnetSignature {
             sample_ty,
             hidden_ty,
@@ -189,13 +206,25 @@ impl Txt2Img {
             .as_ref()
             .and_then(|c| c.get("sample_size"))
             .and_then(|v| v.as_u64())
-            .or_else(|| sample_shape.get(2).copied().filter(|&d| d > 0).map(|d| d as u64))
+            .or_else(|| {
+                sample_shape
+                    .get(2)
+                    .copied()
+                    .filter(|&d| d > 0)
+                    .map(|d| d as u64)
+            })
             .unwrap_or(64) as u32;
         let latent_channels = unet_cfg
             .as_ref()
             .and_then(|c| c.get("in_channels"))
             .and_then(|v| v.as_u64())
-            .or_else(|| sample_shape.get(1).copied().filter(|&d| d > 0).map(|d| d as u64))
+            .or_else(|| {
+                sample_shape
+                    .get(1)
+                    .copied()
+                    .filter(|&d| d > 0)
+                    .map(|d| d as u64)
+            })
             .unwrap_or(4) as usize;
         Ok(Txt2Img {
             default_size: sample_size * vae_scale_factor as u32,
@@ -226,7 +255,11 @@ impl Txt2Img {
     /// Apply a LoRA set (replacing the previous one) without writing files: the merged weights
     /// override the UNet's and text encoder's initializers when their sessions are rebuilt. Only
     /// the sessions whose weights change are rebuilt; an empty set restores the base weights.
-    pub fn set_loras(&mut self, loras: &[LoraSpec], opts: &MergeOptions) -> Result<Vec<LoraReport>> {
+    pub fn set_loras(
+        &mut self,
+        loras: &[LoraSpec],
+        opts: &MergeOptions,
+    ) -> Result<Vec<LoraReport>> {
         if self.indexed.is_none() {
             self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
         }
@@ -249,12 +282,20 @@ impl Txt2Img {
             let session = if merged.is_empty() {
                 session::open(&self.dir.model_path(c), &self.opts)?
             } else {
-                let model = &self.indexed.as_deref().unwrap_or_default().iter().find(|m| m.component == c).ok_or_else(|| {
-                    Error::InvalidArgument(format!("no indexed {c} model"))
-                })?.model;
+                let model = &self
+                    .indexed
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|m| m.component == c)
+                    .ok_or_else(|| Error::InvalidArgument(format!("no indexed {c} model")))?
+                    .model;
                 let mut replacements = std::collections::HashMap::with_capacity(merged.len());
                 for m in &merged {
-                    replacements.insert(m.initializer.clone(), crate::onnx::model::encode_like(m.dtype, &m.values)?);
+                    replacements.insert(
+                        m.initializer.clone(),
+                        crate::onnx::model::encode_like(m.dtype, &m.values)?,
+                    );
                 }
                 let patched = crate::onnx::write::patched_in_memory(model, &replacements)?;
                 session::open_from_memory(&self.dir.model_path(c), &self.opts, patched)?
@@ -287,7 +328,12 @@ impl Txt2Img {
     pub fn scheduler_name(&self, requested: Option<&str>) -> String {
         match requested {
             Some(n) => n.to_string(),
-            None => self.scheduler_config.default_kind().unwrap_or(SchedulerKind::Pndm).name().to_string(),
+            None => self
+                .scheduler_config
+                .default_kind()
+                .unwrap_or(SchedulerKind::Pndm)
+                .name()
+                .to_string(),
         }
     }
 
@@ -312,7 +358,9 @@ impl Txt2Img {
         }
         let len = ids.len() / prompts.len();
         let input = ids_value(&ids, &[prompts.len(), len], self.ids_ty)?;
-        let outputs = self.text_encoder.run(ort::inputs![self.text_encoder_input() => input])?;
+        let outputs = self
+            .text_encoder
+            .run(ort::inputs![self.text_encoder_input() => input])?;
         let (shape, data) = extract_f32(&outputs[0], "text encoder output")?;
         Ok((shape, data, truncated))
     }
@@ -322,13 +370,24 @@ impl Txt2Img {
     }
 
     /// One UNet evaluation on a batch `sample` `[n, c, h, w]` with `hidden` `[n, 77, d]`.
-    fn unet_call(&mut self, sample: &[f32], sample_shape: &[usize], t: f64, hidden: &[f32], hidden_shape: &[usize]) -> Result<Vec<f32>> {
+    fn unet_call(
+        &mut self,
+        sample: &[f32],
+        sample_shape: &[usize],
+        t: f64,
+        hidden: &[f32],
+        hidden_shape: &[usize],
+    ) -> Result<Vec<f32>> {
         let sig = self.unet_sig.clone();
         let n = sample_shape[0];
         let timestep = match sig.timestep_rank {
             0 => float_value(&[t as f32], &[], sig.timestep_ty)?,
             _ => {
-                let want = if sig.fixed_batch.is_some() || n == 1 { 1 } else { n };
+                let want = if sig.fixed_batch.is_some() || n == 1 {
+                    1
+                } else {
+                    n
+                };
                 float_value(&vec![t as f32; want], &[want], sig.timestep_ty)?
             }
         };
@@ -344,9 +403,21 @@ impl Txt2Img {
 
     /// Run the pipeline. `progress(step, total)` is called after every denoising step; returning
     /// `false` stops the run with [`Error::Cancelled`].
-    pub fn generate(&mut self, p: &GenerateParams, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Generated> {
-        let width = if p.width == 0 { self.default_size } else { p.width };
-        let height = if p.height == 0 { self.default_size } else { p.height };
+    pub fn generate(
+        &mut self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Generated> {
+        let width = if p.width == 0 {
+            self.default_size
+        } else {
+            p.width
+        };
+        let height = if p.height == 0 {
+            self.default_size
+        } else {
+            p.height
+        };
         let f = self.vae_scale_factor as u32;
         if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -393,14 +464,20 @@ impl Txt2Img {
         let mut latents: Vec<f32> = match &p.init_latents {
             Some((shape, data)) => {
                 if *shape != latent_shape {
-                    return Err(Error::Shape { name: "init latents".into(), expected: latent_shape.clone(), got: shape.clone() });
+                    return Err(Error::Shape {
+                        name: "init latents".into(),
+                        expected: latent_shape.clone(),
+                        got: shape.clone(),
+                    });
                 }
                 data.clone()
             }
             None => (0..b as u64)
                 .flat_map(|k| {
                     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed.wrapping_add(k));
-                    (0..per_image).map(move |_| rand_distr::StandardNormal.sample(&mut r)).collect::<Vec<f32>>()
+                    (0..per_image)
+                        .map(move |_| rand_distr::StandardNormal.sample(&mut r))
+                        .collect::<Vec<f32>>()
                 })
                 .collect(),
         };
@@ -413,14 +490,21 @@ impl Txt2Img {
             let model_in = sched.scale_model_input(&latents, i)?;
             let t = f64::from(t);
             let noise_pred = if cfg {
-                let (uncond, text) = self.cfg_halves(&model_in, &latent_shape, t, &hidden, &hidden_shape)?;
-                uncond.iter().zip(&text).map(|(&u, &x)| u + p.guidance_scale * (x - u)).collect::<Vec<f32>>()
+                let (uncond, text) =
+                    self.cfg_halves(&model_in, &latent_shape, t, &hidden, &hidden_shape)?;
+                uncond
+                    .iter()
+                    .zip(&text)
+                    .map(|(&u, &x)| u + p.guidance_scale * (x - u))
+                    .collect::<Vec<f32>>()
             } else {
                 self.unet_call(&model_in, &latent_shape, t, &hidden, &hidden_shape)?
             };
-            let noise: Option<Vec<f32>> = sched
-                .needs_noise(i)
-                .then(|| (0..latent_len).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect());
+            let noise: Option<Vec<f32>> = sched.needs_noise(i).then(|| {
+                (0..latent_len)
+                    .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                    .collect()
+            });
             latents = sched.step(&noise_pred, i, &latents, noise.as_deref())?;
             if !progress(i + 1, total) {
                 return Err(Error::Cancelled);
@@ -433,16 +517,31 @@ impl Txt2Img {
         let (h, w) = (height as usize, width as usize);
         let mut pixels = Vec::with_capacity(b * h * w * 3);
         for k in 0..b {
-            let z: Vec<f32> = latents[k * per..(k + 1) * per].iter().map(|v| v * inv).collect();
+            let z: Vec<f32> = latents[k * per..(k + 1) * per]
+                .iter()
+                .map(|v| v * inv)
+                .collect();
             let input = float_value(&z, &[1, c, lh, lw], self.latent_ty)?;
-            let outputs = self.vae_decoder.run(ort::inputs!["latent_sample" => input])?;
+            let outputs = self
+                .vae_decoder
+                .run(ort::inputs!["latent_sample" => input])?;
             let (shape, data) = extract_f32(&outputs[0], "VAE decoder output")?;
             if shape != [1, 3, h, w] {
-                return Err(Error::Shape { name: "VAE decoder output".into(), expected: vec![1, 3, h, w], got: shape });
+                return Err(Error::Shape {
+                    name: "VAE decoder output".into(),
+                    expected: vec![1, 3, h, w],
+                    got: shape,
+                });
             }
             pixels.extend(crate::image::vae_to_unit(&data, 0, h, w)?);
         }
-        Ok(Generated { batch: b, width, height, pixels, prompt_truncated: truncated })
+        Ok(Generated {
+            batch: b,
+            width,
+            height,
+            pixels,
+            prompt_truncated: truncated,
+        })
     }
 
     /// The unconditional and text-conditioned noise predictions for one step: one UNet call on a
@@ -468,8 +567,10 @@ impl Txt2Img {
                         fixed / 2
                     )));
                 }
-                let uncond = self.unet_call(model_in, latent_shape, t, &hidden[..half_hidden], &hs_half)?;
-                let text = self.unet_call(model_in, latent_shape, t, &hidden[half_hidden..], &hs_half)?;
+                let uncond =
+                    self.unet_call(model_in, latent_shape, t, &hidden[..half_hidden], &hs_half)?;
+                let text =
+                    self.unet_call(model_in, latent_shape, t, &hidden[half_hidden..], &hs_half)?;
                 Ok((uncond, text))
             }
             _ => {

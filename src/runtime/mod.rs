@@ -31,7 +31,8 @@ static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 /// The process-wide ORT environment, loading the library with the default search if needed.
 pub fn environment() -> Result<&'static ort::environment::Environment> {
     init(None)?;
-    ENV.get().ok_or_else(|| Error::OrtLoad("ONNX Runtime environment missing after load".into()))
+    ENV.get()
+        .ok_or_else(|| Error::OrtLoad("ONNX Runtime environment missing after load".into()))
 }
 
 /// Load ONNX Runtime once per process (later calls return the first result; a different
@@ -39,7 +40,9 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     // One thread loads; the others wait and then see its result (ORT allows one environment).
-    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = INIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(lib) = LOADED.get() {
         if let Some(p) = explicit {
             if !same_file(p, &lib.path) {
@@ -58,7 +61,9 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
             Ok(()) => {
                 let lib = OrtLibrary { path, source };
                 let _ = LOADED.set(lib);
-                return LOADED.get().ok_or_else(|| Error::OrtLoad("ONNX Runtime load raced".into()));
+                return LOADED
+                    .get()
+                    .ok_or_else(|| Error::OrtLoad("ONNX Runtime load raced".into()));
             }
             Err(why) => {
                 tried.push(format!("  {source}: {} ({why})", path.display()));
@@ -73,7 +78,11 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
         "cannot load ONNX Runtime (need onnxruntime 1.31.x). Tried:\n{}\n\
          Fix: run scripts/setup.sh (installs onnxruntime==1.31.1 into .venv/), or pass --ort-lib PATH, \
          or set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (inside the onnxruntime wheel: onnxruntime/capi/)",
-        if tried.is_empty() { "  (no candidates)".to_string() } else { tried.join("\n") }
+        if tried.is_empty() {
+            "  (no candidates)".to_string()
+        } else {
+            tried.join("\n")
+        }
     )))
 }
 
@@ -97,7 +106,10 @@ fn try_load(path: &Path) -> std::result::Result<(), String> {
     }
     let builder = ort::init_from(path).map_err(|e| e.to_string())?;
     // Build the environment now so a broken library is reported here, not at first use.
-    let env = builder.with_name("lorafuse").build().map_err(|e| e.to_string())?;
+    let env = builder
+        .with_name("lorafuse")
+        .build()
+        .map_err(|e| e.to_string())?;
     let _ = ENV.set(env);
     Ok(())
 }
@@ -151,25 +163,37 @@ fn project_roots() -> Vec<PathBuf> {
 
 /// `VENV/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*`.
 fn wheel_libs_in_venv(venv: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
+        return Vec::new();
+    };
     let mut pys: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python3")))
-        .collect();
-    pys.sort();
-    pys.iter().flat_map(|py| wheel_libs_in(&py.join("site-packages/onnxruntime/capi"))).collect()
-}
-
-fn wheel_libs_in(capi: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(capi) else { return Vec::new() };
-    let mut libs: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "onnxruntime.dll" || n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
+                .is_some_and(|n| n.starts_with("python3"))
+        })
+        .collect();
+    pys.sort();
+    pys.iter()
+        .flat_map(|py| wheel_libs_in(&py.join("site-packages/onnxruntime/capi")))
+        .collect()
+}
+
+fn wheel_libs_in(capi: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(capi) else {
+        return Vec::new();
+    };
+    let mut libs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libonnxruntime.so")
+                    || n == "onnxruntime.dll"
+                    || n.starts_with("libonnxruntime.") && n.ends_with(".dylib")
+            })
         })
         .collect();
     // Prefer the fully versioned file (libonnxruntime.so.1.31.1) over shorter links.

@@ -28,7 +28,9 @@ impl std::str::FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<i32>) {
                 Some(Ok(id)) if id >= 0 => Ok(Device::Cuda(id)),
-                _ => Err(Error::InvalidArgument(format!("device `{s}`: expected auto, cpu, cuda or cuda:N"))),
+                _ => Err(Error::InvalidArgument(format!(
+                    "device `{s}`: expected auto, cpu, cuda or cuda:N"
+                ))),
             },
         }
     }
@@ -49,14 +51,23 @@ pub struct SessionOptions {
 pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
     if !path.is_file() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file")));
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file"),
+        ));
     }
     let mut builder = configure(Session::builder(env)?, opts)?;
-    builder.commit_from_file(path).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
+    builder.commit_from_file(path).map_err(|e| Error::Onnx {
+        file: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// Apply threads and execution providers to a session builder.
-fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionOptions) -> Result<ort::session::builder::SessionBuilder> {
+fn configure(
+    mut builder: ort::session::builder::SessionBuilder,
+    opts: &SessionOptions,
+) -> Result<ort::session::builder::SessionBuilder> {
     // Diagnostics knob: ORT's graph optimisation level (0 = off, 1 = basic, 2 = extended, 3 = all).
     if let Ok(level) = std::env::var("LORAFUSE_ORT_OPT_LEVEL") {
         use ort::session::builder::GraphOptimizationLevel as L;
@@ -65,9 +76,15 @@ fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionO
             "1" => L::Level1,
             "2" => L::Level2,
             "3" => L::Level3,
-            other => return Err(Error::InvalidArgument(format!("LORAFUSE_ORT_OPT_LEVEL={other}: expected 0, 1, 2 or 3"))),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "LORAFUSE_ORT_OPT_LEVEL={other}: expected 0, 1, 2 or 3"
+                )));
+            }
         };
-        builder = builder.with_optimization_level(l).map_err(ort::Error::from)?;
+        builder = builder
+            .with_optimization_level(l)
+            .map_err(ort::Error::from)?;
     }
     if let Some(n) = opts.intra_threads {
         builder = builder.with_intra_threads(n).map_err(ort::Error::from)?;
@@ -80,12 +97,18 @@ fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionO
             // CUDA warns once per process and runs on the CPU.
             use ort::ep::ExecutionProvider;
             if ort::ep::CUDA::is_available().unwrap_or(false) {
-                match builder.with_execution_providers([ort::ep::CUDA::default().with_tf32(opts.tf32).build().error_on_failure()]) {
+                match builder.with_execution_providers([ort::ep::CUDA::default()
+                    .with_tf32(opts.tf32)
+                    .build()
+                    .error_on_failure()])
+                {
                     Ok(b) => builder = b,
                     Err(e) => {
                         static WARNED: std::sync::Once = std::sync::Once::new();
                         let msg = e.message().to_string();
-                        WARNED.call_once(|| eprintln!("warning: CUDA is not available ({msg}); running on the CPU"));
+                        WARNED.call_once(|| {
+                            eprintln!("warning: CUDA is not available ({msg}); running on the CPU")
+                        });
                         builder = e.recover();
                     }
                 }
@@ -98,7 +121,11 @@ fn configure(mut builder: ort::session::builder::SessionBuilder, opts: &SessionO
                     .with_tf32(opts.tf32)
                     .build()
                     .error_on_failure()])
-                .map_err(|e| Error::OrtLoad(format!("CUDA execution provider (device {id}) failed to load: {e}")))?;
+                .map_err(|e| {
+                    Error::OrtLoad(format!(
+                        "CUDA execution provider (device {id}) failed to load: {e}"
+                    ))
+                })?;
         }
     }
     Ok(builder)
@@ -116,19 +143,32 @@ pub struct IoInfo {
 
 impl std::fmt::Display for IoInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}[{}]", self.name, self.dtype, self.shape.join(", "))
+        write!(
+            f,
+            "{}: {}[{}]",
+            self.name,
+            self.dtype,
+            self.shape.join(", ")
+        )
     }
 }
 
 /// Inputs and outputs of a session.
 pub fn describe(session: &Session) -> (Vec<IoInfo>, Vec<IoInfo>) {
     let conv = |o: &ort::value::Outlet| io_info(o.name(), o.dtype());
-    (session.inputs().iter().map(conv).collect(), session.outputs().iter().map(conv).collect())
+    (
+        session.inputs().iter().map(conv).collect(),
+        session.outputs().iter().map(conv).collect(),
+    )
 }
 
 fn io_info(name: &str, ty: &ValueType) -> IoInfo {
     match ty {
-        ValueType::Tensor { ty, shape, dimension_symbols } => IoInfo {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => IoInfo {
             name: name.to_string(),
             dtype: ty.to_string(),
             shape: shape
@@ -138,24 +178,47 @@ fn io_info(name: &str, ty: &ValueType) -> IoInfo {
                     if d >= 0 {
                         d.to_string()
                     } else {
-                        dimension_symbols.get(i).filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "?".into())
+                        dimension_symbols
+                            .get(i)
+                            .filter(|s| !s.is_empty())
+                            .cloned()
+                            .unwrap_or_else(|| "?".into())
                     }
                 })
                 .collect(),
         },
-        other => IoInfo { name: name.to_string(), dtype: format!("{other:?}"), shape: Vec::new() },
+        other => IoInfo {
+            name: name.to_string(),
+            dtype: format!("{other:?}"),
+            shape: Vec::new(),
+        },
     }
 }
 
 /// Open a model from memory (a patched copy: LoRAs merged at run time), with its external data
 /// files served from memory too. `path` names the original for messages.
-pub fn open_from_memory(path: &Path, opts: &SessionOptions, patched: crate::onnx::write::PatchedInMemory) -> Result<Session> {
+pub fn open_from_memory(
+    path: &Path,
+    opts: &SessionOptions,
+    patched: crate::onnx::write::PatchedInMemory,
+) -> Result<Session> {
     let env = super::environment()?;
     let mut builder = configure(Session::builder(env)?, opts)?;
     for (location, data) in patched.data_files {
         builder = builder
-            .with_external_initializer_file_in_memory(&location, std::sync::Arc::from(data.into_boxed_slice()))
-            .map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: format!("serving external data `{location}`: {e}") })?;
+            .with_external_initializer_file_in_memory(
+                &location,
+                std::sync::Arc::from(data.into_boxed_slice()),
+            )
+            .map_err(|e| Error::Onnx {
+                file: path.to_path_buf(),
+                msg: format!("serving external data `{location}`: {e}"),
+            })?;
     }
-    builder.commit_from_memory(&patched.model).map_err(|e| Error::Onnx { file: path.to_path_buf(), msg: e.to_string() })
+    builder
+        .commit_from_memory(&patched.model)
+        .map_err(|e| Error::Onnx {
+            file: path.to_path_buf(),
+            msg: e.to_string(),
+        })
 }

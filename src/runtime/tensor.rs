@@ -16,22 +16,35 @@ pub fn float_value(data: &[f32], shape: &[usize], ty: TensorElementType) -> Resu
     let s = shape_i64(shape);
     Ok(match ty {
         TensorElementType::Float32 => Tensor::from_array((s, data.to_vec()))?.into_dyn(),
-        TensorElementType::Float16 => {
-            Tensor::from_array((s, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()))?.into_dyn()
-        }
-        TensorElementType::Bfloat16 => {
-            Tensor::from_array((s, data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()))?.into_dyn()
-        }
+        TensorElementType::Float16 => Tensor::from_array((
+            s,
+            data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+        ))?
+        .into_dyn(),
+        TensorElementType::Bfloat16 => Tensor::from_array((
+            s,
+            data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(),
+        ))?
+        .into_dyn(),
         TensorElementType::Float64 => {
-            Tensor::from_array((s, data.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))?.into_dyn()
+            Tensor::from_array((s, data.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))?
+                .into_dyn()
         }
-        TensorElementType::Int64 => {
-            Tensor::from_array((s, data.iter().map(|&v| v.round() as i64).collect::<Vec<_>>()))?.into_dyn()
+        TensorElementType::Int64 => Tensor::from_array((
+            s,
+            data.iter().map(|&v| v.round() as i64).collect::<Vec<_>>(),
+        ))?
+        .into_dyn(),
+        TensorElementType::Int32 => Tensor::from_array((
+            s,
+            data.iter().map(|&v| v.round() as i32).collect::<Vec<_>>(),
+        ))?
+        .into_dyn(),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "cannot feed float data to a {other} input"
+            )));
         }
-        TensorElementType::Int32 => {
-            Tensor::from_array((s, data.iter().map(|&v| v.round() as i32).collect::<Vec<_>>()))?.into_dyn()
-        }
-        other => return Err(Error::InvalidArgument(format!("cannot feed float data to a {other} input"))),
     })
 }
 
@@ -43,7 +56,11 @@ pub fn ids_value(ids: &[i64], shape: &[usize], ty: TensorElementType) -> Result<
         TensorElementType::Int32 => {
             Tensor::from_array((s, ids.iter().map(|&v| v as i32).collect::<Vec<_>>()))?.into_dyn()
         }
-        other => return Err(Error::InvalidArgument(format!("token ids need an int64/int32 input, model wants {other}"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "token ids need an int64/int32 input, model wants {other}"
+            )));
+        }
     })
 }
 
@@ -51,7 +68,11 @@ pub fn ids_value(ids: &[i64], shape: &[usize], ty: TensorElementType) -> Result<
 pub fn extract_f32(value: &DynValue, what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let ty = match value.dtype() {
         ValueType::Tensor { ty, .. } => *ty,
-        other => return Err(Error::InvalidArgument(format!("{what}: expected a tensor, got {other:?}"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: expected a tensor, got {other:?}"
+            )));
+        }
     };
     let (shape, data): (Vec<usize>, Vec<f32>) = match ty {
         TensorElementType::Float32 => {
@@ -60,17 +81,30 @@ pub fn extract_f32(value: &DynValue, what: &str) -> Result<(Vec<usize>, Vec<f32>
         }
         TensorElementType::Float16 => {
             let (s, d) = value.try_extract_tensor::<f16>()?;
-            (s.iter().map(|&d| d as usize).collect(), d.iter().map(|v| v.to_f32()).collect())
+            (
+                s.iter().map(|&d| d as usize).collect(),
+                d.iter().map(|v| v.to_f32()).collect(),
+            )
         }
         TensorElementType::Bfloat16 => {
             let (s, d) = value.try_extract_tensor::<bf16>()?;
-            (s.iter().map(|&d| d as usize).collect(), d.iter().map(|v| v.to_f32()).collect())
+            (
+                s.iter().map(|&d| d as usize).collect(),
+                d.iter().map(|v| v.to_f32()).collect(),
+            )
         }
         TensorElementType::Float64 => {
             let (s, d) = value.try_extract_tensor::<f64>()?;
-            (s.iter().map(|&d| d as usize).collect(), d.iter().map(|&v| v as f32).collect())
+            (
+                s.iter().map(|&d| d as usize).collect(),
+                d.iter().map(|&v| v as f32).collect(),
+            )
         }
-        other => return Err(Error::InvalidArgument(format!("{what}: expected a float tensor, got {other}"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: expected a float tensor, got {other}"
+            )));
+        }
     };
     Ok((shape, data))
 }
