@@ -8,7 +8,7 @@ use std::process::Command;
 
 use lorafuse::train::dataset::{Dataset, DatasetOptions};
 use lorafuse::train::optim::{LrSchedule, LrScheduler};
-use lorafuse::train::trainer::{Event, TrainConfig, train};
+use lorafuse::train::trainer::{Event, MixedPrecision, TrainConfig, train};
 use lorafuse::weights::WeightFile;
 
 fn root() -> PathBuf {
@@ -541,4 +541,29 @@ fn parquet_exports_like_the_tutorials_dataset() {
             .steps,
         2
     );
+}
+
+#[test]
+fn bf16_and_fp16_follow_the_f32_run() {
+    // Mixed precision: frozen weights and LoRA compute copies in bf16/fp16, f32 master weights,
+    // AdamW state and loss (fp16 with loss scaling). Same draws as f32, so losses track closely.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tiny().join("dataset"), &tmp.path().join("f32"));
+    c.max_train_steps = Some(8);
+    c.learning_rate = 1e-3;
+    let f32_losses = train(&c, None, &mut |_| {}).expect("f32").losses;
+    for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+        c.mixed_precision = mp;
+        c.output_dir = tmp.path().join(format!("{mp:?}"));
+        let r = train(&c, None, &mut |_| {}).expect("mixed");
+        for (i, (a, b)) in r.losses.iter().zip(&f32_losses).enumerate() {
+            assert!((a - b).abs() <= 0.02 * b, "{mp:?} step {i}: {a} vs f32 {b}");
+        }
+        let f = WeightFile::open(&r.output).expect("lora");
+        assert!(
+            f.tensors()
+                .all(|(_, i)| i.dtype == lorafuse::weights::Dtype::F32),
+            "LoRA saved in f32"
+        );
+    }
 }

@@ -264,9 +264,15 @@ impl LoraLinear {
             Some((a, b, s)) => {
                 // peft casts the input to the adapter dtype; in mixed precision the f32 master
                 // weights are cast to the compute dtype instead (what autocast does for matmul).
-                let k = x.kind();
-                let (a, b) = (a.to_kind(k), b.to_kind(k));
-                let d = x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+                let d = if a.kind() == x.kind() {
+                    x.linear::<Tensor>(a, None).linear::<Tensor>(b, None)
+                } else {
+                    // f32 adapters on low-precision activations (FlatParams normally hands the
+                    // model compute-dtype views, so this is the fallback)
+                    let k = x.kind();
+                    x.linear::<Tensor>(&a.to_kind(k), None)
+                        .linear::<Tensor>(&b.to_kind(k), None)
+                };
                 // scaling 1 (alpha = rank, the script's setting) costs no extra kernel
                 if *s == 1.0 { y + d } else { y + d * *s }
             }
@@ -314,7 +320,11 @@ impl LoraConv2d {
             None => y,
             Some((a, b, sc)) => {
                 let k = x.kind();
-                let (a, b) = (a.to_kind(k), b.to_kind(k));
+                let (a, b) = if a.kind() == k {
+                    (a.shallow_clone(), b.shallow_clone())
+                } else {
+                    (a.to_kind(k), b.to_kind(k))
+                };
                 let h = x.conv2d::<Tensor>(&a, None, s, pd, [1, 1], 1);
                 let d = h.conv2d::<Tensor>(&b, None, [1, 1], [0, 0], [1, 1], 1);
                 if *sc == 1.0 { y + d } else { y + d * *sc }

@@ -23,13 +23,20 @@ use tch::{Device, Kind, Tensor};
 use crate::{Error, Result};
 
 /// Trainable tensors sharing one flat f32 buffer.
+///
+/// In mixed precision the model computes with a bf16/fp16 copy of that buffer (the tensors the
+/// model holds are views of it, and so are their gradients), while the optimiser keeps the f32
+/// master copy: the forward pass then needs no per-layer casts of the LoRA weights, and the
+/// update costs two extra kernels for the whole buffer (grad → f32, master → compute copy).
 pub struct FlatParams {
     /// `(name, offset, shape)` in name order.
     pub layout: Vec<(String, i64, Vec<i64>)>,
-    /// The leaf tensors the model uses (views into [`FlatParams::flat`]).
+    /// The leaf tensors the model uses (views into the compute buffer).
     pub params: Vec<Tensor>,
-    /// The buffer behind every parameter.
+    /// The f32 master buffer behind every parameter.
     pub flat: Tensor,
+    /// The compute-dtype copy the parameters view, when it is not f32.
+    compute: Option<Tensor>,
     /// Once every parameter has a gradient, the gradients too live in one buffer (autograd then
     /// accumulates into it in place: no per-tensor zeroing, no concatenation).
     grad: Option<Tensor>,
@@ -40,6 +47,12 @@ impl FlatParams {
     /// into one buffer: each tensor keeps its identity (the model's handles stay valid) but its
     /// data becomes a view of [`FlatParams::flat`] (`param.data = flat[a:b].view_as(param)`).
     pub fn adopt(vars: &BTreeMap<String, Tensor>) -> Self {
+        Self::adopt_as(vars, Kind::Float)
+    }
+
+    /// Like [`FlatParams::adopt`], with the parameters the model sees in `compute` (bf16/fp16
+    /// for mixed precision) over an f32 master buffer.
+    pub fn adopt_as(vars: &BTreeMap<String, Tensor>, compute: Kind) -> Self {
         let device = vars
             .values()
             .next()
@@ -48,26 +61,42 @@ impl FlatParams {
         let total: i64 = vars.values().map(|t| t.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
         let mut layout = Vec::new();
-        let mut params = Vec::new();
         let mut off = 0i64;
         tch::no_grad(|| {
             for (name, t) in vars {
                 let n = t.numel() as i64;
                 let shape = t.size();
-                let mut view = flat.narrow(0, off, n).view(shape.as_slice());
-                view.copy_(t);
-                let mut p = t.shallow_clone();
-                p.set_data(&view);
-                params.push(p);
+                flat.narrow(0, off, n).view(shape.as_slice()).copy_(t);
                 layout.push((name.clone(), off, shape));
                 off += n;
+            }
+        });
+        let compute = (compute != Kind::Float).then(|| flat.to_kind(compute));
+        let backing = compute.as_ref().unwrap_or(&flat).shallow_clone();
+        let mut params = Vec::new();
+        tch::no_grad(|| {
+            for ((_, off, shape), t) in layout.iter().zip(vars.values()) {
+                let numel: i64 = shape.iter().product();
+                let mut p = t.shallow_clone();
+                p.set_data(&backing.narrow(0, *off, numel).view(shape.as_slice()));
+                params.push(p);
             }
         });
         Self {
             layout,
             params,
             flat,
+            compute,
             grad: None,
+        }
+    }
+
+    /// Copy the f32 master buffer into the compute copy (after an update or a restore).
+    pub fn sync_compute(&mut self) {
+        if let Some(c) = &mut self.compute {
+            tch::no_grad(|| {
+                let _ = c.copy_(&self.flat);
+            });
         }
     }
 
@@ -84,12 +113,17 @@ impl FlatParams {
         self.flat.numel() as i64
     }
 
-    /// All gradients as one flat tensor (zeros where a parameter got none). After the first
-    /// call where every parameter has a gradient, this is the gradient buffer itself (modified in
-    /// place by clipping/unscaling; [`FlatParams::zero_grad`] clears it).
+    /// All gradients as one flat f32 tensor (zeros where a parameter got none), ready to be
+    /// clipped and used in place. After the first call where every parameter has a gradient,
+    /// the gradients are views of one buffer that [`FlatParams::zero_grad`] clears; in f32 the
+    /// tensor returned is that buffer itself.
     pub fn flat_grad(&mut self) -> Tensor {
         if let Some(g) = &self.grad {
-            return g.shallow_clone();
+            return if g.kind() == Kind::Float {
+                g.shallow_clone()
+            } else {
+                g.to_kind(Kind::Float)
+            };
         }
         let all_defined = self.params.iter().all(|p| p.grad().defined());
         let parts: Vec<Tensor> = self
@@ -100,7 +134,7 @@ impl FlatParams {
                 if g.defined() {
                     g.flatten(0, -1)
                 } else {
-                    Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()))
+                    Tensor::zeros([p.numel() as i64], (p.kind(), p.device()))
                 }
             })
             .collect();
@@ -117,7 +151,11 @@ impl FlatParams {
             });
             self.grad = Some(flat.shallow_clone());
         }
-        flat
+        if flat.kind() == Kind::Float {
+            flat
+        } else {
+            flat.to_kind(Kind::Float)
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -234,6 +272,7 @@ impl AdamW {
             let denom = self.exp_avg_sq.sqrt() / bc2.sqrt() + c.eps;
             let _ = p.g_add_(&(self.exp_avg.divide(&denom) * (-step_size)));
         });
+        params.sync_compute();
     }
 }
 

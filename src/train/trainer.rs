@@ -541,7 +541,7 @@ pub fn train(
     for (k, v) in text.lora.variables() {
         all.insert(format!("text_encoder.{k}"), v);
     }
-    let mut flat = FlatParams::adopt(&all);
+    let mut flat = FlatParams::adopt_as(&all, kind);
     let n_params = flat.numel();
     on_event(Event::Info(format!(
         "LoRA r={} alpha={} on {} UNet modules{} ({n_params} trainable parameters), device {device:?}, weights {kind:?}",
@@ -615,6 +615,7 @@ pub fn train(
         let lora_state = tensors_from_file(&dir.join("lora_state.safetensors"))?;
         let mut buf = flat.flat.shallow_clone();
         flat.fill(&mut buf, &lora_state, "lora_state.safetensors")?;
+        flat.sync_compute();
         let o = tensors_from_file(&dir.join("optimizer.safetensors"))?;
         let pick = |prefix: &str| -> BTreeMap<String, Tensor> {
             o.iter()
