@@ -485,11 +485,14 @@ pub fn run(_global: &GlobalArgs, a: TrainArgs) -> anyhow::Result<()> {
             bar.println(s)
         }
     };
+    let last_decile = std::cell::Cell::new(usize::MAX);
     let mut on_event = |e: Event| match e {
         Event::Info(s) => say(&bar, s),
         Event::Warning(s) => say(&bar, format!("warning: {s}")),
         Event::Caching { what, done, total } => {
-            if done == total || done % 256 == 0 {
+            // about every 10%, and the end
+            let decile = done * 10 / total.max(1);
+            if done == total || decile != last_decile.replace(decile) {
                 say(&bar, format!("caching {what}: {done}/{total}"));
             }
         }
