@@ -23,12 +23,13 @@ fn main() {
         );
         return;
     };
-    // Executables only (the CLI, tests, examples, benches): the cdylib never needs libtorch.
+    // Executables only (the CLI and tests; cargo refuses -examples/-benches without such targets):
+    // the cdylib never needs libtorch.
     let cuda = lib_dir.join("libtorch_cuda.so").exists();
     if cuda {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
     }
-    for kind in ["bins", "tests", "examples", "benches"] {
+    for kind in ["bins", "tests"] {
         println!(
             "cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}",
             lib_dir.display()
