@@ -300,8 +300,7 @@ fn copy_dataset(to: &Path) {
 
 fn err_of(c: &TrainConfig) -> String {
     train(c, None, &mut |_| {})
-        .err()
-        .expect("must fail")
+        .expect_err("must fail")
         .to_string()
 }
 
@@ -392,8 +391,7 @@ fn kohya_folders_and_jsonl_captions() {
     std::fs::write(sub.join("0001b.txt"), "shape jpeg").expect("txt");
     let opts = DatasetOptions::default();
     let e = Dataset::open(&k, &opts)
-        .err()
-        .expect("missing caption")
+        .expect_err("missing caption")
         .to_string();
     assert!(e.contains("0002.txt"), "{e}");
     let ds = Dataset::open(
@@ -522,8 +520,7 @@ fn parquet_exports_like_the_tutorials_dataset() {
     .expect("zh");
     assert_eq!(zh.examples[0].captions, ["宝可梦 0"]);
     let e = Dataset::open(&data, &DatasetOptions::default())
-        .err()
-        .expect("no `text` column")
+        .expect_err("no `text` column")
         .to_string();
     assert!(
         e.contains("train-00000-of-00001.parquet")

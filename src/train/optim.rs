@@ -95,7 +95,7 @@ impl FlatParams {
     pub fn sync_compute(&mut self) {
         if let Some(c) = &mut self.compute {
             tch::no_grad(|| {
-                let _ = c.copy_(&self.flat);
+                c.copy_(&self.flat);
             });
         }
     }

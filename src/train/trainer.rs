@@ -17,7 +17,9 @@
 //! - Accumulated micro-batches run as one batch by default (`fuse_accumulation`): for a GroupNorm
 //!   network this is the same gradient (each sample weighted `1 / (micro-batch size · accumulation)`).
 //! - All randomness is a function of `(seed, epoch, batch index)` (shuffles, flips, timesteps,
-//!   noise), so a resumed run continues exactly where it stopped: bit-identical on the CPU.
+//!   noise), drawn from our own generators (never libtorch's global one, so runs are
+//!   reproducible in a multi-threaded host and CPU and CUDA see the same noise): a resumed run
+//!   continues exactly where it stopped, bit-identical on the CPU.
 //! - Resume continues inside the epoch (the script restarts the epoch's data order).
 
 use std::collections::BTreeMap;
@@ -28,6 +30,7 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rand_distr::Distribution;
 use tch::{Device, Kind, Tensor};
 
 use super::dataset::{self, Crop, Dataset, DatasetOptions};
@@ -233,7 +236,7 @@ fn derive(words: &[u64]) -> u64 {
 
 const TAG_SHUFFLE: u64 = 1;
 const TAG_BATCH: u64 = 2;
-const TAG_TORCH: u64 = 3;
+const TAG_NORMAL: u64 = 3;
 const TAG_LORA: u64 = 4;
 const TAG_CROP: u64 = 5;
 
@@ -416,7 +419,7 @@ pub fn train(
     if cfg.train_batch_size == 0
         || cfg.gradient_accumulation_steps == 0
         || cfg.resolution == 0
-        || cfg.resolution % 8 != 0
+        || !cfg.resolution.is_multiple_of(8)
     {
         return Err(Error::InvalidArgument("train_batch_size and gradient_accumulation_steps must be ≥ 1, resolution a multiple of 8".into()));
     }
@@ -976,7 +979,24 @@ fn micro_inputs(
         .map(|_| rng.random_range(0..ctx.noise.num_train_timesteps))
         .collect();
     let timesteps = Tensor::from_slice(&t).to_device(ctx.device);
-    tch::manual_seed(derive(&[ctx.seed, TAG_TORCH, epoch as u64, batch as u64]) as i64);
+    // Gaussian draws come from our own generator (not libtorch's global one), so concurrent runs
+    // in one process stay reproducible and CPU and CUDA runs see the same noise.
+    let mut normal_rng = rand_chacha::ChaCha8Rng::seed_from_u64(derive(&[
+        ctx.seed,
+        TAG_NORMAL,
+        epoch as u64,
+        batch as u64,
+    ]));
+    let mut randn = |shape: &[i64]| -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let z: f32 = rand_distr::StandardNormal.sample(&mut normal_rng);
+                z
+            })
+            .collect();
+        Tensor::from_slice(&v).view(shape).to_device(ctx.device)
+    };
 
     // latent distribution parameters [b, 2c, h, w]
     let params = match &ctx.cache.latents {
@@ -1021,12 +1041,11 @@ fn micro_inputs(
     };
     let parts = params.chunk(2, 1);
     let (mean, logvar) = (&parts[0], &parts[1]);
-    let eps = Tensor::randn(mean.size(), (Kind::Float, ctx.device));
+    let eps = randn(&mean.size());
     let latents = (mean + (logvar * 0.5).exp() * eps) * ctx.scaling_factor;
-    let mut noise = Tensor::randn(latents.size(), (Kind::Float, ctx.device));
+    let mut noise = randn(&latents.size());
     if cfg.noise_offset != 0.0 {
-        noise = noise
-            + Tensor::randn([b, ctx.latent_c, 1, 1], (Kind::Float, ctx.device)) * cfg.noise_offset;
+        noise += randn(&[b, ctx.latent_c, 1, 1]) * cfg.noise_offset;
     }
     let ehs = match (&ctx.cache.embeddings, ctx.train_text) {
         (Some(e), false) => e

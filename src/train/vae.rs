@@ -140,9 +140,9 @@ impl VaeEncoder {
         let conv_in = LoraConv2d::new(&e.sub("conv_in"), c.in_channels, boc[0], 3, 1, 1)?;
         let mut down_blocks = Vec::new();
         let mut out_ch = boc[0];
-        for i in 0..n {
+        for (i, &ch) in boc.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = boc[i];
+            out_ch = ch;
             down_blocks.push(DownEncoderBlock2D::new(
                 &e.sub("down_blocks").sub(i),
                 in_ch,
@@ -224,9 +224,9 @@ impl VaeDecoder {
         let mut up_blocks = Vec::new();
         let rev: Vec<i64> = boc.iter().rev().copied().collect();
         let mut out_ch = rev[0];
-        for i in 0..n {
+        for (i, &ch) in rev.iter().enumerate() {
             let prev = out_ch;
-            out_ch = rev[i];
+            out_ch = ch;
             up_blocks.push(UpDecoderBlock2D::new(
                 &d.sub("up_blocks").sub(i),
                 prev,
