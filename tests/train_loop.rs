@@ -564,3 +564,42 @@ fn bf16_and_fp16_follow_the_f32_run() {
         );
     }
 }
+
+#[test]
+fn uncached_random_crops_v_prediction_and_text_encoder_lora_run() {
+    // Re-encode every step (new random crop and flip each time), v-prediction with min-SNR,
+    // noise offset, and a text-encoder LoRA trained alongside (embeddings computed with grad).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tiny().join("dataset"), &tmp.path().join("out"));
+    c.cache_latents = false;
+    c.center_crop = false;
+    c.prediction_type = Some(lorafuse::train::noise::Prediction::VPrediction);
+    c.snr_gamma = Some(5.0);
+    c.noise_offset = 0.05;
+    c.learning_rate = 1e-3;
+    c.max_train_steps = Some(3);
+    c.text_encoder_lora = Some(lorafuse::train::LoraConfig {
+        targets: ["q_proj", "v_proj"].map(String::from).to_vec(),
+        ..c.lora.clone()
+    });
+    let r = train(&c, None, &mut |_| {}).expect("train");
+    assert_eq!(r.losses.len(), 3);
+    assert!(r.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let a = lorafuse::lora::read(&r.output, &Default::default()).expect("read");
+    let te = a
+        .modules
+        .iter()
+        .filter(|m| m.component == lorafuse::weights::Component::TextEncoder)
+        .count();
+    assert_eq!((a.modules.len(), te), (32 + 4, 4));
+    // the text encoder LoRA moved away from its zero start
+    let moved = a
+        .modules
+        .iter()
+        .filter(|m| m.component == lorafuse::weights::Component::TextEncoder)
+        .any(|m| match &m.kind {
+            lorafuse::lora::LoraKind::Lora { up, .. } => up.data.iter().any(|v| *v != 0.0),
+            _ => false,
+        });
+    assert!(moved, "text encoder lora_B still zero");
+}
