@@ -23,21 +23,18 @@ fn main() {
         );
         return;
     };
-    // Executables only (the CLI and tests; cargo refuses -examples/-benches without such targets):
-    // the cdylib never needs libtorch.
+    // Every linked target (the CLI, the lib's unit-test harness, integration tests and, with
+    // `train`, the cdylib too, which then links tch). The plain `rustc-link-arg` covers them all;
+    // the per-kind variants miss the lib's unit tests and cargo rejects -examples/-benches
+    // without such targets.
     let cuda = lib_dir.join("libtorch_cuda.so").exists();
     if cuda {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
     }
-    for kind in ["bins", "tests"] {
-        println!(
-            "cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}",
-            lib_dir.display()
-        );
-        if cuda {
-            println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg-{kind}=-ltorch_cuda");
-            println!("cargo:rustc-link-arg-{kind}=-Wl,--as-needed");
-        }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    if cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
 }
