@@ -128,6 +128,100 @@ impl MergedWeight {
     }
 }
 
+/// What the fast switch adds to one weight (stored layout, f32).
+#[derive(Debug, Clone)]
+pub enum WeightUpdate {
+    /// Add `a` `[m, r]` · `b` `[r, n]`, with m·n the weight's element count.
+    LowRank {
+        a: Vec<f32>,
+        b: Vec<f32>,
+        m: usize,
+        r: usize,
+        n: usize,
+    },
+    /// Add `delta` (the weight's element count, stored order).
+    Full { delta: Vec<f32> },
+}
+
+/// The update of one initializer.
+#[derive(Debug, Clone)]
+pub struct PlannedUpdate {
+    pub initializer: String,
+    pub module: String,
+    pub update: WeightUpdate,
+}
+
+/// Stack the factors of standard LoRAs (no Tucker core) into one product; `None` when any item
+/// is of another kind or its factors do not fit `[rows, inner]`.
+fn low_rank_factors(
+    items: &[(&lora_format::LoraModule, f32)],
+    rows: usize,
+    inner: usize,
+    layout: Layout,
+) -> Option<WeightUpdate> {
+    let mut parts = Vec::with_capacity(items.len());
+    for (m, w) in items {
+        match &m.kind {
+            lora_format::LoraKind::Lora {
+                down,
+                up,
+                mid: None,
+            } => {
+                let r = down.shape.first().copied()?;
+                if r == 0
+                    || up.shape.first() != Some(&rows)
+                    || up.data.len() != rows * r
+                    || down.data.len() != r * inner
+                {
+                    return None;
+                }
+                parts.push((up, down, r, w * m.scale));
+            }
+            _ => return None,
+        }
+    }
+    let total: usize = parts.iter().map(|p| p.2).sum();
+    if total == 0 {
+        return None;
+    }
+    // Torch layout: W[rows, inner] += A[rows, R]·B[R, inner]; [in, out] storage: Wᵀ += Bᵀ·Aᵀ.
+    let (m, n) = match layout {
+        Layout::Torch => (rows, inner),
+        Layout::Transposed => (inner, rows),
+    };
+    let mut a = vec![0f32; m * total];
+    let mut b = vec![0f32; total * n];
+    let mut off = 0;
+    for (up, down, r, alpha) in parts {
+        for i in 0..rows {
+            for k in 0..r {
+                let u = alpha * up.data[i * r + k];
+                match layout {
+                    Layout::Torch => a[i * total + off + k] = u,
+                    Layout::Transposed => b[(off + k) * n + i] = u,
+                }
+            }
+        }
+        for k in 0..r {
+            for j in 0..inner {
+                let d = down.data[k * inner + j];
+                match layout {
+                    Layout::Torch => b[(off + k) * n + j] = d,
+                    Layout::Transposed => a[j * total + off + k] = d,
+                }
+            }
+        }
+        off += r;
+    }
+    Some(WeightUpdate::LowRank {
+        a,
+        b,
+        m,
+        r: total,
+        n,
+    })
+}
+
 struct Target {
     mapped: MappedWeight,
     /// (lora index, module index in that adapter, total weight)
@@ -369,6 +463,56 @@ impl MergePlan {
                 dims,
                 dtype: t.mapped.dtype,
                 values,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The initializers this plan changes in `component`.
+    pub fn target_names(&self, component: OnnxComponent) -> Vec<String> {
+        self.components
+            .iter()
+            .find(|c| c.component == component)
+            .map(|c| c.targets.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// What to add to each changed weight of `component`, without reading the weights: for
+    /// standard LoRAs the stacked factors (Σ wᵢ·ΔWᵢ = A·B with A = [w₁s₁·up₁ | w₂s₂·up₂ | …],
+    /// B = [down₁; down₂; …], transposed for `[in, out]` storage), else the full sum. The fast
+    /// switch ([`crate::runtime::switch`]) adds these on the session's device.
+    pub fn updates(&self, component: OnnxComponent) -> Result<Vec<PlannedUpdate>> {
+        let Some(cp) = self.components.iter().find(|c| c.component == component) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(cp.targets.len());
+        for (name, t) in &cp.targets {
+            let items: Vec<(&lora_format::LoraModule, f32)> = t
+                .items
+                .iter()
+                .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
+                .collect();
+            let torch_shape = &t.mapped.torch_shape;
+            let numel: usize = torch_shape.iter().product();
+            let rows = torch_shape.first().copied().unwrap_or(0).max(1);
+            let inner = numel / rows;
+            let update = match low_rank_factors(&items, rows, inner, t.mapped.layout) {
+                Some(u) => u,
+                None => {
+                    let mut delta = vec![0f32; numel];
+                    lora_merge::merge_into(
+                        &mut delta,
+                        torch_shape,
+                        lora_layout(t.mapped.layout),
+                        &items,
+                    )?;
+                    WeightUpdate::Full { delta }
+                }
+            };
+            out.push(PlannedUpdate {
+                initializer: name.clone(),
+                module: t.mapped.module.clone(),
+                update,
             });
         }
         Ok(out)
@@ -687,4 +831,84 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::format::{LoraKind, LoraModule};
+    use crate::weights::Tensor;
+
+    fn seq(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * 0.37 + k).sin()).collect()
+    }
+
+    fn lora(out: usize, inner: &[usize], r: usize, scale: f32, k: f32) -> LoraModule {
+        let inner_n: usize = inner.iter().product();
+        let mut dshape = vec![r];
+        dshape.extend_from_slice(inner);
+        LoraModule {
+            component: Component::Unet,
+            module_path: "m".into(),
+            kind: LoraKind::Lora {
+                down: Tensor::new(dshape, seq(r * inner_n, k)).unwrap(),
+                up: Tensor::new(vec![out, r], seq(out * r, k + 1.0)).unwrap(),
+                mid: None,
+            },
+            alpha: None,
+            rank: r,
+            scale,
+            keys: vec![],
+        }
+    }
+
+    /// The stacked factors of several LoRAs give the same sum as the merge maths, in both
+    /// storage layouts and for a conv weight.
+    #[test]
+    fn stacked_factors_equal_the_merged_delta() {
+        for (torch_shape, layout) in [
+            (vec![5usize, 3], Layout::Torch),
+            (vec![5, 3], Layout::Transposed),
+            (vec![4, 2, 3, 3], Layout::Torch),
+        ] {
+            let (out, inner) = (torch_shape[0], torch_shape[1..].to_vec());
+            let a = lora(out, &inner, 2, 0.5, 0.1);
+            let b = lora(out, &inner, 3, 1.25, 0.7);
+            let items = [(&a, 0.8f32), (&b, -0.4f32)];
+            let numel: usize = torch_shape.iter().product();
+            let mut want = vec![0f32; numel];
+            lora_merge::merge_into(&mut want, &torch_shape, lora_layout(layout), &items).unwrap();
+            let Some(WeightUpdate::LowRank { a, b, m, r, n }) =
+                low_rank_factors(&items, out, numel / out, layout)
+            else {
+                panic!("standard LoRAs stack");
+            };
+            assert_eq!((m * n, r), (numel, 5));
+            for i in 0..m {
+                for j in 0..n {
+                    let got: f32 = (0..r).map(|k| a[i * r + k] * b[k * n + j]).sum();
+                    let w = want[i * n + j];
+                    assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()), "{layout:?} [{i},{j}]");
+                }
+            }
+        }
+    }
+
+    /// Anything but a plain LoRA goes the full-ΔW way.
+    #[test]
+    fn other_kinds_do_not_stack() {
+        let full = LoraModule {
+            component: Component::Unet,
+            module_path: "m".into(),
+            kind: LoraKind::Full {
+                diff: Tensor::new(vec![2, 2], vec![1.0; 4]).unwrap(),
+            },
+            alpha: None,
+            rank: 0,
+            scale: 1.0,
+            keys: vec![],
+        };
+        let a = lora(2, &[2], 1, 1.0, 0.0);
+        assert!(low_rank_factors(&[(&a, 1.0), (&full, 1.0)], 2, 2, Layout::Torch).is_none());
+    }
 }

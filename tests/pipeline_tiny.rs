@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use lorafuse::merge::{LoraSpec, MergeOptions};
 use lorafuse::pipeline::scheduler::SchedulerConfig;
-use lorafuse::pipeline::txt2img::{GenerateParams, Txt2Img};
+use lorafuse::pipeline::txt2img::{GenerateParams, LoraMode, Txt2Img};
 use lorafuse::runtime::session::{Device, SessionOptions};
 
 fn tiny(rel: &str) -> PathBuf {
@@ -39,8 +39,13 @@ fn cpu() -> SessionOptions {
 }
 
 fn run(fixture: &str, scheduler: &str, lora: bool) {
+    run_mode(fixture, scheduler, lora, LoraMode::Switch)
+}
+
+fn run_mode(fixture: &str, scheduler: &str, lora: bool, mode: LoraMode) {
     let file = tiny(&format!("expected/{fixture}.safetensors"));
     let mut pipe = Txt2Img::open(&tiny("onnx"), &cpu()).expect("open pipeline");
+    pipe.set_lora_mode(mode).expect("mode");
     // diffusers ran from the original config (no `timestep_spacing`, so DPM-Solver takes its own
     // default, linspace); optimum's copy spells out PNDM's `leading`.
     let cfg = SchedulerConfig::from_file(tiny("diffusers/scheduler/scheduler_config.json"))
@@ -105,6 +110,11 @@ fn pndm_with_lora_matches_diffusers() {
 }
 
 #[test]
+fn pndm_with_lora_rebuilt_session_matches_diffusers() {
+    run_mode("txt2img_pndm_lora", "pndm", true, LoraMode::Rebuild);
+}
+
+#[test]
 fn dpmpp_2m_matches_diffusers() {
     run("txt2img_dpmpp_2m", "dpmpp_2m", false);
 }
@@ -163,7 +173,16 @@ fn switching_loras_on_a_live_pipeline_equals_a_fresh_one() {
         with_b, fresh_b,
         "switching gives exactly what a fresh pipeline gives"
     );
-    assert_eq!(back, base, "an empty set restores the base weights exactly");
+    // The switchable session keeps the weights as inputs, so ORT runs other (not prepacked)
+    // kernels than on the file's session: the weights are restored bit for bit, the pixels agree
+    // to float rounding.
+    let worst = back
+        .iter()
+        .zip(&base)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("empty set vs base session: max abs pixel diff {worst:e}");
+    assert!(worst <= 1e-5, "an empty set restores the base weights ({worst})");
 }
 
 #[test]

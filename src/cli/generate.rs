@@ -72,6 +72,10 @@ pub struct GenerateArgs {
     /// Fail when a LoRA has keys that map to no module (default: report them).
     #[arg(long)]
     pub strict: bool,
+    /// How LoRAs enter the sessions: `switch` (weights as graph inputs, updated on the device:
+    /// what a live pipeline switches with) or `rebuild` (a session built from merged weights).
+    #[arg(long = "lora-mode", default_value = "switch")]
+    pub lora_mode: crate::pipeline::txt2img::LoraMode,
 }
 
 pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
@@ -96,6 +100,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     loras.extend(prompt::tag_specs(&tags, a.lora_dir.as_deref())?);
     let prompt_text = tags.text.clone();
     if !loras.is_empty() {
+        pipe.set_lora_mode(a.lora_mode)?;
         let reports = pipe.set_loras(
             &loras,
             &MergeOptions {

@@ -10,10 +10,13 @@
 //! - [`index`]: [`WeightIndex`], module path → initializer (name, layout, dtype), following
 //!   DESIGN.md section 4's recipe, with a JSON cache form.
 //! - [`write`]: [`write_patched`], a patched copy of a model by byte-range patching (no re-encode).
+//! - [`graphs`]: overridable-initializer inputs appended to a model (fast LoRA switch) and the
+//!   weight-update kernel graph.
 //! - [`Inspection`]: the summary `lorafuse inspect` prints (serde + `Display`).
 //!
 //! ONNX Runtime sessions are not here: see [`crate::runtime`].
 
+pub mod graphs;
 pub mod index;
 pub mod model;
 pub mod proto;

@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use ort::session::Session;
-use ort::value::{TensorElementType, ValueType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::{DynValue, TensorElementType, ValueType};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
@@ -16,6 +17,7 @@ use crate::merge::{IndexedModel, LoraReport, LoraSpec, MergeOptions};
 use crate::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
 use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::runtime::session::{self, SessionOptions};
+use crate::runtime::switch::LiveWeights;
 use crate::runtime::tensor::{extract_f32, float_value, ids_value};
 use crate::{Error, Result};
 
@@ -81,6 +83,83 @@ struct UnetSignature {
     hidden_name: String,
 }
 
+/// How [`Txt2Img::set_loras`] puts LoRA weights into the sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Fast switch (DESIGN.md section 4): the first LoRA set rebuilds a session once with its
+    /// LoRA-target weights as graph inputs; later sets only recompute those weights on the
+    /// session's device and rebind them (no rebuild while the set of touched weights stays within
+    /// what the session exposes: the attention projections plus everything touched so far).
+    #[default]
+    Switch,
+    /// Every change rebuilds the touched sessions from a patched in-memory model (slower to
+    /// switch; the weights are plain initializers, as `lorafuse merge` would write them).
+    Rebuild,
+}
+
+impl std::str::FromStr for LoraMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "switch" => Ok(LoraMode::Switch),
+            "rebuild" => Ok(LoraMode::Rebuild),
+            other => Err(Error::InvalidArgument(format!(
+                "LoRA mode `{other}`: expected switch or rebuild"
+            ))),
+        }
+    }
+}
+
+/// A session's switchable weights and the IO binding that feeds them.
+struct Live {
+    weights: LiveWeights,
+    binding: IoBinding,
+}
+
+/// Module-path endings the fast switch always exposes once a component takes a LoRA: the
+/// attention projections every SD LoRA trainer targets (diffusers' script, kohya, PEFT).
+const SWITCH_DEFAULT_TARGETS: &[&str] = &[
+    ".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj",
+];
+
+/// Run `session` on `inputs` and return its first output as f32; through `live`'s IO binding
+/// when the session has switchable weights.
+fn run_first_output(
+    session: &mut Session,
+    live: Option<&mut Live>,
+    inputs: Vec<(&str, DynValue)>,
+    what: &str,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    match live {
+        None => {
+            let outputs = session.run(inputs)?;
+            extract_f32(&outputs[0], what)
+        }
+        Some(live) => {
+            let out_name = session
+                .outputs()
+                .first()
+                .map(|o| o.name().to_string())
+                .ok_or_else(|| Error::InvalidArgument(format!("{what}: the model has no outputs")))?;
+            for (name, v) in &inputs {
+                live.binding.bind_input(*name, v)?;
+            }
+            let host = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            live.binding.bind_output_to_device(out_name.as_str(), &host)?;
+            let outputs = session.run_binding(&live.binding)?;
+            let v = outputs
+                .get(out_name.as_str())
+                .ok_or_else(|| Error::InvalidArgument(format!("{what}: output missing")))?;
+            extract_f32(v, what)
+        }
+    }
+}
+
 /// An opened ONNX SD pipeline, ready to generate.
 pub struct Txt2Img {
     pub dir: OnnxPipelineDir,
@@ -102,9 +181,13 @@ pub struct Txt2Img {
     opts: SessionOptions,
     /// The UNet and text encoder graphs, indexed on first LoRA use.
     indexed: Option<Vec<IndexedModel>>,
-    /// Components whose session currently carries LoRA weights.
+    /// Components whose session currently carries LoRA weights ([`LoraMode::Rebuild`]).
     patched: Vec<OnnxComponent>,
     active: Vec<LoraSpec>,
+    lora_mode: LoraMode,
+    /// Switchable weights of the text encoder and UNet sessions ([`LoraMode::Switch`]).
+    te_live: Option<Live>,
+    unet_live: Option<Live>,
 }
 
 fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
@@ -244,6 +327,9 @@ impl Txt2Img {
             indexed: None,
             patched: Vec::new(),
             active: Vec::new(),
+            lora_mode: LoraMode::default(),
+            te_live: None,
+            unet_live: None,
         })
     }
 
@@ -252,10 +338,153 @@ impl Txt2Img {
         &self.active
     }
 
-    /// Apply a LoRA set (replacing the previous one) without writing files: the merged weights
-    /// override the UNet's and text encoder's initializers when their sessions are rebuilt. Only
-    /// the sessions whose weights change are rebuilt; an empty set restores the base weights.
+    /// How LoRAs are applied ([`LoraMode`]).
+    pub fn lora_mode(&self) -> LoraMode {
+        self.lora_mode
+    }
+
+    /// Choose how LoRAs are applied; only before the first [`Txt2Img::set_loras`].
+    pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<()> {
+        if mode != self.lora_mode
+            && (!self.patched.is_empty() || self.te_live.is_some() || self.unet_live.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "the LoRA mode can only change before LoRAs are first applied".into(),
+            ));
+        }
+        self.lora_mode = mode;
+        Ok(())
+    }
+
+    /// Bytes the fast switch holds for base and live weight copies (0 before the first LoRA).
+    pub fn switch_bytes(&self) -> usize {
+        [&self.te_live, &self.unet_live]
+            .iter()
+            .filter_map(|l| l.as_ref())
+            .map(|l| l.weights.device_bytes())
+            .sum()
+    }
+
+    /// Apply a LoRA set (replacing the previous one) without writing files; an empty set restores
+    /// the base weights. On error the pipeline keeps its previous LoRAs where it can; when a
+    /// device-side update fails half-way it falls back to no LoRAs and says so in the error.
     pub fn set_loras(
+        &mut self,
+        loras: &[LoraSpec],
+        opts: &MergeOptions,
+    ) -> Result<Vec<LoraReport>> {
+        match self.lora_mode {
+            LoraMode::Rebuild => self.set_loras_rebuild(loras, opts),
+            LoraMode::Switch => self.set_loras_switch(loras, opts),
+        }
+    }
+
+    fn set_loras_switch(
+        &mut self,
+        loras: &[LoraSpec],
+        opts: &MergeOptions,
+    ) -> Result<Vec<LoraReport>> {
+        if self.indexed.is_none() {
+            self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
+        }
+        let indexed = self.indexed.as_deref().unwrap_or_default();
+        let plan = crate::merge::plan_indexed(indexed, loras, opts)?;
+        // Everything that can fail on bad input (mapping, shapes, factor stacking, session builds)
+        // happens before any live buffer changes.
+        let mut staged = Vec::new();
+        for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
+            let targets = plan.target_names(c);
+            let live = match c {
+                OnnxComponent::Unet => self.unet_live.as_ref(),
+                _ => self.te_live.as_ref(),
+            };
+            if targets.is_empty() && live.is_none() {
+                continue;
+            }
+            let updates = plan.updates(c)?;
+            let rebuild = match live {
+                None => true,
+                Some(l) => targets.iter().any(|t| !l.weights.contains(t)),
+            };
+            let fresh = if rebuild {
+                let im = indexed
+                    .iter()
+                    .find(|m| m.component == c)
+                    .ok_or_else(|| Error::InvalidArgument(format!("no indexed {c} model")))?;
+                let mut names: std::collections::BTreeSet<String> = targets.into_iter().collect();
+                if let Some(l) = live {
+                    names.extend(l.weights.names().map(String::from));
+                }
+                names.extend(
+                    im.index
+                        .iter()
+                        .filter(|w| SWITCH_DEFAULT_TARGETS.iter().any(|s| w.module.ends_with(s)))
+                        .map(|w| w.initializer.clone()),
+                );
+                let names: Vec<String> = names.into_iter().collect();
+                let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
+                let session = session::open_from_memory(&self.dir.model_path(c), &self.opts, model)?;
+                let mut weights = LiveWeights::new(
+                    &im.model,
+                    &names,
+                    session::placement(&self.opts),
+                    &self.opts,
+                )?;
+                weights.apply(&updates)?;
+                let mut binding = session.create_binding()?;
+                weights.bind_all(&mut binding)?;
+                Some((session, Live { weights, binding }))
+            } else {
+                None
+            };
+            staged.push((c, updates, fresh));
+        }
+        let mut failed = None;
+        for (c, updates, fresh) in staged {
+            match fresh {
+                Some((session, live)) => match c {
+                    OnnxComponent::Unet => {
+                        self.unet = session;
+                        self.unet_live = Some(live);
+                    }
+                    _ => {
+                        self.text_encoder = session;
+                        self.te_live = Some(live);
+                    }
+                },
+                None => {
+                    let live = match c {
+                        OnnxComponent::Unet => self.unet_live.as_mut(),
+                        _ => self.te_live.as_mut(),
+                    };
+                    if let Some(l) = live {
+                        if let Err(e) = l.weights.apply(&updates) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for l in [self.te_live.as_mut(), self.unet_live.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                let _ = l.weights.reset();
+            }
+            self.active.clear();
+            return Err(Error::InvalidArgument(format!(
+                "updating the LoRA weights failed ({e}); the pipeline is back to its base weights"
+            )));
+        }
+        self.active = loras.to_vec();
+        Ok(plan.reports)
+    }
+
+    /// Rebuild mode: the merged weights go into patched in-memory models whose sessions replace
+    /// the current ones. Only the sessions whose weights change are rebuilt.
+    fn set_loras_rebuild(
         &mut self,
         loras: &[LoraSpec],
         opts: &MergeOptions,
@@ -340,11 +569,13 @@ impl Txt2Img {
     /// Replace the UNet session (LoRA switch at run time).
     pub fn replace_unet(&mut self, unet: Session) {
         self.unet = unet;
+        self.unet_live = None;
     }
 
     /// Replace the text encoder session (LoRA switch at run time).
     pub fn replace_text_encoder(&mut self, text_encoder: Session) {
         self.text_encoder = text_encoder;
+        self.te_live = None;
     }
 
     /// Token ids → `last_hidden_state` `[b, 77, hidden]`.
@@ -358,10 +589,13 @@ impl Txt2Img {
         }
         let len = ids.len() / prompts.len();
         let input = ids_value(&ids, &[prompts.len(), len], self.ids_ty)?;
-        let outputs = self
-            .text_encoder
-            .run(ort::inputs![self.text_encoder_input() => input])?;
-        let (shape, data) = extract_f32(&outputs[0], "text encoder output")?;
+        let input_name = self.text_encoder_input();
+        let (shape, data) = run_first_output(
+            &mut self.text_encoder,
+            self.te_live.as_mut(),
+            vec![(input_name, input)],
+            "text encoder output",
+        )?;
         Ok((shape, data, truncated))
     }
 
@@ -391,13 +625,19 @@ impl Txt2Img {
                 float_value(&vec![t as f32; want], &[want], sig.timestep_ty)?
             }
         };
-        let inputs = ort::inputs![
-            sig.sample_name.as_str() => float_value(sample, sample_shape, sig.sample_ty)?,
-            sig.timestep_name.as_str() => timestep,
-            sig.hidden_name.as_str() => float_value(hidden, hidden_shape, sig.hidden_ty)?,
+        let inputs = vec![
+            (
+                sig.sample_name.as_str(),
+                float_value(sample, sample_shape, sig.sample_ty)?,
+            ),
+            (sig.timestep_name.as_str(), timestep),
+            (
+                sig.hidden_name.as_str(),
+                float_value(hidden, hidden_shape, sig.hidden_ty)?,
+            ),
         ];
-        let outputs = self.unet.run(inputs)?;
-        let (_, data) = extract_f32(&outputs[0], "UNet output")?;
+        let (_, data) =
+            run_first_output(&mut self.unet, self.unet_live.as_mut(), inputs, "UNet output")?;
         Ok(data)
     }
 

@@ -10,6 +10,7 @@
 //! 5. the system library path (`libonnxruntime.so`).
 
 pub mod session;
+pub mod switch;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};

@@ -47,6 +47,28 @@ pub struct SessionOptions {
     pub tf32: bool,
 }
 
+/// Set when `Device::Auto` found a CUDA build of ONNX Runtime but could not register CUDA.
+static AUTO_FELL_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where sessions built with `opts` place their tensors (`Auto` resolved as [`open`] does).
+pub fn placement(opts: &SessionOptions) -> super::switch::Placement {
+    use super::switch::Placement;
+    match opts.device {
+        Device::Cpu => Placement::Cpu,
+        Device::Cuda(id) => Placement::Cuda(id),
+        Device::Auto => {
+            use ort::ep::ExecutionProvider;
+            if ort::ep::CUDA::is_available().unwrap_or(false)
+                && !AUTO_FELL_BACK.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                Placement::Cuda(0)
+            } else {
+                Placement::Cpu
+            }
+        }
+    }
+}
+
 /// Open one ONNX model as a session.
 pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
@@ -104,6 +126,7 @@ fn configure(
                 {
                     Ok(b) => builder = b,
                     Err(e) => {
+                        AUTO_FELL_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
                         static WARNED: std::sync::Once = std::sync::Once::new();
                         let msg = e.message().to_string();
                         WARNED.call_once(|| {
