@@ -259,7 +259,7 @@ impl ComponentPlan {
 /// Which weights a set of LoRAs changes in a pipeline, checked (dialects, mapping, shapes) before
 /// anything is computed or written.
 pub struct MergePlan {
-    pub loras: Vec<LoraAdapter>,
+    pub loras: Vec<Arc<LoraAdapter>>,
     pub reports: Vec<LoraReport>,
     pub components: Vec<ComponentPlan>,
 }
@@ -307,6 +307,48 @@ pub fn plan_indexed(
     loras: &[LoraSpec],
     opts: &MergeOptions,
 ) -> Result<MergePlan> {
+    plan_indexed_cached(indexed, loras, opts, None)
+}
+
+/// Parsed LoRA files, reused while a file's size and modification time stay the same (a live
+/// pipeline switching back and forth between LoRAs reads each file once). Valid for one pipeline:
+/// parsing depends on the pipeline's module list.
+#[derive(Default)]
+pub struct AdapterCache {
+    entries: HashMap<PathBuf, (u64, Option<std::time::SystemTime>, Arc<LoraAdapter>)>,
+}
+
+impl AdapterCache {
+    fn get_or_read(
+        &mut self,
+        path: &Path,
+        read: impl FnOnce() -> Result<LoraAdapter>,
+    ) -> Result<Arc<LoraAdapter>> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let key = (meta.len(), meta.modified().ok());
+        if let Some((len, mtime, a)) = self.entries.get(path) {
+            if (*len, *mtime) == key && key.1.is_some() {
+                return Ok(a.clone());
+            }
+        }
+        let a = Arc::new(read()?);
+        // A handful of files at most in practice; keep the cache from growing without bound.
+        if self.entries.len() >= 64 {
+            self.entries.clear();
+        }
+        self.entries
+            .insert(path.to_path_buf(), (key.0, key.1, a.clone()));
+        Ok(a)
+    }
+}
+
+/// [`plan_indexed`], reading LoRA files through `cache` when given.
+pub fn plan_indexed_cached(
+    indexed: &[IndexedModel],
+    loras: &[LoraSpec],
+    opts: &MergeOptions,
+    mut cache: Option<&mut AdapterCache>,
+) -> Result<MergePlan> {
     let mut modules = ModuleList::new();
     for im in indexed {
         let comp = match im.component {
@@ -330,13 +372,19 @@ pub fn plan_indexed(
     let mut adapters = Vec::with_capacity(loras.len());
     let mut reports = Vec::with_capacity(loras.len());
     for (li, spec) in loras.iter().enumerate() {
-        let adapter = lora_format::read(
-            &spec.path,
-            &ReadOptions {
-                modules: Some(&modules),
-                adapter_config: None,
-            },
-        )?;
+        let read = || {
+            lora_format::read(
+                &spec.path,
+                &ReadOptions {
+                    modules: Some(&modules),
+                    adapter_config: None,
+                },
+            )
+        };
+        let adapter = match cache.as_deref_mut() {
+            Some(c) => c.get_or_read(&spec.path, read)?,
+            None => Arc::new(read()?),
+        };
         if adapter.is_sdxl() {
             return Err(Error::Lora {
                 file: spec.path.clone(),

@@ -109,15 +109,18 @@ def loras(d, out):
     for k, name in enumerate(["a", "b"]):
         pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
         pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        # SD15_LORAS_UNET_ONLY=1: transformers 5.24's add_adapter wants peft >= 0.22 (the ref venv pins 0.21.2).
+        te_lora = os.environ.get("SD15_LORAS_UNET_ONLY") != "1"
+        if te_lora:
+            pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
         g = torch.Generator().manual_seed(100 + k)
         with torch.no_grad():
-            for n, p in list(pipe.unet.named_parameters()) + list(pipe.text_encoder.named_parameters()):
+            for n, p in list(pipe.unet.named_parameters()) + (list(pipe.text_encoder.named_parameters()) if te_lora else []):
                 if "lora_B" in n:
                     p.copy_(0.01 * torch.randn(p.shape, generator=g))
         StableDiffusionPipeline.save_lora_weights(
             os.path.join(out, name), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-            text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), safe_serialization=True)
+            text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder) if te_lora else None, safe_serialization=True)
         src = os.path.join(out, name, "pytorch_lora_weights.safetensors")
         shutil.move(src, os.path.join(out, f"{name}.safetensors"))
         shutil.rmtree(os.path.join(out, name))
@@ -129,7 +132,10 @@ def export(d, out):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    dev, dt = "cuda", torch.float16
+    # SD15_EXPORT=cpu-fp32 exports on a machine without a GPU (fp32; the UNet then exceeds 2 GB
+    # and goes to external data) for CPU-side measurements.
+    cpu = os.environ.get("SD15_EXPORT") == "cpu-fp32"
+    dev, dt = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
     os.makedirs(out, exist_ok=True)
     jobs = []
     unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "unet"), torch_dtype=dt).to(dev).eval()

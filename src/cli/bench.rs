@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
     #[arg(long)]
     pub tf32: bool,
+    /// How LoRAs enter the sessions (see `generate --lora-mode`).
+    #[arg(long = "lora-mode", default_value = "switch")]
+    pub lora_mode: crate::pipeline::txt2img::LoraMode,
     #[arg(long)]
     pub json: bool,
 }
@@ -54,7 +57,15 @@ struct BenchReport {
     median_seconds_per_image: f64,
     /// Median wall time between progress callbacks (one UNet step incl. CFG, scheduler, copies).
     median_step_ms: f64,
+    lora_mode: String,
+    /// The first LoRA set on the live pipeline (switch mode: the one session rebuild).
+    first_lora_s: Option<f64>,
+    /// Each later change of LoRA set (reading the file included).
     lora_switch_s: Vec<f64>,
+    /// Seconds per image with a LoRA active (switch mode: weights bound as inputs).
+    median_seconds_per_image_with_lora: Option<f64>,
+    /// Host and device memory the switch holds for base and live weight copies.
+    switch_bytes: usize,
     fresh_pipeline_with_lora_s: Option<f64>,
 }
 
@@ -111,17 +122,34 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     }
     let mut lora_switch_s = Vec::new();
     let mut fresh = None;
+    let mut first_lora_s = None;
+    let mut with_lora = None;
     if !a.loras.is_empty() {
-        // Warm the index, then alternate through the given LoRAs.
+        pipe.set_lora_mode(a.lora_mode)?;
+        let t = Instant::now();
         pipe.set_loras(&a.loras[..1], &MergeOptions::default())?;
-        for k in 0..(2 * a.loras.len()).max(4) {
-            let spec = &a.loras[(k + 1) % a.loras.len()];
+        first_lora_s = Some(t.elapsed().as_secs_f64());
+        // Then alternate through the given LoRAs (and back to none once).
+        for k in 0..(2 * a.loras.len()).max(6) {
+            let set: &[LoraSpec] = if k == 3 {
+                &[]
+            } else {
+                std::slice::from_ref(&a.loras[(k + 1) % a.loras.len()])
+            };
             let t = Instant::now();
-            pipe.set_loras(std::slice::from_ref(spec), &MergeOptions::default())?;
+            pipe.set_loras(set, &MergeOptions::default())?;
             lora_switch_s.push(t.elapsed().as_secs_f64());
         }
+        let mut times = Vec::new();
+        for _ in 0..a.images.min(2) {
+            let t = Instant::now();
+            pipe.generate(&params, &mut |_, _| true)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        with_lora = Some(median(&times));
         let t = Instant::now();
         let mut p2 = Txt2Img::open(&a.model, &opts)?;
+        p2.set_lora_mode(a.lora_mode)?;
         p2.set_loras(&a.loras[..1], &MergeOptions::default())?;
         fresh = Some(t.elapsed().as_secs_f64());
     }
@@ -139,7 +167,11 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         median_seconds_per_image: median(&per_image),
         seconds_per_image: per_image,
         median_step_ms: median(&step_ms),
+        lora_mode: format!("{:?}", a.lora_mode).to_lowercase(),
+        first_lora_s,
         lora_switch_s,
+        median_seconds_per_image_with_lora: with_lora,
+        switch_bytes: pipe.switch_bytes(),
         fresh_pipeline_with_lora_s: fresh,
     };
     if a.json {
@@ -160,11 +192,25 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
             r.seconds_per_image.len()
         );
         println!("  step                 {:.2} ms (median)", r.median_step_ms);
+        if let Some(f) = r.first_lora_s {
+            println!("  first LoRA ({})  {f:.3} s", r.lora_mode);
+        }
         if !r.lora_switch_s.is_empty() {
             println!(
-                "  LoRA switch (live)   {:.3} s (median of {})",
-                median(&r.lora_switch_s),
-                r.lora_switch_s.len()
+                "  LoRA switch (live)   {:.1} ms (median of {}; min {:.1}, max {:.1})",
+                median(&r.lora_switch_s) * 1e3,
+                r.lora_switch_s.len(),
+                r.lora_switch_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+                r.lora_switch_s.iter().copied().fold(0.0, f64::max) * 1e3,
+            );
+        }
+        if let Some(w) = r.median_seconds_per_image_with_lora {
+            println!("  seconds per image with a LoRA {w:.3}");
+        }
+        if r.switch_bytes > 0 {
+            println!(
+                "  switch weight copies {:.1} MiB",
+                r.switch_bytes as f64 / (1 << 20) as f64
             );
         }
         if let Some(f) = r.fresh_pipeline_with_lora_s {

@@ -17,7 +17,13 @@ struct Sink {
 
 static SINK: RwLock<Option<Sink>> = RwLock::new(None);
 
+/// The library's warnings (e.g. `device auto` falling back to the CPU) go to the host's callback.
+fn library_warning(msg: &str) -> bool {
+    emit(LORAFUSE_LOG_WARN, msg)
+}
+
 pub(crate) fn set(f: LorafuseLogFn, userdata: *mut c_void) {
+    crate::runtime::set_warning_sink(Some(library_warning));
     let sink = f.map(|f| Sink {
         f,
         userdata: userdata as usize,

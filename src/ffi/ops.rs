@@ -19,8 +19,9 @@ use crate::weights::Component;
 use crate::{Error, Result};
 
 /// A loaded LoRA: the file (absolute, so a host's later `chdir` does not matter) and its summary.
-/// The library's `set_loras` takes paths and reads the file against the pipeline's module list, so
-/// the parsed tensors are not kept.
+/// The library's `set_loras` takes paths and parses a file against the pipeline's module list; each
+/// pipeline keeps what it parsed (`merge::AdapterCache`), so switching back to a LoRA does not
+/// read its file again unless the file changed.
 pub(crate) struct LoraObj {
     pub path: PathBuf,
     pub info_json: String,

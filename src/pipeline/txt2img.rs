@@ -188,6 +188,8 @@ pub struct Txt2Img {
     /// Switchable weights of the text encoder and UNet sessions ([`LoraMode::Switch`]).
     te_live: Option<Live>,
     unet_live: Option<Live>,
+    /// Parsed LoRA files (a switch back to a LoRA does not re-read it).
+    adapters: crate::merge::AdapterCache,
 }
 
 fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
@@ -330,6 +332,7 @@ impl Txt2Img {
             lora_mode: LoraMode::default(),
             te_live: None,
             unet_live: None,
+            adapters: Default::default(),
         })
     }
 
@@ -388,7 +391,8 @@ impl Txt2Img {
             self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
         }
         let indexed = self.indexed.as_deref().unwrap_or_default();
-        let plan = crate::merge::plan_indexed(indexed, loras, opts)?;
+        let plan =
+            crate::merge::plan_indexed_cached(indexed, loras, opts, Some(&mut self.adapters))?;
         // Everything that can fail on bad input (mapping, shapes, factor stacking, session builds)
         // happens before any live buffer changes.
         let mut staged = Vec::new();
@@ -493,7 +497,8 @@ impl Txt2Img {
             self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
         }
         let indexed = self.indexed.as_deref().unwrap_or_default();
-        let plan = crate::merge::plan_indexed(indexed, loras, opts)?;
+        let plan =
+            crate::merge::plan_indexed_cached(indexed, loras, opts, Some(&mut self.adapters))?;
         // Build every new session before replacing any, so an error leaves the pipeline as it was.
         let mut rebuilt = Vec::new();
         let mut now_patched = Vec::new();

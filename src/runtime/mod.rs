@@ -27,6 +27,26 @@ pub struct OrtLibrary {
 }
 
 static LOADED: OnceLock<OrtLibrary> = OnceLock::new();
+
+/// Where library warnings go: a front door's sink (the plugin's log callback), else stderr.
+static WARNING_SINK: std::sync::RwLock<Option<fn(&str) -> bool>> = std::sync::RwLock::new(None);
+
+/// Route warnings to `sink` (it returns whether it took the message; if not, stderr gets it).
+pub fn set_warning_sink(sink: Option<fn(&str) -> bool>) {
+    *WARNING_SINK
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
+}
+
+/// Report a warning that does not stop the work (e.g. `--device auto` falling back to the CPU).
+pub fn warn(msg: &str) {
+    let sink = *WARNING_SINK
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !sink.is_some_and(|f| f(msg)) {
+        eprintln!("warning: {msg}");
+    }
+}
 static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
 
 /// The process-wide ORT environment, loading the library with the default search if needed.

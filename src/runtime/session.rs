@@ -130,7 +130,9 @@ fn configure(
                         static WARNED: std::sync::Once = std::sync::Once::new();
                         let msg = e.message().to_string();
                         WARNED.call_once(|| {
-                            eprintln!("warning: CUDA is not available ({msg}); running on the CPU")
+                            super::warn(&format!(
+                                "CUDA is not available ({msg}); running on the CPU"
+                            ))
                         });
                         builder = e.recover();
                     }
