@@ -132,7 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(median(fresh_lora.clone()))
     );
     println!(
-        "switch / fresh-with-LoRA: {:.2}",
+        "switch / fresh-with-LoRA: {:.4}",
         median(switch).as_secs_f64() / median(fresh_lora).as_secs_f64()
     );
     Ok(())
