@@ -623,19 +623,18 @@ pub fn merge_pipeline(
         .filter(|c| !c.is_empty())
         .map(|c| (c.component, c))
         .collect();
-    let skip_dirs: Vec<PathBuf> = rewritten
-        .iter()
-        .map(|(c, _)| src.join(c.dir_name()))
-        .collect();
-    let is_rewritten = |f: &Path| {
-        skip_dirs.iter().any(|d| f.parent() == Some(d.as_path())) && {
-            let n = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            n == "model.onnx" || n.ends_with(".onnx_data") || n.ends_with(".data")
+    // Exactly the files the patch writer produces: each rewritten graph file and the external
+    // data files it references (whatever their names: torch's exporter writes one file per tensor,
+    // named after it, with no extension).
+    let norm = |p: &Path| p.components().collect::<PathBuf>();
+    let mut written_by_patcher = std::collections::HashSet::new();
+    for (_, cp) in &rewritten {
+        written_by_patcher.insert(norm(cp.model.path()));
+        for loc in cp.model.external_locations() {
+            written_by_patcher.insert(norm(&cp.model.dir().join(loc)));
         }
-    };
+    }
+    let is_rewritten = |f: &Path| written_by_patcher.contains(&norm(f));
     let (mut done, total) = copy_tree_except(src, tmp.path(), &is_rewritten, progress)?;
     for (c, cp) in &rewritten {
         let merged = plan.merged(*c)?;
@@ -644,7 +643,8 @@ pub fn merge_pipeline(
             replacements.insert(m.initializer, encode_like(m.dtype, &m.values)?);
         }
         let out_dir = tmp.path().join(c.dir_name());
-        let written = crate::onnx::write::write_patched(&cp.model, &replacements, &out_dir)?;
+        let written =
+            crate::onnx::write::write_patched_unsynced(&cp.model, &replacements, &out_dir)?;
         done += 1 + written.data_files.len();
         progress(done.min(total), total, c.dir_name());
     }
@@ -726,12 +726,45 @@ fn copy_tree_except(
 }
 
 /// Move the finished temporary folder into place.
+/// Make the finished temporary folder durable (one filesystem sync, like `cp` + `sync`, instead of
+/// an fsync per file), then rename it into place and sync the parent so the rename lasts too.
 fn finish(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+    sync_filesystem_of(tmp.path())?;
     let tmp_path = tmp.keep();
     std::fs::rename(&tmp_path, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp_path);
         Error::io(out, e)
-    })
+    })?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // Directory fsync makes the rename durable; some filesystems refuse it (ignored there).
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// `syncfs(2)` on the filesystem holding `dir` (Linux); elsewhere an fsync of every file under it.
+fn sync_filesystem_of(dir: &Path) -> Result<()> {
+    let d = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open file descriptor for the duration of the call.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let mut files = Vec::new();
+        list_files(dir, &mut files)?;
+        for f in files {
+            std::fs::File::open(&f)
+                .and_then(|h| h.sync_all())
+                .map_err(|e| Error::io(&f, e))?;
+        }
+    }
+    drop(d);
+    Ok(())
 }
 
 /// Merge LoRAs into a diffusers-layout folder (`unet/diffusion_pytorch_model.safetensors`,
