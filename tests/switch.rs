@@ -22,6 +22,7 @@ fn cpu() -> SessionOptions {
         device: Device::Cpu,
         intra_threads: Some(1),
         tf32: false,
+        ..Default::default()
     }
 }
 

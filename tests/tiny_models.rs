@@ -19,6 +19,7 @@ fn io(path: &Path) -> (Vec<IoInfo>, Vec<IoInfo>) {
             device: Device::Cpu,
             intra_threads: Some(1),
             tf32: false,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

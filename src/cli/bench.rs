@@ -38,6 +38,8 @@ pub struct BenchArgs {
     /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
     #[arg(long)]
     pub tf32: bool,
+    #[command(flatten)]
+    pub cuda: super::CudaArgs,
     /// How LoRAs enter the sessions (see `generate --lora-mode`).
     #[arg(long = "lora-mode", default_value = "switch")]
     pub lora_mode: crate::pipeline::txt2img::LoraMode,
@@ -85,6 +87,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         device: a.device.parse()?,
         intra_threads: a.threads,
         tf32: a.tf32,
+        cuda: a.cuda.options(),
     };
     let t0 = Instant::now();
     let mut pipe = Txt2Img::open(&a.model, &opts)?;

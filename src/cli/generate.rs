@@ -63,6 +63,8 @@ pub struct GenerateArgs {
     /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
     #[arg(long)]
     pub tf32: bool,
+    #[command(flatten)]
+    pub cuda: super::CudaArgs,
     /// Apply a LoRA at run time (no files written), FILE[:WEIGHT]. Repeat for several.
     #[arg(long = "lora", short = 'l', value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<LoraSpec>,
@@ -90,6 +92,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         device,
         intra_threads: a.threads,
         tf32: a.tf32,
+        cuda: a.cuda.options(),
     };
     let mut pipe = Txt2Img::open(&a.model, &opts)
         .with_context(|| format!("opening pipeline {}", a.model.display()))?;

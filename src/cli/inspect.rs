@@ -156,6 +156,7 @@ fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Resul
             device: session::Device::Cpu,
             intra_threads: Some(1),
             tf32: false,
+            ..Default::default()
         },
     )
     .with_context(|| format!("opening {} with ONNX Runtime", path.display()))?;

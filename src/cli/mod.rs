@@ -59,3 +59,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&cli.global, args),
     }
 }
+
+/// CUDA execution provider settings shared by `generate` and `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CudaArgs {
+    /// Cap of the CUDA provider's memory arena, e.g. 8GiB (default: no cap).
+    #[arg(long = "cuda-mem-limit", value_name = "SIZE", value_parser = parse_size)]
+    pub cuda_mem_limit: Option<usize>,
+    /// cuDNN convolution algorithm search: exhaustive (ORT's default: benchmarks each shape on
+    /// first use), heuristic, or default.
+    #[arg(long = "cudnn-conv-algo", default_value = "exhaustive")]
+    pub cudnn_conv_algo: crate::runtime::session::ConvAlgo,
+    /// Prefer NHWC convolution kernels on CUDA.
+    #[arg(long = "cuda-prefer-nhwc")]
+    pub cuda_prefer_nhwc: bool,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    crate::runtime::session::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+impl CudaArgs {
+    pub fn options(&self) -> crate::runtime::session::CudaOptions {
+        crate::runtime::session::CudaOptions {
+            mem_limit: self.cuda_mem_limit,
+            conv_algo: self.cudnn_conv_algo,
+            prefer_nhwc: self.cuda_prefer_nhwc,
+        }
+    }
+}

@@ -366,6 +366,7 @@ unsafe extern "C" fn create_pipeline(
                 device,
                 intra_threads,
                 tf32: o.tf32,
+                ..Default::default()
             },
             ort_library,
         })?;

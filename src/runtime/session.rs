@@ -45,6 +45,89 @@ pub struct SessionOptions {
     /// Let CUDA run fp32 matrix products in TF32 (faster, ~1e-3 relative error). Off by default so
     /// fp32 pipelines give the CPU's results; fp16 pipelines are unaffected.
     pub tf32: bool,
+    /// CUDA provider settings (ignored on the CPU).
+    pub cuda: CudaOptions,
+}
+
+/// Settings of ONNX Runtime's CUDA execution provider (ORT `OrtCUDAProviderOptionsV2`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Cap of the provider's memory arena in bytes (`gpu_mem_limit`); `None`: no cap.
+    pub mem_limit: Option<usize>,
+    /// cuDNN convolution algorithm search (`cudnn_conv_algo_search`).
+    pub conv_algo: ConvAlgo,
+    /// NHWC convolution kernels (`prefer_nhwc`; DESIGN.md section 7 measured them slower for SD 1.5).
+    pub prefer_nhwc: bool,
+}
+
+/// How the CUDA provider picks cuDNN convolution algorithms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// Benchmark every algorithm on first use of a shape (ORT's default; slow first step).
+    #[default]
+    Exhaustive,
+    /// cuDNN's heuristics, no benchmarking.
+    Heuristic,
+    /// The default algorithm, no search at all.
+    Default,
+}
+
+impl std::str::FromStr for ConvAlgo {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exhaustive" => Ok(ConvAlgo::Exhaustive),
+            "heuristic" => Ok(ConvAlgo::Heuristic),
+            "default" => Ok(ConvAlgo::Default),
+            other => Err(Error::InvalidArgument(format!(
+                "cuDNN conv algorithm search `{other}`: expected exhaustive, heuristic or default"
+            ))),
+        }
+    }
+}
+
+/// A byte count: a number, optionally with a K/M/G (KiB/MiB/GiB, powers of 1024) suffix.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => f64::NAN,
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v > 0.0 && mult.is_finite() => Ok((v * mult) as usize),
+        _ => Err(Error::InvalidArgument(format!(
+            "`{s}`: expected a positive size such as 8GiB, 512MiB or 1073741824"
+        ))),
+    }
+}
+
+/// The CUDA execution provider for device `id` with `opts`.
+fn cuda_provider(id: Option<i32>, opts: &SessionOptions) -> ort::ep::ExecutionProviderDispatch {
+    use ort::ep::cuda::ConvAlgorithmSearch as S;
+    let mut ep = ort::ep::CUDA::default()
+        .with_tf32(opts.tf32)
+        .with_conv_algorithm_search(match opts.cuda.conv_algo {
+            ConvAlgo::Exhaustive => S::Exhaustive,
+            ConvAlgo::Heuristic => S::Heuristic,
+            ConvAlgo::Default => S::Default,
+        });
+    if let Some(id) = id {
+        ep = ep.with_device_id(id);
+    }
+    if let Some(limit) = opts.cuda.mem_limit {
+        ep = ep.with_memory_limit(limit);
+    }
+    if opts.cuda.prefer_nhwc {
+        ep = ep.with_prefer_nhwc(true);
+    }
+    ep.build().error_on_failure()
 }
 
 /// Set when `Device::Auto` found a CUDA build of ONNX Runtime but could not register CUDA.
@@ -119,10 +202,7 @@ fn configure(
             // CUDA warns once per process and runs on the CPU.
             use ort::ep::ExecutionProvider;
             if ort::ep::CUDA::is_available().unwrap_or(false) {
-                match builder.with_execution_providers([ort::ep::CUDA::default()
-                    .with_tf32(opts.tf32)
-                    .build()
-                    .error_on_failure()])
+                match builder.with_execution_providers([cuda_provider(None, opts)])
                 {
                     Ok(b) => builder = b,
                     Err(e) => {
@@ -141,11 +221,7 @@ fn configure(
         }
         Device::Cuda(id) => {
             builder = builder
-                .with_execution_providers([ort::ep::CUDA::default()
-                    .with_device_id(id)
-                    .with_tf32(opts.tf32)
-                    .build()
-                    .error_on_failure()])
+                .with_execution_providers([cuda_provider(Some(id), opts)])
                 .map_err(|e| {
                     Error::OrtLoad(format!(
                         "CUDA execution provider (device {id}) failed to load: {e}"
@@ -246,4 +322,27 @@ pub fn open_from_memory(
             file: path.to_path_buf(),
             msg: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
+        for bad in ["", "0", "-1", "12XB", "GiB", "1.2.3M"] {
+            let e = parse_bytes(bad).expect_err(bad).to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn conv_algo_names() {
+        assert_eq!("heuristic".parse::<ConvAlgo>().unwrap(), ConvAlgo::Heuristic);
+        assert!("fast".parse::<ConvAlgo>().unwrap_err().to_string().contains("fast"));
+    }
 }
