@@ -32,18 +32,18 @@ impl std::str::FromStr for LoraSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         // Split at the last ':' only when what follows is a number, so paths with ':' still work.
-        if let Some((p, w)) = s.rsplit_once(':') {
-            if let Ok(weight) = w.parse::<f32>() {
-                if !weight.is_finite() {
-                    return Err(Error::InvalidArgument(format!(
-                        "LoRA weight in `{s}` is not finite"
-                    )));
-                }
-                return Ok(LoraSpec {
-                    path: PathBuf::from(p),
-                    weight,
-                });
+        if let Some((p, w)) = s.rsplit_once(':')
+            && let Ok(weight) = w.parse::<f32>()
+        {
+            if !weight.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA weight in `{s}` is not finite"
+                )));
             }
+            return Ok(LoraSpec {
+                path: PathBuf::from(p),
+                weight,
+            });
         }
         if s.is_empty() {
             return Err(Error::InvalidArgument(
@@ -326,10 +326,11 @@ impl AdapterCache {
     ) -> Result<Arc<LoraAdapter>> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let key = (meta.len(), meta.modified().ok());
-        if let Some((len, mtime, a)) = self.entries.get(path) {
-            if (*len, *mtime) == key && key.1.is_some() {
-                return Ok(a.clone());
-            }
+        if let Some((len, mtime, a)) = self.entries.get(path)
+            && (*len, *mtime) == key
+            && key.1.is_some()
+        {
+            return Ok(a.clone());
         }
         let a = Arc::new(read()?);
         // A handful of files at most in practice; keep the cache from growing without bound.
@@ -666,14 +667,14 @@ fn check_output(src: &Path, out: &Path) -> Result<()> {
         } else {
             parent
         };
-        if let Ok(p) = parent.canonicalize() {
-            if p.starts_with(&a) {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the output must not be inside the input pipeline {}",
-                    out.display(),
-                    src.display()
-                )));
-            }
+        if let Ok(p) = parent.canonicalize()
+            && p.starts_with(&a)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the output must not be inside the input pipeline {}",
+                out.display(),
+                src.display()
+            )));
         }
     }
     Ok(())
@@ -932,8 +933,8 @@ mod tests {
             component: Component::Unet,
             module_path: "m".into(),
             kind: LoraKind::Lora {
-                down: Tensor::new(dshape, seq(r * inner_n, k)).unwrap(),
-                up: Tensor::new(vec![out, r], seq(out * r, k + 1.0)).unwrap(),
+                down: Tensor::new(dshape, seq(r * inner_n, k)).expect("down"),
+                up: Tensor::new(vec![out, r], seq(out * r, k + 1.0)).expect("up"),
                 mid: None,
             },
             alpha: None,
@@ -958,7 +959,8 @@ mod tests {
             let items = [(&a, 0.8f32), (&b, -0.4f32)];
             let numel: usize = torch_shape.iter().product();
             let mut want = vec![0f32; numel];
-            lora_merge::merge_into(&mut want, &torch_shape, lora_layout(layout), &items).unwrap();
+            lora_merge::merge_into(&mut want, &torch_shape, lora_layout(layout), &items)
+                .expect("merge");
             let Some(WeightUpdate::LowRank { a, b, m, r, n }) =
                 low_rank_factors(&items, out, numel / out, layout)
             else {
@@ -969,7 +971,10 @@ mod tests {
                 for j in 0..n {
                     let got: f32 = (0..r).map(|k| a[i * r + k] * b[k * n + j]).sum();
                     let w = want[i * n + j];
-                    assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()), "{layout:?} [{i},{j}]");
+                    assert!(
+                        (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{layout:?} [{i},{j}]"
+                    );
                 }
             }
         }
@@ -982,7 +987,7 @@ mod tests {
             component: Component::Unet,
             module_path: "m".into(),
             kind: LoraKind::Full {
-                diff: Tensor::new(vec![2, 2], vec![1.0; 4]).unwrap(),
+                diff: Tensor::new(vec![2, 2], vec![1.0; 4]).expect("diff"),
             },
             alpha: None,
             rank: 0,

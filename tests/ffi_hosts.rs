@@ -279,7 +279,10 @@ fn rust_host_matches_the_cli_bit_for_bit() {
         .map(|(a, b)| a.abs_diff(*b))
         .max()
         .unwrap_or(255);
-    assert!(worst <= 1, "no LoRA after a switch: {worst}/255 off the CLI's image");
+    assert!(
+        worst <= 1,
+        "no LoRA after a switch: {worst}/255 off the CLI's image"
+    );
 
     assert!(images.get(1).is_none());
 }

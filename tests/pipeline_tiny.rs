@@ -183,7 +183,10 @@ fn switching_loras_on_a_live_pipeline_equals_a_fresh_one() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     eprintln!("empty set vs base session: max abs pixel diff {worst:e}");
-    assert!(worst <= 1e-5, "an empty set restores the base weights ({worst})");
+    assert!(
+        worst <= 1e-5,
+        "an empty set restores the base weights ({worst})"
+    );
 }
 
 #[test]

@@ -72,7 +72,10 @@ fn check_export(folder: &str, tol: f32) {
             let got = live.live_f32(&m.initializer).expect("read back");
             worst = worst.max(worst_rel(&got, &m.values, 1e-2));
         }
-        eprintln!("{folder} {c}: {} weights, worst relative diff {worst:e}", merged.len());
+        eprintln!(
+            "{folder} {c}: {} weights, worst relative diff {worst:e}",
+            merged.len()
+        );
         assert!(worst <= tol, "{folder} {c}: {worst}");
 
         // Back to the base weights, bit for bit.
@@ -103,8 +106,8 @@ fn full_delta_and_unknown_weights() {
     let plan = merge::plan(&dir, &loras()[..1], &MergeOptions::default()).expect("plan");
     let name = plan.target_names(OnnxComponent::Unet).remove(0);
     let (dims, base) = model.initializer_f32(&name).expect("base");
-    let mut live =
-        LiveWeights::new(&model, std::slice::from_ref(&name), Placement::Cpu, &cpu()).expect("live");
+    let mut live = LiveWeights::new(&model, std::slice::from_ref(&name), Placement::Cpu, &cpu())
+        .expect("live");
     let delta: Vec<f32> = (0..base.len()).map(|i| (i % 7) as f32 * 0.125).collect();
     live.apply(&[PlannedUpdate {
         initializer: name.clone(),
@@ -134,9 +137,15 @@ fn full_delta_and_unknown_weights() {
         .apply(&[PlannedUpdate {
             initializer: name.clone(),
             module: "x".into(),
-            update: WeightUpdate::Full { delta: vec![0.0; 3] },
+            update: WeightUpdate::Full {
+                delta: vec![0.0; 3],
+            },
         }])
         .expect_err("wrong size");
     assert!(err.to_string().contains(&name), "{err}");
-    assert_eq!(live.live_f32(&name).expect("read"), want, "unchanged after refusals");
+    assert_eq!(
+        live.live_f32(&name).expect("read"),
+        want,
+        "unchanged after refusals"
+    );
 }

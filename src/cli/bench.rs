@@ -206,7 +206,11 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
                 "  LoRA switch (live)   {:.1} ms (median of {}; min {:.1}, max {:.1})",
                 median(&r.lora_switch_s) * 1e3,
                 r.lora_switch_s.len(),
-                r.lora_switch_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+                r.lora_switch_s
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min)
+                    * 1e3,
                 r.lora_switch_s.iter().copied().fold(0.0, f64::max) * 1e3,
             );
         }

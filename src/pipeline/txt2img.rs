@@ -119,7 +119,14 @@ struct Live {
 /// Module-path endings the fast switch always exposes once a component takes a LoRA: the
 /// attention projections every SD LoRA trainer targets (diffusers' script, kohya, PEFT).
 const SWITCH_DEFAULT_TARGETS: &[&str] = &[
-    ".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj",
+    ".to_q",
+    ".to_k",
+    ".to_v",
+    ".to_out.0",
+    ".q_proj",
+    ".k_proj",
+    ".v_proj",
+    ".out_proj",
 ];
 
 /// Run `session` on `inputs` and return its first output as f32; through `live`'s IO binding
@@ -140,7 +147,9 @@ fn run_first_output(
                 .outputs()
                 .first()
                 .map(|o| o.name().to_string())
-                .ok_or_else(|| Error::InvalidArgument(format!("{what}: the model has no outputs")))?;
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("{what}: the model has no outputs"))
+                })?;
             for (name, v) in &inputs {
                 live.binding.bind_input(*name, v)?;
             }
@@ -150,7 +159,8 @@ fn run_first_output(
                 AllocatorType::Device,
                 MemoryType::Default,
             )?;
-            live.binding.bind_output_to_device(out_name.as_str(), &host)?;
+            live.binding
+                .bind_output_to_device(out_name.as_str(), &host)?;
             let outputs = session.run_binding(&live.binding)?;
             let v = outputs
                 .get(out_name.as_str())
@@ -427,7 +437,8 @@ impl Txt2Img {
                 );
                 let names: Vec<String> = names.into_iter().collect();
                 let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
-                let session = session::open_from_memory(&self.dir.model_path(c), &self.opts, model)?;
+                let session =
+                    session::open_from_memory(&self.dir.model_path(c), &self.opts, model)?;
                 let mut weights = LiveWeights::new(
                     &im.model,
                     &names,
@@ -461,11 +472,11 @@ impl Txt2Img {
                         OnnxComponent::Unet => self.unet_live.as_mut(),
                         _ => self.te_live.as_mut(),
                     };
-                    if let Some(l) = live {
-                        if let Err(e) = l.weights.apply(&updates) {
-                            failed = Some(e);
-                            break;
-                        }
+                    if let Some(l) = live
+                        && let Err(e) = l.weights.apply(&updates)
+                    {
+                        failed = Some(e);
+                        break;
                     }
                 }
             }
@@ -590,7 +601,7 @@ impl Txt2Img {
         for p in prompts {
             let t = self.tokenizer.encode(p)?;
             truncated |= t.truncated;
-            ids.extend(t.ids.iter().map(|&i| i as i64));
+            ids.extend(t.ids.iter().copied());
         }
         let len = ids.len() / prompts.len();
         let input = ids_value(&ids, &[prompts.len(), len], self.ids_ty)?;
@@ -641,8 +652,12 @@ impl Txt2Img {
                 float_value(hidden, hidden_shape, sig.hidden_ty)?,
             ),
         ];
-        let (_, data) =
-            run_first_output(&mut self.unet, self.unet_live.as_mut(), inputs, "UNet output")?;
+        let (_, data) = run_first_output(
+            &mut self.unet,
+            self.unet_live.as_mut(),
+            inputs,
+            "UNet output",
+        )?;
         Ok(data)
     }
 

@@ -28,11 +28,14 @@ pub struct OrtLibrary {
 
 static LOADED: OnceLock<OrtLibrary> = OnceLock::new();
 
+/// A front door's receiver of library warnings; returns whether it took the message.
+type WarningSink = fn(&str) -> bool;
+
 /// Where library warnings go: a front door's sink (the plugin's log callback), else stderr.
-static WARNING_SINK: std::sync::RwLock<Option<fn(&str) -> bool>> = std::sync::RwLock::new(None);
+static WARNING_SINK: std::sync::RwLock<Option<WarningSink>> = std::sync::RwLock::new(None);
 
 /// Route warnings to `sink` (it returns whether it took the message; if not, stderr gets it).
-pub fn set_warning_sink(sink: Option<fn(&str) -> bool>) {
+pub fn set_warning_sink(sink: Option<WarningSink>) {
     *WARNING_SINK
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
@@ -65,14 +68,14 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(lib) = LOADED.get() {
-        if let Some(p) = explicit {
-            if !same_file(p, &lib.path) {
-                return Err(Error::OrtLoad(format!(
-                    "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
-                    lib.path.display(),
-                    p.display()
-                )));
-            }
+        if let Some(p) = explicit
+            && !same_file(p, &lib.path)
+        {
+            return Err(Error::OrtLoad(format!(
+                "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+                lib.path.display(),
+                p.display()
+            )));
         }
         return Ok(lib);
     }

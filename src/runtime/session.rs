@@ -202,8 +202,7 @@ fn configure(
             // CUDA warns once per process and runs on the CPU.
             use ort::ep::ExecutionProvider;
             if ort::ep::CUDA::is_available().unwrap_or(false) {
-                match builder.with_execution_providers([cuda_provider(None, opts)])
-                {
+                match builder.with_execution_providers([cuda_provider(None, opts)]) {
                     Ok(b) => builder = b,
                     Err(e) => {
                         AUTO_FELL_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -330,10 +329,10 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_bytes("1024").unwrap(), 1024);
-        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
-        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("1024").expect("bytes"), 1024);
+        assert_eq!(parse_bytes("8GiB").expect("GiB"), 8 << 30);
+        assert_eq!(parse_bytes("512 MiB").expect("MiB"), 512 << 20);
+        assert_eq!(parse_bytes("1.5g").expect("g"), 3 << 29);
         for bad in ["", "0", "-1", "12XB", "GiB", "1.2.3M"] {
             let e = parse_bytes(bad).expect_err(bad).to_string();
             assert!(e.contains(bad), "{e}");
@@ -342,7 +341,16 @@ mod tests {
 
     #[test]
     fn conv_algo_names() {
-        assert_eq!("heuristic".parse::<ConvAlgo>().unwrap(), ConvAlgo::Heuristic);
-        assert!("fast".parse::<ConvAlgo>().unwrap_err().to_string().contains("fast"));
+        assert_eq!(
+            "heuristic".parse::<ConvAlgo>().expect("heuristic"),
+            ConvAlgo::Heuristic
+        );
+        assert!(
+            "fast"
+                .parse::<ConvAlgo>()
+                .expect_err("fast")
+                .to_string()
+                .contains("fast")
+        );
     }
 }

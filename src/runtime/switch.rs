@@ -103,7 +103,6 @@ fn host_f32(dims: &[usize], data: &[f32]) -> Result<DynTensor> {
     Ok(t)
 }
 
-
 impl Kernels {
     fn session(&mut self, dtype: DataType, kind: UpdateKind) -> Result<&mut Session> {
         use std::collections::hash_map::Entry;
@@ -276,8 +275,12 @@ impl LiveWeights {
             match by_name.get(name.as_str()) {
                 None if !s.modified => {}
                 None => {
-                    self.kernels
-                        .run(s.dtype, UpdateKind::Copy, &[("base", &s.base)], &mut s.live)?;
+                    self.kernels.run(
+                        s.dtype,
+                        UpdateKind::Copy,
+                        &[("base", &s.base)],
+                        &mut s.live,
+                    )?;
                     s.modified = false;
                 }
                 Some(u) => {
@@ -312,10 +315,9 @@ impl LiveWeights {
 
     /// The live value of `name` as f32 (a copy to the host; for checks and diagnostics).
     pub fn live_f32(&mut self, name: &str) -> Result<Vec<f32>> {
-        let s = self
-            .slots
-            .get(name)
-            .ok_or_else(|| Error::InvalidArgument(format!("`{name}` is not a switchable weight")))?;
+        let s = self.slots.get(name).ok_or_else(|| {
+            Error::InvalidArgument(format!("`{name}` is not a switchable weight"))
+        })?;
         let mut host = DynTensor::new(
             &Allocator::default(),
             element_type(s.dtype)?,

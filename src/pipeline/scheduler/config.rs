@@ -309,7 +309,7 @@ mod tests {
                 "note": "NaN stays a string", "timestep_spacing": "leading", "solver_order": 2,
                 "_use_default_values": ["timestep_spacing"], "unknown_key": [1, 2]}"#,
         )
-        .unwrap();
+        .expect("config");
         assert_eq!(cfg.lambda_min_clipped, Some(f64::NEG_INFINITY));
         assert_eq!(cfg.timestep_spacing, None);
         assert_eq!(cfg.solver_order, Some(2));
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn nulls_are_missing() {
         let cfg = SchedulerConfig::from_json_str(r#"{"trained_betas": null, "sigma_min": null}"#)
-            .unwrap();
+            .expect("config");
         assert_eq!(cfg.trained_betas, None);
         assert_eq!(cfg.sigma_min, None);
     }
