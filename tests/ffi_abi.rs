@@ -367,12 +367,13 @@ fn wrong_struct_versions_are_refused() {
     unsafe {
         let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
         let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        o.struct_version = LORAFUSE_PIPELINE_OPTIONS_VERSION;
         assert!((api.init_pipeline_options)(&mut o).is_null());
         assert_eq!(o.struct_version, LORAFUSE_PIPELINE_OPTIONS_VERSION);
         o.model_dir = dir.as_ptr();
         o.device = LORAFUSE_DEVICE_CPU;
         let mut out: *mut LorafusePipeline = sentinel();
-        for v in [0, 2, 0xffff_ffff] {
+        for v in [0, LORAFUSE_PIPELINE_OPTIONS_VERSION + 1, 0xffff_ffff] {
             o.struct_version = v;
             let msg = expect_code(
                 &p,
@@ -402,6 +403,7 @@ fn wrong_struct_versions_are_refused() {
 
         let mut m = std::mem::zeroed::<LorafuseMergeOptions>();
         assert!((api.init_merge_options)(&mut m).is_null());
+        assert_eq!(m.struct_version, 1);
         assert_eq!(
             (m.unet_scale, m.text_encoder_scale, m.strict, m.dry_run),
             (1.0, 1.0, false, false)
@@ -414,6 +416,130 @@ fn wrong_struct_versions_are_refused() {
             "merge options version",
         );
     }
+}
+
+/// Version 1 of a struct is a prefix of version 2: init fills exactly the version the host asks
+/// for (unset: version 1), and entries read only the fields of the version a struct declares.
+#[test]
+fn struct_versions_evolve_by_appending() {
+    let p = plugin();
+    let api = p.api();
+    unsafe {
+        // A host written for version 1 (struct_version not set): only version 1's bytes are
+        // written; the version-2 fields keep what was there.
+        let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        o.cuda_mem_limit = 0xdead;
+        o.cudnn_conv_algo = 77;
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert_eq!(o.struct_version, 1);
+        assert_eq!((o.device, o.cuda_mem_limit, o.cudnn_conv_algo), (LORAFUSE_DEVICE_AUTO, 0xdead, 77));
+        // ... and create_pipeline ignores them for a version-1 struct.
+        let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
+        o.model_dir = dir.as_ptr();
+        o.device = LORAFUSE_DEVICE_CPU;
+        o.intra_threads = 1;
+        let mut raw: *mut LorafusePipeline = sentinel();
+        assert!((api.create_pipeline)(&o, &mut raw).is_null(), "v1 options");
+        (api.release_pipeline)(raw);
+        // Version 2 asked for: its fields get their defaults and are read (and checked).
+        o.struct_version = 2;
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert_eq!((o.struct_version, o.cuda_mem_limit, o.cudnn_conv_algo), (2, 0, 0));
+        o.model_dir = dir.as_ptr();
+        o.device = LORAFUSE_DEVICE_CPU;
+        o.cudnn_conv_algo = 77;
+        let mut out: *mut LorafusePipeline = sentinel();
+        let msg = expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "bad v2 field",
+        );
+        assert!(msg.contains("cudnn_conv_algo"), "{msg}");
+        assert_eq!(out, sentinel());
+
+        // Generate params: a version-1 struct's trailing bytes (here a bogus lora_dir) are ignored.
+        let pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+        let prompt = CString::new("a photo of a cat <lora:diffusers:0.8>").expect("c");
+        let mut gp = plugin_api::loader::blank_generate_params();
+        gp.struct_version = 0;
+        assert!((api.init_generate_params)(&mut gp).is_null());
+        assert_eq!(gp.struct_version, 1);
+        gp.prompt = prompt.as_ptr();
+        gp.steps = 1;
+        gp.lora_dir = 1 as *const c_char; // never dereferenced for version 1
+        let mut img: *mut LorafuseImage = sentinel();
+        assert!((api.generate)(pipe.raw(), &gp, &mut img).is_null(), "v1 params");
+        (api.release_image)(img);
+    }
+}
+
+/// With `lora_dir` (version 2), A1111 prompt tags make the active set, as `set_loras` would, and
+/// stay in the parameters text, as with `lorafuse generate --lora-dir`.
+#[test]
+fn prompt_tags_apply_loras_with_a_lora_dir() {
+    let p = plugin();
+    let mut tagged = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let params = GenerateParams {
+        prompt: "a photo of a cat <lora:diffusers:0.8>".into(),
+        steps: 2,
+        lora_dir: Some(tiny("loras")),
+        ..Default::default()
+    };
+    let a = tagged.generate(&params, None).expect("tagged");
+    let a = a.get(0).expect("image");
+    assert!(
+        a.parameters.starts_with("a photo of a cat <lora:diffusers:0.8>"),
+        "{}",
+        a.parameters
+    );
+    let report = tagged.lora_report().expect("report");
+    assert!(report.contains("diffusers.safetensors"), "{report}");
+
+    let mut manual = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let lora = p.load_lora(tiny("loras/diffusers.safetensors")).expect("lora");
+    manual.set_loras(&[(&lora, 0.8)], None).expect("set");
+    let b = manual
+        .generate(
+            &GenerateParams {
+                prompt: "a photo of a cat".into(),
+                steps: 2,
+                ..Default::default()
+            },
+            None,
+        )
+        .expect("manual");
+    assert_eq!(a.rgb, b.get(0).expect("image").rgb, "same pixels as set_loras");
+
+    // No tags with a LoRA folder: the base weights, as in A1111.
+    let none = tagged
+        .generate(
+            &GenerateParams {
+                prompt: "a photo of a cat".into(),
+                steps: 2,
+                lora_dir: Some(tiny("loras")),
+                ..Default::default()
+            },
+            None,
+        )
+        .expect("untagged");
+    assert!(none.get(0).is_some());
+    assert_eq!(tagged.lora_report().expect("report").trim(), "[]");
+
+    // A tag naming no file is a clear error.
+    let err = tagged
+        .generate(
+            &GenerateParams {
+                prompt: "x <lora:nope:1>".into(),
+                steps: 1,
+                lora_dir: Some(tiny("loras")),
+                ..Default::default()
+            },
+            None,
+        )
+        .err()
+        .expect("missing LoRA file");
+    assert!(err.to_string().contains("nope"), "{err}");
 }
 
 #[test]

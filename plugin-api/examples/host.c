@@ -63,7 +63,8 @@ static int write_outputs(const LorafuseImage *img, const char *dir, const char *
 
 static int generate_to(LorafusePipeline *p, const char *dir, const char *name) {
     unsigned calls = 0;
-    LorafuseGenerateParams gp;
+    /* Ask init for this header's version of the struct. */
+    LorafuseGenerateParams gp = {.struct_version = LORAFUSE_GENERATE_PARAMS_VERSION};
     if (failed(api->init_generate_params(&gp), "init_generate_params")) return 1;
     gp.prompt = "a photo of a cat";
     gp.negative_prompt = "blurry";
@@ -100,7 +101,7 @@ int main(int argc, char **argv) {
     printf("lorafuse %s\n", base->get_version_string());
     if (failed(api->set_log_callback(on_log, NULL), "set_log_callback")) return 1;
 
-    LorafusePipelineOptions opts;
+    LorafusePipelineOptions opts = {.struct_version = LORAFUSE_PIPELINE_OPTIONS_VERSION};
     if (failed(api->init_pipeline_options(&opts), "init_pipeline_options")) return 1;
     opts.model_dir = argv[2];
     opts.device = LORAFUSE_DEVICE_CPU;

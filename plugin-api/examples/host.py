@@ -26,6 +26,8 @@ ProgressFn = C.CFUNCTYPE(C.c_bool, C.c_void_p, C.c_uint32, C.c_uint32)
 LogFn = C.CFUNCTYPE(None, C.c_void_p, C.c_uint32, C.c_char_p)
 
 
+# Version-1 layouts on purpose: a host written for version 1 of the structs keeps working with a
+# newer plugin (ctypes zero-fills, and init_* fills version 1 when struct_version is not 1..current).
 class PipelineOptions(C.Structure):
     _fields_ = [
         ("struct_version", C.c_uint32),

@@ -20,11 +20,11 @@
 // Version of the function table this crate describes. Tables are append-only.
 #define LORAFUSE_API_VERSION 1
 
-// Current version of LorafusePipelineOptions.
-#define LORAFUSE_PIPELINE_OPTIONS_VERSION 1
+// Current version of LorafusePipelineOptions (2: CUDA provider settings).
+#define LORAFUSE_PIPELINE_OPTIONS_VERSION 2
 
-// Current version of LorafuseGenerateParams.
-#define LORAFUSE_GENERATE_PARAMS_VERSION 1
+// Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
+#define LORAFUSE_GENERATE_PARAMS_VERSION 2
 
 // Current version of LorafuseMergeOptions.
 #define LORAFUSE_MERGE_OPTIONS_VERSION 1
@@ -65,6 +65,15 @@
 #define LORAFUSE_LOG_WARN 2
 
 #define LORAFUSE_LOG_INFO 3
+
+// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
+#define LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE 0
+
+// cuDNN's heuristics, no benchmarking.
+#define LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC 1
+
+// The default algorithm, no search.
+#define LORAFUSE_CUDNN_CONV_ALGO_DEFAULT 2
 
 // The images of one `generate` call (RGB8 pixels, size, seed and A1111 `parameters` text for
 // each). Created by `generate`, freed by the host with `release_image`. Immutable: may be read
@@ -117,6 +126,11 @@ typedef struct LorafusePipelineOptions {
   // With CUDA, let fp32 matrix products run in TF32 (faster; fp32 results then differ from the
   // CPU's, as `lorafuse generate --tf32`). Default false.
   bool tf32;
+  // Cap of the CUDA provider's memory arena in bytes; 0 (the default): no cap.
+  uint64_t cuda_mem_limit;
+  // cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
+  // _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
+  uint32_t cudnn_conv_algo;
 } LorafusePipelineOptions;
 
 // Called after every denoising step with the steps done and the total over the whole call (all
@@ -142,7 +156,8 @@ typedef struct LorafuseGenerateParams {
   uint32_t batch_size;
   // Seed of the first image. Default 0.
   uint64_t seed;
-  // The prompt, UTF-8. Required. Used as given (no `<lora:...>` tags are interpreted).
+  // The prompt, UTF-8. Required. `<lora:name:weight>` tags are interpreted only when `lora_dir`
+  // (version 2) is set; otherwise the prompt is used as given.
   const char *prompt;
   // The negative prompt, UTF-8; NULL (the default) is empty.
   const char *negative_prompt;
@@ -152,6 +167,12 @@ typedef struct LorafuseGenerateParams {
   // Optional progress callback, with `userdata` passed back to it. Default NULL.
   LorafuseProgressFn progress;
   void *userdata;
+  // Folder where A1111 `<lora:name:weight>` tags in the prompt are looked up (`name.safetensors`;
+  // weight optional, default 1). When set, the prompt's tags become the pipeline's active LoRA
+  // set before generating, as `set_loras` would make it (no tags: base weights), they are taken
+  // out of the text the model sees, and they stay in the images' parameters text, as in
+  // `lorafuse generate --lora-dir`. NULL (the default): tags are not interpreted.
+  const char *lora_dir;
 } LorafuseGenerateParams;
 
 // How LoRAs are merged, for `set_loras` and `merge_export`. Fill with `init_merge_options`.

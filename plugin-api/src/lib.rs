@@ -16,12 +16,17 @@
 //! - Whoever creates a handle frees it with the matching `release_*`, which accepts NULL and
 //!   handles already released (it then does nothing). Inputs are borrowed for the call only.
 //! - Every options or parameters struct starts with `struct_version`; the plugin rejects versions it
-//!   does not know. Fill them with the `init_*` entries to get the defaults.
+//!   does not know. Fill them with the `init_*` entries to get the defaults: set `struct_version` to
+//!   the `LORAFUSE_*_VERSION` your header declares first, and `init_*` fills exactly that version's
+//!   fields (any other value, e.g. an uninitialised one from a host written for version 1, counts
+//!   as version 1). Every entry reads only the fields of the version a struct declares.
 //! - Strings are NUL-terminated UTF-8.
 //! - Hosts must not unload (`dlclose`) the plugin while any handle lives; unloading is not supported.
 //!
 //! Evolution: [`LorafuseApiBase`] never changes. [`LorafuseApi`] is append-only: a new version adds
 //! entries at the end and never moves, removes or retypes one. Status codes are never renumbered.
+//! Options and parameters structs grow only at their end, and their version constant goes up by
+//! one each time: version N of a struct is a prefix of version N+1 (history below each struct).
 //!
 //! This crate holds only the ABI definition (and, behind the `loader` feature, a loader for Rust
 //! hosts); the cdylib in the `lorafuse` crate implements it. `include/lorafuse.h` is generated from
@@ -36,10 +41,10 @@ pub mod loader;
 
 /// Version of the function table this crate describes. Tables are append-only.
 pub const LORAFUSE_API_VERSION: u32 = 1;
-/// Current version of LorafusePipelineOptions.
-pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 1;
-/// Current version of LorafuseGenerateParams.
-pub const LORAFUSE_GENERATE_PARAMS_VERSION: u32 = 1;
+/// Current version of LorafusePipelineOptions (2: CUDA provider settings).
+pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 2;
+/// Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
+pub const LORAFUSE_GENERATE_PARAMS_VERSION: u32 = 2;
 /// Current version of LorafuseMergeOptions.
 pub const LORAFUSE_MERGE_OPTIONS_VERSION: u32 = 1;
 
@@ -157,7 +162,20 @@ pub struct LorafusePipelineOptions {
     /// With CUDA, let fp32 matrix products run in TF32 (faster; fp32 results then differ from the
     /// CPU's, as `lorafuse generate --tf32`). Default false.
     pub tf32: bool,
+    // ---- version 2 ----
+    /// Cap of the CUDA provider's memory arena in bytes; 0 (the default): no cap.
+    pub cuda_mem_limit: u64,
+    /// cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
+    /// _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
+    pub cudnn_conv_algo: u32,
 }
+
+/// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
+pub const LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE: u32 = 0;
+/// cuDNN's heuristics, no benchmarking.
+pub const LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC: u32 = 1;
+/// The default algorithm, no search.
+pub const LORAFUSE_CUDNN_CONV_ALGO_DEFAULT: u32 = 2;
 
 /// What to generate. Fill with `init_generate_params`, then set `prompt` and what else you need.
 #[repr(C)]
@@ -179,7 +197,8 @@ pub struct LorafuseGenerateParams {
     pub batch_size: u32,
     /// Seed of the first image. Default 0.
     pub seed: u64,
-    /// The prompt, UTF-8. Required. Used as given (no `<lora:...>` tags are interpreted).
+    /// The prompt, UTF-8. Required. `<lora:name:weight>` tags are interpreted only when `lora_dir`
+    /// (version 2) is set; otherwise the prompt is used as given.
     pub prompt: *const c_char,
     /// The negative prompt, UTF-8; NULL (the default) is empty.
     pub negative_prompt: *const c_char,
@@ -189,6 +208,13 @@ pub struct LorafuseGenerateParams {
     /// Optional progress callback, with `userdata` passed back to it. Default NULL.
     pub progress: LorafuseProgressFn,
     pub userdata: *mut c_void,
+    // ---- version 2 ----
+    /// Folder where A1111 `<lora:name:weight>` tags in the prompt are looked up (`name.safetensors`;
+    /// weight optional, default 1). When set, the prompt's tags become the pipeline's active LoRA
+    /// set before generating, as `set_loras` would make it (no tags: base weights), they are taken
+    /// out of the text the model sees, and they stay in the images' parameters text, as in
+    /// `lorafuse generate --lora-dir`. NULL (the default): tags are not interpreted.
+    pub lora_dir: *const c_char,
 }
 
 /// How LoRAs are merged, for `set_loras` and `merge_export`. Fill with `init_merge_options`.
@@ -377,16 +403,20 @@ const _: () = {
         size_of::<LorafuseApi>() == 24 * P,
         "End of version 1: append new entries after release_string"
     );
-    // Parameter structs of version 1 (their layout is part of the ABI too; 64-bit targets).
+    // Parameter structs (their layout is part of the ABI too; 64-bit targets). Version 1 of a
+    // struct ends where its version-2 fields begin.
     if P == 8 {
         assert!(offset_of!(LorafusePipelineOptions, model_dir) == 8);
         assert!(offset_of!(LorafusePipelineOptions, ort_library) == 24);
         assert!(offset_of!(LorafusePipelineOptions, tf32) == 32);
-        assert!(size_of::<LorafusePipelineOptions>() == 40);
+        assert!(offset_of!(LorafusePipelineOptions, cuda_mem_limit) == 40); // v1 was 40 bytes
+        assert!(offset_of!(LorafusePipelineOptions, cudnn_conv_algo) == 48);
+        assert!(size_of::<LorafusePipelineOptions>() == 56);
         assert!(offset_of!(LorafuseGenerateParams, seed) == 32);
         assert!(offset_of!(LorafuseGenerateParams, prompt) == 40);
         assert!(offset_of!(LorafuseGenerateParams, userdata) == 72);
-        assert!(size_of::<LorafuseGenerateParams>() == 80);
+        assert!(offset_of!(LorafuseGenerateParams, lora_dir) == 80); // v1 was 80 bytes
+        assert!(size_of::<LorafuseGenerateParams>() == 88);
         assert!(offset_of!(LorafuseMergeOptions, dry_run) == 13);
         assert!(size_of::<LorafuseMergeOptions>() == 16);
     }

@@ -235,6 +235,8 @@ impl Plugin {
         raw.intra_threads = o.intra_threads;
         raw.ort_library = ort.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
         raw.tf32 = o.tf32;
+        raw.cuda_mem_limit = o.cuda_mem_limit;
+        raw.cudnn_conv_algo = o.cudnn_conv_algo;
         let mut out = std::ptr::null_mut();
         unsafe { self.check((self.api.create_pipeline)(&raw, &mut out))? };
         Ok(Pipeline {
@@ -328,20 +330,23 @@ unsafe fn cstr_lossy(p: *const c_char) -> String {
 
 fn blank_pipeline_options() -> LorafusePipelineOptions {
     LorafusePipelineOptions {
-        struct_version: 0,
+        struct_version: LORAFUSE_PIPELINE_OPTIONS_VERSION,
         device: 0,
         model_dir: std::ptr::null(),
         cuda_device_id: 0,
         intra_threads: 0,
         ort_library: std::ptr::null(),
         tf32: false,
+        cuda_mem_limit: 0,
+        cudnn_conv_algo: 0,
     }
 }
 
-/// A zeroed [`LorafuseGenerateParams`] (struct_version 0: fill it with `init_generate_params`).
+/// A zeroed [`LorafuseGenerateParams`] asking for this header's version (fill it with
+/// `init_generate_params`).
 pub fn blank_generate_params() -> LorafuseGenerateParams {
     LorafuseGenerateParams {
-        struct_version: 0,
+        struct_version: LORAFUSE_GENERATE_PARAMS_VERSION,
         width: 0,
         height: 0,
         steps: 0,
@@ -354,6 +359,7 @@ pub fn blank_generate_params() -> LorafuseGenerateParams {
         scheduler: std::ptr::null(),
         progress: None,
         userdata: std::ptr::null_mut(),
+        lora_dir: std::ptr::null(),
     }
 }
 
@@ -370,6 +376,10 @@ pub struct PipelineOptions {
     pub ort_library: Option<PathBuf>,
     /// With CUDA, fp32 matrix products in TF32.
     pub tf32: bool,
+    /// CUDA memory arena cap in bytes; 0: none.
+    pub cuda_mem_limit: u64,
+    /// `LORAFUSE_CUDNN_CONV_ALGO_*`.
+    pub cudnn_conv_algo: u32,
 }
 
 impl PipelineOptions {
@@ -381,6 +391,8 @@ impl PipelineOptions {
             intra_threads: 0,
             ort_library: None,
             tf32: false,
+            cuda_mem_limit: 0,
+            cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
         }
     }
 }
@@ -418,6 +430,8 @@ pub struct GenerateParams {
     pub batch_size: u32,
     pub seed: u64,
     pub scheduler: Option<String>,
+    /// Folder for A1111 `<lora:name:weight>` prompt tags (see `LorafuseGenerateParams::lora_dir`).
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl Default for GenerateParams {
@@ -433,6 +447,7 @@ impl Default for GenerateParams {
             batch_size: 1,
             seed: 0,
             scheduler: None,
+            lora_dir: None,
         }
     }
 }
@@ -526,6 +541,8 @@ impl Pipeline {
         raw.prompt = prompt.as_ptr();
         raw.negative_prompt = negative.as_ptr();
         raw.scheduler = scheduler.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let lora_dir = p.lora_dir.as_deref().map(c_path).transpose()?;
+        raw.lora_dir = lora_dir.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let mut ctx = progress.map(|f| Ctx { f, panic: None });
         if let Some(ctx) = ctx.as_mut() {
             raw.progress = Some(trampoline);

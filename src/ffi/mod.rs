@@ -32,7 +32,7 @@ use plugin_api::*;
 use self::handles::{Object, StatusObj, TextObj, c_string};
 use self::ops::{GenerateRequest, LoraObj, PipelineConfig, PipelineState};
 use crate::merge::MergeOptions;
-use crate::runtime::session::{Device, SessionOptions};
+use crate::runtime::session::{ConvAlgo, CudaOptions, Device, SessionOptions};
 use crate::{Error, Result};
 
 /// The text of a panic payload (`&str` or `String`, as `panic!` makes them).
@@ -138,6 +138,117 @@ fn check_version(got: u32, current: u32, what: &str) -> Result<()> {
     }
 }
 
+// ---- versioned structs ------------------------------------------------------------------------
+// Version N of an options/params struct is a prefix of version N+1 (plugin-api's layout asserts):
+// these are the prefix lengths, index = version − 1.
+
+const PIPELINE_OPTIONS_SIZES: [usize; 2] = [
+    std::mem::offset_of!(LorafusePipelineOptions, cuda_mem_limit),
+    std::mem::size_of::<LorafusePipelineOptions>(),
+];
+const GENERATE_PARAMS_SIZES: [usize; 2] = [
+    std::mem::offset_of!(LorafuseGenerateParams, lora_dir),
+    std::mem::size_of::<LorafuseGenerateParams>(),
+];
+const MERGE_OPTIONS_SIZES: [usize; 1] = [std::mem::size_of::<LorafuseMergeOptions>()];
+
+/// `init_*`: write the defaults of the version the host put in `struct_version` (any other value,
+/// e.g. an uninitialised one from a host written for version 1, means version 1), never more
+/// bytes than that version has.
+unsafe fn write_defaults<T: Copy>(dst: *mut T, defaults: T, sizes: &[usize]) -> Result<()> {
+    if dst.is_null() {
+        return Err(Error::InvalidArgument("the struct pointer is NULL".into()));
+    }
+    // SAFETY: `dst` points at a struct of at least version 1, which starts with a u32; the value
+    // may be uninitialised (any bit pattern is a valid u32).
+    let asked = unsafe { std::ptr::read_volatile(dst.cast::<u32>()) };
+    let version = if (1..=sizes.len() as u32).contains(&asked) {
+        asked
+    } else {
+        1
+    };
+    let mut full = defaults;
+    // SAFETY: every versioned struct starts with `struct_version: u32`.
+    unsafe { std::ptr::addr_of_mut!(full).cast::<u32>().write(version) };
+    // SAFETY: the host's struct holds at least the bytes of the version it asked for.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            std::ptr::addr_of!(full).cast::<u8>(),
+            dst.cast::<u8>(),
+            sizes[version as usize - 1],
+        )
+    };
+    Ok(())
+}
+
+/// Read a host struct: the fields of the version it declares, `defaults` for later fields.
+unsafe fn read_versioned<T: Copy>(
+    src: *const T,
+    defaults: T,
+    sizes: &[usize],
+    what: &str,
+) -> Result<T> {
+    if src.is_null() {
+        return Err(Error::InvalidArgument(format!("{what} is NULL")));
+    }
+    // SAFETY: a non-NULL struct pointer of at least version 1 (starts with a u32).
+    let version = unsafe { std::ptr::read_unaligned(src.cast::<u32>()) };
+    check_version(version, sizes.len() as u32, what)?;
+    let mut out = defaults;
+    // SAFETY: the host's struct holds the bytes of the version it declares.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            src.cast::<u8>(),
+            std::ptr::addr_of_mut!(out).cast::<u8>(),
+            sizes[version as usize - 1],
+        )
+    };
+    Ok(out)
+}
+
+fn default_pipeline_options() -> LorafusePipelineOptions {
+    LorafusePipelineOptions {
+        struct_version: LORAFUSE_PIPELINE_OPTIONS_VERSION,
+        device: LORAFUSE_DEVICE_AUTO,
+        model_dir: std::ptr::null(),
+        cuda_device_id: 0,
+        intra_threads: 0,
+        ort_library: std::ptr::null(),
+        tf32: false,
+        cuda_mem_limit: 0,
+        cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+    }
+}
+
+fn default_generate_params() -> LorafuseGenerateParams {
+    LorafuseGenerateParams {
+        struct_version: LORAFUSE_GENERATE_PARAMS_VERSION,
+        width: 0,
+        height: 0,
+        steps: 25,
+        guidance_scale: 7.5,
+        num_images: 1,
+        batch_size: 1,
+        seed: 0,
+        prompt: std::ptr::null(),
+        negative_prompt: std::ptr::null(),
+        scheduler: std::ptr::null(),
+        progress: None,
+        userdata: std::ptr::null_mut(),
+        lora_dir: std::ptr::null(),
+    }
+}
+
+fn default_merge_options() -> LorafuseMergeOptions {
+    LorafuseMergeOptions {
+        struct_version: LORAFUSE_MERGE_OPTIONS_VERSION,
+        unet_scale: 1.0,
+        text_encoder_scale: 1.0,
+        strict: false,
+        dry_run: false,
+    }
+}
+
 const MAX_LORAS: usize = 4096;
 
 unsafe fn lora_list(
@@ -181,11 +292,11 @@ unsafe fn lora_list(
 }
 
 unsafe fn merge_options(o: *const LorafuseMergeOptions) -> Result<(MergeOptions, bool)> {
-    // SAFETY: NULL or a readable struct, borrowed for the call.
-    let Some(o) = (unsafe { o.as_ref() }) else {
+    if o.is_null() {
         return Ok((MergeOptions::default(), false));
-    };
-    check_version(o.struct_version, LORAFUSE_MERGE_OPTIONS_VERSION, "options")?;
+    }
+    // SAFETY: a readable struct of the version it declares, borrowed for the call.
+    let o = unsafe { read_versioned(o, default_merge_options(), &MERGE_OPTIONS_SIZES, "options") }?;
     if !o.unet_scale.is_finite() || !o.text_encoder_scale.is_finite() {
         return Err(Error::InvalidArgument(
             "options.unet_scale and options.text_encoder_scale must be finite".into(),
@@ -266,59 +377,22 @@ unsafe extern "C" fn set_log_callback(
 unsafe extern "C" fn init_pipeline_options(
     options: *mut LorafusePipelineOptions,
 ) -> *mut LorafuseStatus {
-    guard("init_pipeline_options", || {
-        let o = unsafe { options.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("options is NULL".into()))?;
-        *o = LorafusePipelineOptions {
-            struct_version: LORAFUSE_PIPELINE_OPTIONS_VERSION,
-            device: LORAFUSE_DEVICE_AUTO,
-            model_dir: std::ptr::null(),
-            cuda_device_id: 0,
-            intra_threads: 0,
-            ort_library: std::ptr::null(),
-            tf32: false,
-        };
-        Ok(())
+    guard("init_pipeline_options", || unsafe {
+        write_defaults(options, default_pipeline_options(), &PIPELINE_OPTIONS_SIZES)
     })
 }
 
 unsafe extern "C" fn init_generate_params(
     params: *mut LorafuseGenerateParams,
 ) -> *mut LorafuseStatus {
-    guard("init_generate_params", || {
-        let p = unsafe { params.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("params is NULL".into()))?;
-        *p = LorafuseGenerateParams {
-            struct_version: LORAFUSE_GENERATE_PARAMS_VERSION,
-            width: 0,
-            height: 0,
-            steps: 25,
-            guidance_scale: 7.5,
-            num_images: 1,
-            batch_size: 1,
-            seed: 0,
-            prompt: std::ptr::null(),
-            negative_prompt: std::ptr::null(),
-            scheduler: std::ptr::null(),
-            progress: None,
-            userdata: std::ptr::null_mut(),
-        };
-        Ok(())
+    guard("init_generate_params", || unsafe {
+        write_defaults(params, default_generate_params(), &GENERATE_PARAMS_SIZES)
     })
 }
 
 unsafe extern "C" fn init_merge_options(options: *mut LorafuseMergeOptions) -> *mut LorafuseStatus {
-    guard("init_merge_options", || {
-        let o = unsafe { options.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("options is NULL".into()))?;
-        *o = LorafuseMergeOptions {
-            struct_version: LORAFUSE_MERGE_OPTIONS_VERSION,
-            unet_scale: 1.0,
-            text_encoder_scale: 1.0,
-            strict: false,
-            dry_run: false,
-        };
-        Ok(())
+    guard("init_merge_options", || unsafe {
+        write_defaults(options, default_merge_options(), &MERGE_OPTIONS_SIZES)
     })
 }
 
@@ -329,14 +403,15 @@ unsafe extern "C" fn create_pipeline(
     out: *mut *mut LorafusePipeline,
 ) -> *mut LorafuseStatus {
     guard("create_pipeline", || {
-        let o = unsafe { options.as_ref() }
-            .ok_or_else(|| Error::InvalidArgument("options is NULL".into()))?;
+        let o = unsafe {
+            read_versioned(
+                options,
+                default_pipeline_options(),
+                &PIPELINE_OPTIONS_SIZES,
+                "options",
+            )
+        }?;
         let out = unsafe { out_ptr(out, "out") }?;
-        check_version(
-            o.struct_version,
-            LORAFUSE_PIPELINE_OPTIONS_VERSION,
-            "options",
-        )?;
         let model_dir = unsafe { req_path(o.model_dir, "options.model_dir") }?;
         let device = match o.device {
             LORAFUSE_DEVICE_AUTO => Device::Auto,
@@ -360,13 +435,28 @@ unsafe extern "C" fn create_pipeline(
             Some(unsafe { req_path(o.ort_library, "options.ort_library") }?)
         };
         let intra_threads = (o.intra_threads > 0).then_some(o.intra_threads as usize);
+        let conv_algo = match o.cudnn_conv_algo {
+            LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE => ConvAlgo::Exhaustive,
+            LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC => ConvAlgo::Heuristic,
+            LORAFUSE_CUDNN_CONV_ALGO_DEFAULT => ConvAlgo::Default,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "options.cudnn_conv_algo is {other}; expected a LORAFUSE_CUDNN_CONV_ALGO_* value"
+                )));
+            }
+        };
+        let cuda = CudaOptions {
+            mem_limit: (o.cuda_mem_limit > 0).then(|| o.cuda_mem_limit as usize),
+            conv_algo,
+            prefer_nhwc: false,
+        };
         let state = ops::open_pipeline(PipelineConfig {
             model_dir,
             session: SessionOptions {
                 device,
                 intra_threads,
                 tf32: o.tf32,
-                ..Default::default()
+                cuda,
             },
             ort_library,
         })?;
@@ -418,10 +508,15 @@ unsafe extern "C" fn generate(
 ) -> *mut LorafuseStatus {
     guard("generate", || {
         let cell = handles::pipeline(pipeline, "pipeline")?;
-        let p = unsafe { params.as_ref() }
-            .ok_or_else(|| Error::InvalidArgument("params is NULL".into()))?;
+        let p = unsafe {
+            read_versioned(
+                params,
+                default_generate_params(),
+                &GENERATE_PARAMS_SIZES,
+                "params",
+            )
+        }?;
         let out = unsafe { out_ptr(out, "out") }?;
-        check_version(p.struct_version, LORAFUSE_GENERATE_PARAMS_VERSION, "params")?;
         if !p.guidance_scale.is_finite() {
             return Err(Error::InvalidArgument(
                 "params.guidance_scale is not finite".into(),
@@ -445,6 +540,11 @@ unsafe extern "C" fn generate(
             batch_size: p.batch_size.max(1) as usize,
             seed: p.seed,
             scheduler: unsafe { opt_str(p.scheduler, "params.scheduler") }?.map(String::from),
+            lora_dir: if p.lora_dir.is_null() {
+                None
+            } else {
+                Some(unsafe { req_path(p.lora_dir, "params.lora_dir") }?)
+            },
         };
         let (callback, userdata) = (p.progress, p.userdata);
         let mut progress = |step: u32, total: u32| match callback {

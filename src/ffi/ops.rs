@@ -201,6 +201,8 @@ pub(crate) struct GenerateRequest {
     pub batch_size: usize,
     pub seed: u64,
     pub scheduler: Option<String>,
+    /// Where `<lora:name:weight>` prompt tags are looked up; `None`: tags are plain text.
+    pub lora_dir: Option<PathBuf>,
 }
 
 pub(crate) struct ImageEntry {
@@ -259,6 +261,30 @@ impl PipelineState {
             ));
         }
         let scheduler = req.scheduler.as_deref().map(|s| s.replace('-', "_"));
+        // A1111 prompt tags (with a LoRA folder): they make the active set, as the CLI does, and
+        // leave the text the model sees; the parameters text keeps the prompt as given.
+        let model_prompt = match &req.lora_dir {
+            Some(dir) => {
+                let tags = crate::pipeline::prompt::extract_lora_tags(&req.prompt)?;
+                let specs = crate::pipeline::prompt::tag_specs(&tags, Some(dir))?;
+                let loras = specs
+                    .into_iter()
+                    .map(|s| {
+                        let path = s.path.canonicalize().map_err(|e| Error::io(&s.path, e))?;
+                        Ok((
+                            Arc::new(LoraObj {
+                                path,
+                                info_json: String::new(),
+                            }),
+                            s.weight,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.set_loras(loras, &MergeOptions::default())?;
+                tags.text
+            }
+            None => req.prompt.clone(),
+        };
         let chunks = req.num_images.div_ceil(req.batch_size);
         let loras = specs(&self.active);
         let mut set = ImageSet {
@@ -272,7 +298,7 @@ impl PipelineState {
             let b = req.batch_size.min(req.num_images - index);
             let seed = req.seed.wrapping_add(index as u64);
             let params = GenerateParams {
-                prompt: req.prompt.clone(),
+                prompt: model_prompt.clone(),
                 negative_prompt: req.negative_prompt.clone(),
                 width: req.width,
                 height: req.height,
