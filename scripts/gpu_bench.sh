@@ -6,13 +6,7 @@
 #                                   export; lorafuse bench on CUDA
 #   scripts/gpu_bench.sh diffusers  diffusers on the same model (fp16 and bf16), same settings
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-B=.device/bin
-site=/opt/torch/.venv/lib/python3.12/site-packages
-( cd /tmp/ort && { [ -f libonnxruntime_providers_cuda.so ] || { cat part.* | xz -d > libonnxruntime_providers_cuda.so && tar -xJf base.tar.xz; }; } )
-export ORT_DYLIB_PATH=/tmp/ort/libonnxruntime.so.1.31.1
-export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:$site/torch/lib:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "${1:-ours}" in

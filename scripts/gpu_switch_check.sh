@@ -4,12 +4,7 @@
 # switch timings on CUDA. Carry .device/bin (release `lorafuse` + models/tiny/{onnx,onnx-fp16,loras})
 # and stage ONNX Runtime's CUDA build in /tmp/ort with shared/device/prepare-ort-cuda.sh first.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-B=.device/bin
-site=/opt/torch/.venv/lib/python3.12/site-packages
-( cd /tmp/ort && { [ -f libonnxruntime_providers_cuda.so ] || { cat part.* | xz -d > libonnxruntime_providers_cuda.so && tar -xJf base.tar.xz; }; } )
-export ORT_DYLIB_PATH=/tmp/ort/libonnxruntime.so.1.31.1
-export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:$site/torch/lib:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 L="--lora $B/tiny/loras/diffusers.safetensors --lora $B/tiny/loras/kohya_wide.safetensors:0.5"
 for m in onnx onnx-fp16; do

@@ -386,23 +386,22 @@ impl Txt2Img {
         loras: &[LoraSpec],
         opts: &MergeOptions,
     ) -> Result<Vec<LoraReport>> {
-        match self.lora_mode {
-            LoraMode::Rebuild => self.set_loras_rebuild(loras, opts),
-            LoraMode::Switch => self.set_loras_switch(loras, opts),
-        }
-    }
-
-    fn set_loras_switch(
-        &mut self,
-        loras: &[LoraSpec],
-        opts: &MergeOptions,
-    ) -> Result<Vec<LoraReport>> {
         if self.indexed.is_none() {
             self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
         }
         let indexed = self.indexed.as_deref().unwrap_or_default();
         let plan =
             crate::merge::plan_indexed_cached(indexed, loras, opts, Some(&mut self.adapters))?;
+        match self.lora_mode {
+            LoraMode::Rebuild => self.set_loras_rebuild(&plan)?,
+            LoraMode::Switch => self.set_loras_switch(&plan)?,
+        }
+        self.active = loras.to_vec();
+        Ok(plan.reports)
+    }
+
+    fn set_loras_switch(&mut self, plan: &crate::merge::MergePlan) -> Result<()> {
+        let indexed = self.indexed.as_deref().unwrap_or_default();
         // Everything that can fail on bad input (mapping, shapes, factor stacking, session builds)
         // happens before any live buffer changes.
         let mut staged = Vec::new();
@@ -493,23 +492,12 @@ impl Txt2Img {
                 "updating the LoRA weights failed ({e}); the pipeline is back to its base weights"
             )));
         }
-        self.active = loras.to_vec();
-        Ok(plan.reports)
+        Ok(())
     }
 
     /// Rebuild mode: the merged weights go into patched in-memory models whose sessions replace
     /// the current ones. Only the sessions whose weights change are rebuilt.
-    fn set_loras_rebuild(
-        &mut self,
-        loras: &[LoraSpec],
-        opts: &MergeOptions,
-    ) -> Result<Vec<LoraReport>> {
-        if self.indexed.is_none() {
-            self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
-        }
-        let indexed = self.indexed.as_deref().unwrap_or_default();
-        let plan =
-            crate::merge::plan_indexed_cached(indexed, loras, opts, Some(&mut self.adapters))?;
+    fn set_loras_rebuild(&mut self, plan: &crate::merge::MergePlan) -> Result<()> {
         // Build every new session before replacing any, so an error leaves the pipeline as it was.
         let mut rebuilt = Vec::new();
         let mut now_patched = Vec::new();
@@ -554,8 +542,7 @@ impl Txt2Img {
             }
         }
         self.patched = now_patched;
-        self.active = loras.to_vec();
-        Ok(plan.reports)
+        Ok(())
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
