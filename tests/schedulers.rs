@@ -16,9 +16,10 @@
 //!   AMD EPYC and an Intel Xeon). Quantities that pass through them carry ±1 ulp noise, which
 //!   some schedulers amplify: per-step outputs within [`MKL_REL`], free running within
 //!   [`MKL_FREE`], fractional (Karras) timesteps within 1e-6 relative; the rest within 1e-6.
-//! - `expected/scheduler_cr/` (when the fixture script writes it): the same fixtures with torch's
-//!   float32 `sqrt`/`log`/`exp` made correctly rounded. Everything must be bit-identical there,
-//!   which pins down every other detail of the port.
+//! - `expected/scheduler_cr/` (`make_tiny.py fixture_schedulers_cr`): the same fixtures with
+//!   torch's float32 `sqrt`/`log`/`exp` (and `** 0.5`) made correctly rounded. Everything must be
+//!   bit-identical there (and is: all 18 fixtures, every quantity), which pins down every other
+//!   detail of the port.
 //!
 //! The fixture folder can be overridden with `LORAFUSE_EXPECTED_DIR`. Without the folder the
 //! fixture tests are skipped; once it exists, every required file must be there.
@@ -436,19 +437,16 @@ fn schedulers_match_diffusers() {
 }
 
 /// diffusers 0.42.1 with torch's float32 `sqrt`/`log`/`exp` replaced by correctly rounded ones
-/// (`expected/scheduler_cr/`, when the fixture script writes it): every timestep, sigma and
-/// step output must be bit-identical.
+/// (`expected/scheduler_cr/`): every timestep, sigma and step output must be bit-identical.
 #[test]
 fn schedulers_bit_exact_with_correctly_rounded_math() {
     let Some(dir) = fixtures() else { return };
     let dir = dir.join("scheduler_cr");
-    if !dir.is_dir() {
-        eprintln!(
-            "skipping: no correctly-rounded fixture set {}",
-            dir.display()
-        );
-        return;
-    }
+    assert!(
+        dir.is_dir(),
+        "missing the correctly-rounded fixture set {} (make_tiny.py fixture_schedulers_cr)",
+        dir.display()
+    );
     run_fixture_set(
         &dir,
         "diffusers 0.42.1, correctly rounded sqrt/log/exp",

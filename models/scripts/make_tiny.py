@@ -1357,6 +1357,43 @@ def write_versions():
     save_json(TINY / "VERSIONS.json", {"ref_venv": versions(), "export_venv": json.loads(exp)})
 
 
+def fixture_schedulers_cr():
+    """expected/scheduler_cr/: fixture_schedulers again with torch's float32 sqrt/log/exp (and
+    x ** 0.5) correctly rounded (computed in float64, rounded once). torch's CPU float32 versions
+    are MKL VML results that are not correctly rounded and differ between CPUs; with these
+    patched, a faithful port must match bit for bit (tests/schedulers.rs)."""
+    global EXPECTED
+    saved_expected = EXPECTED
+    saved = [(torch, n, getattr(torch, n)) for n in ("sqrt", "log", "exp")]
+    saved += [(torch.Tensor, n, getattr(torch.Tensor, n)) for n in ("sqrt", "log", "exp", "__pow__")]
+
+    def wrap(orig):
+        def f(x, *a, **k):
+            if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not a and not k:
+                return orig(x.double()).float()
+            return orig(x, *a, **k)
+
+        return f
+
+    pow_orig = torch.Tensor.__pow__
+
+    def pow_(self, e):
+        if isinstance(e, (int, float)) and e == 0.5 and self.dtype == torch.float32:
+            return self.double().sqrt().float()
+        return pow_orig(self, e)
+
+    try:
+        for owner, n, orig in saved:
+            setattr(owner, n, pow_ if n == "__pow__" else wrap(orig))
+        EXPECTED = saved_expected / "scheduler_cr"
+        EXPECTED.mkdir(parents=True, exist_ok=True)
+        fixture_schedulers()
+    finally:
+        for owner, n, orig in saved:
+            setattr(owner, n, orig)
+        EXPECTED = saved_expected
+
+
 MANIFEST_RULES = [
     ("diffusers/tokenizer/", "make_tokenizer"),
     ("diffusers/", "make_pipeline"),
@@ -1365,6 +1402,7 @@ MANIFEST_RULES = [
     ("onnx-extdata/", "export_onnx_extdata"),
     ("onnx-dynamo/", "export_onnx_dynamo"),
     ("expected/tokenizer.json", "fixture_tokenizer"),
+    ("expected/scheduler_cr/", "fixture_schedulers_cr"),
     ("expected/scheduler_", "fixture_schedulers"),
     ("expected/model_io.json", "fixture_model_io"),
     ("expected/unet_io", "fixture_model_io"),
@@ -1407,6 +1445,7 @@ STEPS = [
     export_onnx_dynamo,
     fixture_tokenizer,
     fixture_schedulers,
+    fixture_schedulers_cr,
     fixture_model_io,
     make_loras,
     fixture_loras,
