@@ -116,6 +116,8 @@ fn cli(dir: &Path, loras: &[&str], num_images: u32, batch_size: u32) -> Vec<Rgb>
             &batch_size.to_string(),
         ])
         .args(["--device", "cpu", "--threads", "1"])
+        // The plugin hot-swaps LoRAs (switch mode); the CLI's one-shot default is rebuild.
+        .args(["--lora-mode", "switch"])
         .arg("-o")
         .arg(dir.join("{index}.png"));
     for l in loras {

@@ -74,9 +74,10 @@ pub struct GenerateArgs {
     /// Fail when a LoRA has keys that map to no module (default: report them).
     #[arg(long)]
     pub strict: bool,
-    /// How LoRAs enter the sessions: `switch` (weights as graph inputs, updated on the device:
-    /// what a live pipeline switches with) or `rebuild` (a session built from merged weights).
-    #[arg(long = "lora-mode", default_value = "switch")]
+    /// How LoRAs enter the sessions: `rebuild` (sessions built from merged weights: the fastest
+    /// images for a one-shot run) or `switch` (weights as graph inputs updated on the device: what
+    /// a live pipeline and the plugin switch with; gives the plugin's pixels bit for bit).
+    #[arg(long = "lora-mode", default_value = "rebuild")]
     pub lora_mode: crate::pipeline::txt2img::LoraMode,
 }
 
