@@ -432,7 +432,10 @@ fn struct_versions_evolve_by_appending() {
         o.cudnn_conv_algo = 77;
         assert!((api.init_pipeline_options)(&mut o).is_null());
         assert_eq!(o.struct_version, 1);
-        assert_eq!((o.device, o.cuda_mem_limit, o.cudnn_conv_algo), (LORAFUSE_DEVICE_AUTO, 0xdead, 77));
+        assert_eq!(
+            (o.device, o.cuda_mem_limit, o.cudnn_conv_algo),
+            (LORAFUSE_DEVICE_AUTO, 0xdead, 77)
+        );
         // ... and create_pipeline ignores them for a version-1 struct.
         let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
         o.model_dir = dir.as_ptr();
@@ -444,7 +447,10 @@ fn struct_versions_evolve_by_appending() {
         // Version 2 asked for: its fields get their defaults and are read (and checked).
         o.struct_version = 2;
         assert!((api.init_pipeline_options)(&mut o).is_null());
-        assert_eq!((o.struct_version, o.cuda_mem_limit, o.cudnn_conv_algo), (2, 0, 0));
+        assert_eq!(
+            (o.struct_version, o.cuda_mem_limit, o.cudnn_conv_algo),
+            (2, 0, 0)
+        );
         o.model_dir = dir.as_ptr();
         o.device = LORAFUSE_DEVICE_CPU;
         o.cudnn_conv_algo = 77;
@@ -456,6 +462,16 @@ fn struct_versions_evolve_by_appending() {
             "bad v2 field",
         );
         assert!(msg.contains("cudnn_conv_algo"), "{msg}");
+        assert_eq!(out, sentinel());
+        o.cudnn_conv_algo = LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC;
+        o.lora_mode = 9;
+        let msg = expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "bad lora_mode",
+        );
+        assert!(msg.contains("lora_mode"), "{msg}");
         assert_eq!(out, sentinel());
 
         // Generate params: a version-1 struct's trailing bytes (here a bogus lora_dir) are ignored.
@@ -469,9 +485,45 @@ fn struct_versions_evolve_by_appending() {
         gp.steps = 1;
         gp.lora_dir = 1 as *const c_char; // never dereferenced for version 1
         let mut img: *mut LorafuseImage = sentinel();
-        assert!((api.generate)(pipe.raw(), &gp, &mut img).is_null(), "v1 params");
+        assert!(
+            (api.generate)(pipe.raw(), &gp, &mut img).is_null(),
+            "v1 params"
+        );
         (api.release_image)(img);
     }
+}
+
+/// A rebuild-mode pipeline (options version 2) applies the same LoRA to float rounding.
+#[test]
+fn rebuild_mode_pipelines_agree_with_switch_mode() {
+    let p = plugin();
+    let lora = p
+        .load_lora(tiny("loras/kohya_wide.safetensors"))
+        .expect("lora");
+    let params = GenerateParams {
+        prompt: "a photo of a cat".into(),
+        steps: 2,
+        ..Default::default()
+    };
+    let mut images = Vec::new();
+    for mode in [LORAFUSE_LORA_MODE_SWITCH, LORAFUSE_LORA_MODE_REBUILD] {
+        let mut pipe = p
+            .create_pipeline(&PipelineOptions {
+                lora_mode: mode,
+                ..cpu_options()
+            })
+            .expect("pipeline");
+        pipe.set_loras(&[(&lora, 0.7)], None).expect("set");
+        let out = pipe.generate(&params, None).expect("generate");
+        images.push(out.get(0).expect("image").rgb.to_vec());
+    }
+    let worst = images[0]
+        .iter()
+        .zip(&images[1])
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(255);
+    assert!(worst <= 1, "switch vs rebuild: {worst}/255");
 }
 
 /// With `lora_dir` (version 2), A1111 prompt tags make the active set, as `set_loras` would, and
@@ -489,7 +541,8 @@ fn prompt_tags_apply_loras_with_a_lora_dir() {
     let a = tagged.generate(&params, None).expect("tagged");
     let a = a.get(0).expect("image");
     assert!(
-        a.parameters.starts_with("a photo of a cat <lora:diffusers:0.8>"),
+        a.parameters
+            .starts_with("a photo of a cat <lora:diffusers:0.8>"),
         "{}",
         a.parameters
     );
@@ -497,7 +550,9 @@ fn prompt_tags_apply_loras_with_a_lora_dir() {
     assert!(report.contains("diffusers.safetensors"), "{report}");
 
     let mut manual = p.create_pipeline(&cpu_options()).expect("pipeline");
-    let lora = p.load_lora(tiny("loras/diffusers.safetensors")).expect("lora");
+    let lora = p
+        .load_lora(tiny("loras/diffusers.safetensors"))
+        .expect("lora");
     manual.set_loras(&[(&lora, 0.8)], None).expect("set");
     let b = manual
         .generate(
@@ -509,7 +564,11 @@ fn prompt_tags_apply_loras_with_a_lora_dir() {
             None,
         )
         .expect("manual");
-    assert_eq!(a.rgb, b.get(0).expect("image").rgb, "same pixels as set_loras");
+    assert_eq!(
+        a.rgb,
+        b.get(0).expect("image").rgb,
+        "same pixels as set_loras"
+    );
 
     // No tags with a LoRA folder: the base weights, as in A1111.
     let none = tagged

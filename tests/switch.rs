@@ -149,3 +149,31 @@ fn full_delta_and_unknown_weights() {
         "unchanged after refusals"
     );
 }
+
+/// The rewritten model declares the chosen initializers as inputs, keeps their values as defaults
+/// (ORT lists them as overridable initializers), and runs unchanged when they are not bound.
+#[test]
+fn overridable_inputs_keep_the_model_valid() {
+    lorafuse::runtime::init(None).expect("ONNX Runtime");
+    let dir = OnnxPipelineDir::open(&tiny("onnx")).expect("pipeline");
+    let path = dir.model_path(OnnxComponent::TextEncoder);
+    let model = OnnxModel::open(&path).expect("model");
+    let plan = merge::plan(&dir, &loras(), &MergeOptions::default()).expect("plan");
+    let names = plan.target_names(OnnxComponent::TextEncoder);
+    let patched = lorafuse::onnx::graphs::with_overridable_inputs(&model, &names).expect("rewrite");
+    let session = lorafuse::runtime::session::open_from_memory(&path, &cpu(), patched)
+        .expect("ORT accepts the rewritten model");
+    let overridable: Vec<String> = session
+        .overridable_initializers()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    for n in &names {
+        assert!(overridable.contains(n), "{n} is not overridable");
+    }
+    // A name that is not an initializer is refused, naming it.
+    let err = lorafuse::onnx::graphs::with_overridable_inputs(&model, &["nope".into()])
+        .err()
+        .expect("unknown initializer");
+    assert!(err.to_string().contains("nope"), "{err}");
+}

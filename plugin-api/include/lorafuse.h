@@ -20,7 +20,7 @@
 // Version of the function table this crate describes. Tables are append-only.
 #define LORAFUSE_API_VERSION 1
 
-// Current version of LorafusePipelineOptions (2: CUDA provider settings).
+// Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
 #define LORAFUSE_PIPELINE_OPTIONS_VERSION 2
 
 // Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
@@ -65,6 +65,12 @@
 #define LORAFUSE_LOG_WARN 2
 
 #define LORAFUSE_LOG_INFO 3
+
+// `set_loras` recomputes the LoRA-target weights on the device (fast switch).
+#define LORAFUSE_LORA_MODE_SWITCH 0
+
+// `set_loras` rebuilds the sessions from merged weights.
+#define LORAFUSE_LORA_MODE_REBUILD 1
 
 // Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
 #define LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE 0
@@ -131,6 +137,11 @@ typedef struct LorafusePipelineOptions {
   // cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
   // _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
   uint32_t cudnn_conv_algo;
+  // How `set_loras` applies LoRAs: LORAFUSE_LORA_MODE_SWITCH (the default: LoRA-target weights
+  // as session inputs, recomputed on the device; a switch takes milliseconds) or
+  // LORAFUSE_LORA_MODE_REBUILD (sessions rebuilt from merged weights; a switch takes as long as
+  // opening the model, images are a little faster).
+  uint32_t lora_mode;
 } LorafusePipelineOptions;
 
 // Called after every denoising step with the steps done and the total over the whole call (all

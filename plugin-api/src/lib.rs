@@ -41,7 +41,7 @@ pub mod loader;
 
 /// Version of the function table this crate describes. Tables are append-only.
 pub const LORAFUSE_API_VERSION: u32 = 1;
-/// Current version of LorafusePipelineOptions (2: CUDA provider settings).
+/// Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
 pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 2;
 /// Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
 pub const LORAFUSE_GENERATE_PARAMS_VERSION: u32 = 2;
@@ -168,7 +168,17 @@ pub struct LorafusePipelineOptions {
     /// cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
     /// _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
     pub cudnn_conv_algo: u32,
+    /// How `set_loras` applies LoRAs: LORAFUSE_LORA_MODE_SWITCH (the default: LoRA-target weights
+    /// as session inputs, recomputed on the device; a switch takes milliseconds) or
+    /// LORAFUSE_LORA_MODE_REBUILD (sessions rebuilt from merged weights; a switch takes as long as
+    /// opening the model, images are a little faster).
+    pub lora_mode: u32,
 }
+
+/// `set_loras` recomputes the LoRA-target weights on the device (fast switch).
+pub const LORAFUSE_LORA_MODE_SWITCH: u32 = 0;
+/// `set_loras` rebuilds the sessions from merged weights.
+pub const LORAFUSE_LORA_MODE_REBUILD: u32 = 1;
 
 /// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
 pub const LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE: u32 = 0;
@@ -411,6 +421,7 @@ const _: () = {
         assert!(offset_of!(LorafusePipelineOptions, tf32) == 32);
         assert!(offset_of!(LorafusePipelineOptions, cuda_mem_limit) == 40); // v1 was 40 bytes
         assert!(offset_of!(LorafusePipelineOptions, cudnn_conv_algo) == 48);
+        assert!(offset_of!(LorafusePipelineOptions, lora_mode) == 52);
         assert!(size_of::<LorafusePipelineOptions>() == 56);
         assert!(offset_of!(LorafuseGenerateParams, seed) == 32);
         assert!(offset_of!(LorafuseGenerateParams, prompt) == 40);

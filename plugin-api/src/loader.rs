@@ -237,6 +237,7 @@ impl Plugin {
         raw.tf32 = o.tf32;
         raw.cuda_mem_limit = o.cuda_mem_limit;
         raw.cudnn_conv_algo = o.cudnn_conv_algo;
+        raw.lora_mode = o.lora_mode;
         let mut out = std::ptr::null_mut();
         unsafe { self.check((self.api.create_pipeline)(&raw, &mut out))? };
         Ok(Pipeline {
@@ -339,6 +340,7 @@ fn blank_pipeline_options() -> LorafusePipelineOptions {
         tf32: false,
         cuda_mem_limit: 0,
         cudnn_conv_algo: 0,
+        lora_mode: 0,
     }
 }
 
@@ -380,6 +382,8 @@ pub struct PipelineOptions {
     pub cuda_mem_limit: u64,
     /// `LORAFUSE_CUDNN_CONV_ALGO_*`.
     pub cudnn_conv_algo: u32,
+    /// `LORAFUSE_LORA_MODE_*`.
+    pub lora_mode: u32,
 }
 
 impl PipelineOptions {
@@ -393,6 +397,7 @@ impl PipelineOptions {
             tf32: false,
             cuda_mem_limit: 0,
             cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+            lora_mode: LORAFUSE_LORA_MODE_SWITCH,
         }
     }
 }

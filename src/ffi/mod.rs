@@ -32,6 +32,7 @@ use plugin_api::*;
 use self::handles::{Object, StatusObj, TextObj, c_string};
 use self::ops::{GenerateRequest, LoraObj, PipelineConfig, PipelineState};
 use crate::merge::MergeOptions;
+use crate::pipeline::txt2img::LoraMode;
 use crate::runtime::session::{ConvAlgo, CudaOptions, Device, SessionOptions};
 use crate::{Error, Result};
 
@@ -217,6 +218,7 @@ fn default_pipeline_options() -> LorafusePipelineOptions {
         tf32: false,
         cuda_mem_limit: 0,
         cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+        lora_mode: LORAFUSE_LORA_MODE_SWITCH,
     }
 }
 
@@ -445,6 +447,15 @@ unsafe extern "C" fn create_pipeline(
                 )));
             }
         };
+        let lora_mode = match o.lora_mode {
+            LORAFUSE_LORA_MODE_SWITCH => LoraMode::Switch,
+            LORAFUSE_LORA_MODE_REBUILD => LoraMode::Rebuild,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "options.lora_mode is {other}; expected LORAFUSE_LORA_MODE_SWITCH or _REBUILD"
+                )));
+            }
+        };
         let cuda = CudaOptions {
             mem_limit: (o.cuda_mem_limit > 0).then(|| o.cuda_mem_limit as usize),
             conv_algo,
@@ -459,6 +470,7 @@ unsafe extern "C" fn create_pipeline(
                 cuda,
             },
             ort_library,
+            lora_mode,
         })?;
         *out = handles::register(Object::Pipeline(Arc::new(Mutex::new(state))));
         Ok(())

@@ -75,6 +75,7 @@ pub(crate) struct PipelineConfig {
     pub model_dir: PathBuf,
     pub session: session::SessionOptions,
     pub ort_library: Option<PathBuf>,
+    pub lora_mode: crate::pipeline::txt2img::LoraMode,
 }
 
 /// An open pipeline with the LoRA handles of its active set.
@@ -165,7 +166,8 @@ pub(crate) fn open_pipeline(cfg: PipelineConfig) -> Result<PipelineState> {
         ));
     }
     ensure_ort(cfg.ort_library.as_deref())?;
-    let pipe = Txt2Img::open(&cfg.model_dir, &cfg.session)?;
+    let mut pipe = Txt2Img::open(&cfg.model_dir, &cfg.session)?;
+    pipe.set_lora_mode(cfg.lora_mode)?;
     let model_name = cfg
         .model_dir
         .file_name()
