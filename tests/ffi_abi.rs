@@ -483,7 +483,7 @@ fn struct_versions_evolve_by_appending() {
         assert_eq!(gp.struct_version, 1);
         gp.prompt = prompt.as_ptr();
         gp.steps = 1;
-        gp.lora_dir = 1 as *const c_char; // never dereferenced for version 1
+        gp.lora_dir = std::ptr::dangling::<c_char>(); // never dereferenced for version 1
         let mut img: *mut LorafuseImage = sentinel();
         assert!(
             (api.generate)(pipe.raw(), &gp, &mut img).is_null(),
