@@ -2,9 +2,10 @@
 //! (https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_ddim.py).
 //! `eta = 0` is deterministic DDIM; `eta > 0` adds `std_dev_t · noise` each step.
 
-use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
-use super::numerics::{np_arange_f64, np_linspace, np_round};
-use super::schedule::{BetaSet, add_noise_alphas, alphas_cumprod, betas, velocity_alphas};
+use super::config::{Common, Defaults, Prediction, SchedulerConfig};
+use super::schedule::{
+    BetaSet, add_noise_alphas, alphas_cumprod, betas, spaced_timesteps, velocity_alphas,
+};
 use super::{Scheduler, SchedulerKind, check_len, check_step_index, need_noise};
 use crate::error::{Error, Result};
 
@@ -92,34 +93,8 @@ impl Scheduler for DdimScheduler {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let t = self.common.num_train_timesteps;
-        if n == 0 || n > t {
-            return Err(Error::InvalidArgument(format!(
-                "num_inference_steps must be in 1..={t}, got {n}"
-            )));
-        }
+        let ts = spaced_timesteps(&self.common, n)?;
         self.num_inference_steps = n;
-        let ts: Vec<i64> = match self.common.timestep_spacing {
-            Spacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .map(|v| np_round(v) as i64)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = (t / n) as i64;
-                (0..n as i64)
-                    .rev()
-                    .map(|i| i * ratio + self.common.steps_offset)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let ratio = t as f64 / n as f64;
-                np_arange_f64(t as f64, 0.0, -ratio)
-                    .into_iter()
-                    .map(|x| np_round(x) as i64 - 1)
-                    .collect()
-            }
-        };
         self.timesteps = ts.iter().map(|&x| x as f32).collect();
         self.timesteps_i = ts;
         Ok(())

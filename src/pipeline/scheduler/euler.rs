@@ -228,6 +228,16 @@ impl EulerDiscreteScheduler {
     }
 }
 
+/// `init_noise_sigma` of the sigma schedulers (Euler, Euler ancestral, LMS): the largest sigma,
+/// or `sqrt(max² + 1)` for "leading" spacing (`scheduling_euler_discrete.py`).
+pub(crate) fn sigma_init_noise(sigmas: &[f32], spacing: Spacing) -> f32 {
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        Spacing::Linspace | Spacing::Trailing => max,
+        Spacing::Leading => (max * max + 1.0).sqrt(),
+    }
+}
+
 impl Scheduler for EulerDiscreteScheduler {
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Euler
@@ -298,15 +308,7 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        let max = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        match self.common.timestep_spacing {
-            Spacing::Linspace | Spacing::Trailing => max,
-            Spacing::Leading => (max * max + 1.0).sqrt(),
-        }
+        sigma_init_noise(&self.sigmas, self.common.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -3,9 +3,10 @@
 //! (https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_euler_ancestral_discrete.py).
 //! Each step goes down to `sigma_down` deterministically and adds `noise · sigma_up`.
 
-use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
+use super::config::{Common, Defaults, Prediction, SchedulerConfig};
 use super::euler::{
     add_noise_sigmas, euler_family_timesteps, interp_sigmas, pred_original, scale_by_sigma,
+    sigma_init_noise,
 };
 use super::numerics::{np_linspace, sigma_table};
 use super::schedule::{BetaSet, alphas_cumprod, betas};
@@ -117,15 +118,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        let max = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        match self.common.timestep_spacing {
-            Spacing::Linspace | Spacing::Trailing => max,
-            Spacing::Leading => (max * max + 1.0).sqrt(),
-        }
+        sigma_init_noise(&self.sigmas, self.common.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -7,10 +7,10 @@
 //! Gauss–Kronrod estimate for these low-degree polynomials, which is what [`qk21`] computes
 //! (same node order and summation as QUADPACK `dqk21`), with the integrand in float32 as there.
 
-use super::config::{Common, Defaults, SchedulerConfig, Spacing};
+use super::config::{Common, Defaults, SchedulerConfig};
 use super::euler::{
     SigmaSpacing, add_noise_sigmas, euler_family_timesteps, interp_sigmas, pred_original,
-    scale_by_sigma,
+    scale_by_sigma, sigma_init_noise,
 };
 use super::numerics::{exponential_sigmas, karras_sigmas, np_log_f32, sigma_table, sigma_to_t};
 use super::schedule::{BetaSet, alphas_cumprod, betas};
@@ -254,15 +254,7 @@ impl Scheduler for LmsDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        let max = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        match self.common.timestep_spacing {
-            Spacing::Linspace | Spacing::Trailing => max,
-            Spacing::Leading => (max * max + 1.0).sqrt(),
-        }
+        sigma_init_noise(&self.sigmas, self.common.timestep_spacing)
     }
 
     fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {

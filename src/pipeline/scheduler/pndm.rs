@@ -3,9 +3,8 @@
 //! SD 1.5's default: with `skip_prk_steps` it is the PLMS path (linear multistep, Adams–Bashforth
 //! orders 1–4 with the doubled second timestep); otherwise 12 Runge–Kutta (PRK) steps come first.
 
-use super::config::{Common, Defaults, Prediction, SchedulerConfig, Spacing};
-use super::numerics::{np_arange_f64, np_linspace, np_round};
-use super::schedule::{BetaSet, add_noise_alphas, alphas_cumprod, betas};
+use super::config::{Common, Defaults, Prediction, SchedulerConfig};
+use super::schedule::{BetaSet, add_noise_alphas, alphas_cumprod, betas, spaced_timesteps};
 use super::{Scheduler, SchedulerKind, check_len, check_step_index};
 use crate::error::{Error, Result};
 
@@ -248,34 +247,10 @@ impl Scheduler for PndmScheduler {
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let t = self.common.num_train_timesteps;
-        if n == 0 || n > t {
-            return Err(Error::InvalidArgument(format!(
-                "num_inference_steps must be in 1..={t}, got {n}"
-            )));
-        }
-        self.num_inference_steps = n;
         // `_timesteps`, ascending.
-        let ts: Vec<i64> = match self.common.timestep_spacing {
-            Spacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
-                .into_iter()
-                .map(|v| np_round(v) as i64)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = (t / n) as i64;
-                (0..n as i64)
-                    .map(|i| i * ratio + self.common.steps_offset)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let ratio = t as f64 / n as f64;
-                let mut v: Vec<i64> = np_arange_f64(t as f64, 0.0, -ratio)
-                    .into_iter()
-                    .map(|x| np_round(x) as i64)
-                    .collect();
-                v.reverse();
-                v.into_iter().map(|x| x - 1).collect()
-            }
-        };
+        let mut ts = spaced_timesteps(&self.common, n)?;
+        ts.reverse();
+        self.num_inference_steps = n;
         let len = ts.len();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if self.skip_prk_steps {
             // concatenate([_ts[:-1], _ts[-2:-1], _ts[-1:]])[::-1]

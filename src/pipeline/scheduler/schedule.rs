@@ -2,9 +2,11 @@
 //! `__init__` of each diffusers 0.42.1 scheduler builds them (torch float32 tensors), and the
 //! zero-terminal-SNR rescale (`rescale_zero_terminal_snr`, `scheduling_ddim.py`).
 
-use super::config::Common;
+use super::config::{Common, Spacing};
 use super::numerics::CorrectlyRounded;
-use super::numerics::{torch_cumprod_f32, torch_linspace_f32};
+use super::numerics::{
+    np_arange_f64, np_linspace, np_round, torch_cumprod_f32, torch_linspace_f32,
+};
 use crate::error::{Error, Result};
 
 /// `betas_for_alpha_bar` (`scheduling_ddpm.py` and copies): Python float64 math, then
@@ -160,4 +162,37 @@ pub(crate) fn velocity_alphas(
         );
     }
     Ok(out)
+}
+
+/// The integer inference timesteps, descending, of DDIM/DDPM's `set_timesteps`
+/// (`scheduling_ddim.py`; PNDM's `_timesteps` are the same, ascending) per `timestep_spacing`,
+/// after checking `1 <= n <= num_train_timesteps`.
+pub(crate) fn spaced_timesteps(c: &Common, n: usize) -> Result<Vec<i64>> {
+    let t = c.num_train_timesteps;
+    if n == 0 || n > t {
+        return Err(Error::InvalidArgument(format!(
+            "num_inference_steps must be in 1..={t}, got {n}"
+        )));
+    }
+    Ok(match c.timestep_spacing {
+        Spacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|v| np_round(v) as i64)
+            .collect(),
+        Spacing::Leading => {
+            let ratio = (t / n) as i64;
+            (0..n as i64)
+                .rev()
+                .map(|i| i * ratio + c.steps_offset)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = t as f64 / n as f64;
+            np_arange_f64(t as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|x| np_round(x) as i64 - 1)
+                .collect()
+        }
+    })
 }
