@@ -194,10 +194,17 @@ impl LiveWeights {
                 .clone();
             let bytes = model.initializer_bytes(name)?;
             let host = host_tensor_from_bytes(info.dtype, &info.dims, &bytes)?;
-            let mut base = kernels.device_tensor(info.dtype, &info.dims)?;
-            kernels.run(info.dtype, UpdateKind::Copy, &[("base", &host)], &mut base)?;
             let mut live = kernels.device_tensor(info.dtype, &info.dims)?;
             kernels.run(info.dtype, UpdateKind::Copy, &[("base", &host)], &mut live)?;
+            // On the CPU the host copy is the base; on a GPU it is uploaded once more.
+            let base = match placement {
+                Placement::Cpu => host,
+                Placement::Cuda(_) => {
+                    let mut base = kernels.device_tensor(info.dtype, &info.dims)?;
+                    kernels.run(info.dtype, UpdateKind::Copy, &[("base", &host)], &mut base)?;
+                    base
+                }
+            };
             slots.insert(
                 name.clone(),
                 Slot {
