@@ -221,6 +221,10 @@ dialect_tests! {
     diffusers_legacy: "diffusers_legacy.safetensors", "diffusers_legacy";
     diffusers_fp16_file: "diffusers_fp16.safetensors", "diffusers_fp16";
     kohya_bf16_file: "kohya_bf16.safetensors", "kohya_bf16";
+    // Written and run by LyCORIS 4.1.3 itself (fixture_lycoris): every UNet and CLIP layer kind, Tucker
+    // convs, LoKr with full, low-rank and Tucker factors; references from LyCORIS's forward at multiplier s.
+    lycoris_loha: "lycoris_loha.safetensors", "lycoris_loha";
+    lycoris_lokr: "lycoris_lokr.safetensors", "lycoris_lokr";
 }
 
 #[test]

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import ast  # noqa: E402
 import copy  # noqa: E402
 import gzip  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
@@ -208,6 +209,7 @@ def versions():
         "numpy": np.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "lycoris-lora": importlib.metadata.version("lycoris-lora"),
     }
 
 
@@ -1042,6 +1044,83 @@ def fixture_loras():
     log(f"sdxl_kohya: {checks['sdxl_kohya'][:200]}")
 
 
+# ----------------------------------------------------------------------------- LyCORIS (LoHa, LoKr) from LyCORIS itself
+
+# LyCORIS's sd-scripts network (lycoris.kohya.create_network, what `--network_module lycoris.kohya` trains),
+# with its own module classes, state-dict writer and forward pass. A preset instead of "full": in 4.1.3 "full"
+# names time_embedding.linear_1 twice on a diffusers UNet (TimestepEmbedding is also a target class).
+LYCORIS_PRESET = """enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+# stem: (algo, dim, alpha, conv_dim, conv_alpha, file dtype, seed)
+LYCORIS_FILES = {
+    "lycoris_loha": ("loha", 4, 2.0, 2, 1.0, torch.float16, 7101),
+    "lycoris_lokr": ("lokr", 4, 2.0, 2, 1.0, torch.float32, 7102),
+}
+
+
+def _lycoris_network(pipe, algo, dim, alpha, conv_dim, conv_alpha):
+    from lycoris import kohya
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(LYCORIS_PRESET)
+    try:
+        net = kohya.create_network(1.0, dim, alpha, pipe.vae, pipe.text_encoder, pipe.unet, algo=algo,
+                                   conv_dim=conv_dim, conv_alpha=conv_alpha, use_tucker=True, preset=f.name)
+    finally:
+        os.unlink(f.name)
+    net.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    return net.eval()
+
+
+def fixture_lycoris():
+    """loras/lycoris_{loha,lokr}.safetensors written by LyCORIS (kohya names, Tucker convs; LoKr with full and
+    low-rank factors), expected/lora_lycoris_<algo>_s<s>.safetensors from LyCORIS's own forward at multiplier s,
+    expected/lycoris_checks.json."""
+    inp = io_inputs()
+    checks = {"lycoris_lora": importlib.metadata.version("lycoris-lora"), "preset": LYCORIS_PRESET, "files": {}}
+    base_u, base_te, _ = run_io(load_pipe(), inp)
+    for stem, (algo, dim, alpha, conv_dim, conv_alpha, dtype, seed) in LYCORIS_FILES.items():
+        pipe = load_pipe()
+        net = _lycoris_network(pipe, algo, dim, alpha, conv_dim, conv_alpha)
+        g = gen(seed)
+        kinds = {}
+        with torch.no_grad():
+            for m in sorted(net.loras, key=lambda m: m.lora_name):
+                params = list(m.named_parameters())
+                for _, p in params:  # LyCORIS zero-inits one factor: fill every factor
+                    fan_in = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / np.sqrt(fan_in))
+                w = m.org_module[0].weight
+                diff = m.get_diff_weight(1.0, w.shape)[0]
+                # ΔW is linear in each factor: scaling the first one sets |ΔW| ≈ LORA_REL·|W| per element
+                params[0][1].mul_(LORA_REL * w.norm() / diff.norm())
+                for _, p in params:  # the reference runs on exactly what the file stores
+                    p.copy_(p.to(dtype).float())
+                key = "+".join(n for n, _ in params)
+                kinds[key] = kinds.get(key, 0) + 1
+        out = LORAS / f"{stem}.safetensors"
+        net.save_weights(str(out), dtype, {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo, "conv_dim": conv_dim, "conv_alpha": conv_alpha, "use_tucker": True})})
+        canonicalize_safetensors(out)
+        info = {"file": f"loras/{stem}.safetensors", "algo": algo, "dim": dim, "alpha": alpha, "conv_dim": conv_dim,
+                "conv_alpha": conv_alpha, "dtype": str(dtype), "modules": {"unet": len(net.unet_loras), "text_encoder": len(net.text_encoder_loras)},
+                "factor_sets": kinds,
+                "how": "lycoris.kohya.create_network(1.0, dim, alpha, vae, text_encoder, unet, algo, conv_dim, conv_alpha, use_tucker=True, preset=LYCORIS_PRESET); "
+                "apply_to(te, unet, True, True); every factor random, the first rescaled so |ΔW| ≈ 0.3|W|; save_weights(file, dtype); "
+                "outputs from LyCORIS's forward after set_multiplier(s) (unmerged)"}
+        for s in (1.0, 0.5):
+            net.set_multiplier(s)
+            u, te, _ = run_io(pipe, inp)
+            save_tensors(EXPECTED / f"lora_{stem}_s{s}.safetensors", {"unet_out_sample": u, "text_encoder_last_hidden_state": te})
+            info[f"s{s}_effect_rel"] = {"unet": float((u - base_u).norm() / base_u.norm()), "text_encoder": float((te - base_te).norm() / base_te.norm())}
+        checks["files"][stem] = info
+        log(f"lycoris {stem}: {info['modules']} {kinds} effect {info['s1.0_effect_rel']}")
+    save_json(EXPECTED / "lycoris_checks.json", checks)
+
+
 # ----------------------------------------------------------------------------- fixtures: text-to-image
 
 T2I = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, height=64, width=64)
@@ -1408,7 +1487,10 @@ MANIFEST_RULES = [
     ("expected/unet_io", "fixture_model_io"),
     ("expected/text_encoder_io", "fixture_model_io"),
     ("expected/vae_", "fixture_model_io"),
+    ("loras/lycoris_", "fixture_lycoris"),
     ("loras/", "make_loras"),
+    ("expected/lora_lycoris_", "fixture_lycoris"),
+    ("expected/lycoris_checks", "fixture_lycoris"),
     ("expected/lora_", "fixture_loras"),
     ("expected/fused_", "fixture_loras"),
     ("expected/txt2img", "fixture_txt2img"),
@@ -1449,6 +1531,7 @@ STEPS = [
     fixture_model_io,
     make_loras,
     fixture_loras,
+    fixture_lycoris,
     fixture_txt2img,
     fixture_train_step,
     make_dataset,

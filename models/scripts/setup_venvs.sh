@@ -9,16 +9,17 @@ py="${PYTHON:-python3}"
 for name in ref export; do
   venv="$here/.venv-$name"
   req="$here/requirements-$name.txt"
+  lock="$here/requirements-$name.lock.txt"  # every transitive package pinned (pip freeze)
   if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
   fi
   stamp="$venv/.requirements.sha256"
-  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  want="$(cat "$req" "$lock" | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "setup_venvs: .venv-$name up to date"
     continue
   fi
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" -c "$lock"
   echo "$want" > "$stamp"
   echo "setup_venvs: .venv-$name installed from $(basename "$req")"
 done
