@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -19,6 +20,7 @@ use crate::onnx::index::{Layout, MappedWeight, WeightIndex};
 use crate::onnx::model::{OnnxModel, encode_like};
 use crate::weights::Component;
 use crate::weights::keys::ModuleList;
+use crate::weights::keys::UnmappedReason;
 use crate::{Error, Result};
 
 /// One LoRA file and its weight, as written on the command line: `FILE[:WEIGHT]`.
@@ -66,6 +68,18 @@ pub struct MergeOptions {
     pub text_encoder_scale: f32,
     /// Treat keys that map nowhere as an error instead of reporting them.
     pub strict: bool,
+    /// Set (e.g. by a Ctrl-C handler) to stop: the merge returns [`Error::Cancelled`] at the next
+    /// file or weight and removes its temporary folder; the output never appears.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl MergeOptions {
+    fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for MergeOptions {
@@ -74,6 +88,7 @@ impl Default for MergeOptions {
             unet_scale: 1.0,
             text_encoder_scale: 1.0,
             strict: false,
+            cancel: None,
         }
     }
 }
@@ -488,33 +503,44 @@ pub fn plan_indexed_cached(
 impl MergePlan {
     /// Compute the merged weights of one component (f32, stored layout).
     pub fn merged(&self, component: OnnxComponent) -> Result<Vec<MergedWeight>> {
-        let Some(cp) = self.components.iter().find(|c| c.component == component) else {
-            return Ok(Vec::new());
+        self.target_names(component)
+            .iter()
+            .map(|name| self.merged_weight(component, name))
+            .collect()
+    }
+
+    /// Compute the merged weight of one initializer that this plan changes in `component`.
+    pub fn merged_weight(&self, component: OnnxComponent, name: &str) -> Result<MergedWeight> {
+        let target = self
+            .components
+            .iter()
+            .find(|c| c.component == component)
+            .and_then(|cp| cp.targets.get(name).map(|t| (cp, t)));
+        let Some((cp, t)) = target else {
+            return Err(Error::InvalidArgument(format!(
+                "the merge plan does not change `{name}` in the {component}"
+            )));
         };
-        let mut out = Vec::with_capacity(cp.targets.len());
-        for (name, t) in &cp.targets {
-            let (dims, mut values) = cp.model.initializer_f32(name)?;
-            let items: Vec<(&lora_format::LoraModule, f32)> = t
-                .items
-                .iter()
-                .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
-                .collect();
-            lora_merge::merge_into(
-                &mut values,
-                &t.mapped.torch_shape,
-                lora_layout(t.mapped.layout),
-                &items,
-            )?;
-            out.push(MergedWeight {
-                initializer: name.clone(),
-                module: t.mapped.module.clone(),
-                layout: t.mapped.layout,
-                dims,
-                dtype: t.mapped.dtype,
-                values,
-            });
-        }
-        Ok(out)
+        let (dims, mut values) = cp.model.initializer_f32(name)?;
+        let items: Vec<(&lora_format::LoraModule, f32)> = t
+            .items
+            .iter()
+            .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
+            .collect();
+        lora_merge::merge_into(
+            &mut values,
+            &t.mapped.torch_shape,
+            lora_layout(t.mapped.layout),
+            &items,
+        )?;
+        Ok(MergedWeight {
+            initializer: name.to_string(),
+            module: t.mapped.module.clone(),
+            layout: t.mapped.layout,
+            dims,
+            dtype: t.mapped.dtype,
+            values,
+        })
     }
 
     /// The initializers this plan changes in `component`.
@@ -589,7 +615,8 @@ pub struct MergeReport {
 /// Write a complete copy of the pipeline at `src` to `out` with the LoRAs merged into the UNet and
 /// text encoder. The copy is assembled in a temporary folder beside `out` and renamed into place
 /// at the end, so an error or an interrupt leaves no half pipeline; `src` is never modified.
-/// `progress(done, total, what)` is called per file.
+/// Merged weights are computed one at a time as the writer reaches them (memory: the largest
+/// weight in f32, not the model). `progress(done, total, what)` is called per file.
 pub fn merge_pipeline(
     src: &Path,
     out: &Path,
@@ -636,20 +663,22 @@ pub fn merge_pipeline(
         }
     }
     let is_rewritten = |f: &Path| written_by_patcher.contains(&norm(f));
-    let (mut done, total) = copy_tree_except(src, tmp.path(), &is_rewritten, progress)?;
+    let (mut done, total) = copy_tree_except(src, tmp.path(), &is_rewritten, opts, progress)?;
     for (c, cp) in &rewritten {
-        let merged = plan.merged(*c)?;
-        let mut replacements = HashMap::with_capacity(merged.len());
-        for m in merged {
-            replacements.insert(m.initializer, encode_like(m.dtype, &m.values)?);
-        }
+        let names = plan.target_names(*c);
+        let mut produce = |name: &str| {
+            opts.check_cancel()?;
+            let m = plan.merged_weight(*c, name)?;
+            encode_like(m.dtype, &m.values)
+        };
         let out_dir = tmp.path().join(c.dir_name());
         let written =
-            crate::onnx::write::write_patched_unsynced(&cp.model, &replacements, &out_dir)?;
+            crate::onnx::write::write_patched_streaming(&cp.model, &names, &mut produce, &out_dir)?;
         done += 1 + written.data_files.len();
         progress(done.min(total), total, c.dir_name());
     }
-    finish(tmp, out)?;
+    opts.check_cancel()?;
+    finish(tmp, src, out)?;
     Ok(report)
 }
 
@@ -702,6 +731,7 @@ fn copy_tree_except(
     src: &Path,
     dst: &Path,
     skip: &dyn Fn(&Path) -> bool,
+    opts: &MergeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(usize, usize)> {
     let mut files = Vec::new();
@@ -712,6 +742,7 @@ fn copy_tree_except(
         if skip(f) {
             continue;
         }
+        opts.check_cancel()?;
         let rel = f.strip_prefix(src).map_err(|_| {
             Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display()))
         })?;
@@ -726,10 +757,14 @@ fn copy_tree_except(
     Ok((done, total))
 }
 
-/// Move the finished temporary folder into place.
 /// Make the finished temporary folder durable (one filesystem sync, like `cp` + `sync`, instead of
-/// an fsync per file), then rename it into place and sync the parent so the rename lasts too.
-fn finish(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+/// an fsync per file), give it the source folder's permissions (it was created owner-only), then
+/// rename it into place and sync the parent so the rename lasts too.
+fn finish(tmp: tempfile::TempDir, src: &Path, out: &Path) -> Result<()> {
+    if let Ok(md) = std::fs::metadata(src) {
+        std::fs::set_permissions(tmp.path(), md.permissions())
+            .map_err(|e| Error::io(tmp.path(), e))?;
+    }
     sync_filesystem_of(tmp.path())?;
     let tmp_path = tmp.keep();
     std::fs::rename(&tmp_path, out).map_err(|e| {
@@ -797,6 +832,17 @@ pub fn merge_diffusers_pipeline(
                 msg: "this is an SDXL LoRA; the pipeline is SD 1.x".into(),
             });
         }
+        // As for ONNX pipelines: a ΔW that does not fit its weight means another model.
+        if let Some(u) = a
+            .unmapped
+            .iter()
+            .find(|u| matches!(u.reason, UnmappedReason::WrongShape { .. }))
+        {
+            return Err(Error::Lora {
+                file: spec.path.clone(),
+                msg: format!("{u}; is this LoRA for another model?"),
+            });
+        }
         let unmapped: Vec<String> = a.unmapped.iter().map(|u| u.to_string()).collect();
         if opts.strict && !unmapped.is_empty() {
             return Err(Error::Lora {
@@ -858,7 +904,7 @@ pub fn merge_diffusers_pipeline(
     }
     let tmp = temp_dir_beside(out)?;
     let skip = |f: &Path| files.iter().any(|(_, rel, _)| f == src.join(rel));
-    copy_tree_except(src, tmp.path(), &skip, progress)?;
+    copy_tree_except(src, tmp.path(), &skip, opts, progress)?;
     for (c, rel, scale) in files {
         let base = src.join(rel);
         if !base.is_file() {
@@ -869,15 +915,30 @@ pub fn merge_diffusers_pipeline(
             .zip(loras)
             .map(|(a, s)| (a, s.weight * scale))
             .collect();
+        opts.check_cancel()?;
         let r = lora_merge::merge_state_dict(&base, c, &weighted, tmp.path().join(rel))?;
         report.patched.insert(rel.to_string(), r.merged.len());
-        for u in r.unmatched {
-            if let Some(l) = report.loras.first_mut() {
-                l.unmapped.push(u);
-            }
+        for (li, module) in r.unmatched {
+            report.loras[li].unmapped.push(format!(
+                "`{module}`: the {c} has no `{module}.weight` in {}",
+                base.display()
+            ));
         }
     }
-    finish(tmp, out)?;
+    if opts.strict
+        && let Some(l) = report.loras.iter().find(|l| !l.unmapped.is_empty())
+    {
+        return Err(Error::Lora {
+            file: l.path.clone(),
+            msg: format!(
+                "{} modules map nowhere (strict mode): {}",
+                l.unmapped.len(),
+                l.unmapped[0]
+            ),
+        });
+    }
+    opts.check_cancel()?;
+    finish(tmp, src, out)?;
     Ok(report)
 }
 

@@ -601,3 +601,249 @@ fn diffusers_layout_merge_matches_fuse_lora_weights() {
             && out.join("tokenizer/vocab.json").is_file()
     );
 }
+
+#[test]
+fn unet_and_text_encoder_multipliers_from_the_cli() {
+    // `--unet-scale` / `--text-encoder-scale` multiply the FILE:WEIGHT weight per component:
+    // 0.5 × 1 on the UNet and 0.5 × 2 on the text encoder must give diffusers' fuse_lora at 0.5
+    // and 1.0 (the UNet fixture's hidden states are fixed, so the components are independent).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("merged");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse"))
+        .args([
+            "merge",
+            "--strict",
+            "--unet-scale",
+            "1",
+            "--text-encoder-scale",
+            "2",
+            "-m",
+        ])
+        .arg(tiny("onnx"))
+        .arg("-l")
+        .arg(format!(
+            "{}:0.5",
+            tiny("loras/diffusers.safetensors").display()
+        ))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run lorafuse merge");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let half = read(&tiny("expected/lora_diffusers_s0.5.safetensors"));
+    let full = read(&tiny("expected/lora_diffusers_s1.0.safetensors"));
+    check(
+        "unet at 0.5 × 1",
+        &run_unet(&out),
+        &half.f32("unet_out_sample").1,
+        FP32_ABS,
+        FP32_REL,
+    );
+    check(
+        "text encoder at 0.5 × 2",
+        &run_text_encoder(&out),
+        &full.f32("text_encoder_last_hidden_state").1,
+        FP32_ABS,
+        FP32_REL,
+    );
+}
+
+#[test]
+fn cancelled_merge_leaves_nothing() {
+    // A Ctrl-C (the CLI sets `cancel`) after the first copied file: `Cancelled`, and neither the
+    // output nor the temporary folder beside it remains.
+    for src in [tiny("onnx"), tiny("diffusers")] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("out");
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opts = MergeOptions {
+            cancel: Some(cancel.clone()),
+            ..Default::default()
+        };
+        let specs = [LoraSpec {
+            path: tiny("loras/diffusers_wide.safetensors"),
+            weight: 1.0,
+        }];
+        let mut progress =
+            |_: usize, _: usize, _: &str| cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        let res = if src.ends_with("diffusers") {
+            lorafuse::merge::merge_diffusers_pipeline(
+                &src,
+                &out,
+                &specs,
+                &opts,
+                false,
+                &mut progress,
+            )
+        } else {
+            merge_pipeline(&src, &out, &specs, &opts, false, &mut progress)
+        };
+        assert!(
+            matches!(res, Err(lorafuse::Error::Cancelled)),
+            "{}: {:?}",
+            src.display(),
+            res.map(|r| r.out)
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("read_dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+#[test]
+fn merged_folder_has_the_source_folder_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    copy_dir(&tiny("onnx"), &src);
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let out = tmp.path().join("merged");
+    merge_pipeline(
+        &src,
+        &out,
+        &[LoraSpec {
+            path: tiny("loras/diffusers.safetensors"),
+            weight: 1.0,
+        }],
+        &MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    )
+    .expect("merge");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&out), 0o750, "the temporary folder's 0700 leaked");
+    assert_eq!(
+        mode(&out.join("unet/model.onnx")),
+        mode(&src.join("unet/model.onnx"))
+    );
+}
+
+#[test]
+fn diffusers_layout_refuses_a_lora_for_another_model() {
+    // Same rule as for ONNX pipelines: a ΔW that does not fit its weight is an error naming the
+    // file and module, not an unmapped key; nothing is written.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = tmp.path().join("wrong_shape.safetensors");
+    let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    write_safetensors(
+        &p,
+        &[
+            (
+                &format!("{m}.lora_down.weight"),
+                vec![4, 320],
+                vec![0.01; 4 * 320],
+            ),
+            (
+                &format!("{m}.lora_up.weight"),
+                vec![320, 4],
+                vec![0.01; 320 * 4],
+            ),
+        ],
+    );
+    let out = tmp.path().join("out");
+    let err = lorafuse::merge::merge_diffusers_pipeline(
+        &tiny("diffusers"),
+        &out,
+        &[LoraSpec {
+            path: p.clone(),
+            weight: 1.0,
+        }],
+        &MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    )
+    .expect_err("a LoRA for another model must be refused")
+    .to_string();
+    assert!(
+        err.contains("wrong_shape.safetensors") && err.contains("attn1.to_q"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Spacing of fp16 numbers at `x` (subnormals: 2⁻²⁴).
+fn ulp16(x: f32) -> f32 {
+    let a = x.abs();
+    if a < 2f32.powi(-14) {
+        return 2f32.powi(-24);
+    }
+    2f32.powi(a.log2().floor() as i32 - 10)
+}
+
+#[test]
+fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
+    // "Within fp16 rounding", element by element: the fp16 export holds r(W); we store
+    // r(r(W) + ΔW), diffusers fuses W + ΔW in fp32. So |ours − diffusers| ≤ ½ulp(r(W)) + ½ulp(ours)
+    // (+ f32 noise) for every merged weight of the UNet and the text encoder.
+    use lorafuse::layout::OnnxPipelineDir;
+    use lorafuse::onnx::index::Layout;
+    let (_tmp, out) = merge_to_tmp(&tiny("onnx-fp16"), &[("diffusers_wide.safetensors", 1.0)]);
+    let base =
+        lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&tiny("onnx-fp16")).expect("open"))
+            .expect("index base");
+    let merged = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&out).expect("open"))
+        .expect("index merged");
+    let fused = read(&tiny("expected/fused_diffusers_wide.safetensors"));
+    let bytes = std::fs::read(tiny("expected/fused_diffusers_wide.safetensors")).expect("read");
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .expect("st")
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let (mut n, mut worst) = (0, 0f32);
+    for name in names {
+        let (comp, module) = match name.strip_prefix("unet.") {
+            Some(m) => ("unet", m),
+            None => (
+                "text_encoder",
+                name.strip_prefix("text_encoder.text_model.")
+                    .expect("prefix"),
+            ),
+        };
+        let module = module.strip_suffix(".weight").expect("weight");
+        let find = |set: &[lorafuse::merge::IndexedModel]| {
+            let im = set
+                .iter()
+                .find(|m| m.component.dir_name() == comp)
+                .unwrap_or_else(|| panic!("no {comp}"));
+            let w = im
+                .index
+                .lookup(module)
+                .unwrap_or_else(|| panic!("{module} not in the {comp} index"))
+                .clone();
+            let (dims, v) = im.model.initializer_f32(&w.initializer).expect("read");
+            // back to torch layout [out, in]
+            let v = match w.layout {
+                Layout::Torch => v,
+                Layout::Transposed => {
+                    let (r, c) = (dims[0], dims[1]);
+                    (0..r * c).map(|i| v[(i % r) * c + i / r]).collect()
+                }
+            };
+            v
+        };
+        let (ours, b) = (find(&merged), find(&base));
+        let (_, want) = fused.f32(&name);
+        assert_eq!(ours.len(), want.len(), "{name}");
+        for ((o, w), b) in ours.iter().zip(&want).zip(&b) {
+            let bound = 0.5 * ulp16(*b) + 0.5 * ulp16(*o) + 1e-6 * w.abs();
+            let e = (o - w).abs();
+            assert!(
+                e <= bound,
+                "{name}: ours {o}, diffusers {w}, base {b}: {e} > {bound}"
+            );
+            worst = worst.max(e / bound);
+        }
+        n += 1;
+    }
+    eprintln!("fp16: {n} merged weights, worst error {worst:.3} of its rounding bound");
+    assert_eq!(n, 89);
+}

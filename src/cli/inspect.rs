@@ -138,18 +138,6 @@ fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Resul
     let bytes = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
-    // External data sits beside the model (optimum: model.onnx_data).
-    let external_data_bytes = path
-        .parent()
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".onnx_data"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
     let sess = session::open(
         path,
         &session::SessionOptions {
@@ -163,6 +151,14 @@ fn inspect_model(component: Option<OnnxComponent>, path: &Path) -> anyhow::Resul
     let (inputs, outputs) = session::describe(&sess);
     let model = crate::onnx::model::OnnxModel::open(path)?;
     let graph = crate::onnx::inspect(&model);
+    // Every external data file the graph references (optimum: one `model.onnx_data`; torch's
+    // exporter: one file per tensor, named after it).
+    let external_data_bytes = model
+        .external_locations()
+        .iter()
+        .filter_map(|loc| std::fs::metadata(model.dir().join(loc)).ok())
+        .map(|m| m.len())
+        .sum();
     Ok(ModelReport {
         component,
         path: path.to_path_buf(),

@@ -1,6 +1,8 @@
 //! `lorafuse merge`: bake LoRAs into a copy of an ONNX pipeline.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
@@ -44,10 +46,23 @@ pub struct MergeArgs {
 }
 
 pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        // Ctrl-C: stop at the next file or weight and remove the temporary folder (nothing appears
+        // at --out); a second Ctrl-C quits at once and may leave a hidden `.<out>.lorafuse-*` folder.
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: removing the unfinished output (Ctrl-C again to quit now)");
+        });
+    }
     let opts = MergeOptions {
         unet_scale: a.unet_scale,
         text_encoder_scale: a.text_encoder_scale,
         strict: a.strict,
+        cancel: Some(cancel),
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -309,6 +309,7 @@ unsafe fn merge_options(o: *const LorafuseMergeOptions) -> Result<(MergeOptions,
             unet_scale: o.unet_scale,
             text_encoder_scale: o.text_encoder_scale,
             strict: o.strict,
+            ..Default::default()
         },
         o.dry_run,
     ))

@@ -660,9 +660,12 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
                 let dshape = super::merge::delta_shape(&m.kind);
                 match target {
                     Some(t) if !super::merge::shape_fits(&dshape, &t) => {
-                        let reason = UnmappedReason::Invalid(format!(
-                            "ΔW {dshape:?} does not fit the {component} weight `{module_path}` {t:?}"
-                        ));
+                        let reason = UnmappedReason::WrongShape {
+                            component,
+                            module: module_path.clone(),
+                            delta: dshape.clone(),
+                            weight: t.clone(),
+                        };
                         for key in all_keys {
                             unmapped.push(Unmapped {
                                 key,

@@ -445,8 +445,9 @@ pub fn merge_into(
 pub struct MergeReport {
     /// Base weight keys that changed.
     pub merged: Vec<String>,
-    /// LoRA modules of this component with no `<module>.weight` in the base (`file: path`).
-    pub unmatched: Vec<String>,
+    /// LoRA modules of this component with no `<module>.weight` in the base: (index of the
+    /// adapter in `adapters`, module path).
+    pub unmatched: Vec<(usize, String)>,
 }
 
 /// Merge adapters into a diffusers-layout weight file of `component`
@@ -512,12 +513,10 @@ pub fn merge_state_dict(
         used.insert(path);
         report.merged.push(name.to_string());
     }
-    for (a, _) in adapters {
+    for (i, (a, _)) in adapters.iter().enumerate() {
         for m in a.modules.iter().filter(|m| m.component == component) {
             if !used.contains(m.module_path.as_str()) {
-                report
-                    .unmatched
-                    .push(format!("{}: {}", a.path.display(), m.module_path));
+                report.unmatched.push((i, m.module_path.clone()));
             }
         }
     }

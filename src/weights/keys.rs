@@ -625,6 +625,13 @@ pub enum UnmappedReason {
     Invalid(String),
     /// Another key already supplied this module.
     Duplicate(String),
+    /// The module's ΔW does not have the shape of the model's weight (a LoRA for another model).
+    WrongShape {
+        component: Component,
+        module: String,
+        delta: Vec<usize>,
+        weight: Vec<usize>,
+    },
 }
 
 impl std::fmt::Display for UnmappedReason {
@@ -652,6 +659,15 @@ impl std::fmt::Display for UnmappedReason {
             UnmappedReason::Unsupported(what) => write!(f, "unsupported: {what}"),
             UnmappedReason::Invalid(what) => write!(f, "invalid: {what}"),
             UnmappedReason::Duplicate(other) => write!(f, "module already given by `{other}`"),
+            UnmappedReason::WrongShape {
+                component,
+                module,
+                delta,
+                weight,
+            } => write!(
+                f,
+                "ΔW {delta:?} does not fit the {component} weight `{module}` {weight:?}"
+            ),
         }
     }
 }
