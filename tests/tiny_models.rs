@@ -1,6 +1,8 @@
 //! The shipped tiny pipeline (models/tiny, made by models/scripts/make_tiny.py) opens where it must:
-//! every ONNX component through ONNX Runtime on the CPU with optimum's input/output names, dtypes and
-//! shapes, and the diffusers-layout weights through safetensors.
+//! every ONNX component through ONNX Runtime on the CPU, with every input and output described
+//! (name, element type, full shape with symbolic dim names) exactly as onnxruntime's Python API did
+//! when the fixtures were made (`expected/onnx_check.json`), and the diffusers-layout weights
+//! through safetensors.
 
 use std::path::{Path, PathBuf};
 
@@ -26,83 +28,145 @@ fn io(path: &Path) -> (Vec<IoInfo>, Vec<IoInfo>) {
     session::describe(&s)
 }
 
-fn names_types(v: &[IoInfo]) -> Vec<(String, String, usize)> {
-    v.iter()
-        .map(|i| (i.name.clone(), i.dtype.clone(), i.shape.len()))
-        .collect()
+/// `onnx_check.json`'s description of one component, recorded by make_tiny.py with onnxruntime's
+/// Python API (`sess.get_inputs()`/`get_outputs()`), mapped to [`IoInfo`]'s spelling.
+fn reference(tag: &str) -> (Vec<IoInfo>, Vec<IoInfo>, PathBuf) {
+    static CHECK: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let check = CHECK.get_or_init(|| {
+        serde_json::from_slice(&std::fs::read(tiny("expected/onnx_check.json")).expect("read"))
+            .expect("onnx_check.json")
+    });
+    let entry = &check["ort_vs_diffusers"][tag];
+    let list = |key: &str| -> Vec<IoInfo> {
+        let Some(items) = entry[key].as_array() else {
+            panic!("onnx_check.json: no {tag}.{key}");
+        };
+        items
+            .iter()
+            .map(|x| IoInfo {
+                name: x["name"].as_str().expect("name").to_string(),
+                dtype: match x["type"].as_str().expect("type") {
+                    "tensor(float)" => "f32",
+                    "tensor(float16)" => "f16",
+                    "tensor(int64)" => "i64",
+                    t => panic!("{tag}: unexpected type {t}"),
+                }
+                .to_string(),
+                // A fixed dim is a number, a dynamic one its symbolic name.
+                shape: x["shape"]
+                    .as_array()
+                    .expect("shape")
+                    .iter()
+                    .map(|d| d.as_str().map_or_else(|| d.to_string(), str::to_string))
+                    .collect(),
+            })
+            .collect()
+    };
+    let path = entry["path"].as_str().expect("path");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(path);
+    (list("inputs"), list("outputs"), path)
 }
 
-fn check_pipeline(dir: &str, float: &str) {
-    let f = float.to_string();
-    let (i, o) = io(&tiny(&format!("{dir}/unet/model.onnx")));
-    assert_eq!(
-        names_types(&i),
-        vec![
-            ("sample".into(), f.clone(), 4),
-            // optimum exports the timestep as a rank-0 float of the model's dtype (DESIGN.md section 4).
-            ("timestep".into(), f.clone(), 0),
-            ("encoder_hidden_states".into(), f.clone(), 3),
-        ],
-        "{dir} unet inputs"
-    );
-    assert_eq!(
-        names_types(&o),
-        vec![("out_sample".into(), f.clone(), 4)],
-        "{dir} unet outputs"
-    );
-    assert_eq!(i[0].shape[1], "4", "latent channels");
-    assert_eq!(
-        i[2].shape[2], "24",
-        "cross-attention dim of the tiny text encoder"
-    );
+/// The tiny model's pinned I/O: (name, element type, shape); `F` is the export's float type
+/// (f32 or f16), `_` a dynamic dim.
+type Spec = &'static [(&'static str, &'static str, &'static [&'static str])];
 
-    let (i, o) = io(&tiny(&format!("{dir}/text_encoder/model.onnx")));
-    assert_eq!(
-        names_types(&i),
-        vec![("input_ids".into(), "i64".into(), 2)],
-        "{dir} text encoder inputs"
-    );
-    assert_eq!(o[0].name, "last_hidden_state");
-    assert_eq!(o[0].dtype, f);
-    assert!(o.iter().any(|x| x.name == "pooler_output"), "{dir}: {o:?}");
+/// optimum's names; latent channels 4, CLIP hidden size (= cross-attention dim) 24, RGB 3,
+/// VAE mean ‖ logvar 8. The UNet timestep is a rank-0 float of the model's dtype (DESIGN.md §4).
+const UNET: (Spec, Spec) = (
+    &[
+        ("sample", "F", &["_", "4", "_", "_"]),
+        ("timestep", "F", &[]),
+        ("encoder_hidden_states", "F", &["_", "_", "24"]),
+    ],
+    &[("out_sample", "F", &["_", "4", "_", "_"])],
+);
+const TEXT_ENCODER: (Spec, Spec) = (
+    &[("input_ids", "i64", &["_", "_"])],
+    &[
+        ("last_hidden_state", "F", &["_", "_", "24"]),
+        ("pooler_output", "F", &["_", "24"]),
+    ],
+);
+const VAE_DECODER: (Spec, Spec) = (
+    &[("latent_sample", "F", &["_", "4", "_", "_"])],
+    &[("sample", "F", &["_", "3", "_", "_"])],
+);
+const VAE_ENCODER: (Spec, Spec) = (
+    &[("sample", "F", &["_", "3", "_", "_"])],
+    &[("latent_parameters", "F", &["_", "8", "_", "_"])],
+);
 
-    let (i, o) = io(&tiny(&format!("{dir}/vae_decoder/model.onnx")));
-    assert_eq!(
-        names_types(&i),
-        vec![("latent_sample".into(), f.clone(), 4)]
-    );
-    assert_eq!(names_types(&o), vec![("sample".into(), f.clone(), 4)]);
+fn assert_spec(what: &str, got: &[IoInfo], spec: Spec, float: &str) {
+    let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), spec.len(), "{what}: {shown:?}");
+    for (io, (name, dtype, dims)) in got.iter().zip(spec) {
+        assert_eq!(io.name, *name, "{what}: {shown:?}");
+        assert_eq!(
+            io.dtype,
+            if *dtype == "F" { float } else { dtype },
+            "{what}: {io}"
+        );
+        assert_eq!(io.shape.len(), dims.len(), "{what}: rank of {io}");
+        for (d, want) in io.shape.iter().zip(dims.iter()) {
+            if *want == "_" {
+                assert!(
+                    d.parse::<i64>().is_err(),
+                    "{what}: {io}: {d} should be dynamic"
+                );
+            } else {
+                assert_eq!(d, want, "{what}: {io}");
+            }
+        }
+    }
+}
 
-    let (i, o) = io(&tiny(&format!("{dir}/vae_encoder/model.onnx")));
-    assert_eq!(names_types(&i), vec![("sample".into(), f.clone(), 4)]);
-    assert_eq!(names_types(&o), vec![("latent_parameters".into(), f, 4)]);
+/// ORT (through our session code) describes component `tag` exactly as onnxruntime's Python API
+/// did when the fixture was made, symbolic dim names included, and both match the pinned spec.
+fn check(tag: &str, file: &str, (inputs, outputs): (Spec, Spec), float: &str) {
+    let (want_i, want_o, path) = reference(tag);
+    assert_eq!(
+        path,
+        tiny(file),
+        "onnx_check.json: {tag} describes another file"
+    );
+    let (i, o) = io(&path);
+    assert_eq!(i, want_i, "{tag} inputs vs onnx_check.json");
+    assert_eq!(o, want_o, "{tag} outputs vs onnx_check.json");
+    assert_spec(&format!("{tag} inputs"), &i, inputs, float);
+    assert_spec(&format!("{tag} outputs"), &o, outputs, float);
+}
+
+fn check_pipeline(tag: &str, dir: &str, float: &str) {
+    for (component, spec) in [
+        ("unet", UNET),
+        ("text_encoder", TEXT_ENCODER),
+        ("vae_decoder", VAE_DECODER),
+        ("vae_encoder", VAE_ENCODER),
+    ] {
+        let file = format!("{dir}/{component}/model.onnx");
+        check(&format!("{tag}/{component}"), &file, spec, float);
+    }
 }
 
 #[test]
 fn fp32_pipeline_opens_in_ort() {
-    check_pipeline("onnx", "f32");
+    check_pipeline("fp32", "onnx", "f32");
 }
 
 #[test]
 fn fp16_pipeline_opens_in_ort() {
-    check_pipeline("onnx-fp16", "f16");
+    check_pipeline("fp16", "onnx-fp16", "f16");
 }
 
 #[test]
 fn external_data_and_dynamo_unets_open_in_ort() {
-    for p in [
-        "onnx-extdata/unet/model.onnx",
-        "onnx-dynamo/unet/model.onnx",
-    ] {
-        let (i, o) = io(&tiny(p));
-        assert_eq!(
-            i.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
-            ["sample", "timestep", "encoder_hidden_states"],
-            "{p}"
-        );
-        assert_eq!(o[0].name, "out_sample", "{p}");
-    }
+    check("extdata/unet", "onnx-extdata/unet/model.onnx", UNET, "f32");
     assert!(tiny("onnx-extdata/unet/model.onnx_data").is_file());
+    // The dynamo exporter names its own symbols (`s53`, `2*s62`), checked against the reference.
+    check("dynamo/unet", "onnx-dynamo/unet/model.onnx", UNET, "f32");
 }
 
 #[test]
