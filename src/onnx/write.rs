@@ -77,11 +77,14 @@ pub fn write_patched(
 pub fn write_patched_streaming(
     model: &OnnxModel,
     names: &[String],
-    produce: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    produce: &mut Produce<'_>,
     out_dir: &Path,
 ) -> Result<WriteReport> {
     write_patched_with(model, names, produce, out_dir, false)
 }
+
+/// Produces the replacement bytes of the named initializer.
+pub type Produce<'a> = dyn FnMut(&str) -> Result<Vec<u8>> + 'a;
 
 /// A byte range of a file to overwrite with the bytes of initializer `name`.
 struct Patch<'a> {
@@ -92,7 +95,7 @@ struct Patch<'a> {
 
 /// Produce the bytes of `p`, checking they fill exactly its range.
 fn produce_checked(
-    produce: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    produce: &mut Produce<'_>,
     p: &Patch<'_>,
 ) -> Result<Vec<u8>> {
     let bytes = produce(p.name)?;
@@ -110,7 +113,7 @@ fn produce_checked(
 fn write_patched_with(
     model: &OnnxModel,
     names: &[String],
-    produce: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    produce: &mut Produce<'_>,
     out_dir: &Path,
     sync: bool,
 ) -> Result<WriteReport> {
@@ -318,7 +321,7 @@ fn write_patched_bytes(
     src: &[u8],
     dst: &Path,
     patches: &[Patch<'_>],
-    produce: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    produce: &mut Produce<'_>,
     sync: bool,
 ) -> Result<()> {
     let mut tmp = temp_beside(dst)?;
@@ -344,7 +347,7 @@ fn copy_patched(
     src: &Path,
     dst: &Path,
     patches: &[Patch<'_>],
-    produce: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    produce: &mut Produce<'_>,
     sync: bool,
 ) -> Result<()> {
     let mut tmp = temp_beside(dst)?;
