@@ -666,14 +666,40 @@ pub fn merge_pipeline(
     let (mut done, total) = copy_tree_except(src, tmp.path(), &is_rewritten, opts, progress)?;
     for (c, cp) in &rewritten {
         let names = plan.target_names(*c);
-        let mut produce = |name: &str| {
-            opts.check_cancel()?;
-            let m = plan.merged_weight(*c, name)?;
-            encode_like(m.dtype, &m.values)
-        };
+        // Merged weights are computed on a second thread, in the order the writer asks for them,
+        // at most two ahead: merging overlaps writing, memory stays a few weights.
+        let order = crate::onnx::write::patch_order(&cp.model, &names)?;
         let out_dir = tmp.path().join(c.dir_name());
-        let written =
-            crate::onnx::write::write_patched_streaming(&cp.model, &names, &mut produce, &out_dir)?;
+        let (plan, c) = (&plan, *c);
+        let written = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(String, Vec<u8>)>>(1);
+            scope.spawn(move || {
+                for name in order {
+                    let r = opts.check_cancel().and_then(|()| {
+                        let m = plan.merged_weight(c, &name)?;
+                        Ok((name, encode_like(m.dtype, &m.values)?))
+                    });
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        break; // the writer stopped, or we did
+                    }
+                }
+            });
+            // `rx` lives in this block only: a writer that stops early drops it, which ends the
+            // producer's loop before the scope joins it.
+            let mut produce = move |name: &str| {
+                let (got, bytes) = rx.recv().map_err(|_| {
+                    Error::InvalidArgument(format!("merge worker stopped before `{name}`"))
+                })??;
+                if got != name {
+                    return Err(Error::InvalidArgument(format!(
+                        "internal: merged `{got}` but the writer asked for `{name}`"
+                    )));
+                }
+                Ok(bytes)
+            };
+            crate::onnx::write::write_patched_streaming(&cp.model, &names, &mut produce, &out_dir)
+        })?;
         done += 1 + written.data_files.len();
         progress(done.min(total), total, c.dir_name());
     }

@@ -15,6 +15,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -274,19 +275,32 @@ pub fn decode_f32(dtype: DataType, bytes: &[u8]) -> std::result::Result<Vec<f32>
             if !bytes.len().is_multiple_of(4) {
                 return Err(odd(4));
             }
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
+            if cfg!(target_endian = "little") {
+                // one memcpy (the bytes may be unaligned: mapped file, raw_data)
+                bytemuck::pod_collect_to_vec::<u8, f32>(bytes)
+            } else {
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            }
         }
         DataType::Float16 => {
             if !bytes.len().is_multiple_of(2) {
                 return Err(odd(2));
             }
-            bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect()
+            if cfg!(target_endian = "little") {
+                // half's slice conversion (F16C where the CPU has it)
+                let h = bytemuck::pod_collect_to_vec::<u8, f16>(bytes);
+                let mut out = vec![0f32; h.len()];
+                h.convert_to_f32_slice(&mut out);
+                out
+            } else {
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect()
+            }
         }
         DataType::Bfloat16 => {
             if !bytes.len().is_multiple_of(2) {
@@ -324,12 +338,21 @@ pub fn decode_f32(dtype: DataType, bytes: &[u8]) -> std::result::Result<Vec<f32>
 pub fn encode_like(dtype: DataType, values: &[f32]) -> Result<Vec<u8>> {
     let n = values.len();
     Ok(match dtype {
+        DataType::Float if cfg!(target_endian = "little") => {
+            bytemuck::cast_slice::<f32, u8>(values).to_vec()
+        }
         DataType::Float => {
             let mut out = Vec::with_capacity(n * 4);
             for v in values {
                 out.extend_from_slice(&v.to_le_bytes());
             }
             out
+        }
+        DataType::Float16 if cfg!(target_endian = "little") => {
+            // round to nearest even, as f16::from_f32 (F16C where the CPU has it)
+            let mut h = vec![f16::ZERO; n];
+            h.convert_from_f32_slice(values);
+            bytemuck::cast_slice::<f16, u8>(&h).to_vec()
         }
         DataType::Float16 => {
             let mut out = Vec::with_capacity(n * 2);

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -94,10 +94,7 @@ struct Patch<'a> {
 }
 
 /// Produce the bytes of `p`, checking they fill exactly its range.
-fn produce_checked(
-    produce: &mut Produce<'_>,
-    p: &Patch<'_>,
-) -> Result<Vec<u8>> {
+fn produce_checked(produce: &mut Produce<'_>, p: &Patch<'_>) -> Result<Vec<u8>> {
     let bytes = produce(p.name)?;
     if bytes.len() as u64 != p.len {
         return Err(Error::InvalidArgument(format!(
@@ -110,18 +107,18 @@ fn produce_checked(
     Ok(bytes)
 }
 
-fn write_patched_with(
-    model: &OnnxModel,
-    names: &[String],
-    produce: &mut Produce<'_>,
-    out_dir: &Path,
-    sync: bool,
-) -> Result<WriteReport> {
-    // Locate every replacement before writing anything.
+/// Where each replaced initializer's bytes go, sorted by offset and checked for overlaps.
+struct Located<'a> {
+    inline: Vec<Patch<'a>>,
+    external: BTreeMap<&'a str, Vec<Patch<'a>>>,
+    /// (name, typed field) of replacements stored outside `raw_data`.
+    typed: Vec<(&'a str, &'a str)>,
+}
+
+fn locate<'a>(model: &'a OnnxModel, names: &'a [String]) -> Result<Located<'a>> {
     let mut inline: Vec<Patch<'_>> = Vec::new();
     let mut external: BTreeMap<&str, Vec<Patch<'_>>> = BTreeMap::new();
     let mut typed: Vec<(&str, &str)> = Vec::new();
-    let mut patched = Vec::with_capacity(names.len());
     for name in names {
         let info = model
             .initializer(name)
@@ -147,15 +144,73 @@ fn write_patched_with(
             }),
             Storage::Typed { field } => typed.push((name, field)),
         }
-        patched.push(name.clone());
     }
-    patched.sort();
     inline.sort_by_key(|p| p.offset);
     check_disjoint(model.path(), &inline)?;
     for (location, patches) in external.iter_mut() {
         patches.sort_by_key(|p| p.offset);
         check_disjoint(&model.dir().join(location), patches)?;
     }
+    Ok(Located {
+        inline,
+        external,
+        typed,
+    })
+}
+
+/// Initializers the graph file itself holds (inline `raw_data` or typed fields), in graph order:
+/// what a re-encoded graph asks for.
+fn in_graph<'a>(model: &'a OnnxModel, l: &Located<'a>) -> Vec<(&'a str, u64)> {
+    let wanted: HashMap<&str, u64> = l
+        .inline
+        .iter()
+        .map(|p| (p.name, p.len))
+        .chain(
+            l.typed
+                .iter()
+                .filter_map(|(n, _)| model.initializer(n).map(|i| (*n, i.byte_len()))),
+        )
+        .collect();
+    model
+        .initializers()
+        .iter()
+        .filter_map(|info| {
+            wanted
+                .get(info.name.as_str())
+                .map(|&len| (info.name.as_str(), len))
+        })
+        .collect()
+}
+
+/// The order in which [`write_patched_streaming`] calls `produce` for `names`: a caller can
+/// compute the replacements ahead, in this order, on another thread.
+pub fn patch_order(model: &OnnxModel, names: &[String]) -> Result<Vec<String>> {
+    let l = locate(model, names)?;
+    let mut order = Vec::with_capacity(names.len());
+    for location in model.external_locations() {
+        if let Some(ps) = l.external.get(location.as_str()) {
+            order.extend(ps.iter().map(|p| p.name.to_string()));
+        }
+    }
+    if l.typed.is_empty() {
+        order.extend(l.inline.iter().map(|p| p.name.to_string()));
+    } else {
+        order.extend(in_graph(model, &l).into_iter().map(|(n, _)| n.to_string()));
+    }
+    Ok(order)
+}
+
+fn write_patched_with(
+    model: &OnnxModel,
+    names: &[String],
+    produce: &mut Produce<'_>,
+    out_dir: &Path,
+    sync: bool,
+) -> Result<WriteReport> {
+    // Locate every replacement before writing anything.
+    let located = locate(model, names)?;
+    let mut patched = names.to_vec();
+    patched.sort();
 
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let out_canon = out_dir.canonicalize().map_err(|e| Error::io(out_dir, e))?;
@@ -178,22 +233,27 @@ fn write_patched_with(
         let src = model.dir().join(&location);
         let dst = out_dir.join(&location);
         refuse_same_file(&src, &dst)?;
-        let patches = external.remove(location.as_str()).unwrap_or_default();
-        copy_patched(&src, &dst, &patches, produce, sync)?;
+        let patches = located
+            .external
+            .get(location.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        copy_patched(&src, &dst, patches, produce, sync)?;
         data_files.push(dst);
     }
 
     let model_out = out_dir.join(&file_name);
     refuse_same_file(model.path(), &model_out)?;
-    let reencoded = if typed.is_empty() {
+    let reencoded = if located.typed.is_empty() {
+        let inline = &located.inline;
         // The mapped file on disk (same bytes as the map) is copied kernel-side; a model decoded
         // from memory is written from its bytes.
         let on_disk = std::fs::metadata(model.path())
             .is_ok_and(|m| m.is_file() && m.len() == model.file_bytes().len() as u64);
         if on_disk {
-            copy_patched(model.path(), &model_out, &inline, produce, sync)?;
+            copy_patched(model.path(), &model_out, inline, produce, sync)?;
         } else {
-            write_patched_bytes(model.file_bytes(), &model_out, &inline, produce, sync)?;
+            write_patched_bytes(model.file_bytes(), &model_out, inline, produce, sync)?;
         }
         None
     } else {
@@ -202,28 +262,21 @@ fn write_patched_with(
         let Some(graph) = proto.graph.as_mut() else {
             return Err(onnx_err(model.path(), "the model has no graph"));
         };
-        let in_graph: HashMap<&str, u64> = inline
+        let index: HashMap<&str, usize> = model
+            .initializers()
             .iter()
-            .map(|p| (p.name, p.len))
-            .chain(
-                typed
-                    .iter()
-                    .filter_map(|(n, _)| model.initializer(n).map(|info| (*n, info.byte_len()))),
-            )
+            .map(|i| (i.name.as_str(), i.index))
             .collect();
-        for info in model.initializers() {
-            let Some(&len) = in_graph.get(info.name.as_str()) else {
-                continue;
-            };
+        for (name, len) in in_graph(model, &located) {
             let bytes = produce_checked(
                 produce,
                 &Patch {
                     offset: 0,
                     len,
-                    name: &info.name,
+                    name,
                 },
             )?;
-            let t = &mut graph.initializer[info.index];
+            let t = &mut graph.initializer[index[name]];
             t.float_data.clear();
             t.int32_data.clear();
             t.int64_data.clear();
@@ -237,10 +290,10 @@ fn write_patched_with(
             .write_all(&encoded)
             .map_err(|e| Error::io(&model_out, e))?;
         finish(tmp, &model_out, Some(model.path()), sync)?;
-        let fields: Vec<&str> = typed.iter().map(|t| t.1).collect();
+        let fields: Vec<&str> = located.typed.iter().map(|t| t.1).collect();
         Some(format!(
             "{} replaced initializer(s) were stored in typed fields ({}), not raw_data: the graph was re-encoded",
-            typed.len(),
+            located.typed.len(),
             fields.join(", ")
         ))
     };
@@ -341,8 +394,10 @@ fn write_patched_bytes(
     finish(tmp, dst, None, sync)
 }
 
-/// Copy file `src` to `dst` through a temp file (kernel-side copy where the OS has one), then
-/// overwrite the patched ranges, producing each replacement just before it is written.
+/// Copy file `src` to `dst` through a temp file: the bytes between patches are copied kernel-side
+/// (`copy_file_range` on Linux) and each patched range is written once from its replacement,
+/// produced just before it is written (a file that is one replaced tensor, as torch's exporter
+/// writes them, is never copied at all).
 fn copy_patched(
     src: &Path,
     dst: &Path,
@@ -352,8 +407,9 @@ fn copy_patched(
 ) -> Result<()> {
     let mut tmp = temp_beside(dst)?;
     let mut input = File::open(src).map_err(|e| Error::io(src, e))?;
+    let len = input.metadata().map_err(|e| Error::io(src, e))?.len();
     let f = tmp.as_file_mut();
-    let len = std::io::copy(&mut input, f).map_err(|e| Error::io(dst, e))?;
+    let mut at = 0u64;
     for p in patches {
         if p.offset + p.len > len {
             return Err(onnx_err(
@@ -366,12 +422,28 @@ fn copy_patched(
                 ),
             ));
         }
+        copy_exactly(&mut input, f, p.offset - at, src, dst)?;
         let bytes = produce_checked(produce, p)?;
-        f.seek(SeekFrom::Start(p.offset))
-            .map_err(|e| Error::io(dst, e))?;
         f.write_all(&bytes).map_err(|e| Error::io(dst, e))?;
+        at = p.offset + p.len;
+        input
+            .seek(SeekFrom::Start(at))
+            .map_err(|e| Error::io(src, e))?;
     }
+    copy_exactly(&mut input, f, len - at, src, dst)?;
     finish(tmp, dst, Some(src), sync)
+}
+
+/// Copy the next `n` bytes of `input` to `out`; a source that shrank meanwhile is an error.
+fn copy_exactly(input: &mut File, out: &mut File, n: u64, src: &Path, dst: &Path) -> Result<()> {
+    let copied = std::io::copy(&mut input.take(n), out).map_err(|e| Error::io(dst, e))?;
+    if copied != n {
+        return Err(onnx_err(
+            src,
+            format!("the file ended early (changed while being copied?): {copied} of {n} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// A patched model held in memory: the graph file and each external data file (by `location`).
