@@ -481,7 +481,8 @@ fn merge_state_dict_f32_and_f16() {
         let report = merge_state_dict(&base, Component::Unet, &[(&adapter, 0.5)], &out).unwrap();
         assert_eq!(report.merged, vec![format!("{Q}.weight")]);
         assert_eq!(report.unmatched.len(), 1, "{:?}", report.unmatched);
-        assert!(report.unmatched[0].ends_with("mid_block.missing"));
+        assert_eq!(report.unmatched[0].0, 0, "the first (only) adapter");
+        assert!(report.unmatched[0].1.ends_with("mid_block.missing"));
         let (b, m) = (
             WeightFile::open(&base).unwrap(),
             WeightFile::open(&out).unwrap(),

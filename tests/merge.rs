@@ -821,14 +821,13 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
                 .clone();
             let (dims, v) = im.model.initializer_f32(&w.initializer).expect("read");
             // back to torch layout [out, in]
-            let v = match w.layout {
+            match w.layout {
                 Layout::Torch => v,
                 Layout::Transposed => {
                     let (r, c) = (dims[0], dims[1]);
                     (0..r * c).map(|i| v[(i % r) * c + i / r]).collect()
                 }
-            };
-            v
+            }
         };
         let (ours, b) = (find(&merged), find(&base));
         let (_, want) = fused.f32(&name);

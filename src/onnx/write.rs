@@ -459,8 +459,8 @@ pub fn patched_in_memory(
     model: &OnnxModel,
     replacements: &HashMap<String, Vec<u8>>,
 ) -> Result<PatchedInMemory> {
-    let mut inline: Vec<(u64, &[u8], &str)> = Vec::new();
-    let mut external: BTreeMap<&str, Vec<(u64, &[u8], &str)>> = BTreeMap::new();
+    let mut inline: Vec<BytePatch<'_>> = Vec::new();
+    let mut external: BTreeMap<&str, Vec<BytePatch<'_>>> = BTreeMap::new();
     let mut typed = false;
     for (name, bytes) in replacements {
         let info = model
@@ -542,7 +542,10 @@ pub fn patched_in_memory(
     })
 }
 
-fn as_patches<'a>(v: &[(u64, &[u8], &'a str)]) -> Vec<Patch<'a>> {
+/// (offset, replacement bytes, initializer name).
+type BytePatch<'a> = (u64, &'a [u8], &'a str);
+
+fn as_patches<'a>(v: &[BytePatch<'a>]) -> Vec<Patch<'a>> {
     v.iter()
         .map(|&(offset, b, name)| Patch {
             offset,
