@@ -24,7 +24,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use super::format::{KronFactor, LoraAdapter, LoraKind, LoraModule};
 use crate::weights::{
     Component, Dtype, Tensor, TensorData, WeightFile, decode_f32, encode_f32, keys,
-    write_safetensors,
+    write_safetensors_with,
 };
 use crate::{Error, Result};
 
@@ -473,45 +473,32 @@ pub fn merge_state_dict(
     }
     let mut report = MergeReport::default();
     let mut used = std::collections::HashSet::new();
+    // Every tensor is written from the base file; the targets' merged bytes are computed one at a
+    // time as the writer reaches them (memory: one weight, not the model).
     let mut tensors: Vec<(String, TensorData<'_>)> = Vec::with_capacity(file.len());
+    let mut merged: HashMap<String, &Vec<(&LoraModule, f32)>> = HashMap::new();
     for (name, info) in file.tensors() {
         let hit = keys::module_of_weight_key(component, name)
             .filter(|(_, param)| param == "weight")
             .and_then(|(path, _)| targets.get_key_value(path.as_str()).map(|(k, v)| (*k, v)));
-        let Some((path, items)) = hit else {
-            tensors.push((name.to_string(), TensorData::borrowed(&file, name)?));
-            continue;
-        };
-        if !matches!(
-            info.dtype,
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
-        ) {
-            return Err(Error::SafeTensors {
-                file: file.path().to_path_buf(),
-                msg: format!(
-                    "tensor `{name}`: cannot merge a LoRA into a {:?} weight",
-                    info.dtype
-                ),
-            });
+        if let Some((path, items)) = hit {
+            if !matches!(
+                info.dtype,
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+            ) {
+                return Err(Error::SafeTensors {
+                    file: file.path().to_path_buf(),
+                    msg: format!(
+                        "tensor `{name}`: cannot merge a LoRA into a {:?} weight",
+                        info.dtype
+                    ),
+                });
+            }
+            used.insert(path);
+            report.merged.push(name.to_string());
+            merged.insert(name.to_string(), items);
         }
-        let (_, bytes) = (info, file.bytes(name)?);
-        let mut w = decode_f32(info.dtype, bytes).ok_or_else(|| {
-            Error::InvalidArgument(format!("tensor `{name}`: dtype {:?}", info.dtype))
-        })?;
-        merge_into(&mut w, &info.shape, Layout::Torch, items)?;
-        let data = encode_f32(info.dtype, &w).ok_or_else(|| {
-            Error::InvalidArgument(format!("tensor `{name}`: dtype {:?}", info.dtype))
-        })?;
-        tensors.push((
-            name.to_string(),
-            TensorData {
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                data: data.into(),
-            },
-        ));
-        used.insert(path);
-        report.merged.push(name.to_string());
+        tensors.push((name.to_string(), TensorData::borrowed(&file, name)?));
     }
     for (i, (a, _)) in adapters.iter().enumerate() {
         for m in a.modules.iter().filter(|m| m.component == component) {
@@ -520,7 +507,20 @@ pub fn merge_state_dict(
             }
         }
     }
+    let mut replace = |name: &str| -> Result<Option<Vec<u8>>> {
+        let Some(items) = merged.get(name) else {
+            return Ok(None);
+        };
+        let info = file.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: file.path().to_path_buf(),
+        })?;
+        let bad = || Error::InvalidArgument(format!("tensor `{name}`: dtype {:?}", info.dtype));
+        let mut w = decode_f32(info.dtype, file.bytes(name)?).ok_or_else(bad)?;
+        merge_into(&mut w, &info.shape, Layout::Torch, items)?;
+        Ok(Some(encode_f32(info.dtype, &w).ok_or_else(bad)?))
+    };
     let metadata = (!file.metadata().is_empty()).then(|| file.metadata().clone());
-    write_safetensors(out, tensors, metadata.as_ref())?;
+    write_safetensors_with(out, tensors, metadata.as_ref(), &mut replace)?;
     Ok(report)
 }

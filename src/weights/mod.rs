@@ -14,6 +14,7 @@ mod safetensors;
 pub use self::keys::{Component, ModuleList, ModuleSet};
 pub use self::safetensors::{
     Dtype, TensorData, TensorInfo, WeightFile, decode_f32, encode_f32, write_safetensors,
+    write_safetensors_with,
 };
 
 use crate::{Error, Result};

@@ -473,6 +473,18 @@ pub fn write_safetensors<'a>(
     tensors: impl IntoIterator<Item = (String, TensorData<'a>)>,
     metadata: Option<&BTreeMap<String, String>>,
 ) -> Result<()> {
+    write_safetensors_with(path, tensors, metadata, &mut |_| Ok(None))
+}
+
+/// [`write_safetensors`], asking `replace(name)` for each tensor just before its data is written:
+/// `Some(bytes)` (exactly the tensor's byte length) is written instead of its `data`. A merge
+/// computes its replacements one at a time this way instead of holding them all.
+pub fn write_safetensors_with<'a>(
+    path: impl AsRef<Path>,
+    tensors: impl IntoIterator<Item = (String, TensorData<'a>)>,
+    metadata: Option<&BTreeMap<String, String>>,
+    replace: &mut dyn FnMut(&str) -> Result<Option<Vec<u8>>>,
+) -> Result<()> {
     let path = path.as_ref();
     let mut tensors: Vec<(String, TensorData<'a>)> = tensors.into_iter().collect();
     for (name, t) in &tensors {
@@ -540,8 +552,18 @@ pub fn write_safetensors<'a>(
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(&header).map_err(io)?;
-        for (_, t) in &tensors {
-            w.write_all(&t.data).map_err(io)?;
+        for (name, t) in &tensors {
+            match replace(name)? {
+                Some(b) if b.len() != t.data.len() => {
+                    return Err(Error::InvalidArgument(format!(
+                        "replacement for tensor `{name}` has {} bytes, not {}",
+                        b.len(),
+                        t.data.len()
+                    )));
+                }
+                Some(b) => w.write_all(&b).map_err(io)?,
+                None => w.write_all(&t.data).map_err(io)?,
+            }
         }
         w.flush().map_err(io)?;
     }
