@@ -615,8 +615,8 @@ pub struct MergeReport {
 /// Write a complete copy of the pipeline at `src` to `out` with the LoRAs merged into the UNet and
 /// text encoder. The copy is assembled in a temporary folder beside `out` and renamed into place
 /// at the end, so an error or an interrupt leaves no half pipeline; `src` is never modified.
-/// Merged weights are computed one at a time as the writer reaches them (memory: the largest
-/// weight in f32, not the model). `progress(done, total, what)` is called per file.
+/// Merged weights are computed on a second thread just ahead of the writer (memory: a few
+/// weights, not the model). `progress(done, total, what)` is called per file.
 pub fn merge_pipeline(
     src: &Path,
     out: &Path,
