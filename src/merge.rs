@@ -438,7 +438,7 @@ pub fn plan_indexed_cached(
                 ));
                 continue;
             };
-            let dshape = delta_shape(m)?;
+            let dshape = lora_merge::delta_shape(&m.kind);
             if !lora_merge::shape_fits(&dshape, &mapped.torch_shape) {
                 return Err(Error::Lora {
                     file: spec.path.clone(),
@@ -966,22 +966,6 @@ pub fn merge_diffusers_pipeline(
     opts.check_cancel()?;
     finish(tmp, src, out)?;
     Ok(report)
-}
-
-/// The torch-layout shape of a module's ΔW, without computing it for plain LoRAs.
-fn delta_shape(m: &lora_format::LoraModule) -> Result<Vec<usize>> {
-    match &m.kind {
-        lora_format::LoraKind::Lora {
-            down,
-            up,
-            mid: None,
-        } => {
-            let mut s = vec![up.shape[0]];
-            s.extend_from_slice(&down.shape[1..]);
-            Ok(s)
-        }
-        _ => Ok(lora_merge::delta(m)?.shape),
-    }
 }
 
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

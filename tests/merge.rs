@@ -397,6 +397,28 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     safetensors::serialize_to_file(views, None, path).expect("write");
 }
 
+/// A kohya LoRA for SD 1.x's 320-wide attn1.to_q: the tiny pipeline's is 32 wide.
+fn wrong_shape_lora(dir: &Path) -> PathBuf {
+    let p = dir.join("wrong_shape.safetensors");
+    let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    write_safetensors(
+        &p,
+        &[
+            (
+                &format!("{m}.lora_down.weight"),
+                vec![4, 320],
+                vec![0.01; 4 * 320],
+            ),
+            (
+                &format!("{m}.lora_up.weight"),
+                vec![320, 4],
+                vec![0.01; 320 * 4],
+            ),
+        ],
+    );
+    p
+}
+
 #[test]
 fn truncated_lora_file() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -423,23 +445,7 @@ fn header_offsets_past_the_end() {
 #[test]
 fn lora_whose_shapes_do_not_match_the_model() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let p = tmp.path().join("wrong_shape.safetensors");
-    let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    write_safetensors(
-        &p,
-        &[
-            (
-                &format!("{m}.lora_down.weight"),
-                vec![4, 320],
-                vec![0.01; 4 * 320],
-            ),
-            (
-                &format!("{m}.lora_up.weight"),
-                vec![320, 4],
-                vec![0.01; 320 * 4],
-            ),
-        ],
-    );
+    let p = wrong_shape_lora(tmp.path());
     let err = merge_error(&tiny("onnx"), &p);
     assert!(
         err.contains("wrong_shape.safetensors") && err.contains("attn1.to_q"),
@@ -730,23 +736,7 @@ fn diffusers_layout_refuses_a_lora_for_another_model() {
     // Same rule as for ONNX pipelines: a ΔW that does not fit its weight is an error naming the
     // file and module, not an unmapped key; nothing is written.
     let tmp = tempfile::tempdir().expect("tempdir");
-    let p = tmp.path().join("wrong_shape.safetensors");
-    let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    write_safetensors(
-        &p,
-        &[
-            (
-                &format!("{m}.lora_down.weight"),
-                vec![4, 320],
-                vec![0.01; 4 * 320],
-            ),
-            (
-                &format!("{m}.lora_up.weight"),
-                vec![320, 4],
-                vec![0.01; 320 * 4],
-            ),
-        ],
-    );
+    let p = wrong_shape_lora(tmp.path());
     let out = tmp.path().join("out");
     let err = lorafuse::merge::merge_diffusers_pipeline(
         &tiny("diffusers"),

@@ -85,12 +85,7 @@ pub fn with_overridable_inputs(model: &OnnxModel, names: &[String]) -> Result<Pa
         if existing.contains(name.as_str()) {
             continue;
         }
-        let info = model
-            .initializer(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: model.path().to_path_buf(),
-            })?;
+        let info = model.require(name)?;
         let dims: Vec<Dim> = info.dims.iter().map(|&d| Dim::Fixed(d)).collect();
         inputs.push(value_info(name, tensor_type(info.dtype, Some(&dims))));
     }

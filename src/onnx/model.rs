@@ -208,7 +208,8 @@ impl OnnxModel {
         set.into_iter().map(str::to_owned).collect()
     }
 
-    fn require(&self, name: &str) -> Result<&TensorInfo> {
+    /// Initializer `name`, or an error naming it and this model's file.
+    pub fn require(&self, name: &str) -> Result<&TensorInfo> {
         self.initializer(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_owned(),
             file: self.path.clone(),

@@ -46,14 +46,16 @@ pub fn write_patched(
     replacements: &HashMap<String, Vec<u8>>,
     out_dir: &Path,
 ) -> Result<WriteReport> {
-    // Check every replacement before writing anything.
+    check_replacements(model, replacements)?;
+    let names: Vec<String> = replacements.keys().cloned().collect();
+    let mut produce = |name: &str| Ok(replacements[name].clone());
+    write_patched_with(model, &names, &mut produce, out_dir, true)
+}
+
+/// Every replacement names an initializer of `model` and has its exact byte length.
+fn check_replacements(model: &OnnxModel, replacements: &HashMap<String, Vec<u8>>) -> Result<()> {
     for (name, bytes) in replacements {
-        let info = model
-            .initializer(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: model.path().to_path_buf(),
-            })?;
+        let info = model.require(name)?;
         if bytes.len() as u64 != info.byte_len() {
             return Err(Error::InvalidArgument(format!(
                 "replacement for `{name}` has {} bytes; the initializer ({} {:?}) has {}",
@@ -64,9 +66,7 @@ pub fn write_patched(
             )));
         }
     }
-    let names: Vec<String> = replacements.keys().cloned().collect();
-    let mut produce = |name: &str| Ok(replacements[name].clone());
-    write_patched_with(model, &names, &mut produce, out_dir, true)
+    Ok(())
 }
 
 /// [`write_patched`] with each replacement computed when its bytes are written (`produce(name)`,
@@ -120,12 +120,7 @@ fn locate<'a>(model: &'a OnnxModel, names: &'a [String]) -> Result<Located<'a>> 
     let mut external: BTreeMap<&str, Vec<Patch<'_>>> = BTreeMap::new();
     let mut typed: Vec<(&str, &str)> = Vec::new();
     for name in names {
-        let info = model
-            .initializer(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: model.path().to_path_buf(),
-            })?;
+        let info = model.require(name)?;
         let patch = Patch {
             offset: 0,
             len: info.byte_len(),
@@ -462,21 +457,9 @@ pub fn patched_in_memory(
     let mut inline: Vec<BytePatch<'_>> = Vec::new();
     let mut external: BTreeMap<&str, Vec<BytePatch<'_>>> = BTreeMap::new();
     let mut typed = false;
+    check_replacements(model, replacements)?;
     for (name, bytes) in replacements {
-        let info = model
-            .initializer(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: model.path().to_path_buf(),
-            })?;
-        if bytes.len() as u64 != info.byte_len() {
-            return Err(Error::InvalidArgument(format!(
-                "replacement for `{name}` has {} bytes; the initializer has {}",
-                bytes.len(),
-                info.byte_len()
-            )));
-        }
-        match &info.storage {
+        match &model.require(name)?.storage {
             Storage::Inline { offset, .. } => inline.push((*offset, bytes, name)),
             Storage::External {
                 location, offset, ..

@@ -185,13 +185,7 @@ impl LiveWeights {
         };
         let mut slots = BTreeMap::new();
         for name in names {
-            let info = model
-                .initializer(name)
-                .ok_or_else(|| Error::MissingTensor {
-                    name: name.clone(),
-                    file: model.path().to_path_buf(),
-                })?
-                .clone();
+            let info = model.require(name)?.clone();
             let bytes = model.initializer_bytes(name)?;
             let host = host_tensor_from_bytes(info.dtype, &info.dims, &bytes)?;
             let mut live = kernels.device_tensor(info.dtype, &info.dims)?;
