@@ -924,10 +924,18 @@ fn switching_loras_on_a_live_pipeline_equals_a_fresh_pipeline() {
     );
     live.set_loras(&[], None).expect("none");
     let back = live.generate(&params(), None).expect("back");
-    assert_eq!(
-        px(&back),
-        px(&base),
-        "an empty set restores the base weights"
+    // The base weights are restored bit for bit (tests/switch.rs), but `base` ran on a session
+    // whose weights ORT pre-packed and `back` on one that reads them as inputs: the CPU may pick
+    // other kernels for each (AVX2 vs AVX-512), so the pixels agree within 1/255, not exactly.
+    let worst = px(&back)
+        .iter()
+        .zip(px(&base))
+        .map(|(a, b)| a.abs_diff(b))
+        .max()
+        .expect("pixels");
+    assert!(
+        worst <= 1,
+        "an empty set restores the base weights: {worst}/255 apart"
     );
 }
 
