@@ -47,8 +47,10 @@ pub fn unit_to_u8(unit: &[f32]) -> Vec<u8> {
 }
 
 /// Write `image` as a PNG at `path` atomically (temporary file in the same folder, then rename), with the
-/// settings in a `parameters` text chunk as AUTOMATIC1111's web UI writes them.
+/// settings in a `parameters` text chunk as AUTOMATIC1111's web UI writes them. Only a regular file
+/// is replaced: a folder, link, FIFO or device at `path` is an error and stays as it was.
 pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
+    crate::files::check_output_file(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

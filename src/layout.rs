@@ -155,14 +155,17 @@ impl OnnxPipelineDir {
 
 /// Read a JSON file that may be absent; a present but broken file is an error naming it.
 pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
-    match std::fs::read(path) {
+    match crate::files::read_regular(path, MAX_CONFIG_BYTES) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::Config {
                 file: path.to_path_buf(),
                 msg: e.to_string(),
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
+        Err(Error::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
+
+/// The largest JSON config file read (model_index, config.json, scheduler and adapter configs).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;

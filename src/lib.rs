@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod error;
 pub mod ffi;
+pub mod files;
 pub mod image;
 pub mod layout;
 pub mod lora;

@@ -23,6 +23,20 @@ use crate::weights::keys::ModuleList;
 use crate::weights::keys::UnmappedReason;
 use crate::{Error, Result};
 
+/// The largest |weight| a LoRA may be given (A1111 users go to ±2 or so; beyond this the weights
+/// only overflow).
+pub const MAX_LORA_WEIGHT: f32 = 1000.0;
+
+/// A LoRA weight must be finite and within ±[`MAX_LORA_WEIGHT`] (the CLI's `FILE:W`, prompt tags
+/// and the C ABI all check it here).
+pub fn check_lora_weight(w: f32) -> std::result::Result<(), String> {
+    if w.is_finite() && w.abs() <= MAX_LORA_WEIGHT {
+        Ok(())
+    } else {
+        Err(format!("{w} is not a number within ±{MAX_LORA_WEIGHT}"))
+    }
+}
+
 /// One LoRA file and its weight, as written on the command line: `FILE[:WEIGHT]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
@@ -37,11 +51,8 @@ impl std::str::FromStr for LoraSpec {
         if let Some((p, w)) = s.rsplit_once(':')
             && let Ok(weight) = w.parse::<f32>()
         {
-            if !weight.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "LoRA weight in `{s}` is not finite"
-                )));
-            }
+            check_lora_weight(weight)
+                .map_err(|m| Error::InvalidArgument(format!("LoRA weight in `{s}`: {m}")))?;
             return Ok(LoraSpec {
                 path: PathBuf::from(p),
                 weight,
@@ -71,6 +82,10 @@ pub struct MergeOptions {
     /// Set (e.g. by a Ctrl-C handler) to stop: the merge returns [`Error::Cancelled`] at the next
     /// file or weight and removes its temporary folder; the output never appears.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Follow symbolic links that leave the pipeline folder (by default they are refused, see
+    /// [`crate::files::walk_files`]; links inside it, and a hub cache's links into its blobs,
+    /// are always followed).
+    pub follow_outside_links: bool,
 }
 
 impl MergeOptions {
@@ -89,6 +104,7 @@ impl Default for MergeOptions {
             text_encoder_scale: 1.0,
             strict: false,
             cancel: None,
+            follow_outside_links: false,
         }
     }
 }
@@ -533,6 +549,18 @@ impl MergePlan {
             lora_layout(t.mapped.layout),
             &items,
         )?;
+        check_merged(&values, t.mapped.dtype).map_err(|m| {
+            let files: Vec<String> = t
+                .items
+                .iter()
+                .map(|&(li, _, _)| self.loras[li].path.display().to_string())
+                .collect();
+            Error::InvalidArgument(format!(
+                "merging {} into `{name}` ({}) of the {component}: {m}; lower the LoRA weights",
+                files.join(", "),
+                t.mapped.module
+            ))
+        })?;
         Ok(MergedWeight {
             initializer: name.to_string(),
             module: t.mapped.module.clone(),
@@ -584,6 +612,16 @@ impl MergePlan {
                     WeightUpdate::Full { delta }
                 }
             };
+            // The device adds the update to W itself; a cheap bound on |ΔW| says whether the sum
+            // can leave the dtype's range, and only then is the weight merged here to check it.
+            let max_abs = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let bound = match &update {
+                WeightUpdate::LowRank { a, b, r, .. } => *r as f32 * max_abs(a) * max_abs(b),
+                WeightUpdate::Full { delta } => max_abs(delta),
+            };
+            if !(bound <= dtype_limit(t.mapped.dtype) / 2.0) {
+                self.merged_weight(component, name)?;
+            }
             out.push(PlannedUpdate {
                 initializer: name.clone(),
                 module: t.mapped.module.clone(),
@@ -599,6 +637,30 @@ impl MergePlan {
             .iter()
             .map(|c| (c.component, c.len()))
             .collect()
+    }
+}
+
+/// The largest finite magnitude of a float initializer's dtype, as f32.
+fn dtype_limit(dtype: crate::onnx::DataType) -> f32 {
+    match dtype {
+        crate::onnx::DataType::Float16 => f32::from(half::f16::MAX),
+        _ => f32::MAX,
+    }
+}
+
+/// A merged weight must be finite in its storage dtype: fp16 overflows past 65504.
+pub fn check_merged(
+    values: &[f32],
+    dtype: crate::onnx::DataType,
+) -> std::result::Result<(), String> {
+    let limit = dtype_limit(dtype);
+    match values.iter().position(|v| !(v.abs() <= limit)) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "element {i} becomes {}, beyond what {} holds",
+            values[i],
+            dtype.name()
+        )),
     }
 }
 
@@ -626,7 +688,7 @@ pub fn merge_pipeline(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<MergeReport> {
     let dir = OnnxPipelineDir::open(src)?;
-    check_output(src, out)?;
+    crate::files::check_new_folder(src, out)?;
     let plan = plan(&dir, loras, opts)?;
     let patched: BTreeMap<String, usize> = plan
         .counts()
@@ -708,35 +770,23 @@ pub fn merge_pipeline(
     Ok(report)
 }
 
-/// Refuse an existing output, or one inside the input.
-fn check_output(src: &Path, out: &Path) -> Result<()> {
-    if out.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: output already exists; choose a new folder",
-            out.display()
-        )));
-    }
-    if let (Ok(a), Some(parent)) = (src.canonicalize(), out.parent()) {
-        let parent = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        if let Ok(p) = parent.canonicalize()
-            && p.starts_with(&a)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the output must not be inside the input pipeline {}",
-                out.display(),
-                src.display()
-            )));
-        }
-    }
-    Ok(())
+/// A temporary folder beside `out` (same file system, so the final rename is atomic); removed on
+/// drop. Its name carries our pid and the folder stays locked (`flock`) while we live, so a later
+/// merge can tell the leftovers of a killed one (pid gone, lock free) and removes them first.
+struct TempOut {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
 }
 
-/// A temporary folder beside `out` (same file system, so the final rename is atomic); removed on drop.
-fn temp_dir_beside(out: &Path) -> Result<tempfile::TempDir> {
+impl TempOut {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+const TEMP_TAG: &str = ".lorafuse-";
+
+fn temp_dir_beside(out: &Path) -> Result<TempOut> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -746,13 +796,79 @@ fn temp_dir_beside(out: &Path) -> Result<tempfile::TempDir> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged".into());
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}.lorafuse-"))
+    remove_stale_temp_dirs(&parent);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!(".{name}{TEMP_TAG}{}-", std::process::id()))
         .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))
+        .map_err(|e| Error::io(&parent, e))?;
+    let lock = std::fs::File::open(dir.path()).map_err(|e| Error::io(dir.path(), e))?;
+    try_lock(&lock);
+    Ok(TempOut { dir, _lock: lock })
 }
 
-/// Copy every file under `src` to `dst` except those `skip` selects; returns (copied, total files).
+/// An exclusive advisory lock without waiting; `false` when another process holds it.
+fn try_lock(f: &std::fs::File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor for the duration of the call.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        false
+    }
+}
+
+/// Remove `.<name>.lorafuse-<pid>-*` folders in `parent` whose process is gone and whose lock
+/// nobody holds: what a `kill -9` or a power cut left behind. Anything else is left alone.
+fn remove_stale_temp_dirs(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let file_name = e.file_name();
+        let name = file_name.to_string_lossy();
+        let Some(pid) = name
+            .starts_with('.')
+            .then(|| name.rsplit_once(TEMP_TAG))
+            .flatten()
+            .and_then(|(_, rest)| rest.split('-').next()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if !is_dir || pid <= 0 || pid == std::process::id() as i32 || process_alive(pid) {
+            continue;
+        }
+        if let Ok(f) = std::fs::File::open(&path)
+            && try_lock(&f)
+        {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Copy every file under `src` to `dst` except those `skip` selects (given each file's path as
+/// listed under `src`); returns (copied, total files). Links are followed inside the folder (a hub
+/// cache snapshot is copied complete) and refused when they leave it (see
+/// [`crate::files::walk_files`]), so nothing from outside the pipeline lands in the output.
 fn copy_tree_except(
     src: &Path,
     dst: &Path,
@@ -760,25 +876,21 @@ fn copy_tree_except(
     opts: &MergeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(usize, usize)> {
-    let mut files = Vec::new();
-    list_files(src, &mut files)?;
+    let files = crate::files::walk_files(src, opts.follow_outside_links)?;
     let total = files.len();
     let mut done = 0;
     for f in &files {
-        if skip(f) {
+        if skip(&f.path) {
             continue;
         }
         opts.check_cancel()?;
-        let rel = f.strip_prefix(src).map_err(|_| {
-            Error::InvalidArgument(format!("{} is outside {}", f.display(), src.display()))
-        })?;
-        let to = dst.join(rel);
+        let to = dst.join(&f.rel);
         if let Some(p) = to.parent() {
             std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
         }
-        std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
+        std::fs::copy(&f.real, &to).map_err(|e| Error::io(&f.path, e))?;
         done += 1;
-        progress(done, total, &rel.to_string_lossy());
+        progress(done, total, &f.rel.to_string_lossy());
     }
     Ok((done, total))
 }
@@ -786,14 +898,14 @@ fn copy_tree_except(
 /// Make the finished temporary folder durable (one filesystem sync, like `cp` + `sync`, instead of
 /// an fsync per file), give it the source folder's permissions (it was created owner-only), then
 /// rename it into place and sync the parent so the rename lasts too.
-fn finish(tmp: tempfile::TempDir, src: &Path, out: &Path) -> Result<()> {
+fn finish(tmp: TempOut, src: &Path, out: &Path) -> Result<()> {
     if let Ok(md) = std::fs::metadata(src) {
         std::fs::set_permissions(tmp.path(), md.permissions())
             .map_err(|e| Error::io(tmp.path(), e))?;
     }
     sync_filesystem_of(tmp.path())?;
-    let tmp_path = tmp.keep();
-    std::fs::rename(&tmp_path, out).map_err(|e| {
+    let tmp_path = tmp.dir.keep();
+    rename_no_replace(&tmp_path, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp_path);
         Error::io(out, e)
     })?;
@@ -802,6 +914,43 @@ fn finish(tmp: tempfile::TempDir, src: &Path, out: &Path) -> Result<()> {
         let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
     }
     Ok(())
+}
+
+/// `rename(2)` that fails if `to` appeared meanwhile (Linux `RENAME_NOREPLACE`; a plain rename,
+/// which would replace an empty folder, elsewhere or where the filesystem lacks it).
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
+        };
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: two valid NUL-terminated paths relative to the current directory.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the output appeared while the merge ran",
+        ));
+    }
+    std::fs::rename(from, to)
 }
 
 /// `syncfs(2)` on the filesystem holding `dir` (Linux); elsewhere an fsync of every file under it.
@@ -817,9 +966,8 @@ fn sync_filesystem_of(dir: &Path) -> Result<()> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let mut files = Vec::new();
-        list_files(dir, &mut files)?;
-        for f in files {
+        for f in crate::files::walk_files(dir, false)? {
+            let f = f.path;
             std::fs::File::open(&f)
                 .and_then(|h| h.sync_all())
                 .map_err(|e| Error::io(&f, e))?;
@@ -840,7 +988,7 @@ pub fn merge_diffusers_pipeline(
     dry_run: bool,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<MergeReport> {
-    check_output(src, out)?;
+    crate::files::check_new_folder(src, out)?;
     let modules = ModuleList::from_diffusers_dir(src)?;
     let mut adapters = Vec::with_capacity(loras.len());
     let mut reports = Vec::with_capacity(loras.len());
@@ -966,24 +1114,6 @@ pub fn merge_diffusers_pipeline(
     opts.check_cancel()?;
     finish(tmp, src, out)?;
     Ok(report)
-}
-
-fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let p = e.path();
-        let ft = e.file_type().map_err(|err| Error::io(&p, err))?;
-        if ft.is_dir() {
-            list_files(&p, out)?;
-        } else if ft.is_file() {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

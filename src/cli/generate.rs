@@ -88,6 +88,17 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     if a.batch_size == 0 || a.num_images == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
+    if a.num_images > 1 && !a.output.contains("{index}") && !a.output.contains("{seed}") {
+        bail!(
+            "-o {}: {} images would overwrite each other; put {{index}} or {{seed}} in the name",
+            a.output,
+            a.num_images
+        );
+    }
+    crate::pipeline::txt2img::check_seed_range(a.seed, a.num_images)?;
+    // Nothing but regular files is replaced: the first name is checked before any work, every
+    // other one by write_png.
+    crate::files::check_output_file(&output_path(&a.output, 0, a.seed))?;
     let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
     let opts = session::SessionOptions {
         device,
@@ -205,11 +216,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
                     loras: &loras,
                 }),
             };
-            let path = PathBuf::from(
-                a.output
-                    .replace("{index}", &(index + k).to_string())
-                    .replace("{seed}", &image_seed.to_string()),
-            );
+            let path = output_path(&a.output, index + k, image_seed);
             write_png(&path, &img)?;
             println!("{}", path.display());
         }
@@ -218,16 +225,19 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The file of image `index` (seed `seed`) for the `-o` pattern.
+fn output_path(pattern: &str, index: usize, seed: u64) -> PathBuf {
+    PathBuf::from(
+        pattern
+            .replace("{index}", &index.to_string())
+            .replace("{seed}", &seed.to_string()),
+    )
+}
+
 /// Latents from `.npy` (f32) or `.safetensors` (one tensor, any float dtype).
 fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => {
-            let f =
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let arr: ndarray::ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(f)
-                .with_context(|| format!("{}: expected a float32 .npy array", path.display()))?;
-            Ok((arr.shape().to_vec(), arr.iter().copied().collect()))
-        }
+        Some("npy") => Ok(crate::weights::npy::read_f32(path)?),
         Some("safetensors") => {
             let w = crate::weights::WeightFile::open(path)?;
             let names: Vec<&str> = w.names().collect();

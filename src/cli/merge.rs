@@ -43,6 +43,10 @@ pub struct MergeArgs {
     /// Machine-readable report.
     #[arg(long)]
     pub json: bool,
+    /// Follow symbolic links that point out of the pipeline folder (refused by default; links
+    /// inside it, and a hub cache snapshot's links into its blobs, are always followed).
+    #[arg(long)]
+    pub allow_external_links: bool,
 }
 
 pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
@@ -50,19 +54,28 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
     {
         let cancel = cancel.clone();
         // Ctrl-C: stop at the next file or weight and remove the temporary folder (nothing appears
-        // at --out); a second Ctrl-C quits at once and may leave a hidden `.<out>.lorafuse-*` folder.
+        // at --out). What happened is said once the merge returns: a Ctrl-C that comes after the
+        // last check finds the output complete. A second Ctrl-C quits at once; the hidden
+        // `.<out>.lorafuse-<pid>-*` folder it leaves is removed by the next merge into that folder.
         let _ = ctrlc::set_handler(move || {
             if cancel.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupted: removing the unfinished output (Ctrl-C again to quit now)");
+            eprintln!("\ninterrupted: stopping (Ctrl-C again to quit now)");
         });
+    }
+    for (flag, v) in [
+        ("--unet-scale", a.unet_scale),
+        ("--text-encoder-scale", a.text_encoder_scale),
+    ] {
+        crate::merge::check_lora_weight(v).map_err(|m| anyhow::anyhow!("{flag}: {m}"))?;
     }
     let opts = MergeOptions {
         unet_scale: a.unet_scale,
         text_encoder_scale: a.text_encoder_scale,
         strict: a.strict,
-        cancel: Some(cancel),
+        cancel: Some(cancel.clone()),
+        follow_outside_links: a.allow_external_links,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -82,7 +95,25 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         _ => merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
     };
     bar.finish_and_clear();
-    let report = report.with_context(|| format!("merging into {}", a.model.display()))?;
+    let report = match report {
+        Err(crate::Error::Cancelled) => {
+            eprintln!("interrupted: nothing was written to {}", a.out.display());
+            std::process::exit(130);
+        }
+        r => r.with_context(|| {
+            format!(
+                "merging LoRAs into a copy of {} at {}",
+                a.model.display(),
+                a.out.display()
+            )
+        })?,
+    };
+    if cancel.load(Ordering::SeqCst) {
+        eprintln!(
+            "interrupted after the output was complete: {} is whole and kept",
+            a.out.display()
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -283,11 +283,8 @@ unsafe fn lora_list(
         .zip(ws)
         .enumerate()
         .map(|(i, (&l, &w))| {
-            if !w.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "weights[{i}] is not finite"
-                )));
-            }
+            crate::merge::check_lora_weight(w)
+                .map_err(|m| Error::InvalidArgument(format!("weights[{i}]: {m}")))?;
             Ok((handles::lora(l, &format!("loras[{i}]"))?, w))
         })
         .collect()
@@ -299,10 +296,12 @@ unsafe fn merge_options(o: *const LorafuseMergeOptions) -> Result<(MergeOptions,
     }
     // SAFETY: a readable struct of the version it declares, borrowed for the call.
     let o = unsafe { read_versioned(o, default_merge_options(), &MERGE_OPTIONS_SIZES, "options") }?;
-    if !o.unet_scale.is_finite() || !o.text_encoder_scale.is_finite() {
-        return Err(Error::InvalidArgument(
-            "options.unet_scale and options.text_encoder_scale must be finite".into(),
-        ));
+    for (name, v) in [
+        ("unet_scale", o.unet_scale),
+        ("text_encoder_scale", o.text_encoder_scale),
+    ] {
+        crate::merge::check_lora_weight(v)
+            .map_err(|m| Error::InvalidArgument(format!("options.{name}: {m}")))?;
     }
     Ok((
         MergeOptions {

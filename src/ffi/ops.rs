@@ -262,6 +262,7 @@ impl PipelineState {
                 "num_images and batch_size must be at least 1".into(),
             ));
         }
+        crate::pipeline::txt2img::check_seed_range(req.seed, req.num_images)?;
         let scheduler = req.scheduler.as_deref().map(|s| s.replace('-', "_"));
         // A1111 prompt tags (with a LoRA folder): they make the active set, as the CLI does, and
         // leave the text the model sees; the parameters text keeps the prompt as given.

@@ -438,7 +438,7 @@ fn load_config_source(
         None
     };
     if let Some(p) = explicit.or(sibling) {
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let text = crate::files::read_text(&p, crate::layout::MAX_CONFIG_BYTES)?;
         let obj = parse_json_object(&text).ok_or_else(|| Error::Config {
             file: p.clone(),
             msg: "not a JSON object".into(),
@@ -717,6 +717,47 @@ fn deep_transformer_block(name: &ModuleName) -> bool {
 
 type Built = std::result::Result<LoraModule, UnmappedReason>;
 
+/// A LoRA factor: a float tensor (F32, F16, BF16 or F64) whose every value is finite. An integer
+/// or bool tensor, or one holding NaN/Inf, would merge into NaN weights and black images.
+fn read_factor(file: &WeightFile, key: &str) -> Result<Tensor> {
+    let bad = |msg: String| Error::Lora {
+        file: file.path().to_path_buf(),
+        msg: format!("tensor `{key}`: {msg}"),
+    };
+    let dtype = file
+        .info(key)
+        .map(|i| i.dtype)
+        .ok_or_else(|| Error::MissingTensor {
+            name: key.to_owned(),
+            file: file.path().to_path_buf(),
+        })?;
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+        return Err(bad(format!(
+            "dtype {dtype:?}; LoRA factors are float tensors (F32, F16, BF16)"
+        )));
+    }
+    let t = Tensor::read(file, key)?;
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!(
+            "element {i} is {} (the file is damaged, or training diverged)",
+            t.data[i]
+        )));
+    }
+    Ok(t)
+}
+
+/// A module's `.alpha`: one finite, non-negative number (0 means "= rank", the kohya rule).
+fn read_alpha(file: &WeightFile, key: &str) -> Result<f32> {
+    let a = file.scalar_f32(key)?;
+    if !a.is_finite() || a < 0.0 {
+        return Err(Error::Lora {
+            file: file.path().to_path_buf(),
+            msg: format!("`{key}` is {a}; alpha must be a finite number ≥ 0"),
+        });
+    }
+    Ok(a)
+}
+
 fn invalid(msg: String) -> Built {
     Err(UnmappedReason::Invalid(msg))
 }
@@ -757,12 +798,12 @@ fn build_module(
     }
     let get = |r: Role| -> Result<Option<Tensor>> {
         match roles.get(&r) {
-            Some(k) => Ok(Some(Tensor::read(file, k)?)),
+            Some(k) => Ok(Some(read_factor(file, k)?)),
             None => Ok(None),
         }
     };
     let alpha = match roles.get(&Role::Alpha) {
-        Some(k) => Some(file.scalar_f32(k)?),
+        Some(k) => Some(read_alpha(file, k)?),
         None => None,
     };
     let has = |r: &[Role]| r.iter().any(|r| roles.contains_key(r));
@@ -830,7 +871,17 @@ fn build_module(
         let (alpha, scale) = match config.get(component) {
             Some(cfg) => {
                 let (r, a) = cfg.r_alpha(&keys::peft_module_name(component, module_path), rank);
-                (Some(a as f32), cfg.scale(r, a) as f32)
+                let scale = cfg.scale(r, a) as f32;
+                if !(r > 0.0 && a.is_finite() && scale.is_finite()) {
+                    return Err(Error::Lora {
+                        file: file.path().to_path_buf(),
+                        msg: format!(
+                            "`{module_path}`: the adapter config gives r = {r}, lora_alpha = {a} \
+                             (scale {scale}); r must be positive and both finite"
+                        ),
+                    });
+                }
+                (Some(a as f32), scale)
             }
             None => (alpha, kohya_scale(rank)),
         };

@@ -39,6 +39,13 @@ pub enum Layout {
 
 fn view2<'a>(t: &'a Tensor, rows: usize, what: &str) -> Result<ArrayView2<'a, f32>> {
     let cols = t.numel().checked_div(rows).unwrap_or(0);
+    if rows * cols != t.numel() {
+        return Err(Error::InvalidArgument(format!(
+            "`{what}`: a factor of shape {:?} ({} elements) cannot be read as {rows} rows",
+            t.shape,
+            t.numel()
+        )));
+    }
     ArrayView2::from_shape((rows, cols), &t.data).map_err(|_| Error::Shape {
         name: what.to_string(),
         expected: vec![rows, cols],
@@ -518,6 +525,18 @@ pub fn merge_state_dict(
         let bad = || Error::InvalidArgument(format!("tensor `{name}`: dtype {:?}", info.dtype));
         let mut w = decode_f32(info.dtype, file.bytes(name)?).ok_or_else(bad)?;
         merge_into(&mut w, &info.shape, Layout::Torch, items)?;
+        let limit = match info.dtype {
+            Dtype::F16 => f32::from(half::f16::MAX),
+            _ => f32::MAX,
+        };
+        if let Some(i) = w.iter().position(|v| !(v.abs() <= limit)) {
+            return Err(Error::InvalidArgument(format!(
+                "merging into `{name}` of {}: element {i} becomes {}, beyond what {:?} holds; lower the LoRA weights",
+                file.path().display(),
+                w[i],
+                info.dtype
+            )));
+        }
         Ok(Some(encode_f32(info.dtype, &w).ok_or_else(bad)?))
     };
     let metadata = (!file.metadata().is_empty()).then(|| file.metadata().clone());

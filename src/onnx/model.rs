@@ -10,7 +10,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
@@ -95,7 +94,7 @@ impl OnnxModel {
     /// Memory-map and decode `path`; resolve and check every initializer's storage.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::files::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Err(onnx_err(path, "the file is empty"));
@@ -136,8 +135,9 @@ impl OnnxModel {
         let mut tensors = Vec::with_capacity(graph.initializer.len());
         let mut by_name = HashMap::with_capacity(graph.initializer.len());
         let mut data_sizes: HashMap<String, u64> = HashMap::new();
+        let mut trust = None;
         for (index, t) in graph.initializer.iter().enumerate() {
-            let info = tensor_info(&path, &dir, &file, t, index, &mut data_sizes)?;
+            let info = tensor_info(&path, &dir, &file, t, index, &mut data_sizes, &mut trust)?;
             if by_name.insert(info.name.clone(), index).is_some() {
                 return Err(onnx_err(
                     &path,
@@ -229,7 +229,7 @@ impl OnnxModel {
             Storage::External {
                 path, offset, len, ..
             } => {
-                let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+                let mut f = crate::files::open_regular(path)?;
                 f.seek(SeekFrom::Start(*offset))
                     .map_err(|e| Error::io(path, e))?;
                 let mut buf = vec![0u8; *len as usize];
@@ -530,6 +530,7 @@ fn tensor_info(
     t: &TensorProto,
     index: usize,
     data_sizes: &mut HashMap<String, u64>,
+    trust: &mut Option<PathBuf>,
 ) -> Result<TensorInfo> {
     let name = t.name().to_owned();
     let bad = |msg: String| onnx_err(path, format!("initializer `{name}`: {msg}"));
@@ -598,6 +599,15 @@ fn tensor_info(
             None => {
                 let md = std::fs::metadata(&data_path)
                     .map_err(|e| bad(format!("external data file {}: {e}", data_path.display())))?;
+                // A data file that is a link must stay inside the model's folder (or its hub
+                // cache repository): ONNX Runtime refuses such models, and a merge must not copy
+                // whatever the link points at into its output.
+                let root = match trust {
+                    Some(r) => r.clone(),
+                    None => trust.insert(crate::files::trust_root(dir)?).clone(),
+                };
+                crate::files::contained(&root, &data_path)
+                    .map_err(|e| bad(format!("external data: {e}")))?;
                 if !md.is_file() {
                     return Err(bad(format!(
                         "external data {} is not a regular file",

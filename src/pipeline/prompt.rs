@@ -39,9 +39,12 @@ pub fn extract_lora_tags(prompt: &str) -> Result<TaggedPrompt> {
                 .trim()
                 .parse::<f32>()
                 .ok()
-                .filter(|w| w.is_finite())
+                .filter(|w| crate::merge::check_lora_weight(*w).is_ok())
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!("`<lora:{body}>`: weight `{w}` is not a number"))
+                    Error::InvalidArgument(format!(
+                        "`<lora:{body}>`: weight `{w}` is not a number within ±{}",
+                        crate::merge::MAX_LORA_WEIGHT
+                    ))
                 })?,
         };
         if parts.next().is_some() {
@@ -57,27 +60,30 @@ pub fn extract_lora_tags(prompt: &str) -> Result<TaggedPrompt> {
 }
 
 /// Find the file for a tag name in `dir`: `name` itself if it is a file there, else
-/// `name.safetensors`, else the first `*.safetensors` below `dir` whose stem is `name`.
+/// `name.safetensors`, else the first `*.safetensors` below `dir` (sorted walk) whose stem is
+/// `name`. Names come from prompts, i.e. from whoever types them: only plain relative names are
+/// looked up, and whatever they resolve to (links followed) must stay inside `dir`.
 pub fn resolve_lora(dir: &Path, name: &str) -> Result<PathBuf> {
-    for cand in [dir.join(name), dir.join(format!("{name}.safetensors"))] {
+    let rel = crate::files::plain_relative(name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "<lora:{name}>: a LoRA name is a file name inside the LoRA folder (no absolute path, no `..`)"
+        ))
+    })?;
+    let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let mut stem = rel.as_os_str().to_owned();
+    stem.push(".safetensors");
+    for cand in [dir.join(&rel), dir.join(&stem)] {
         if cand.is_file() {
-            return Ok(cand);
+            return crate::files::contained(&root, &cand);
         }
     }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "safetensors")
-                && p.file_stem().is_some_and(|s| s == name)
+    if rel.components().count() == 1 {
+        // Links inside the folder are followed, a loop or a link out of it is an error.
+        for f in crate::files::walk_files(dir, false)? {
+            if f.path.extension().is_some_and(|e| e == "safetensors")
+                && f.path.file_stem().is_some_and(|s| s == name)
             {
-                return Ok(p);
+                return crate::files::contained(&root, &f.path);
             }
         }
     }
@@ -125,5 +131,35 @@ mod tests {
             extract_lora_tags("no tags <here>").expect("parse").text,
             "no tags <here>"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn tags_stay_inside_the_lora_folder() {
+        let d = tempfile::tempdir().expect("tmp");
+        let loras = d.path().join("loras");
+        std::fs::create_dir_all(loras.join("sub")).expect("mkdir");
+        std::fs::write(d.path().join("secret.safetensors"), b"x").expect("write");
+        std::fs::write(loras.join("sub/style.safetensors"), b"x").expect("write");
+        std::os::unix::fs::symlink(
+            d.path().join("secret.safetensors"),
+            loras.join("out.safetensors"),
+        )
+        .expect("link");
+        std::os::unix::fs::symlink(&loras, loras.join("sub/loop")).expect("link");
+        for name in ["/etc/passwd", "../secret", "sub/../../secret", "out"] {
+            let e = resolve_lora(&loras, name).expect_err(name).to_string();
+            assert!(e.contains(name) || e.contains("outside"), "{name}: {e}");
+        }
+        // A folder link loop is reported, not walked forever.
+        let e = resolve_lora(&loras, "nothing")
+            .expect_err("loop")
+            .to_string();
+        assert!(e.contains("loop") || e.contains("outside"), "{e}");
+        std::fs::remove_file(loras.join("sub/loop")).expect("rm");
+        std::fs::remove_file(loras.join("out.safetensors")).expect("rm");
+        let got = resolve_lora(&loras, "style").expect("found");
+        assert!(got.ends_with("sub/style.safetensors"), "{}", got.display());
+        assert!(resolve_lora(&loras, "sub/style").is_ok());
     }
 }

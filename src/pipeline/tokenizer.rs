@@ -29,6 +29,9 @@ use crate::error::{Error, Result};
 
 /// Sequence length of the SD 1.x text encoder (`tokenizer.model_max_length`).
 pub const MAX_LENGTH: usize = 77;
+/// The largest tokenizer.json / vocab.json / merges.txt read (CLIP's are 2–4 MB).
+pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
+
 /// `<|startoftext|>` in the CLIP vocabulary.
 pub const BOS_TOKEN: &str = "<|startoftext|>";
 /// `<|endoftext|>` in the CLIP vocabulary; also SD 1.x's unk and pad token.
@@ -107,7 +110,7 @@ impl SideConfig {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::files::read_text(&path, crate::layout::MAX_CONFIG_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
                 file: path.clone(),
                 msg: e.to_string(),
@@ -171,7 +174,8 @@ impl ClipTokenizer {
     }
 
     fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
-        let mut t = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        let text = crate::files::read_text(path, MAX_TOKENIZER_FILE_BYTES)?;
+        let mut t: Tokenizer = text.parse().map_err(|e| tok_err(path, e))?;
         t.with_truncation(None).map_err(|e| tok_err(path, e))?;
         t.with_padding(None);
         Ok(t)
@@ -184,6 +188,19 @@ impl ClipTokenizer {
                 Error::InvalidArgument(format!("path is not UTF-8: {}", p.display()))
             })
         };
+        // Regular files of sane size only (the tokenizers crate opens them itself).
+        for p in [vocab, merges] {
+            let len = crate::files::open_regular(p)?
+                .metadata()
+                .map_err(|e| Error::io(p, e))?
+                .len();
+            if len > MAX_TOKENIZER_FILE_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {len} bytes is more than a tokenizer file may have ({MAX_TOKENIZER_FILE_BYTES})",
+                    p.display()
+                )));
+            }
+        }
         let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".to_owned())

@@ -4,7 +4,7 @@
 //! through the UNet, `uncond + g·(text − uncond)`, scheduler step → `latents / scaling_factor` through
 //! the VAE decoder → pixels.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session};
@@ -20,6 +20,27 @@ use crate::runtime::session::{self, SessionOptions};
 use crate::runtime::switch::LiveWeights;
 use crate::runtime::tensor::{extract_f32, float_value, ids_value};
 use crate::{Error, Result};
+
+/// The largest width or height (SD 1.x is trained at 512; 4096 already needs tens of GB).
+pub const MAX_SIDE: u32 = 4096;
+/// The most pixels of one UNet batch (images × width × height).
+pub const MAX_BATCH_PIXELS: u64 = 4096 * 4096;
+/// The most images in one batch.
+pub const MAX_BATCH: usize = 64;
+/// The most denoising steps (as many as SD's training timesteps).
+pub const MAX_STEPS: usize = 1000;
+
+/// Image k of a run uses seed + k; a run whose last seed would pass `u64::MAX` is refused (never
+/// wrapped to 0), by the CLI and the C ABI alike.
+pub fn check_seed_range(seed: u64, images: usize) -> Result<()> {
+    match seed.checked_add((images as u64).saturating_sub(1)) {
+        Some(_) => Ok(()),
+        None => Err(Error::InvalidArgument(format!(
+            "seed {seed} + {images} images passes the largest seed ({})",
+            u64::MAX
+        ))),
+    }
+}
 
 /// What one generation call needs besides the pipeline.
 #[derive(Debug, Clone)]
@@ -291,16 +312,41 @@ impl Txt2Img {
             .and_then(|c| c.get("scaling_factor"))
             .and_then(|v| v.as_f64())
             .unwrap_or(0.18215) as f32;
-        let vae_scale_factor = vae_cfg
-            .as_ref()
-            .and_then(|c| c.get("block_out_channels"))
-            .and_then(|v| v.as_array())
-            .map(|a| 1usize << a.len().saturating_sub(1))
-            .unwrap_or(8);
-        let sample_size = unet_cfg
-            .as_ref()
-            .and_then(|c| c.get("sample_size"))
-            .and_then(|v| v.as_u64())
+        let vae_cfg_path = dir.root.join("vae_decoder/config.json");
+        let unet_cfg_path = dir.root.join("unet/config.json");
+        let config_err = |file: &PathBuf, msg: String| Error::Config {
+            file: file.clone(),
+            msg,
+        };
+        let vae_scale_factor = match vae_cfg.as_ref().and_then(|c| c.get("block_out_channels")) {
+            None => 8,
+            Some(v) => match v.as_array().map(Vec::len) {
+                Some(n @ 1..=8) => 1usize << (n - 1),
+                _ => {
+                    return Err(config_err(
+                        &vae_cfg_path,
+                        format!("block_out_channels {v} is not a list of 1 to 8 entries"),
+                    ));
+                }
+            },
+        };
+        let config_size = match unet_cfg.as_ref().and_then(|c| c.get("sample_size")) {
+            None => None,
+            // An int, or [h, w] as some configs write it (the first is used).
+            Some(v) => match v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())) {
+                Some(n) if (1..=MAX_SIDE as u64 / vae_scale_factor as u64).contains(&n) => Some(n),
+                _ => {
+                    return Err(config_err(
+                        &unet_cfg_path,
+                        format!(
+                            "sample_size {v} is not a latent size of 1 to {}",
+                            MAX_SIDE as usize / vae_scale_factor
+                        ),
+                    ));
+                }
+            },
+        };
+        let sample_size = config_size
             .or_else(|| {
                 sample_shape
                     .get(2)
@@ -321,6 +367,12 @@ impl Txt2Img {
                     .map(|d| d as u64)
             })
             .unwrap_or(4) as usize;
+        if !(1..=64).contains(&latent_channels) {
+            return Err(config_err(
+                &unet_cfg_path,
+                format!("in_channels {latent_channels} is not 1 to 64"),
+            ));
+        }
         Ok(Txt2Img {
             default_size: sample_size * vae_scale_factor as u32,
             dir,
@@ -671,11 +723,34 @@ impl Txt2Img {
                 "width and height must be positive multiples of {f}, got {width}x{height}"
             )));
         }
-        if p.steps == 0 {
-            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return Err(Error::InvalidArgument(format!(
+                "{width}x{height}: width and height are at most {MAX_SIDE}"
+            )));
         }
-        if p.batch == 0 {
-            return Err(Error::InvalidArgument("batch must be at least 1".into()));
+        if !(1..=MAX_STEPS).contains(&p.steps) {
+            return Err(Error::InvalidArgument(format!(
+                "steps {}: expected 1 to {MAX_STEPS}",
+                p.steps
+            )));
+        }
+        if !(1..=MAX_BATCH).contains(&p.batch) {
+            return Err(Error::InvalidArgument(format!(
+                "batch {}: expected 1 to {MAX_BATCH}",
+                p.batch
+            )));
+        }
+        if p.batch as u64 * width as u64 * height as u64 > MAX_BATCH_PIXELS {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} at {width}x{height} is more than {MAX_BATCH_PIXELS} pixels; use a smaller batch",
+                p.batch
+            )));
+        }
+        if !p.guidance_scale.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "guidance scale {} is not finite",
+                p.guidance_scale
+            )));
         }
         let b = p.batch;
         let (lh, lw) = ((height / f) as usize, (width / f) as usize);

@@ -49,6 +49,23 @@ pub struct SessionOptions {
     pub cuda: CudaOptions,
 }
 
+/// The most intra-op threads a session may ask for: 4 per CPU the process may use (at least 8).
+/// More only adds contention, and thousands of threads hang or crash ONNX Runtime.
+pub fn max_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) * 4).max(8)
+}
+
+/// Refuse 0 or more than [`max_threads`] intra-op threads.
+pub fn check_threads(n: usize) -> Result<()> {
+    let max = max_threads();
+    if n == 0 || n > max {
+        return Err(Error::InvalidArgument(format!(
+            "threads {n}: expected 1 to {max} (4 per CPU of this machine)"
+        )));
+    }
+    Ok(())
+}
+
 /// Settings of ONNX Runtime's CUDA execution provider (ORT `OrtCUDAProviderOptionsV2`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CudaOptions {
@@ -192,6 +209,7 @@ fn configure(
             .map_err(ort::Error::from)?;
     }
     if let Some(n) = opts.intra_threads {
+        check_threads(n)?;
         builder = builder.with_intra_threads(n).map_err(ort::Error::from)?;
     }
     match opts.device {

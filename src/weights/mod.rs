@@ -9,6 +9,7 @@
 //! Format reference: <https://github.com/huggingface/safetensors> (README "Format").
 
 pub mod keys;
+pub mod npy;
 mod safetensors;
 
 pub use self::keys::{Component, ModuleList, ModuleSet};

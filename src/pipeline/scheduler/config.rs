@@ -147,7 +147,7 @@ impl SchedulerConfig {
     /// Read `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path, crate::layout::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text).map_err(|e| match e {
             Error::Config { msg, .. } => Error::Config {
                 file: path.to_path_buf(),
@@ -217,6 +217,10 @@ pub(crate) struct Common {
 }
 
 /// Per-class defaults of the common `__init__` parameters.
+/// The largest `num_train_timesteps` a scheduler config may give (SD uses 1000; the schedule's
+/// tables are allocated from it).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 pub(crate) struct Defaults {
     pub timestep_spacing: &'static str,
     /// Whether the class has a `rescale_betas_zero_snr` parameter (PNDM and LMS do not).
@@ -226,9 +230,9 @@ pub(crate) struct Defaults {
 impl Common {
     pub fn resolve(c: &SchedulerConfig, d: Defaults) -> Result<Self> {
         let n = c.num_train_timesteps.unwrap_or(1000);
-        if n < 2 {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&n) {
             return Err(Error::InvalidArgument(format!(
-                "num_train_timesteps must be at least 2, got {n}"
+                "num_train_timesteps must be 2 to {MAX_TRAIN_TIMESTEPS}, got {n}"
             )));
         }
         if let Some(tb) = &c.trained_betas
