@@ -1167,3 +1167,194 @@ fn child_host_loaded_ort() {
 const _: LorafuseProgressFn = None::<unsafe extern "C" fn(*mut c_void, u32, u32) -> bool>;
 #[allow(dead_code)]
 const _: LorafuseLogFn = None::<unsafe extern "C" fn(*mut c_void, u32, *const c_char)>;
+
+/// What the re-entrant progress callback does, and what it saw.
+struct Reentry {
+    api: *const LorafuseApi,
+    pipeline: *mut LorafusePipeline,
+    lora: *mut LorafuseLora,
+    codes: Vec<u32>,
+    released: bool,
+}
+
+unsafe extern "C" fn reenter(userdata: *mut c_void, step: u32, _total: u32) -> bool {
+    // SAFETY: `userdata` is the test's `Reentry`, alive for the whole generate call.
+    let r = unsafe { &mut *(userdata as *mut Reentry) };
+    let api = unsafe { &*r.api };
+    let code = |st: *mut LorafuseStatus| unsafe {
+        let c = (api.status_code)(st);
+        (api.release_status)(st);
+        c
+    };
+    unsafe {
+        // Into the same pipeline while it runs: each is refused with a status, nothing deadlocks.
+        let mut params = std::mem::zeroed::<LorafuseGenerateParams>();
+        (api.init_generate_params)(&mut params);
+        let prompt = c"inner";
+        params.prompt = prompt.as_ptr();
+        params.steps = 1;
+        let mut img = null_mut();
+        r.codes
+            .push(code((api.generate)(r.pipeline, &params, &mut img)));
+        let lora = r.lora as *const LorafuseLora;
+        let w = 1.0f32;
+        r.codes
+            .push(code((api.set_loras)(r.pipeline, &lora, &w, 1, null())));
+        if step == 1 {
+            // Releasing the pipeline from its own callback: the running call keeps it alive.
+            (api.release_pipeline)(r.pipeline);
+            r.released = true;
+        }
+    }
+    true
+}
+
+#[test]
+fn misuse_matrix_wrong_kinds_forged_handles_and_reentrant_callbacks() {
+    let p = plugin();
+    let api = p.api();
+    const BAD: u32 = LORAFUSE_STATUS_INVALID_ARGUMENT;
+    let lora = p
+        .load_lora(tiny("loras/diffusers.safetensors"))
+        .expect("lora");
+    let pipe = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let w = 1.0f32;
+    // Forged values and handles of the wrong kind, to every entry that takes a handle.
+    let forged: [usize; 5] = [
+        1,
+        0x10,
+        0xdead_beef_0,
+        usize::MAX & !15,
+        &w as *const f32 as usize,
+    ];
+    unsafe {
+        for f in forged
+            .iter()
+            .copied()
+            .chain([lora.raw() as usize, pipe.raw() as usize])
+        {
+            let as_pipe = f as *mut LorafusePipeline;
+            let as_lora = f as *const LorafuseLora;
+            let mut img = null_mut();
+            let mut params = std::mem::zeroed::<LorafuseGenerateParams>();
+            (api.init_generate_params)(&mut params);
+            params.prompt = c"x".as_ptr();
+            if f != pipe.raw() as usize {
+                expect_code(
+                    &p,
+                    (api.generate)(as_pipe, &params, &mut img),
+                    BAD,
+                    "generate",
+                );
+                expect_code(
+                    &p,
+                    (api.set_loras)(as_pipe, null(), null(), 0, null()),
+                    BAD,
+                    "set_loras",
+                );
+                let mut s = null_mut();
+                expect_code(&p, (api.lora_report)(as_pipe, &mut s), BAD, "lora_report");
+                (api.release_pipeline)(as_pipe);
+            }
+            if f != lora.raw() as usize {
+                let mut s = null_mut();
+                expect_code(
+                    &p,
+                    (api.lora_info)(as_lora as *mut _, &mut s),
+                    BAD,
+                    "lora_info",
+                );
+                expect_code(
+                    &p,
+                    (api.set_loras)(pipe.raw(), &as_lora, &w, 1, null()),
+                    BAD,
+                    "loras[0]",
+                );
+                (api.release_lora)(as_lora as *mut _);
+            }
+            let as_img = f as *const LorafuseImage;
+            assert_eq!((api.image_count)(as_img), 0);
+            assert!((api.image_pixels)(as_img, 0, null_mut(), null_mut()).is_null());
+            assert!((api.string_data)(f as *const LorafuseString, null_mut()).is_null());
+            let _ = (api.status_code)(f as *const LorafuseStatus);
+            (api.release_image)(as_img as *mut _);
+            (api.release_string)(f as *mut LorafuseString);
+        }
+        // Both real handles survived the wrong-kind releases.
+        let mut s = null_mut();
+        assert!((api.lora_info)(lora.raw(), &mut s).is_null());
+        (api.release_string)(s);
+    }
+
+    // Re-entrant calls from the progress callback, then a release from inside it.
+    // (The wrapper's own release at the end of the test is a harmless second release.)
+    let inner = p.create_pipeline(&cpu_options()).expect("pipeline");
+    let raw = inner.raw();
+    let mut r = Reentry {
+        api,
+        pipeline: raw,
+        lora: lora.raw(),
+        codes: Vec::new(),
+        released: false,
+    };
+    unsafe {
+        let mut params = std::mem::zeroed::<LorafuseGenerateParams>();
+        (api.init_generate_params)(&mut params);
+        params.prompt = c"a cat".as_ptr();
+        params.steps = 3;
+        params.progress = Some(reenter);
+        params.userdata = &mut r as *mut Reentry as *mut c_void;
+        let mut img = null_mut();
+        let st = (api.generate)(raw, &params, &mut img);
+        assert!(st.is_null(), "the outer call finishes: {:?}", take(&p, st));
+        assert_eq!((api.image_count)(img), 1);
+        (api.release_image)(img);
+        assert!(r.released);
+        assert!(
+            r.codes.len() >= 4 && r.codes.iter().all(|&c| c != LORAFUSE_STATUS_OK),
+            "{:?}",
+            r.codes
+        );
+        assert!(
+            r.codes.iter().all(|&c| c != LORAFUSE_STATUS_PANIC),
+            "{:?}",
+            r.codes
+        );
+        // The handle released from the callback is gone now.
+        expect_code(
+            &p,
+            (api.generate)(raw, &params, &mut img),
+            BAD,
+            "released in callback",
+        );
+    }
+
+    // Many threads on one pipeline and one LoRA: every call returns a status, none aborts.
+    let (praw, lraw) = (pipe.raw() as usize, lora.raw() as usize);
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let p = plugin();
+            std::thread::spawn(move || {
+                let api = p.api();
+                for _ in 0..3 {
+                    unsafe {
+                        let l = lraw as *const LorafuseLora;
+                        let w = 0.5f32;
+                        let st = (api.set_loras)(praw as *mut _, &l, &w, (i % 2) as usize, null());
+                        if !st.is_null() {
+                            let (c, _) = take(&p, st);
+                            assert_ne!(c, LORAFUSE_STATUS_PANIC);
+                        }
+                        let mut s = null_mut();
+                        assert!((api.lora_info)(lraw as *mut _, &mut s).is_null());
+                        (api.release_string)(s);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread");
+    }
+    drop((pipe, lora, inner));
+}
