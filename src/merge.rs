@@ -1090,7 +1090,12 @@ pub fn merge_diffusers_pipeline(
             .map(|(a, s)| (a, s.weight * scale))
             .collect();
         opts.check_cancel()?;
-        let r = lora_merge::merge_state_dict(&base, c, &weighted, tmp.path().join(rel))?;
+        let to = tmp.path().join(rel);
+        if let Some(p) = to.parent() {
+            // The folder holds nothing else when the component has no config.json.
+            std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+        let r = lora_merge::merge_state_dict(&base, c, &weighted, to)?;
         report.patched.insert(rel.to_string(), r.merged.len());
         for (li, module) in r.unmatched {
             report.loras[li].unmapped.push(format!(
