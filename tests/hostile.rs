@@ -627,4 +627,24 @@ fn item10_messages_and_outputs_that_misled() {
         "{err}"
     );
     assert!(!out.exists());
+    // A diffusers folder whose UNet has no config.json merges (the error blamed a temp path).
+    let src = tmp.path().join("diffusers");
+    copy_tree(&tiny("diffusers"), &src);
+    std::fs::remove_file(src.join("unet/config.json")).expect("rm");
+    let lora = tiny("loras/diffusers.safetensors");
+    let (ok, err) = lorafuse(&[
+        "merge",
+        "-m",
+        src.to_str().expect("utf8"),
+        "-l",
+        lora.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(
+        ok && out
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .is_file(),
+        "{err}"
+    );
 }
