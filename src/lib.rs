@@ -22,6 +22,7 @@
 //! ONNX Runtime → [`runtime`], tokenizer and schedulers → [`pipeline`].
 #![warn(clippy::unwrap_used)]
 
+pub mod api;
 pub mod cli;
 pub mod error;
 pub mod ffi;

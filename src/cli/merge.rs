@@ -9,8 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::layout::{PathKind, classify};
-use crate::merge::{LoraSpec, MergeOptions, MergeReport, merge_diffusers_pipeline, merge_pipeline};
+use crate::merge::{LoraSpec, MergeOptions, MergeReport};
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
@@ -88,12 +87,8 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
     };
-    let report = match classify(&a.model)? {
-        PathKind::DiffusersPipeline => {
-            merge_diffusers_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress)
-        }
-        _ => merge_pipeline(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress),
-    };
+    let report =
+        crate::api::merge_into_folder(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress);
     bar.finish_and_clear();
     let report = match report {
         Err(crate::Error::Cancelled) => {

@@ -10,7 +10,6 @@ use serde::Serialize;
 use super::handles::c_string;
 use super::log;
 use crate::image::unit_to_u8;
-use crate::layout::{self, OnnxComponent, OnnxPipelineDir, PathKind};
 use crate::lora::format::{self as lora_format, ReadOptions};
 use crate::merge::{LoraSpec, MergeOptions};
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
@@ -381,7 +380,7 @@ pub(crate) fn merge_export(
     dry_run: bool,
 ) -> Result<String> {
     let report =
-        crate::merge::merge_pipeline(src, out, &specs(loras), opts, dry_run, &mut |_, _, _| {})?;
+        crate::api::merge_into_folder(src, out, &specs(loras), opts, dry_run, &mut |_, _, _| {})?;
     for r in &report.loras {
         for u in &r.unmapped {
             log::warn(&format!("lora {}: unmapped: {u}", r.path.display()));
@@ -390,68 +389,11 @@ pub(crate) fn merge_export(
     to_json(&report)
 }
 
-#[derive(Serialize)]
-struct ComponentInspection {
-    component: OnnxComponent,
-    #[serde(flatten)]
-    inspection: crate::onnx::Inspection,
-}
-
-#[derive(Serialize)]
-struct PipelineInspection {
-    kind: PathKind,
-    path: PathBuf,
-    class_name: Option<String>,
-    scheduler: Option<String>,
-    models: Vec<ComponentInspection>,
-}
-
-/// `inspect`: JSON for an ONNX pipeline folder, an ONNX model or a safetensors (LoRA) file.
+/// `inspect`: the document `lorafuse inspect --json` prints (ONNX Runtime is loaded first: the
+/// models' inputs and outputs are read through it).
 pub(crate) fn inspect_json(path: &Path) -> Result<String> {
-    match layout::classify(path)? {
-        PathKind::OnnxPipeline => {
-            let dir = OnnxPipelineDir::open(path)?;
-            let class_name = dir.model_index()?.and_then(|v| {
-                v.get("_class_name")
-                    .and_then(|c| c.as_str())
-                    .map(String::from)
-            });
-            let scheduler = layout::read_json_opt(&dir.scheduler_config())?.and_then(|v| {
-                v.get("_class_name")
-                    .and_then(|c| c.as_str())
-                    .map(String::from)
-            });
-            let mut models = Vec::new();
-            for c in OnnxComponent::ALL {
-                if dir.has(c) {
-                    let model = crate::onnx::model::OnnxModel::open(dir.model_path(c))?;
-                    models.push(ComponentInspection {
-                        component: c,
-                        inspection: crate::onnx::inspect(&model),
-                    });
-                }
-            }
-            to_json(&PipelineInspection {
-                kind: PathKind::OnnxPipeline,
-                path: path.to_path_buf(),
-                class_name,
-                scheduler,
-                models,
-            })
-        }
-        PathKind::OnnxModel => {
-            let model = crate::onnx::model::OnnxModel::open(path)?;
-            to_json(&crate::onnx::inspect(&model))
-        }
-        PathKind::Safetensors => {
-            let lora = load_lora(path)?;
-            Ok(lora.info_json)
-        }
-        kind @ PathKind::DiffusersPipeline => Err(Error::InvalidArgument(format!(
-            "{}: inspecting a {kind:?} is not supported by the plugin (ONNX pipelines, ONNX models and LoRA files are)",
-            path.display()
-        ))),
-    }
+    ensure_ort(None)?;
+    to_json(&crate::api::inspect(path)?)
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {
