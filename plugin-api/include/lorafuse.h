@@ -60,6 +60,13 @@
 #define LORAFUSE_DEVICE_CUDA 2
 
 // Log levels passed to the log callback.
+// Denoising steps when a request names none (the C ABI's `init_generate_params`, the Rust
+// loader, the library's `GenerateParams` and `lorafuse generate --steps` all use this value).
+#define LORAFUSE_DEFAULT_STEPS 25
+
+// Classifier-free guidance scale when a request names none (diffusers' default).
+#define LORAFUSE_DEFAULT_GUIDANCE_SCALE 7.5
+
 #define LORAFUSE_LOG_ERROR 1
 
 #define LORAFUSE_LOG_WARN 2
@@ -258,13 +265,16 @@ typedef struct LorafuseApi {
   uint64_t (*image_seed)(const struct LorafuseImage *image, size_t index);
   // Free an image handle. NULL and already released handles are ignored.
   void (*release_image)(struct LorafuseImage *image);
-  // Write a copy of the pipeline in `src_dir` to the new folder `out_dir` with `loras[0..n]`
-  // (`weights[0..n]`) merged in (atomically: no half folder is left behind). `options` may be
+  // Write a copy of the pipeline in `src_dir` (an ONNX pipeline in optimum's layout, or a
+  // diffusers folder) to the new folder `out_dir` with `loras[0..n]` (`weights[0..n]`) merged in
+  // (atomically: no half folder is left behind). `options` may be
   // NULL. When `out_report` is not NULL, a JSON report is written there (free with
   // `release_string`). Needs no ONNX Runtime.
   struct LorafuseStatus *(*merge_export)(const char *src_dir, const char *out_dir, const struct LorafuseLora *const *loras, const float *weights, size_t n, const struct LorafuseMergeOptions *options, struct LorafuseString **out_report);
-  // Describe an ONNX pipeline folder, an ONNX model or a LoRA safetensors file as JSON, into a
-  // new string `*out` (free with `release_string`). Needs no ONNX Runtime.
+  // Describe an ONNX pipeline folder, an ONNX model, a diffusers folder or a (LoRA) safetensors
+  // file as JSON, into a new string `*out` (free with `release_string`): the document
+  // `lorafuse inspect --json` prints. ONNX models are read through ONNX Runtime (loaded as for
+  // `create_pipeline` when no pipeline did yet).
   struct LorafuseStatus *(*inspect)(const char *path, struct LorafuseString **out);
   // JSON description of a loaded LoRA (path, dialect, module counts, dtype, metadata) into a new
   // string `*out` (free with `release_string`).

@@ -83,6 +83,12 @@ pub const LORAFUSE_DEVICE_CPU: u32 = 1;
 pub const LORAFUSE_DEVICE_CUDA: u32 = 2;
 
 /// Log levels passed to the log callback.
+/// Denoising steps when a request names none (the C ABI's `init_generate_params`, the Rust
+/// loader, the library's `GenerateParams` and `lorafuse generate --steps` all use this value).
+pub const LORAFUSE_DEFAULT_STEPS: u32 = 25;
+/// Classifier-free guidance scale when a request names none (diffusers' default).
+pub const LORAFUSE_DEFAULT_GUIDANCE_SCALE: f32 = 7.5;
+
 pub const LORAFUSE_LOG_ERROR: u32 = 1;
 pub const LORAFUSE_LOG_WARN: u32 = 2;
 pub const LORAFUSE_LOG_INFO: u32 = 3;
@@ -344,8 +350,9 @@ pub struct LorafuseApi {
     pub image_seed: unsafe extern "C" fn(image: *const LorafuseImage, index: usize) -> u64,
     /// Free an image handle. NULL and already released handles are ignored.
     pub release_image: unsafe extern "C" fn(image: *mut LorafuseImage),
-    /// Write a copy of the pipeline in `src_dir` to the new folder `out_dir` with `loras[0..n]`
-    /// (`weights[0..n]`) merged in (atomically: no half folder is left behind). `options` may be
+    /// Write a copy of the pipeline in `src_dir` (an ONNX pipeline in optimum's layout, or a
+    /// diffusers folder) to the new folder `out_dir` with `loras[0..n]` (`weights[0..n]`) merged in
+    /// (atomically: no half folder is left behind). `options` may be
     /// NULL. When `out_report` is not NULL, a JSON report is written there (free with
     /// `release_string`). Needs no ONNX Runtime.
     pub merge_export: unsafe extern "C" fn(
@@ -357,8 +364,10 @@ pub struct LorafuseApi {
         options: *const LorafuseMergeOptions,
         out_report: *mut *mut LorafuseString,
     ) -> *mut LorafuseStatus,
-    /// Describe an ONNX pipeline folder, an ONNX model or a LoRA safetensors file as JSON, into a
-    /// new string `*out` (free with `release_string`). Needs no ONNX Runtime.
+    /// Describe an ONNX pipeline folder, an ONNX model, a diffusers folder or a (LoRA) safetensors
+    /// file as JSON, into a new string `*out` (free with `release_string`): the document
+    /// `lorafuse inspect --json` prints. ONNX models are read through ONNX Runtime (loaded as for
+    /// `create_pipeline` when no pipeline did yet).
     pub inspect: unsafe extern "C" fn(
         path: *const c_char,
         out: *mut *mut LorafuseString,

@@ -397,7 +397,7 @@ impl PipelineOptions {
             tf32: false,
             cuda_mem_limit: 0,
             cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
-            lora_mode: LORAFUSE_LORA_MODE_SWITCH,
+            lora_mode: LORAFUSE_LORA_MODE_SWITCH, // == the plugin's (tests/defaults.rs)
         }
     }
 }
@@ -446,8 +446,8 @@ impl Default for GenerateParams {
             negative_prompt: String::new(),
             width: 0,
             height: 0,
-            steps: 25,
-            guidance_scale: 7.5,
+            steps: crate::LORAFUSE_DEFAULT_STEPS,
+            guidance_scale: crate::LORAFUSE_DEFAULT_GUIDANCE_SCALE,
             num_images: 1,
             batch_size: 1,
             seed: 0,

@@ -17,7 +17,7 @@ use crate::runtime::{self, session};
 pub struct BenchArgs {
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = GenerateParams::DEFAULT_STEPS)]
     pub steps: usize,
     #[arg(long, short = 'W')]
     pub width: Option<u32>,
@@ -41,7 +41,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub cuda: super::CudaArgs,
     /// How LoRAs enter the sessions (see `generate --lora-mode`).
-    #[arg(long = "lora-mode", default_value = "switch")]
+    #[arg(long = "lora-mode", default_value_t = crate::pipeline::txt2img::LoraMode::default())]
     pub lora_mode: crate::pipeline::txt2img::LoraMode,
     #[arg(long)]
     pub json: bool,
@@ -98,7 +98,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         steps: a.steps,
-        guidance_scale: 7.5,
+        guidance_scale: GenerateParams::DEFAULT_GUIDANCE_SCALE,
         seed: 1,
         scheduler: Some(a.scheduler.clone()),
         ..Default::default()
@@ -173,7 +173,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         median_seconds_per_image: median(&per_image),
         seconds_per_image: per_image,
         median_step_ms: median(&step_ms),
-        lora_mode: format!("{:?}", a.lora_mode).to_lowercase(),
+        lora_mode: a.lora_mode.to_string(),
         first_lora_s,
         lora_switch_s,
         median_seconds_per_image_with_lora: with_lora,

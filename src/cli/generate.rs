@@ -30,10 +30,10 @@ pub struct GenerateArgs {
     /// Image height in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
     #[arg(long, short = 'H')]
     pub height: Option<u32>,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = GenerateParams::DEFAULT_STEPS)]
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance (and the negative prompt) off.
-    #[arg(long = "guidance-scale", alias = "cfg", default_value_t = 7.5)]
+    #[arg(long = "guidance-scale", alias = "cfg", default_value_t = GenerateParams::DEFAULT_GUIDANCE_SCALE)]
     pub guidance_scale: f32,
     /// Seed of the first image; image k uses seed + k.
     #[arg(long, default_value_t = 0)]
@@ -77,7 +77,7 @@ pub struct GenerateArgs {
     /// How LoRAs enter the sessions: `rebuild` (sessions built from merged weights: the fastest
     /// images for a one-shot run) or `switch` (weights as graph inputs updated on the device: what
     /// a live pipeline and the plugin switch with; gives the plugin's pixels bit for bit).
-    #[arg(long = "lora-mode", default_value = "rebuild")]
+    #[arg(long = "lora-mode", default_value_t = crate::pipeline::txt2img::LoraMode::ONE_SHOT)]
     pub lora_mode: crate::pipeline::txt2img::LoraMode,
 }
 

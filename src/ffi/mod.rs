@@ -218,7 +218,10 @@ fn default_pipeline_options() -> LorafusePipelineOptions {
         tf32: false,
         cuda_mem_limit: 0,
         cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
-        lora_mode: LORAFUSE_LORA_MODE_SWITCH,
+        lora_mode: match LoraMode::default() {
+            LoraMode::Switch => LORAFUSE_LORA_MODE_SWITCH,
+            LoraMode::Rebuild => LORAFUSE_LORA_MODE_REBUILD,
+        },
     }
 }
 
@@ -227,8 +230,8 @@ fn default_generate_params() -> LorafuseGenerateParams {
         struct_version: LORAFUSE_GENERATE_PARAMS_VERSION,
         width: 0,
         height: 0,
-        steps: 25,
-        guidance_scale: 7.5,
+        steps: LORAFUSE_DEFAULT_STEPS,
+        guidance_scale: LORAFUSE_DEFAULT_GUIDANCE_SCALE,
         num_images: 1,
         batch_size: 1,
         seed: 0,

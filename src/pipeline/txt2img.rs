@@ -61,6 +61,12 @@ pub struct GenerateParams {
     pub batch: usize,
 }
 
+impl GenerateParams {
+    /// The defaults of every front door, defined once in the ABI (plugin-api).
+    pub const DEFAULT_STEPS: usize = plugin_api::LORAFUSE_DEFAULT_STEPS as usize;
+    pub const DEFAULT_GUIDANCE_SCALE: f32 = plugin_api::LORAFUSE_DEFAULT_GUIDANCE_SCALE;
+}
+
 impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
@@ -68,8 +74,8 @@ impl Default for GenerateParams {
             negative_prompt: String::new(),
             width: 0,
             height: 0,
-            steps: 25,
-            guidance_scale: 7.5,
+            steps: Self::DEFAULT_STEPS,
+            guidance_scale: Self::DEFAULT_GUIDANCE_SCALE,
             seed: 0,
             scheduler: None,
             init_latents: None,
@@ -116,6 +122,22 @@ pub enum LoraMode {
     /// Every change rebuilds the touched sessions from a patched in-memory model (slower to
     /// switch; the weights are plain initializers, as `lorafuse merge` would write them).
     Rebuild,
+}
+
+impl LoraMode {
+    /// The mode for one-shot runs (`lorafuse generate`): sessions built from merged weights give
+    /// the fastest images when nothing switches. Live pipelines (the plugin, `bench`) use the
+    /// default, [`LoraMode::Switch`].
+    pub const ONE_SHOT: LoraMode = LoraMode::Rebuild;
+}
+
+impl std::fmt::Display for LoraMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoraMode::Switch => "switch",
+            LoraMode::Rebuild => "rebuild",
+        })
+    }
 }
 
 impl std::str::FromStr for LoraMode {
