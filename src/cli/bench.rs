@@ -100,7 +100,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         steps: a.steps,
         guidance_scale: GenerateParams::DEFAULT_GUIDANCE_SCALE,
         seed: 1,
-        scheduler: Some(a.scheduler.clone()),
+        scheduler: Some(crate::api::scheduler_name(&a.scheduler)),
         ..Default::default()
     };
     let mut step_ms = Vec::new();

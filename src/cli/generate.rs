@@ -9,9 +9,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::image::{GeneratedImage, ImageSettings, generation_parameters, unit_to_u8, write_png};
+use crate::api;
+use crate::image::{GeneratedImage, write_png};
 use crate::merge::{LoraSpec, MergeOptions};
-use crate::pipeline::prompt;
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
 use crate::runtime::{self, session};
 
@@ -84,7 +84,6 @@ pub struct GenerateArgs {
 pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     runtime::init(global.ort_lib.as_deref())?;
     let device: session::Device = a.device.parse()?;
-    let scheduler = a.scheduler.as_deref().map(|s| s.replace('-', "_"));
     if a.batch_size == 0 || a.num_images == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
@@ -110,10 +109,9 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening pipeline {}", a.model.display()))?;
 
     // LoRAs: --lora flags, then <lora:name:weight> tags (which leave the prompt text).
-    let tags = prompt::extract_lora_tags(&a.prompt)?;
+    let (prompt_text, tag_loras) = api::prompt_loras(&a.prompt, a.lora_dir.as_deref())?;
     let mut loras = a.loras.clone();
-    loras.extend(prompt::tag_specs(&tags, a.lora_dir.as_deref())?);
-    let prompt_text = tags.text.clone();
+    loras.extend(tag_loras);
     if !loras.is_empty() {
         pipe.set_lora_mode(a.lora_mode)?;
         let reports = pipe.set_loras(
@@ -155,72 +153,57 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut index = 0usize;
-    while index < a.num_images {
-        let b = a.batch_size.min(a.num_images - index);
-        let seed = a.seed + index as u64;
-        let params = GenerateParams {
-            prompt: prompt_text.clone(),
-            negative_prompt: a.negative_prompt.clone(),
-            width: a.width.unwrap_or(0),
-            height: a.height.unwrap_or(0),
-            steps: a.steps,
-            guidance_scale: a.guidance_scale,
-            seed,
-            scheduler: scheduler.clone(),
-            init_latents: init_latents.clone(),
-            batch: b,
-        };
-        let bar = ProgressBar::new(a.steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})",
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!(
-            "images {}..{} of {}",
-            index + 1,
-            index + b,
-            a.num_images
-        ));
-        let out = pipe.generate(&params, &mut |step, total| {
+    let req = api::ImageRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        steps: a.steps,
+        guidance_scale: a.guidance_scale,
+        seed: a.seed,
+        num_images: a.num_images,
+        batch_size: a.batch_size,
+        scheduler: a.scheduler.clone(),
+        init_latents,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "images {msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("1..{}", a.num_images));
+    let done = api::generate_images(
+        &mut pipe,
+        &req,
+        &prompt_text,
+        &model_name,
+        &loras,
+        &mut |step, total| {
             bar.set_length(total as u64);
             bar.set_position(step as u64);
             !stop.load(Ordering::SeqCst)
-        });
-        bar.finish_and_clear();
-        let out = out?;
-        if out.prompt_truncated {
-            eprintln!("warning: the prompt is longer than 77 CLIP tokens; the rest was ignored");
-        }
-        let sampler = pipe.scheduler_name(scheduler.as_deref());
-        let per = (out.width * out.height * 3) as usize;
-        for k in 0..out.batch {
-            let image_seed = seed + k as u64;
-            let img = GeneratedImage {
-                width: out.width,
-                height: out.height,
-                rgb: unit_to_u8(&out.pixels[k * per..(k + 1) * per]),
-                parameters: generation_parameters(&ImageSettings {
-                    prompt: &a.prompt,
-                    negative_prompt: &a.negative_prompt,
-                    steps: a.steps,
-                    scheduler: &sampler,
-                    guidance_scale: a.guidance_scale,
-                    seed: image_seed,
-                    width: out.width,
-                    height: out.height,
-                    model: &model_name,
-                    loras: &loras,
-                }),
-            };
-            let path = output_path(&a.output, index + k, image_seed);
-            write_png(&path, &img)?;
-            println!("{}", path.display());
-        }
-        index += b;
+        },
+        &mut |img| {
+            let path = output_path(&a.output, img.index, img.seed);
+            write_png(
+                &path,
+                &GeneratedImage {
+                    width: img.width,
+                    height: img.height,
+                    rgb: img.rgb,
+                    parameters: img.parameters,
+                },
+            )?;
+            bar.suspend(|| println!("{}", path.display()));
+            Ok(())
+        },
+    );
+    bar.finish_and_clear();
+    if done?.prompt_truncated {
+        eprintln!("warning: the prompt is longer than 77 CLIP tokens; the rest was ignored");
     }
     Ok(())
 }

@@ -9,10 +9,9 @@ use serde::Serialize;
 
 use super::handles::c_string;
 use super::log;
-use crate::image::unit_to_u8;
 use crate::lora::format::{self as lora_format, ReadOptions};
 use crate::merge::{LoraSpec, MergeOptions};
-use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
+use crate::pipeline::txt2img::Txt2Img;
 use crate::runtime::{self, session};
 use crate::weights::Component;
 use crate::{Error, Result};
@@ -249,26 +248,16 @@ impl PipelineState {
         &self.report_json
     }
 
-    /// Generate as `lorafuse generate` does: `num_images` images in UNet batches of `batch_size`,
-    /// image k from seed + k, pixels through [`unit_to_u8`], the same A1111 text.
+    /// Generate through [`crate::api::generate_images`], as `lorafuse generate` does. With a
+    /// `lora_dir`, the prompt's `<lora:…>` tags become the active set first (plugin-api's rule).
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
         progress: &mut dyn FnMut(u32, u32) -> bool,
     ) -> Result<ImageSet> {
-        if req.num_images == 0 || req.batch_size == 0 {
-            return Err(Error::InvalidArgument(
-                "num_images and batch_size must be at least 1".into(),
-            ));
-        }
-        crate::pipeline::txt2img::check_seed_range(req.seed, req.num_images)?;
-        let scheduler = req.scheduler.as_deref().map(|s| s.replace('-', "_"));
-        // A1111 prompt tags (with a LoRA folder): they make the active set, as the CLI does, and
-        // leave the text the model sees; the parameters text keeps the prompt as given.
         let model_prompt = match &req.lora_dir {
             Some(dir) => {
-                let tags = crate::pipeline::prompt::extract_lora_tags(&req.prompt)?;
-                let specs = crate::pipeline::prompt::tag_specs(&tags, Some(dir))?;
+                let (text, specs) = crate::api::prompt_loras(&req.prompt, Some(dir))?;
                 let loras = specs
                     .into_iter()
                     .map(|s| {
@@ -283,92 +272,57 @@ impl PipelineState {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 self.set_loras(loras, &MergeOptions::default())?;
-                tags.text
+                text
             }
             None => req.prompt.clone(),
         };
-        let chunks = req.num_images.div_ceil(req.batch_size);
         let loras = specs(&self.active);
+        let request = crate::api::ImageRequest {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            width: req.width,
+            height: req.height,
+            steps: req.steps,
+            guidance_scale: req.guidance_scale,
+            seed: req.seed,
+            num_images: req.num_images,
+            batch_size: req.batch_size,
+            scheduler: req.scheduler.clone(),
+            init_latents: None,
+        };
         let mut set = ImageSet {
             width: 0,
             height: 0,
             images: Vec::with_capacity(req.num_images),
         };
-        let mut index = 0usize;
-        let mut chunk = 0usize;
-        while index < req.num_images {
-            let b = req.batch_size.min(req.num_images - index);
-            let seed = req.seed.wrapping_add(index as u64);
-            let params = GenerateParams {
-                prompt: model_prompt.clone(),
-                negative_prompt: req.negative_prompt.clone(),
-                width: req.width,
-                height: req.height,
-                steps: req.steps,
-                guidance_scale: req.guidance_scale,
-                seed,
-                scheduler: scheduler.clone(),
-                init_latents: None,
-                batch: b,
-            };
-            let out = self.pipe.generate(&params, &mut |step, total| {
-                let all = (total * chunks).min(u32::MAX as usize) as u32;
-                let done = (chunk * total + step).min(u32::MAX as usize) as u32;
-                progress(done, all)
-            })?;
-            if out.prompt_truncated {
-                log::warn("the prompt is longer than 77 CLIP tokens; the rest was ignored");
-            }
-            let sampler = self.pipe.scheduler_name(scheduler.as_deref());
-            let per = (out.width * out.height * 3) as usize;
-            for k in 0..out.batch {
-                let image_seed = seed.wrapping_add(k as u64);
-                let text = a1111_text(
-                    req,
-                    &sampler,
-                    image_seed,
-                    out.width,
-                    out.height,
-                    &self.model_name,
-                    &loras,
-                );
+        let done = crate::api::generate_images(
+            &mut self.pipe,
+            &request,
+            &model_prompt,
+            &self.model_name,
+            &loras,
+            &mut |done, total| {
+                progress(
+                    done.min(u32::MAX as usize) as u32,
+                    total.min(u32::MAX as usize) as u32,
+                )
+            },
+            &mut |img| {
+                set.width = img.width;
+                set.height = img.height;
                 set.images.push(ImageEntry {
-                    rgb: unit_to_u8(&out.pixels[k * per..(k + 1) * per]),
-                    parameters: c_string(text),
-                    seed: image_seed,
+                    rgb: img.rgb,
+                    parameters: c_string(img.parameters),
+                    seed: img.seed,
                 });
-            }
-            set.width = out.width;
-            set.height = out.height;
-            index += b;
-            chunk += 1;
+                Ok(())
+            },
+        )?;
+        if done.prompt_truncated {
+            log::warn("the prompt is longer than 77 CLIP tokens; the rest was ignored");
         }
         Ok(set)
     }
-}
-
-/// The `parameters` text `lorafuse generate` writes for the same settings (one shared builder).
-fn a1111_text(
-    req: &GenerateRequest,
-    sampler: &str,
-    seed: u64,
-    width: u32,
-    height: u32,
-    model: &str,
-    loras: &[LoraSpec],
-) -> String {
-    crate::image::generation_parameters(&crate::image::ImageSettings {
-        prompt: &req.prompt,
-        negative_prompt: &req.negative_prompt,
-        steps: req.steps,
-        scheduler: sampler,
-        guidance_scale: req.guidance_scale,
-        seed,
-        width,
-        height,
-        model,
-        loras,
-    })
 }
 
 /// `merge_export`: returns the JSON report.
