@@ -159,7 +159,7 @@ pub struct ImageSettings<'a> {
     pub width: u32,
     pub height: u32,
     pub model: &'a str,
-    pub loras: &'a [crate::merge::LoraSpec],
+    pub loras: &'a [crate::lora::LoraSpec],
 }
 
 /// The A1111 `parameters` text for one image.

@@ -1,4 +1,4 @@
-//! Pipeline folder layouts (DESIGN.md section 3): the optimum ONNX layout
+//! Pipeline folder layouts (docs/ARCHITECTURE.md §3): the optimum ONNX layout
 //! (`optimum-cli export onnx --task text-to-image`) and the diffusers layout used for training.
 //!
 //! ```text

@@ -16,10 +16,13 @@
 //! prompt ─► pipeline::tokenizer ─► text encoder ─► UNet × steps (CFG, scheduler) ─► VAE ─► image:: PNG
 //! ```
 //!
-//! One library, three front doors: the CLI (`src/main.rs` → [`cli`]), the C ABI (`ffi`, implementing
-//! `plugin-api`), and Rust users of this crate. Each external format has exactly one owner module:
-//! safetensors → [`weights`], LoRA dialects → [`lora`], ONNX protobuf → [`onnx`],
-//! ONNX Runtime → [`runtime`], tokenizer and schedulers → [`pipeline`].
+//! One library, thin front doors: the CLI (`src/main.rs` → [`cli`]) and the C ABI (`ffi`,
+//! implementing `plugin-api`) convert their arguments and call [`api`] (the requests both share)
+//! or the layers below; Rust users call the same. Each external format has exactly one owner
+//! module: safetensors and `.npy` → [`weights`], LoRA dialects → [`lora`], ONNX protobuf →
+//! [`onnx`], ONNX Runtime → [`runtime`], tokenizer and schedulers → [`pipeline`], pipeline folders
+//! → [`layout`], PNG → [`image`]; untrusted paths are opened and resolved only through [`files`].
+//! The layers and the module map are in docs/ARCHITECTURE.md (checked by `tests/architecture.rs`).
 #![warn(clippy::unwrap_used)]
 
 pub mod api;

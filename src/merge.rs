@@ -23,52 +23,7 @@ use crate::weights::keys::ModuleList;
 use crate::weights::keys::UnmappedReason;
 use crate::{Error, Result};
 
-/// The largest |weight| a LoRA may be given (A1111 users go to ±2 or so; beyond this the weights
-/// only overflow).
-pub const MAX_LORA_WEIGHT: f32 = 1000.0;
-
-/// A LoRA weight must be finite and within ±[`MAX_LORA_WEIGHT`] (the CLI's `FILE:W`, prompt tags
-/// and the C ABI all check it here).
-pub fn check_lora_weight(w: f32) -> std::result::Result<(), String> {
-    if w.is_finite() && w.abs() <= MAX_LORA_WEIGHT {
-        Ok(())
-    } else {
-        Err(format!("{w} is not a number within ±{MAX_LORA_WEIGHT}"))
-    }
-}
-
-/// One LoRA file and its weight, as written on the command line: `FILE[:WEIGHT]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraSpec {
-    pub path: PathBuf,
-    pub weight: f32,
-}
-
-impl std::str::FromStr for LoraSpec {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        // Split at the last ':' only when what follows is a number, so paths with ':' still work.
-        if let Some((p, w)) = s.rsplit_once(':')
-            && let Ok(weight) = w.parse::<f32>()
-        {
-            check_lora_weight(weight)
-                .map_err(|m| Error::InvalidArgument(format!("LoRA weight in `{s}`: {m}")))?;
-            return Ok(LoraSpec {
-                path: PathBuf::from(p),
-                weight,
-            });
-        }
-        if s.is_empty() {
-            return Err(Error::InvalidArgument(
-                "empty LoRA argument (expected FILE[:WEIGHT])".into(),
-            ));
-        }
-        Ok(LoraSpec {
-            path: PathBuf::from(s),
-            weight: 1.0,
-        })
-    }
-}
+pub use crate::lora::{LoraSpec, MAX_LORA_WEIGHT, check_lora_weight};
 
 /// How to merge.
 #[derive(Debug, Clone)]
@@ -134,29 +89,6 @@ pub struct MergedWeight {
     pub dtype: crate::onnx::proto::tensor_proto::DataType,
     /// f32 values in stored layout.
     pub values: Vec<f32>,
-}
-
-impl MergedWeight {
-    /// The merged weight as an ORT value of the initializer's dtype and dims, for
-    /// `SessionBuilder::with_initializer` (a session with LoRAs applied, no files written).
-    pub fn to_ort_value(&self) -> Result<ort::value::DynValue> {
-        use crate::onnx::proto::tensor_proto::DataType;
-        use ort::value::TensorElementType as T;
-        let ty = match self.dtype {
-            DataType::Float => T::Float32,
-            DataType::Float16 => T::Float16,
-            DataType::Bfloat16 => T::Bfloat16,
-            DataType::Double => T::Float64,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "initializer `{}` has dtype {}; only float weights can take a LoRA",
-                    self.initializer,
-                    other.name()
-                )));
-            }
-        };
-        crate::runtime::tensor::float_value(&self.values, &self.dims, ty)
-    }
 }
 
 /// What the fast switch adds to one weight (stored layout, f32).

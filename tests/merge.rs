@@ -1,6 +1,6 @@
 //! `lorafuse merge` against diffusers: every LoRA dialect merged into the tiny ONNX pipeline, then the
 //! merged UNet and text encoder run in ONNX Runtime and compared with what diffusers computed after
-//! `load_lora_weights` + `fuse_lora` (models/tiny/expected/lora_*.safetensors). Bar (DESIGN.md
+//! `load_lora_weights` + `fuse_lora` (models/tiny/expected/lora_*.safetensors). Bar (docs/ARCHITECTURE.md
 //! section 7): fp32 max abs diff ≤ 1e-4 and ≤ 1e-5 relative to the output's largest magnitude.
 
 use std::path::{Path, PathBuf};

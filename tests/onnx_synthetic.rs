@@ -1,5 +1,5 @@
 //! `lorafuse::onnx` against small models built here from our own `proto` structs: the mapping
-//! recipe on every graph shape DESIGN.md section 4 names, storage kinds, hostile and corrupt
+//! recipe on every graph shape docs/ARCHITECTURE.md §4 names, storage kinds, hostile and corrupt
 //! files, and the patch writer.
 
 mod onnx_common;

@@ -1,5 +1,5 @@
 //! Schedulers against diffusers 0.42.1 fixtures (`models/tiny/expected/scheduler_*`, written by
-//! `models/scripts/make_tiny.py::fixture_schedulers`). Bar (DESIGN.md §7): timesteps exact,
+//! `models/scripts/make_tiny.py::fixture_schedulers`). Bar (docs/ARCHITECTURE.md §7): timesteps exact,
 //! sigmas and every step output within 1e-6 relative (`|a-b| <= 1e-6 * max(1, |b|)`).
 //!
 //! Every `scheduler_<name>_<steps>.{json,safetensors}` present is replayed (the nine required
@@ -42,7 +42,7 @@ const NAMES: [&str; 9] = [
     "lms_karras",
 ];
 const STEPS: [usize; 2] = [4, 25];
-/// DESIGN.md §7's bar, for quantities that do not pass through MKL-rounded arithmetic.
+/// docs/ARCHITECTURE.md §7's bar, for quantities that do not pass through MKL-rounded arithmetic.
 const REL_TOL: f64 = 1e-6;
 /// Per-step bar against MKL fixtures: the noise floor of ±1 ulp coefficient differences (worst
 /// measured against fixtures made on an AMD EPYC: 7.2e-6, LMS Karras 25 steps, whose 4th-order

@@ -74,7 +74,7 @@ fn reference(tag: &str) -> (Vec<IoInfo>, Vec<IoInfo>, PathBuf) {
 type Spec = &'static [(&'static str, &'static str, &'static [&'static str])];
 
 /// optimum's names; latent channels 4, CLIP hidden size (= cross-attention dim) 24, RGB 3,
-/// VAE mean ‖ logvar 8. The UNet timestep is a rank-0 float of the model's dtype (DESIGN.md §4).
+/// VAE mean ‖ logvar 8. The UNet timestep is a rank-0 float of the model's dtype (docs/ARCHITECTURE.md §3).
 const UNET: (Spec, Spec) = (
     &[
         ("sample", "F", &["_", "4", "_", "_"]),

@@ -144,7 +144,7 @@ fn design_example_and_padding() {
         (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()),
         (49406, 49407, 49407, 77)
     );
-    // DESIGN.md §3: 'a photo of a cat' → 49406 320 1125 539 320 2368 49407, padded with EOS.
+    // docs/ARCHITECTURE.md §3: 'a photo of a cat' → 49406 320 1125 539 320 2368 49407, padded with EOS.
     let t = tok.encode("a photo of a cat").expect("encode");
     assert_eq!(&t.ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
     assert!(t.ids[7..].iter().all(|&i| i == 49407));

@@ -1,5 +1,5 @@
 //! tch ports of the UNet, CLIP text encoder and VAE (encoder and decoder) against diffusers'
-//! fp32 outputs on the tiny model (models/tiny/expected/*_io.safetensors; DESIGN.md section 7:
+//! fp32 outputs on the tiny model (models/tiny/expected/*_io.safetensors; docs/ARCHITECTURE.md §7:
 //! relative error ≤ 1e-4).
 #![cfg(feature = "train")]
 

@@ -40,6 +40,9 @@
 
 pub mod format;
 pub mod merge;
+mod spec;
+
+pub use self::spec::{LoraSpec, MAX_LORA_WEIGHT, check_lora_weight};
 
 pub use self::format::{
     Dialect, KronFactor, LoraAdapter, LoraKind, LoraModule, PeftConfig, ReadOptions, Unmapped,

@@ -1,7 +1,7 @@
 //! Module path → initializer index: where a LoRA for `down_blocks.1.attentions.0.…attn2.to_k`
 //! lands in an exported graph.
 //!
-//! Follows DESIGN.md section 4's **Recipe**, which was checked on optimum (legacy exporter) fp32
+//! Follows docs/ARCHITECTURE.md §4's recipe, which was checked on optimum (legacy exporter) fp32
 //! and fp16, torch dynamo, unfolded and external-data exports:
 //! 1. an initializer `P.weight` (or `text_model.P.weight`) that feeds the weight input of a
 //!    MatMul/Gemm/Conv is P's weight, in torch layout unless its consumer is a MatMul or a Gemm

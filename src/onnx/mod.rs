@@ -8,7 +8,7 @@
 //!   locations (<https://github.com/onnx/onnx/blob/f7546912001bc31e92a238b17068a21b373d882e/docs/ExternalData.md>),
 //!   and converts float tensors to and from f32 ([`encode_like`] rounds like torch's `.to(dtype)`).
 //! - [`index`]: [`WeightIndex`], module path → initializer (name, layout, dtype), following
-//!   DESIGN.md section 4's recipe, with a JSON cache form.
+//!   docs/ARCHITECTURE.md §4's recipe, with a JSON cache form.
 //! - [`write`]: [`write_patched`], a patched copy of a model by byte-range patching (no re-encode).
 //! - [`graphs`]: overridable-initializer inputs appended to a model (fast LoRA switch) and the
 //!   weight-update kernel graph.

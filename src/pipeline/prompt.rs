@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::merge::LoraSpec;
+use crate::lora::LoraSpec;
 use crate::{Error, Result};
 
 /// A prompt with its LoRA tags taken out.
@@ -39,11 +39,11 @@ pub fn extract_lora_tags(prompt: &str) -> Result<TaggedPrompt> {
                 .trim()
                 .parse::<f32>()
                 .ok()
-                .filter(|w| crate::merge::check_lora_weight(*w).is_ok())
+                .filter(|w| crate::lora::check_lora_weight(*w).is_ok())
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "`<lora:{body}>`: weight `{w}` is not a number within ±{}",
-                        crate::merge::MAX_LORA_WEIGHT
+                        crate::lora::MAX_LORA_WEIGHT
                     ))
                 })?,
         };

@@ -113,7 +113,7 @@ struct UnetSignature {
 /// How [`Txt2Img::set_loras`] puts LoRA weights into the sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoraMode {
-    /// Fast switch (DESIGN.md section 4): the first LoRA set rebuilds a session once with its
+    /// Fast switch (docs/ARCHITECTURE.md §4): the first LoRA set rebuilds a session once with its
     /// LoRA-target weights as graph inputs; later sets only recompute those weights on the
     /// session's device and rebind them (no rebuild while the set of touched weights stays within
     /// what the session exposes: the attention projections plus everything touched so far).

@@ -1,7 +1,7 @@
 //! ONNX Runtime: finding and loading the shared library at run time, and building sessions.
 //!
 //! ONNX Runtime is never linked at build time (`ort`'s `load-dynamic`): the library comes from the
-//! PyPI wheels `onnxruntime==1.31.1` / `onnxruntime-gpu==1.31.1` (DESIGN.md section 6). [`init`]
+//! PyPI wheels `onnxruntime==1.31.1` / `onnxruntime-gpu==1.31.1` (docs/ARCHITECTURE.md §6). [`init`]
 //! looks for it in this order and reports every place it tried when none works:
 //! 1. an explicit path (`--ort-lib PATH`, plugin options),
 //! 2. `ORT_DYLIB_PATH`,

@@ -73,7 +73,7 @@ pub struct CudaOptions {
     pub mem_limit: Option<usize>,
     /// cuDNN convolution algorithm search (`cudnn_conv_algo_search`).
     pub conv_algo: ConvAlgo,
-    /// NHWC convolution kernels (`prefer_nhwc`; DESIGN.md section 7 measured them slower for SD 1.5).
+    /// NHWC convolution kernels (`prefer_nhwc`; measured slower for SD 1.5 in docs/benchmarks.md).
     pub prefer_nhwc: bool,
 }
 

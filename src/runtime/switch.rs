@@ -1,4 +1,4 @@
-//! Fast LoRA switching on a live session (DESIGN.md section 2 "fast switch", section 4).
+//! Fast LoRA switching on a live session (docs/ARCHITECTURE.md §4 "Fast switch").
 //!
 //! The session is built once from a model whose LoRA-target initializers are also graph inputs
 //! ([`crate::onnx::graphs::with_overridable_inputs`]). [`LiveWeights`] keeps, for each such

@@ -8,7 +8,7 @@
 //! | [`Component::Unet`] | `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` | `to_out.0`, `ff.net.0.proj` keep their list indices |
 //! | [`Component::TextEncoder`] | `encoder.layers.0.self_attn.q_proj` | **no `text_model.` prefix**: transformers 4.x names it, 5.x state dicts and ONNX exports may not; both spellings are accepted on input and stripped |
 //!
-//! Dialects converted to and from it (DESIGN.md section 5):
+//! Dialects converted to and from it (docs/ARCHITECTURE.md §5):
 //!
 //! | dialect | module key (append the tensor suffix) |
 //! |---|---|

@@ -1,0 +1,109 @@
+//! docs/ARCHITECTURE.md's module map is the rule: every `crate::X` a module's code names is in its
+//! "may use" column, every module of `src/` is in the map, and the map has no cycle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// module → allowed modules, from the table between the module-map markers.
+fn map() -> BTreeMap<String, BTreeSet<String>> {
+    let doc = std::fs::read_to_string(root().join("docs/ARCHITECTURE.md")).expect("doc");
+    let start = doc.find("<!-- module-map -->").expect("start marker");
+    let end = doc.find("<!-- /module-map -->").expect("end marker");
+    let names = |cell: &str| -> BTreeSet<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    doc[start..end]
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').collect();
+            let module = names(cells[1]).into_iter().next().expect("module name");
+            (module, names(cells[3]))
+        })
+        .collect()
+}
+
+fn rust_files(p: &Path, out: &mut Vec<std::path::PathBuf>) {
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).expect("read_dir").flatten() {
+            rust_files(&e.path(), out);
+        }
+    } else if p.extension().is_some_and(|e| e == "rs") {
+        out.push(p.to_path_buf());
+    }
+}
+
+/// The modules a module's code (comments left out) names as `crate::X`.
+fn uses(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).expect("read");
+        for line in text.lines() {
+            let code = line.split("//").next().unwrap_or_default();
+            let mut rest = code;
+            while let Some(i) = rest.find("crate::") {
+                rest = &rest[i + "crate::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.insert(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_module_map_in_the_doc_matches_the_code() {
+    let map = map();
+    let src = root().join("src");
+    let mut seen = BTreeSet::new();
+    for e in std::fs::read_dir(&src).expect("src").flatten() {
+        let p = e.path();
+        let name = p.file_stem().expect("name").to_string_lossy().into_owned();
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        seen.insert(name.clone());
+        let allowed = map
+            .get(&name)
+            .unwrap_or_else(|| panic!("src/{name} is not in docs/ARCHITECTURE.md's module map"));
+        let mut files = Vec::new();
+        rust_files(&p, &mut files);
+        for used in uses(&files) {
+            if used != name {
+                assert!(
+                    allowed.contains(&used),
+                    "src/{name} uses crate::{used}, which the module map does not allow"
+                );
+            }
+        }
+    }
+    for m in map.keys() {
+        assert!(seen.contains(m), "the module map names `{m}`, which src/ lacks");
+    }
+    // No cycle: repeatedly remove modules whose allowed set is already removed.
+    let mut left: BTreeMap<_, _> = map.clone();
+    while !left.is_empty() {
+        let leaf: Vec<String> = left
+            .iter()
+            .filter(|(_, deps)| deps.iter().all(|d| !left.contains_key(d)))
+            .map(|(m, _)| m.clone())
+            .collect();
+        assert!(!leaf.is_empty(), "the module map has a cycle among {:?}", left.keys());
+        for m in leaf {
+            left.remove(&m);
+        }
+    }
+}
