@@ -91,7 +91,10 @@ fn the_module_map_in_the_doc_matches_the_code() {
         }
     }
     for m in map.keys() {
-        assert!(seen.contains(m), "the module map names `{m}`, which src/ lacks");
+        assert!(
+            seen.contains(m),
+            "the module map names `{m}`, which src/ lacks"
+        );
     }
     // No cycle: repeatedly remove modules whose allowed set is already removed.
     let mut left: BTreeMap<_, _> = map.clone();
@@ -101,7 +104,11 @@ fn the_module_map_in_the_doc_matches_the_code() {
             .filter(|(_, deps)| deps.iter().all(|d| !left.contains_key(d)))
             .map(|(m, _)| m.clone())
             .collect();
-        assert!(!leaf.is_empty(), "the module map has a cycle among {:?}", left.keys());
+        assert!(
+            !leaf.is_empty(),
+            "the module map has a cycle among {:?}",
+            left.keys()
+        );
         for m in leaf {
             left.remove(&m);
         }

@@ -1,14 +1,11 @@
 //! The CLI front door: real runs on the tiny pipeline and clear errors for bad arguments and broken
 //! model folders (never a panic, never a partial output file).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/tiny")
-        .join(rel)
-}
+mod common;
+use common::tiny;
 
 fn lorafuse(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))

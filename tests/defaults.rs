@@ -9,22 +9,10 @@ use lorafuse::pipeline::txt2img::{GenerateParams, LoraMode};
 use plugin_api::loader::Plugin;
 use plugin_api::*;
 
+mod common;
+
 fn plugin() -> Plugin {
-    let exe = std::env::current_exe().expect("exe");
-    let deps = exe.parent().expect("deps");
-    let name = format!(
-        "{}lorafuse{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    let lib = [
-        deps.join(&name),
-        deps.parent().expect("profile").join(&name),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .expect("the cdylib beside the test");
-    Plugin::open(lib).expect("load")
+    Plugin::open(common::cdylib()).expect("load")
 }
 
 fn abi_lora_mode(m: LoraMode) -> u32 {

@@ -5,44 +5,14 @@
 //! before running its tests, so the library is always current.
 
 use std::ffi::{CStr, CString, c_char, c_void};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::ptr::{null, null_mut};
 
 use plugin_api::loader::{GenerateParams, LoadError, PipelineOptions, Plugin};
 use plugin_api::*;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny(rel: &str) -> PathBuf {
-    root().join("models/tiny").join(rel)
-}
-
-/// The cdylib this `cargo test` run built.
-fn cdylib() -> PathBuf {
-    // `cargo test` compiles the package's lib as rlib + cdylib into `deps/`, beside this test
-    // binary, on every run (it copies it up to `target/<profile>/` only on `cargo build`).
-    let exe = std::env::current_exe().expect("test exe");
-    let deps = exe.parent().expect("deps");
-    let name = format!(
-        "{}lorafuse{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    [
-        deps.join(&name),
-        deps.parent().expect("target/<profile>").join(&name),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| {
-        panic!(
-            "{name} is missing beside {}: build it with `cargo build --lib`",
-            deps.display()
-        )
-    })
-}
+mod common;
+use common::{cdylib, root, tiny};
 
 fn plugin() -> Plugin {
     Plugin::open(cdylib()).expect("load plugin")

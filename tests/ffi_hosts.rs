@@ -4,48 +4,19 @@
 //! applies a LoRA, generates, switches to another LoRA on the live pipeline, generates again and
 //! writes images; every image must be bit-identical to `lorafuse generate` with the same settings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use plugin_api::LORAFUSE_DEVICE_CPU;
 use plugin_api::loader::{GenerateParams, PipelineOptions, Plugin};
 
+mod common;
+use common::{cdylib, root, tiny};
+
 const PROMPT: &str = "a photo of a cat";
 const NEGATIVE: &str = "blurry";
 const STEPS: u32 = 4;
 const SEED: u64 = 42;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny(rel: &str) -> PathBuf {
-    root().join("models/tiny").join(rel)
-}
-
-fn cdylib() -> PathBuf {
-    // `cargo test` compiles the package's lib as rlib + cdylib into `deps/`, beside this test
-    // binary, on every run (it copies it up to `target/<profile>/` only on `cargo build`).
-    let exe = std::env::current_exe().expect("test exe");
-    let deps = exe.parent().expect("deps");
-    let name = format!(
-        "{}lorafuse{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    );
-    [
-        deps.join(&name),
-        deps.parent().expect("target/<profile>").join(&name),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| {
-        panic!(
-            "{name} is missing beside {}: build it with `cargo build --lib`",
-            deps.display()
-        )
-    })
-}
 
 /// An RGB8 image and its A1111 text.
 #[derive(Debug, PartialEq)]

@@ -8,11 +8,8 @@ use std::time::{Duration, Instant};
 use lorafuse::merge::{LoraSpec, MergeOptions, merge_pipeline};
 use lorafuse::weights::{Dtype, TensorData, WeightFile, write_safetensors};
 
-fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/tiny")
-        .join(rel)
-}
+mod common;
+use common::tiny;
 
 fn lorafuse(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))

@@ -10,11 +10,8 @@ use lorafuse::runtime::session::{self, Device, SessionOptions};
 use lorafuse::runtime::tensor::{extract_f32, float_value, ids_value};
 use ort::value::TensorElementType;
 
-fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/tiny")
-        .join(rel)
-}
+mod common;
+use common::tiny;
 
 fn read(path: &Path) -> safetensors_owned::Owned {
     safetensors_owned::Owned::open(path)

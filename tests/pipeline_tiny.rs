@@ -3,18 +3,15 @@
 //! `output_type="np"`), for PNDM and DPM-Solver++ 2M, with and without a LoRA (run-time overrides).
 //! Bar: max abs diff ≤ 1e-3 on 0..1 pixels.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lorafuse::merge::{LoraSpec, MergeOptions};
 use lorafuse::pipeline::scheduler::SchedulerConfig;
 use lorafuse::pipeline::txt2img::{GenerateParams, LoraMode, Txt2Img};
 use lorafuse::runtime::session::{Device, SessionOptions};
 
-fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/tiny")
-        .join(rel)
-}
+mod common;
+use common::tiny;
 
 fn f32_tensor(file: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));

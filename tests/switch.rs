@@ -3,19 +3,14 @@
 //! every live weight equals the merged weight, for fp32 and fp16 exports, several LoRAs of two
 //! dialects, the full-ΔW path, and a return to the base weights.
 
-use std::path::{Path, PathBuf};
-
 use lorafuse::layout::{OnnxComponent, OnnxPipelineDir};
 use lorafuse::merge::{self, LoraSpec, MergeOptions, PlannedUpdate, WeightUpdate};
 use lorafuse::onnx::OnnxModel;
 use lorafuse::runtime::session::{Device, SessionOptions};
 use lorafuse::runtime::switch::{LiveWeights, Placement};
 
-fn tiny(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/tiny")
-        .join(rel)
-}
+mod common;
+use common::tiny;
 
 fn cpu() -> SessionOptions {
     SessionOptions {
