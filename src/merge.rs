@@ -78,6 +78,21 @@ pub struct LoraReport {
     pub notes: Vec<String>,
 }
 
+impl std::fmt::Display for LoraReport {
+    /// The one-line summary both doors print or log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
+            self.path.display(),
+            self.weight,
+            self.dialect,
+            self.unet_modules,
+            self.text_encoder_modules
+        )
+    }
+}
+
 /// The merged weight of one initializer, ready to be written or bound.
 #[derive(Debug, Clone)]
 pub struct MergedWeight {

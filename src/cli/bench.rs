@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::GlobalArgs;
 use crate::merge::{LoraSpec, MergeOptions};
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
-use crate::runtime::{self, session};
+use crate::runtime;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -31,15 +31,8 @@ pub struct BenchArgs {
     /// LoRAs to switch between on the live pipeline (two or more for a switch timing).
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<LoraSpec>,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
-    #[arg(long)]
-    pub tf32: bool,
     #[command(flatten)]
-    pub cuda: super::CudaArgs,
+    pub session: super::SessionArgs,
     /// How LoRAs enter the sessions (see `generate --lora-mode`).
     #[arg(long = "lora-mode", default_value_t = crate::pipeline::txt2img::LoraMode::default())]
     pub lora_mode: crate::pipeline::txt2img::LoraMode,
@@ -83,12 +76,7 @@ fn median(v: &[f64]) -> f64 {
 
 pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     runtime::init(global.ort_lib.as_deref())?;
-    let opts = session::SessionOptions {
-        device: a.device.parse()?,
-        intra_threads: a.threads,
-        tf32: a.tf32,
-        cuda: a.cuda.options(),
-    };
+    let opts = a.session.options()?;
     let t0 = Instant::now();
     let mut pipe = Txt2Img::open(&a.model, &opts)?;
     let pipeline_open_s = t0.elapsed().as_secs_f64();
@@ -161,7 +149,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
     }
     let r = BenchReport {
         model: a.model.clone(),
-        device: a.device.clone(),
+        device: a.session.device.clone(),
         size: format!(
             "{}x{}",
             a.width.unwrap_or(pipe.default_size),

@@ -13,7 +13,7 @@ use crate::api;
 use crate::image::{GeneratedImage, write_png};
 use crate::merge::{LoraSpec, MergeOptions};
 use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
-use crate::runtime::{self, session};
+use crate::runtime;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -54,17 +54,8 @@ pub struct GenerateArgs {
     /// Output file pattern: {index} (image number), {seed}.
     #[arg(long, short = 'o', default_value = "outputs/{index}-{seed}.png")]
     pub output: String,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Intra-op threads for ONNX Runtime (default: ORT's choice).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
-    #[arg(long)]
-    pub tf32: bool,
     #[command(flatten)]
-    pub cuda: super::CudaArgs,
+    pub session: super::SessionArgs,
     /// Apply a LoRA at run time (no files written), FILE[:WEIGHT]. Repeat for several.
     #[arg(long = "lora", short = 'l', value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<LoraSpec>,
@@ -83,7 +74,6 @@ pub struct GenerateArgs {
 
 pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     runtime::init(global.ort_lib.as_deref())?;
-    let device: session::Device = a.device.parse()?;
     if a.batch_size == 0 || a.num_images == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
@@ -99,12 +89,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     // other one by write_png.
     crate::files::check_output_file(&output_path(&a.output, 0, a.seed))?;
     let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
-    let opts = session::SessionOptions {
-        device,
-        intra_threads: a.threads,
-        tf32: a.tf32,
-        cuda: a.cuda.options(),
-    };
+    let opts = a.session.options()?;
     let mut pipe = Txt2Img::open(&a.model, &opts)
         .with_context(|| format!("opening pipeline {}", a.model.display()))?;
 
@@ -122,14 +107,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
             },
         )?;
         for r in &reports {
-            eprintln!(
-                "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
-                r.path.display(),
-                r.weight,
-                r.dialect,
-                r.unet_modules,
-                r.text_encoder_modules
-            );
+            eprintln!("{r}");
             for u in &r.unmapped {
                 eprintln!("  unmapped: {u}");
             }

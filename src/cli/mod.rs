@@ -60,6 +60,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Where and how the sessions run: the flags `generate` and `bench` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Intra-op threads for ONNX Runtime (default: ORT's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
+    #[arg(long)]
+    pub tf32: bool,
+    #[command(flatten)]
+    pub cuda: CudaArgs,
+}
+
+impl SessionArgs {
+    pub fn options(&self) -> crate::Result<crate::runtime::session::SessionOptions> {
+        Ok(crate::runtime::session::SessionOptions {
+            device: self.device.parse()?,
+            intra_threads: self.threads,
+            tf32: self.tf32,
+            cuda: self.cuda.options(),
+        })
+    }
+}
+
 /// CUDA execution provider settings shared by `generate` and `bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CudaArgs {

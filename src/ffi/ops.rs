@@ -227,14 +227,7 @@ impl PipelineState {
     ) -> Result<()> {
         let reports = self.pipe.set_loras(&specs(&loras), opts)?;
         for r in &reports {
-            log::info(&format!(
-                "lora {} (weight {}): {}; modules: unet {}, text encoder {}",
-                r.path.display(),
-                r.weight,
-                r.dialect,
-                r.unet_modules,
-                r.text_encoder_modules
-            ));
+            log::info(&r.to_string());
             for u in &r.unmapped {
                 log::warn(&format!("lora {}: unmapped: {u}", r.path.display()));
             }
