@@ -405,6 +405,8 @@ pub fn train(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<TrainReport> {
     let device = super::parse_device(&cfg.device)?;
+    // Checked before any work: a typo must not surface after the last step.
+    save_dtype(&cfg.save_dtype)?;
     let kind = cfg.mixed_precision.kind();
     if matches!(device, Device::Cuda(_)) {
         // fixed shapes every step: let cuDNN pick its fastest convolutions once
@@ -1384,9 +1386,17 @@ fn kohya_metadata(
             "False".into()
         },
     );
+    // As sd-scripts writes it (`optimizer_name(args)`), from the settings this run used.
+    let a = &cfg.adam;
     m.insert(
         "ss_optimizer".into(),
-        "torch.optim.AdamW(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08)".into(),
+        format!(
+            "torch.optim.AdamW(weight_decay={},betas=({}, {}),eps={})",
+            py_float(a.weight_decay),
+            py_float(a.beta1),
+            py_float(a.beta2),
+            py_float(a.eps)
+        ),
     );
     m.insert(
         "ss_dataset_dirs".into(),
@@ -1418,6 +1428,18 @@ fn kohya_metadata(
     );
     m.insert("lorafuse_version".into(), env!("CARGO_PKG_VERSION").into());
     m
+}
+
+/// A float as Python's `repr` writes it (`0.01`, `1e-08`), for sd-scripts' metadata strings.
+fn py_float(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e16) {
+        let e = format!("{x:e}");
+        let (m, exp) = e.split_once('e').unwrap_or((&e, "0"));
+        let exp: i32 = exp.parse().unwrap_or(0);
+        format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    } else {
+        format!("{x:?}")
+    }
 }
 
 fn write_lora(
@@ -1493,4 +1515,22 @@ fn save_checkpoint(
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync_dir(out);
     Ok(final_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn floats_print_as_python_repr() {
+        for (x, want) in [
+            (0.01, "0.01"),
+            (0.9, "0.9"),
+            (0.999, "0.999"),
+            (1e-8, "1e-08"),
+            (1e-10, "1e-10"),
+            (0.0, "0.0"),
+            (2e-5, "2e-05"),
+        ] {
+            assert_eq!(super::py_float(x), want);
+        }
+    }
 }
