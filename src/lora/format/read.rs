@@ -1,0 +1,636 @@
+//! Reading: dialect detection, module grouping, each module's kind, factors and scale.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::config::{ConfigSource, load_config_source};
+use super::*;
+use crate::weights::keys::{
+    self, KeyDialect, LoraKey, ModuleName, Resolver, Role, Target, UnmappedReason,
+};
+use crate::weights::{Component, Dtype, Tensor, WeightFile};
+use crate::{Error, Result};
+
+fn detect_dialect(parsed: &[(String, LoraKey)]) -> Option<Dialect> {
+    let has = |d: KeyDialect| parsed.iter().any(|(_, k)| k.dialect == d);
+    if has(KeyDialect::Kohya) {
+        let lycoris = parsed.iter().any(|(_, k)| {
+            !matches!(
+                k.role,
+                Role::Down
+                    | Role::Up
+                    | Role::Alpha
+                    | Role::DoraScale
+                    | Role::Other(_)
+                    | Role::BiasDiff
+            )
+        });
+        return Some(if lycoris {
+            Dialect::Lycoris
+        } else {
+            Dialect::Kohya
+        });
+    }
+    if has(KeyDialect::PeftRaw) {
+        return Some(Dialect::PeftRaw);
+    }
+    if has(KeyDialect::AttnProcs) {
+        return Some(Dialect::AttnProcs);
+    }
+    if parsed
+        .iter()
+        .any(|(_, k)| k.dialect == KeyDialect::Diffusers && matches!(k.role, Role::Down | Role::Up))
+    {
+        return Some(Dialect::Diffusers);
+    }
+    if has(KeyDialect::DiffusersLegacy) {
+        return Some(Dialect::DiffusersLegacy);
+    }
+    parsed.first().map(|_| Dialect::Diffusers)
+}
+
+/// Read a LoRA from an opened safetensors file (see [`read`]).
+pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapter> {
+    let path = file.path().to_path_buf();
+    let mut unmapped = Vec::new();
+    let mut parsed: Vec<(String, LoraKey)> = Vec::new();
+    for name in file.names() {
+        match keys::parse_lora_key(name) {
+            Some(k) => parsed.push((name.to_string(), k)),
+            None => unmapped.push(Unmapped {
+                key: name.to_string(),
+                reason: UnmappedReason::UnknownKey,
+            }),
+        }
+    }
+    let Some(dialect) = detect_dialect(&parsed) else {
+        let first = file.names().next().unwrap_or("(no tensors)");
+        return Err(Error::Lora {
+            file: path,
+            msg: format!(
+                "not a LoRA file: none of its {} keys follows a known LoRA layout (diffusers, PEFT, kohya, LyCORIS, attn-procs); first key `{first}`",
+                file.len()
+            ),
+        });
+    };
+    let mut dtype_count: BTreeMap<String, (Dtype, usize)> = BTreeMap::new();
+    for (name, k) in &parsed {
+        if k.role != Role::Alpha
+            && let Some(info) = file.info(name)
+        {
+            dtype_count
+                .entry(format!("{:?}", info.dtype))
+                .or_insert((info.dtype, 0))
+                .1 += 1;
+        }
+    }
+    let dtype = dtype_count
+        .values()
+        .max_by_key(|(_, n)| *n)
+        .map(|(d, _)| *d);
+    let mut adapter = LoraAdapter {
+        path: path.clone(),
+        dialect,
+        modules: Vec::new(),
+        unmapped: Vec::new(),
+        metadata: file.metadata().clone(),
+        dtype,
+        notes: Vec::new(),
+    };
+
+    // An SDXL file is refused as a whole: half of it (te1) would fit SD 1.x and mislead.
+    // Evidence: SDXL-only prefixes (`lora_te2_`, `text_encoder_2.`, sgm `input_blocks`), or a
+    // UNet `transformer_blocks.N` with N ≥ 1 that the model lacks (SD 1.x has one transformer
+    // block per attention, SDXL 2 or 10).
+    let resolver = Resolver::new(opts.modules);
+    let sdxl: Vec<String> = parsed
+        .iter()
+        .filter_map(|(_, k)| match &k.target {
+            Target::Sdxl(why) => Some(why.clone()),
+            Target::Unet | Target::Unknown
+                if deep_transformer_block(&k.module)
+                    && (opts.modules.is_none() || resolver.resolve(k).is_err()) =>
+            {
+                Some(
+                    "UNet `transformer_blocks.N` with N ≥ 1 (SD 1.x has one per attention)"
+                        .to_string(),
+                )
+            }
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = sdxl.first() {
+        let why = format!(
+            "{first}; {} of {} keys use SDXL naming",
+            sdxl.len(),
+            file.len()
+        );
+        adapter.unmapped = file
+            .names()
+            .map(|n| Unmapped {
+                key: n.to_string(),
+                reason: UnmappedReason::Sdxl(why.clone()),
+            })
+            .collect();
+        return Ok(adapter);
+    }
+
+    let mut resolved_cache: HashMap<
+        (Target, ModuleName),
+        std::result::Result<(Component, String), UnmappedReason>,
+    > = HashMap::new();
+    // (component, path) → role → key
+    let mut groups: BTreeMap<(Component, String), BTreeMap<Role, String>> = BTreeMap::new();
+    let mut group_order: Vec<(Component, String)> = Vec::new();
+    let mut adapter_names: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, k) in &parsed {
+        if let Some(a) = &k.adapter {
+            *adapter_names.entry(a.clone()).or_default() += 1;
+        }
+        let res = resolved_cache
+            .entry((k.target.clone(), k.module.clone()))
+            .or_insert_with(|| resolver.resolve(k))
+            .clone();
+        match res {
+            Err(reason) => unmapped.push(Unmapped {
+                key: name.clone(),
+                reason,
+            }),
+            Ok(module) => {
+                let roles = groups.entry(module.clone()).or_insert_with(|| {
+                    group_order.push(module.clone());
+                    BTreeMap::new()
+                });
+                match roles.get(&k.role) {
+                    Some(other) => unmapped.push(Unmapped {
+                        key: name.clone(),
+                        reason: UnmappedReason::Duplicate(other.clone()),
+                    }),
+                    None => {
+                        roles.insert(k.role.clone(), name.clone());
+                    }
+                }
+            }
+        }
+    }
+    if adapter_names.len() > 1 {
+        adapter.notes.push(format!(
+            "several PEFT adapter names in one file ({}): the first key of each module wins, the rest are reported as duplicates",
+            adapter_names.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+
+    let config = match dialect {
+        Dialect::Kohya | Dialect::Lycoris => ConfigSource::None,
+        _ => load_config_source(file, dialect, opts, &mut adapter.notes)?,
+    };
+    for c in Component::ALL {
+        if config.get(c).is_some_and(|cfg| cfg.use_dora) {
+            adapter
+                .notes
+                .push(format!("{c}: config says use_dora: DoRA is not supported"));
+        }
+    }
+
+    for (component, module_path) in group_order {
+        let Some(roles) = groups.remove(&(component, module_path.clone())) else {
+            continue;
+        };
+        let all_keys: Vec<String> = roles.values().cloned().collect();
+        let dora_cfg = config.get(component).is_some_and(|cfg| cfg.use_dora);
+        match build_module(file, component, &module_path, &roles, &config, dora_cfg)? {
+            Ok(m) => {
+                // Check ΔW against the model's weight when the module list knows its shape.
+                let target = opts
+                    .modules
+                    .and_then(|ms| ms.weight_shape(component, &module_path));
+                let dshape = crate::lora::merge::delta_shape(&m.kind);
+                match target {
+                    Some(t) if !crate::lora::merge::shape_fits(&dshape, &t) => {
+                        let reason = UnmappedReason::WrongShape {
+                            component,
+                            module: module_path.clone(),
+                            delta: dshape.clone(),
+                            weight: t.clone(),
+                        };
+                        for key in all_keys {
+                            unmapped.push(Unmapped {
+                                key,
+                                reason: reason.clone(),
+                            });
+                        }
+                    }
+                    _ => adapter.modules.push(m),
+                }
+            }
+            Err(reason) => {
+                for key in all_keys {
+                    unmapped.push(Unmapped {
+                        key,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+    }
+    if matches!(config, ConfigSource::None)
+        && !matches!(dialect, Dialect::Kohya | Dialect::Lycoris)
+        && adapter.modules.iter().all(|m| m.alpha.is_none())
+        && !adapter.modules.is_empty()
+    {
+        adapter.notes.push("no alpha stored: scale 1".into());
+    }
+    unmapped.sort_by(|a, b| a.key.cmp(&b.key));
+    adapter.unmapped = unmapped;
+    Ok(adapter)
+}
+
+/// Whether a module name has `transformer_blocks.N` / `transformer_blocks_N` with N ≥ 1.
+fn deep_transformer_block(name: &ModuleName) -> bool {
+    let s = match name {
+        ModuleName::Dotted(s) | ModuleName::Underscored(s) => s,
+    };
+    s.match_indices("transformer_blocks").any(|(i, m)| {
+        let rest = &s[i + m.len()..];
+        let digits: String = rest
+            .chars()
+            .skip(1)
+            .take_while(char::is_ascii_digit)
+            .collect();
+        matches!(rest.chars().next(), Some('.' | '_'))
+            && digits.parse::<u32>().is_ok_and(|n| n >= 1)
+    })
+}
+
+type Built = std::result::Result<LoraModule, UnmappedReason>;
+
+/// A LoRA factor: a float tensor (F32, F16, BF16 or F64) whose every value is finite. An integer
+/// or bool tensor, or one holding NaN/Inf, would merge into NaN weights and black images.
+fn read_factor(file: &WeightFile, key: &str) -> Result<Tensor> {
+    let bad = |msg: String| Error::Lora {
+        file: file.path().to_path_buf(),
+        msg: format!("tensor `{key}`: {msg}"),
+    };
+    let dtype = file
+        .info(key)
+        .map(|i| i.dtype)
+        .ok_or_else(|| Error::MissingTensor {
+            name: key.to_owned(),
+            file: file.path().to_path_buf(),
+        })?;
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+        return Err(bad(format!(
+            "dtype {dtype:?}; LoRA factors are float tensors (F32, F16, BF16)"
+        )));
+    }
+    let t = Tensor::read(file, key)?;
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!(
+            "element {i} is {} (the file is damaged, or training diverged)",
+            t.data[i]
+        )));
+    }
+    Ok(t)
+}
+
+/// A module's `.alpha`: one finite, non-negative number (0 means "= rank", the kohya rule).
+fn read_alpha(file: &WeightFile, key: &str) -> Result<f32> {
+    let a = file.scalar_f32(key)?;
+    if !a.is_finite() || a < 0.0 {
+        return Err(Error::Lora {
+            file: file.path().to_path_buf(),
+            msg: format!("`{key}` is {a}; alpha must be a finite number ≥ 0"),
+        });
+    }
+    Ok(a)
+}
+
+fn invalid(msg: String) -> Built {
+    Err(UnmappedReason::Invalid(msg))
+}
+
+fn build_module(
+    file: &WeightFile,
+    component: Component,
+    module_path: &str,
+    roles: &BTreeMap<Role, String>,
+    config: &ConfigSource,
+    dora_cfg: bool,
+) -> Result<Built> {
+    if roles.contains_key(&Role::DoraScale) || dora_cfg {
+        return Ok(Err(UnmappedReason::Unsupported(
+            "DoRA (`dora_scale` / `lora_magnitude_vector` / use_dora): its weight-norm rescaling is not implemented".into(),
+        )));
+    }
+    if let Some(other) = roles.keys().find_map(|r| {
+        if let Role::Other(s) = r {
+            Some(s.clone())
+        } else {
+            None
+        }
+    }) {
+        return Ok(Err(UnmappedReason::Unsupported(format!(
+            "adapter tensor `{other}` (OFT, BOFT, IA3, GLoRA, DyLoRA and other non-LoRA/LoHa/LoKr types are not supported)"
+        ))));
+    }
+    if roles.contains_key(&Role::BiasDiff) {
+        return Ok(Err(UnmappedReason::Unsupported(
+            "bias difference (`diff_b` / PEFT `lora_B.bias`)".into(),
+        )));
+    }
+    if roles.contains_key(&Role::LokrT1) {
+        return Ok(Err(UnmappedReason::Unsupported(
+            "LoKr `lokr_t1` (a Tucker core on w1)".into(),
+        )));
+    }
+    let get = |r: Role| -> Result<Option<Tensor>> {
+        match roles.get(&r) {
+            Some(k) => Ok(Some(read_factor(file, k)?)),
+            None => Ok(None),
+        }
+    };
+    let alpha = match roles.get(&Role::Alpha) {
+        Some(k) => Some(read_alpha(file, k)?),
+        None => None,
+    };
+    let has = |r: &[Role]| r.iter().any(|r| roles.contains_key(r));
+    let families = [
+        has(&[Role::Down, Role::Up, Role::Mid]),
+        has(&[
+            Role::HadaW1A,
+            Role::HadaW1B,
+            Role::HadaW2A,
+            Role::HadaW2B,
+            Role::HadaT1,
+            Role::HadaT2,
+        ]),
+        has(&[
+            Role::LokrW1,
+            Role::LokrW1A,
+            Role::LokrW1B,
+            Role::LokrW2,
+            Role::LokrW2A,
+            Role::LokrW2B,
+            Role::LokrT2,
+        ]),
+        has(&[Role::Diff]),
+    ];
+    let n_fam = families.iter().filter(|f| **f).count();
+    if n_fam == 0 {
+        return Ok(invalid("only an `alpha`, no weights".into()));
+    }
+    if n_fam > 1 {
+        return Ok(invalid(
+            "mixes tensors of several adapter types (LoRA, LoHa, LoKr, diff)".into(),
+        ));
+    }
+    let keys: Vec<String> = roles.values().cloned().collect();
+    let mk = |kind: LoraKind, rank: usize, scale: f32, alpha: Option<f32>| -> Built {
+        Ok(LoraModule {
+            component,
+            module_path: module_path.to_string(),
+            kind,
+            alpha,
+            rank,
+            scale,
+            keys: keys.clone(),
+        })
+    };
+    // kohya / LyCORIS rule: no alpha (or 0) means alpha = rank.
+    let kohya_scale = |rank: usize| -> f32 {
+        match alpha {
+            Some(a) if a != 0.0 && rank > 0 => a / rank as f32,
+            _ => 1.0,
+        }
+    };
+
+    if families[0] {
+        let (Some(down), Some(up)) = (get(Role::Down)?, get(Role::Up)?) else {
+            return Ok(invalid(
+                "a LoRA needs both down (lora_A) and up (lora_B)".into(),
+            ));
+        };
+        let mid = get(Role::Mid)?;
+        if let Err(msg) = check_lora_shapes(&down, &up, mid.as_ref()) {
+            return Ok(invalid(msg));
+        }
+        let rank = down.shape[0];
+        let (alpha, scale) = match config.get(component) {
+            Some(cfg) => {
+                let (r, a) = cfg.r_alpha(&keys::peft_module_name(component, module_path), rank);
+                let scale = cfg.scale(r, a) as f32;
+                if !(r > 0.0 && a.is_finite() && scale.is_finite()) {
+                    return Err(Error::Lora {
+                        file: file.path().to_path_buf(),
+                        msg: format!(
+                            "`{module_path}`: the adapter config gives r = {r}, lora_alpha = {a} \
+                             (scale {scale}); r must be positive and both finite"
+                        ),
+                    });
+                }
+                (Some(a as f32), scale)
+            }
+            None => (alpha, kohya_scale(rank)),
+        };
+        return Ok(mk(LoraKind::Lora { down, up, mid }, rank, scale, alpha));
+    }
+    if families[1] {
+        let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+            get(Role::HadaW1A)?,
+            get(Role::HadaW1B)?,
+            get(Role::HadaW2A)?,
+            get(Role::HadaW2B)?,
+        ) else {
+            return Ok(invalid(
+                "LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b".into(),
+            ));
+        };
+        let (t1, t2) = (get(Role::HadaT1)?, get(Role::HadaT2)?);
+        if t1.is_some() != t2.is_some() {
+            return Ok(invalid("LoHa Tucker needs both hada_t1 and hada_t2".into()));
+        }
+        if let Err(msg) = check_loha_shapes(&w1a, &w1b, &w2a, &w2b, t1.as_ref(), t2.as_ref()) {
+            return Ok(invalid(msg));
+        }
+        let rank = w1b.shape[0];
+        return Ok(mk(
+            LoraKind::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t1,
+                t2,
+            },
+            rank,
+            kohya_scale(rank),
+            alpha,
+        ));
+    }
+    if families[2] {
+        let factor =
+            |full: Role, a: Role, b: Role| -> Result<std::result::Result<KronFactor, String>> {
+                Ok(match (get(full)?, get(a)?, get(b)?) {
+                    (Some(w), None, None) => Ok(KronFactor::Full(w)),
+                    (None, Some(a), Some(b)) => Ok(KronFactor::LowRank { a, b }),
+                    _ => Err(
+                        "LoKr needs lokr_wN or both lokr_wN_a and lokr_wN_b for each factor"
+                            .to_string(),
+                    ),
+                })
+            };
+        let w1 = match factor(Role::LokrW1, Role::LokrW1A, Role::LokrW1B)? {
+            Ok(f) => f,
+            Err(m) => return Ok(invalid(m)),
+        };
+        let w2 = match factor(Role::LokrW2, Role::LokrW2A, Role::LokrW2B)? {
+            Ok(f) => f,
+            Err(m) => return Ok(invalid(m)),
+        };
+        let t2 = get(Role::LokrT2)?;
+        if let Err(msg) = check_lokr_shapes(&w1, &w2, t2.as_ref()) {
+            return Ok(invalid(msg));
+        }
+        // LyCORIS: both factors full → scale 1; else alpha / rank, rank = rows of lokr_w2_b, else
+        // of lokr_w1_b (diffusers `_bake_lokr_alpha_`, ComfyUI and A1111 read it so; LyCORIS's
+        // `make_module_from_state_dict` agrees for non-Tucker files).
+        let rank = match (&w2, &w1) {
+            (KronFactor::LowRank { b, .. }, _) | (_, KronFactor::LowRank { b, .. }) => b.shape[0],
+            _ => 0,
+        };
+        let scale = if rank == 0 { 1.0 } else { kohya_scale(rank) };
+        return Ok(mk(LoraKind::LoKr { w1, w2, t2 }, rank, scale, alpha));
+    }
+    let Some(diff) = get(Role::Diff)? else {
+        return Ok(invalid("missing `diff`".into()));
+    };
+    Ok(mk(LoraKind::Full { diff }, 0, 1.0, alpha))
+}
+
+pub(super) fn check_lora_shapes(
+    down: &Tensor,
+    up: &Tensor,
+    mid: Option<&Tensor>,
+) -> std::result::Result<(), String> {
+    let (ds, us) = (&down.shape, &up.shape);
+    if !(ds.len() == 2 || ds.len() == 4) || !(us.len() == 2 || us.len() == 4) {
+        return Err(format!(
+            "down {ds:?} / up {us:?}: expected 2-D (Linear) or 4-D (Conv2d) tensors"
+        ));
+    }
+    if us.len() == 4 && (us[2] != 1 || us[3] != 1) {
+        return Err(format!("up {us:?}: a conv LoRA's up must be 1×1"));
+    }
+    let inner = match mid {
+        None => ds[0],
+        Some(m) => {
+            if m.shape.len() != 4
+                || m.shape[1] != ds[0]
+                || (ds.len() == 4 && (ds[2] != 1 || ds[3] != 1))
+            {
+                return Err(format!(
+                    "lora_mid {:?} does not fit down {ds:?} (expected [r2, r1, kh, kw] and 1×1 down)",
+                    m.shape
+                ));
+            }
+            m.shape[0]
+        }
+    };
+    if us[1] != inner || ds[0] == 0 {
+        return Err(format!("rank mismatch: down {ds:?}, up {us:?}"));
+    }
+    Ok(())
+}
+
+pub(super) fn check_loha_shapes(
+    w1a: &Tensor,
+    w1b: &Tensor,
+    w2a: &Tensor,
+    w2b: &Tensor,
+    t1: Option<&Tensor>,
+    t2: Option<&Tensor>,
+) -> std::result::Result<(), String> {
+    let all2 = [w1a, w1b, w2a, w2b].iter().all(|t| t.shape.len() == 2);
+    if !all2 {
+        return Err("LoHa factors must be 2-D".into());
+    }
+    match (t1, t2) {
+        (Some(t1), Some(t2)) => {
+            // Tucker: w_a [r, out], w_b [r, in], t [r, r, kh, kw].
+            let ok = t1.shape.len() >= 3
+                && t1.shape == t2.shape
+                && w1a.shape[0] == t1.shape[0]
+                && w1b.shape[0] == t1.shape[1]
+                && w2a.shape[0] == t2.shape[0]
+                && w2b.shape[0] == t2.shape[1]
+                && w1a.shape[1] == w2a.shape[1]
+                && w1b.shape[1] == w2b.shape[1];
+            if !ok {
+                return Err(format!(
+                    "LoHa Tucker shapes do not fit: w1a {:?} w1b {:?} t1 {:?} / w2a {:?} w2b {:?} t2 {:?}",
+                    w1a.shape, w1b.shape, t1.shape, w2a.shape, w2b.shape, t2.shape
+                ));
+            }
+        }
+        _ => {
+            let ok = w1a.shape[1] == w1b.shape[0]
+                && w2a.shape[1] == w2b.shape[0]
+                && w1a.shape[0] == w2a.shape[0]
+                && w1b.shape[1] == w2b.shape[1];
+            if !ok {
+                return Err(format!(
+                    "LoHa shapes do not fit: w1a {:?} w1b {:?} w2a {:?} w2b {:?}",
+                    w1a.shape, w1b.shape, w2a.shape, w2b.shape
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn check_lokr_shapes(
+    w1: &KronFactor,
+    w2: &KronFactor,
+    t2: Option<&Tensor>,
+) -> std::result::Result<(), String> {
+    match w1 {
+        KronFactor::Full(w) if w.shape.len() != 2 => {
+            return Err(format!("lokr_w1 {:?} must be 2-D", w.shape));
+        }
+        KronFactor::LowRank { a, b }
+            if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[1] != b.shape[0] =>
+        {
+            return Err(format!(
+                "lokr_w1_a {:?} / lokr_w1_b {:?} do not multiply",
+                a.shape, b.shape
+            ));
+        }
+        _ => {}
+    }
+    match (w2, t2) {
+        (KronFactor::Full(w), None) if w.shape.len() < 2 => {
+            Err(format!("lokr_w2 {:?} must be 2-D or more", w.shape))
+        }
+        (KronFactor::Full(_), Some(_)) => Err("lokr_t2 given with a full lokr_w2".into()),
+        (KronFactor::LowRank { a, b }, None)
+            if a.shape.len() != 2 || b.shape.len() < 2 || a.shape[1] != b.shape[0] =>
+        {
+            Err(format!(
+                "lokr_w2_a {:?} / lokr_w2_b {:?} do not multiply",
+                a.shape, b.shape
+            ))
+        }
+        (KronFactor::LowRank { a, b }, Some(t))
+            if a.shape.len() != 2
+                || b.shape.len() != 2
+                || t.shape.len() < 3
+                || t.shape[0] != a.shape[0]
+                || t.shape[1] != b.shape[0] =>
+        {
+            Err(format!(
+                "LoKr Tucker shapes do not fit: t2 {:?} w2_a {:?} w2_b {:?}",
+                t.shape, a.shape, b.shape
+            ))
+        }
+        _ => Ok(()),
+    }
+}
