@@ -1,0 +1,766 @@
+//! The training loop of diffusers' `examples/text_to_image/train_text_to_image_lora.py`
+//! (https://github.com/huggingface/diffusers/blob/main/examples/text_to_image/train_text_to_image_lora.py),
+//! with accelerate's gradient accumulation semantics:
+//!
+//! per micro-batch: `latents = vae.encode(pixels).latent_dist.sample() · scaling_factor`,
+//! `noise = randn (+ noise_offset · randn[b, c, 1, 1])`, `t ~ U{0, T−1}`,
+//! `noisy = add_noise(latents, noise, t)`, `ehs = text_encoder(ids)[0]`,
+//! `target = noise | get_velocity(latents, noise, t)`, `loss = mse(pred, target)` (min-SNR-γ
+//! weighted with `--snr_gamma`), `backward(loss / gradient_accumulation_steps)`;
+//! per optimiser step (every `accumulation` micro-batches, and at the end of an epoch):
+//! `clip_grad_norm_(lora, max_grad_norm)`, `AdamW.step()`, `lr_scheduler.step()`.
+//!
+//! Differences, all deliberate:
+//! - The VAE and the text encoder are frozen, so their outputs are computed once (both flips;
+//!   latent mean/logvar, sampled fresh every step) unless `cache_latents` is off. With a random
+//!   crop the crop is then drawn once per image (kohya's caching does the same).
+//! - Accumulated micro-batches run as one batch by default (`fuse_accumulation`): for a GroupNorm
+//!   network this is the same gradient (each sample weighted `1 / (micro-batch size · accumulation)`).
+//! - All randomness is a function of `(seed, epoch, batch index)` (shuffles, flips, timesteps,
+//!   noise), drawn from our own generators (never libtorch's global one, so runs are
+//!   reproducible in a multi-threaded host and CPU and CUDA see the same noise): a resumed run
+//!   continues exactly where it stopped, bit-identical on the CPU.
+//! - Resume continues inside the epoch (the script restarts the epoch's data order).
+
+mod cache;
+mod checkpoint;
+mod meta;
+mod step;
+
+use self::cache::build_cache;
+pub use self::checkpoint::{TrainingState, list_checkpoints};
+use self::checkpoint::{find_resume, fingerprint, open_log, restore, save_checkpoint, write_json};
+use self::meta::{lora_modules_of, write_lora};
+use self::step::{StepCtx, run_group};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::Distribution;
+use tch::{Device, Kind, Tensor};
+
+use super::dataset::{self, Crop, Dataset, DatasetOptions};
+use super::lora::{LoraConfig, init_lora, lora_pairs};
+use super::noise::{NoiseSchedule, Prediction};
+use super::optim::{
+    AdamW, AdamWConfig, FlatParams, LossScaler, LrSchedule, LrScheduler, clip_grad_norm,
+};
+use super::output::{SaveFormat, modules_from, save_lora};
+use super::validation::{ValidationConfig, Validator, write_images};
+use super::{ClipTextModel, Loaded, UNet2DConditionModel, VaeEncoder};
+use crate::pipeline::scheduler::SchedulerConfig;
+use crate::pipeline::tokenizer::ClipTokenizer;
+use crate::weights::Dtype;
+use crate::weights::keys::Component;
+use crate::{Error, Result};
+
+/// `--mixed_precision`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    No,
+    Fp16,
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The dtype of the frozen weights and of the forward pass.
+    pub fn kind(self) -> Kind {
+        match self {
+            MixedPrecision::No => Kind::Float,
+            MixedPrecision::Fp16 => Kind::Half,
+            MixedPrecision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// Everything a training run needs (the CLI maps the script's flags onto it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// A diffusers-layout pipeline folder or an SD 1.x single-file `.safetensors` checkpoint.
+    pub pretrained_model: PathBuf,
+    /// The tokenizer folder for a single-file checkpoint (default: `tokenizer/` beside it).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    pub train_data_dir: PathBuf,
+    pub caption_column: String,
+    pub image_column: String,
+    pub skip_bad_images: bool,
+    pub max_train_samples: Option<usize>,
+    pub output_dir: PathBuf,
+    pub resolution: u32,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_train_steps: Option<i64>,
+    pub num_train_epochs: i64,
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    pub lr_scheduler: LrSchedule,
+    pub lr_warmup_steps: i64,
+    pub adam: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub lora: LoraConfig,
+    /// LoRA on the text encoder too (then text embeddings are not cached).
+    pub text_encoder_lora: Option<LoraConfig>,
+    pub mixed_precision: MixedPrecision,
+    pub seed: Option<u64>,
+    pub snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub prediction_type: Option<Prediction>,
+    pub checkpointing_steps: i64,
+    pub checkpoints_total_limit: Option<usize>,
+    /// `latest` or a checkpoint folder.
+    pub resume_from_checkpoint: Option<String>,
+    pub validation: Option<ValidationConfig>,
+    pub save_format: SaveFormat,
+    /// Storage dtype of the written LoRA (F32 like the script, or F16/BF16).
+    pub save_dtype: String,
+    pub cache_latents: bool,
+    pub fuse_accumulation: bool,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// Testing hook: abort the process (like kill -9) right after this optimiser step.
+    pub abort_after_step: Option<i64>,
+}
+
+impl TrainConfig {
+    /// The script's defaults (`parse_args`), for `model` and `data`.
+    pub fn new(pretrained_model: PathBuf, train_data_dir: PathBuf) -> Self {
+        Self {
+            pretrained_model,
+            tokenizer: None,
+            train_data_dir,
+            caption_column: "text".into(),
+            image_column: "image".into(),
+            skip_bad_images: false,
+            max_train_samples: None,
+            output_dir: "sd-model-finetuned-lora".into(),
+            resolution: 512,
+            center_crop: false,
+            random_flip: false,
+            train_batch_size: 16,
+            gradient_accumulation_steps: 1,
+            max_train_steps: None,
+            num_train_epochs: 100,
+            learning_rate: 1e-4,
+            scale_lr: false,
+            lr_scheduler: LrSchedule::Constant,
+            lr_warmup_steps: 500,
+            adam: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            lora: LoraConfig::script_default(4),
+            text_encoder_lora: None,
+            mixed_precision: MixedPrecision::No,
+            seed: None,
+            snr_gamma: None,
+            noise_offset: 0.0,
+            prediction_type: None,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: None,
+            resume_from_checkpoint: None,
+            validation: None,
+            save_format: SaveFormat::Diffusers,
+            save_dtype: "fp32".into(),
+            cache_latents: true,
+            fuse_accumulation: true,
+            device: "auto".into(),
+            abort_after_step: None,
+        }
+    }
+}
+
+/// One optimiser step, as logged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: i64,
+    pub epoch: i64,
+    /// Mean loss of the step's samples (the script's `train_loss`).
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+    pub elapsed_s: f64,
+    /// CUDA memory in use on the device (bytes; includes the caching allocator's reserve).
+    pub device_mem: Option<u64>,
+    /// fp16: the step was skipped for inf/NaN gradients.
+    pub skipped: bool,
+}
+
+/// What the trainer reports while it runs (the CLI draws these; the library prints nothing).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Info(String),
+    Warning(String),
+    /// Caching latents / text embeddings: `done` of `total`.
+    Caching {
+        what: &'static str,
+        done: usize,
+        total: usize,
+    },
+    Started {
+        total_steps: i64,
+        initial_step: i64,
+        examples: usize,
+        epochs: i64,
+    },
+    Step(&'a StepLog),
+    Checkpoint(&'a Path),
+    Validation(&'a [PathBuf]),
+    Saved(&'a Path),
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub output: PathBuf,
+    pub steps: i64,
+    pub losses: Vec<f64>,
+    pub mean_samples_per_s: f64,
+    pub peak_device_mem: Option<u64>,
+    pub seed: u64,
+}
+
+/// splitmix64 over the words: a seed for one stream of randomness.
+fn derive(words: &[u64]) -> u64 {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for &w in words {
+        x ^= w
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(x << 6)
+            .wrapping_add(x >> 2);
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x = z ^ (z >> 31);
+    }
+    x
+}
+
+const TAG_SHUFFLE: u64 = 1;
+const TAG_BATCH: u64 = 2;
+const TAG_NORMAL: u64 = 3;
+const TAG_LORA: u64 = 4;
+const TAG_CROP: u64 = 5;
+
+/// The data order of `epoch`: a permutation of `0..n` (a `DataLoader(shuffle=True)`).
+pub fn epoch_order(seed: u64, epoch: i64, n: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    v.shuffle(&mut ChaCha20Rng::seed_from_u64(derive(&[
+        seed,
+        TAG_SHUFFLE,
+        epoch as u64,
+    ])));
+    v
+}
+
+/// CUDA memory in use on the current device (`cudaMemGetInfo`: total − free), through the
+/// `libcudart` libtorch already loaded. `None` off CUDA.
+pub fn cuda_mem_used() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    static FN: std::sync::OnceLock<Option<MemGetInfo>> = std::sync::OnceLock::new();
+    let f = (*FN.get_or_init(|| {
+        const RTLD_NOLOAD: i32 = 4;
+        for name in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
+            // SAFETY: RTLD_NOLOAD only returns a library that is already loaded (by
+            // libtorch_cuda); nothing is initialised by this call.
+            let lib = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(name),
+                    libloading::os::unix::RTLD_NOW | RTLD_NOLOAD,
+                )
+            };
+            let Ok(lib) = lib else { continue };
+            // SAFETY: cudaMemGetInfo has this C signature in every CUDA runtime.
+            let Ok(sym) = (unsafe { lib.get::<MemGetInfo>(b"cudaMemGetInfo\0") }) else {
+                continue;
+            };
+            let f = *sym;
+            // keep the (already loaded) library mapped for the process lifetime
+            std::mem::forget(lib);
+            return Some(f);
+        }
+        None
+    }))?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two valid out-pointers.
+    let rc = unsafe { f(&mut free, &mut total) };
+    (rc == 0).then(|| total.saturating_sub(free) as u64)
+}
+
+struct Cache {
+    /// `[n_examples · flips, 2 · latent_c, h, w]` (mean ‖ logvar), f32.
+    latents: Option<Tensor>,
+    flips: usize,
+    /// `[n_captions, 77, d]`, f32, when the text encoder is frozen.
+    embeddings: Option<Tensor>,
+    /// Token ids `[n_captions, 77]` (for a trained text encoder).
+    ids: Tensor,
+    /// Per example: indices into the caption table.
+    captions: Vec<Vec<usize>>,
+}
+
+struct Models {
+    unet: Loaded<UNet2DConditionModel>,
+    text: Option<Loaded<ClipTextModel>>,
+    vae: Option<Loaded<VaeEncoder>>,
+}
+
+fn save_dtype(s: &str) -> Result<Dtype> {
+    match s {
+        "fp32" | "float32" | "no" => Ok(Dtype::F32),
+        "fp16" | "float16" => Ok(Dtype::F16),
+        "bf16" | "bfloat16" => Ok(Dtype::BF16),
+        o => Err(Error::InvalidArgument(format!(
+            "--save_precision {o}: expected fp32, fp16 or bf16"
+        ))),
+    }
+}
+
+/// Run a training job. `cancel`, when set, ends the run at the next optimiser step with a
+/// checkpoint and [`Error::Cancelled`].
+pub fn train(
+    cfg: &TrainConfig,
+    cancel: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TrainReport> {
+    let device = super::parse_device(&cfg.device)?;
+    // Checked before any work: a typo must not surface after the last step.
+    save_dtype(&cfg.save_dtype)?;
+    let kind = cfg.mixed_precision.kind();
+    check_settings(cfg, device, kind, on_event)?;
+    let source = super::ModelSource::open(&cfg.pretrained_model, cfg.tokenizer.as_deref())?;
+    std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
+
+    // ---- resume: which checkpoint, and its seed
+    let (resume_dir, resumed) = match find_resume(cfg, on_event)? {
+        Some((d, st)) => (Some(d), Some(st)),
+        None => (None, None),
+    };
+    let seed = match (&resumed, cfg.seed) {
+        (Some(s), _) => s.seed,
+        (None, Some(s)) => s,
+        (None, None) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+
+    // ---- data
+    let ds = Dataset::open(
+        &cfg.train_data_dir,
+        &DatasetOptions {
+            caption_column: cfg.caption_column.clone(),
+            image_column: cfg.image_column.clone(),
+            skip_bad: cfg.skip_bad_images,
+            max_samples: cfg.max_train_samples,
+        },
+    )?;
+    for w in &ds.warnings {
+        on_event(Event::Warning(w.clone()));
+    }
+    let n = ds.len();
+    on_event(Event::Info(format!(
+        "{n} examples ({}) in {}",
+        ds.layout,
+        cfg.train_data_dir.display()
+    )));
+
+    // ---- models
+    let sched_cfg = source.scheduler_config()?;
+    let noise = NoiseSchedule::new(&sched_cfg, device)?;
+    let prediction = cfg.prediction_type.unwrap_or(noise.prediction);
+    let tokenizer = source.tokenizer()?;
+    let unet = source.unet(device, kind, Some(cfg.lora.clone()))?;
+    if unet.lora_modules.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "no UNet module matches the LoRA targets {:?}",
+            cfg.lora.targets
+        )));
+    }
+    for k in &unet.unused_keys {
+        on_event(Event::Warning(format!(
+            "UNet weight `{k}` is not used by the model"
+        )));
+    }
+    let text = source.text_encoder(device, kind, cfg.text_encoder_lora.clone())?;
+    if cfg.text_encoder_lora.is_some() && text.lora_modules.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no text encoder module matches the text encoder LoRA targets".into(),
+        ));
+    }
+    let vae = source.vae_encoder(device, kind)?;
+    let scaling_factor = vae.model.config.scaling_factor;
+    let latent_c = vae.model.config.latent_channels;
+    init_lora(
+        &unet.lora,
+        cfg.lora.init,
+        cfg.lora.rank,
+        &mut ChaCha20Rng::seed_from_u64(derive(&[seed, TAG_LORA, 0])),
+    )?;
+    if let Some(tl) = &cfg.text_encoder_lora {
+        init_lora(
+            &text.lora,
+            tl.init,
+            tl.rank,
+            &mut ChaCha20Rng::seed_from_u64(derive(&[seed, TAG_LORA, 1])),
+        )?;
+    }
+    let mut all: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (k, v) in unet.lora.variables() {
+        all.insert(format!("unet.{k}"), v);
+    }
+    for (k, v) in text.lora.variables() {
+        all.insert(format!("text_encoder.{k}"), v);
+    }
+    let mut flat = FlatParams::adopt_as(&all, kind);
+    let n_params = flat.numel();
+    on_event(Event::Info(format!(
+        "LoRA r={} alpha={} on {} UNet modules{} ({n_params} trainable parameters), device {device:?}, weights {kind:?}",
+        cfg.lora.rank,
+        cfg.lora.alpha,
+        unet.lora_modules.len(),
+        if text.lora_modules.is_empty() {
+            String::new()
+        } else {
+            format!(" + {} text encoder modules", text.lora_modules.len())
+        }
+    )));
+
+    // ---- caches
+    let train_text = cfg.text_encoder_lora.is_some();
+    let cache = build_cache(
+        cfg, &ds, &tokenizer, &text, &vae, seed, device, train_text, on_event,
+    )?;
+    let mut models = Models {
+        unet,
+        text: Some(text),
+        vae: Some(vae),
+    };
+    if !train_text && cfg.cache_latents {
+        models.text = None; // frozen and fully cached: free it (validation reloads it)
+    }
+    if cfg.cache_latents {
+        models.vae = None;
+    }
+
+    // ---- steps
+    let bs = cfg.train_batch_size;
+    let accum = cfg.gradient_accumulation_steps;
+    let batches_per_epoch = n.div_ceil(bs);
+    let steps_per_epoch = batches_per_epoch.div_ceil(accum) as i64;
+    let max_steps = cfg
+        .max_train_steps
+        .unwrap_or(cfg.num_train_epochs * steps_per_epoch);
+    let epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
+    let lr = if cfg.scale_lr {
+        cfg.learning_rate * (accum * bs) as f64
+    } else {
+        cfg.learning_rate
+    };
+    let lr_sched = LrScheduler {
+        kind: cfg.lr_scheduler,
+        base_lr: lr,
+        warmup_steps: cfg.lr_warmup_steps,
+        total_steps: max_steps,
+    };
+    let mut opt = AdamW::new(&flat, cfg.adam);
+    let mut scaler = (cfg.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
+    let fp = fingerprint(cfg, n, seed);
+
+    let (mut global_step, mut epoch0, mut batch0, mut sched_step) = (0i64, 0i64, 0usize, 0i64);
+    if let (Some(st), Some(dir)) = (&resumed, &resume_dir) {
+        restore(st, dir, &fp, &mut flat, &mut opt, on_event)?;
+        scaler = st.loss_scaler;
+        global_step = st.global_step;
+        epoch0 = st.epoch;
+        batch0 = st.next_batch;
+        sched_step = st.scheduler_step;
+    }
+
+    let (log_path, mut log) = open_log(cfg, resumed.is_some(), global_step)?;
+    write_json(&cfg.output_dir.join("train_config.json"), cfg)?;
+
+    on_event(Event::Started {
+        total_steps: max_steps,
+        initial_step: global_step,
+        examples: n,
+        epochs,
+    });
+    let started = Instant::now();
+    let mut losses = Vec::new();
+    let mut sps_sum = 0.0;
+    let mut sps_n = 0usize;
+    let mut peak_mem: Option<u64> = None;
+    let mut validator: Option<Validator> = None;
+
+    let ctx = StepCtx {
+        cfg,
+        cache: &cache,
+        noise: &noise,
+        prediction,
+        scaling_factor,
+        latent_c,
+        seed,
+        device,
+        kind,
+        train_text,
+    };
+    'outer: for epoch in epoch0..epochs {
+        let order = epoch_order(seed, epoch, n);
+        let start_batch = if epoch == epoch0 { batch0 } else { 0 };
+        let mut b = start_batch;
+        while b < batches_per_epoch {
+            if global_step >= max_steps {
+                break 'outer;
+            }
+            let t0 = Instant::now();
+            let group_end = (b + accum).min(batches_per_epoch);
+            let micro: Vec<(usize, Vec<usize>)> = (b..group_end)
+                .map(|bi| (bi, order[bi * bs..((bi + 1) * bs).min(n)].to_vec()))
+                .collect();
+            let samples: usize = micro.iter().map(|(_, m)| m.len()).sum();
+            let loss_scale = scaler.map(|s| s.scale).unwrap_or(1.0);
+            let loss = run_group(&ctx, &models, &ds, epoch, &micro, loss_scale)?;
+            let mut g = flat.flat_grad();
+            let finite = match scaler.as_mut() {
+                Some(s) => s.unscale_and_update(&mut g),
+                None => true,
+            };
+            let mut grad_norm = f64::NAN;
+            let lr_now = lr_sched.lr(sched_step);
+            if finite {
+                grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm);
+                opt.step(&mut flat, &g, lr_now);
+                sched_step += 1;
+            }
+            flat.zero_grad();
+            global_step += 1;
+            b = group_end;
+            let dt = t0.elapsed().as_secs_f64();
+            let mem = if matches!(device, Device::Cuda(_)) {
+                cuda_mem_used()
+            } else {
+                None
+            };
+            if let Some(m) = mem {
+                peak_mem = Some(peak_mem.map_or(m, |p| p.max(m)));
+            }
+            let sps = samples as f64 / dt.max(1e-9);
+            sps_sum += sps;
+            sps_n += 1;
+            let logline = StepLog {
+                step: global_step,
+                epoch,
+                loss,
+                lr: lr_now,
+                grad_norm,
+                samples_per_s: sps,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                device_mem: mem,
+                skipped: !finite,
+            };
+            {
+                use std::io::Write;
+                writeln!(
+                    log,
+                    "{},{},{},{},{},{:.3},{:.3},{},{}",
+                    logline.step,
+                    logline.epoch,
+                    logline.loss,
+                    logline.lr,
+                    logline.grad_norm,
+                    logline.samples_per_s,
+                    logline.elapsed_s,
+                    mem.map(|m| m.to_string()).unwrap_or_default(),
+                    logline.skipped
+                )
+                .map_err(|e| Error::io(&log_path, e))?;
+            }
+            losses.push(loss);
+            on_event(Event::Step(&logline));
+
+            let (next_epoch, next_batch) = if b >= batches_per_epoch {
+                (epoch + 1, 0)
+            } else {
+                (epoch, b)
+            };
+            let state = TrainingState {
+                version: 1,
+                global_step,
+                epoch: next_epoch,
+                next_batch,
+                scheduler_step: sched_step,
+                adam_step: opt.step,
+                loss_scaler: scaler,
+                seed,
+                lr_scheduler: lr_sched,
+                data_order: if next_epoch == epoch {
+                    order.clone()
+                } else {
+                    epoch_order(seed, next_epoch, n)
+                },
+                fingerprint: fp.clone(),
+            };
+            let cancelled = cancel.map(|c| c.load(Ordering::Relaxed)).unwrap_or(false);
+            if (cfg.checkpointing_steps > 0 && global_step % cfg.checkpointing_steps == 0)
+                || cancelled
+            {
+                let dir = save_checkpoint(cfg, &models, &flat, &opt, &state)?;
+                on_event(Event::Checkpoint(&dir));
+            }
+            if cancelled {
+                return Err(Error::Cancelled);
+            }
+            if let Some(v) = &cfg.validation
+                && let Some(every) = v.every_steps
+                && every > 0
+                && global_step % every == 0
+            {
+                validate(
+                    &source,
+                    cfg,
+                    &models.unet.model,
+                    &mut validator,
+                    device,
+                    kind,
+                    &tokenizer,
+                    &sched_cfg,
+                    &format!("step-{global_step}"),
+                    seed,
+                    on_event,
+                )?;
+            }
+            if cfg.abort_after_step == Some(global_step) {
+                std::process::abort();
+            }
+        }
+        if let Some(v) = &cfg.validation
+            && v.every_steps.is_none()
+            && let Some(every) = v.every_epochs
+            && every > 0
+            && epoch % every == 0
+        {
+            validate(
+                &source,
+                cfg,
+                &models.unet.model,
+                &mut validator,
+                device,
+                kind,
+                &tokenizer,
+                &sched_cfg,
+                &format!("epoch-{epoch}"),
+                seed,
+                on_event,
+            )?;
+        }
+    }
+
+    // ---- final LoRA
+    let out = cfg.output_dir.join("pytorch_lora_weights.safetensors");
+    write_lora(cfg, &models, &out, &ds, global_step, seed)?;
+    on_event(Event::Saved(&out));
+    if cfg.validation.is_some() {
+        validate(
+            &source,
+            cfg,
+            &models.unet.model,
+            &mut validator,
+            device,
+            kind,
+            &tokenizer,
+            &sched_cfg,
+            "final",
+            seed,
+            on_event,
+        )?;
+    }
+    Ok(TrainReport {
+        output: out,
+        steps: global_step,
+        losses,
+        mean_samples_per_s: if sps_n > 0 {
+            sps_sum / sps_n as f64
+        } else {
+            0.0
+        },
+        peak_device_mem: peak_mem,
+        seed,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    source: &super::ModelSource,
+    cfg: &TrainConfig,
+    unet: &UNet2DConditionModel,
+    validator: &mut Option<Validator>,
+    device: Device,
+    kind: Kind,
+    tokenizer: &ClipTokenizer,
+    sched: &SchedulerConfig,
+    tag: &str,
+    seed: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let Some(v) = &cfg.validation else {
+        return Ok(());
+    };
+    if validator.is_none() {
+        *validator = Some(Validator {
+            text_encoder: source.text_encoder(device, kind, None)?.model,
+            vae: source.vae_decoder(device, kind)?.model,
+            tokenizer: tokenizer.clone(),
+            scheduler: sched.clone(),
+            device,
+            kind,
+        });
+    }
+    let Some(val) = validator.as_ref() else {
+        return Ok(());
+    };
+    let size = unet.config.sample_size.unwrap_or(cfg.resolution as i64 / 8) * 8;
+    let images = val.generate(unet, v, size, size, seed)?;
+    let paths = write_images(&cfg.output_dir.join("validation"), tag, &images)?;
+    on_event(Event::Validation(&paths));
+    Ok(())
+}
+
+/// Refuse settings that cannot train; warn about ones that train slowly.
+fn check_settings(
+    cfg: &TrainConfig,
+    device: Device,
+    kind: Kind,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    if matches!(device, Device::Cuda(_)) {
+        // fixed shapes every step: let cuDNN pick its fastest convolutions once
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    if device == Device::Cpu && kind != Kind::Float {
+        on_event(Event::Warning(format!(
+            "mixed precision {:?} on the CPU is slow; consider --mixed_precision no",
+            cfg.mixed_precision
+        )));
+    }
+    if cfg.train_batch_size == 0
+        || cfg.gradient_accumulation_steps == 0
+        || cfg.resolution == 0
+        || !cfg.resolution.is_multiple_of(8)
+    {
+        return Err(Error::InvalidArgument("train_batch_size and gradient_accumulation_steps must be ≥ 1, resolution a multiple of 8".into()));
+    }
+    if cfg.lora.rank <= 0 {
+        return Err(Error::InvalidArgument("--rank must be ≥ 1".into()));
+    }
+    Ok(())
+}
