@@ -1193,7 +1193,7 @@ fn misuse_matrix_wrong_kinds_forged_handles_and_reentrant_callbacks() {
     let forged: [usize; 5] = [
         1,
         0x10,
-        0xdead_beef_0,
+        0xd_eadb_eef0,
         usize::MAX & !15,
         &w as *const f32 as usize,
     ];

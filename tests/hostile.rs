@@ -353,7 +353,9 @@ fn item6_non_finite_and_non_float_loras_are_refused() {
     let mut nan = vec![0.1f32; 32];
     nan[7] = f32::NAN;
     let ok = vec![0.1f32; 32];
-    let cases: Vec<(&str, Dtype, Vec<f32>, Vec<f32>, f32, &str)> = vec![
+    // (name, dtype, down, up, alpha, what the error says)
+    type Case<'a> = (&'a str, Dtype, Vec<f32>, Vec<f32>, f32, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "nan",
             Dtype::F32,

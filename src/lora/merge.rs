@@ -529,7 +529,7 @@ pub fn merge_state_dict(
             Dtype::F16 => f32::from(half::f16::MAX),
             _ => f32::MAX,
         };
-        if let Some(i) = w.iter().position(|v| !(v.abs() <= limit)) {
+        if let Some(i) = w.iter().position(|v| v.is_nan() || v.abs() > limit) {
             return Err(Error::InvalidArgument(format!(
                 "merging into `{name}` of {}: element {i} becomes {}, beyond what {:?} holds; lower the LoRA weights",
                 file.path().display(),

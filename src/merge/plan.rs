@@ -489,7 +489,7 @@ impl MergePlan {
                 WeightUpdate::LowRank { a, b, r, .. } => *r as f32 * max_abs(a) * max_abs(b),
                 WeightUpdate::Full { delta } => max_abs(delta),
             };
-            if !(bound <= dtype_limit(t.mapped.dtype) / 2.0) {
+            if bound.is_nan() || bound > dtype_limit(t.mapped.dtype) / 2.0 {
                 self.merged_weight(component, name)?;
             }
             out.push(PlannedUpdate {
@@ -524,7 +524,7 @@ pub fn check_merged(
     dtype: crate::onnx::DataType,
 ) -> std::result::Result<(), String> {
     let limit = dtype_limit(dtype);
-    match values.iter().position(|v| !(v.abs() <= limit)) {
+    match values.iter().position(|v| v.is_nan() || v.abs() > limit) {
         None => Ok(()),
         Some(i) => Err(format!(
             "element {i} becomes {}, beyond what {} holds",
