@@ -457,6 +457,18 @@ pub struct MergeReport {
     pub unmatched: Vec<(usize, String)>,
 }
 
+/// The first merged value a weight's storage cannot hold: NaN, ±Inf, or past 65504 when it is
+/// stored as fp16 (the one check of merged weights, for ONNX and safetensors writers and the
+/// fast switch).
+pub fn first_out_of_range(values: &[f32], fp16: bool) -> Option<usize> {
+    let limit = if fp16 {
+        f32::from(half::f16::MAX)
+    } else {
+        f32::MAX
+    };
+    values.iter().position(|v| v.is_nan() || v.abs() > limit)
+}
+
 /// Merge adapters into a diffusers-layout weight file of `component`
 /// (`unet/diffusion_pytorch_model.safetensors`, `text_encoder/model.safetensors`) and write the
 /// result to `out` atomically (it may be the same path). Every merged weight is computed in f32
@@ -525,11 +537,7 @@ pub fn merge_state_dict(
         let bad = || Error::InvalidArgument(format!("tensor `{name}`: dtype {:?}", info.dtype));
         let mut w = decode_f32(info.dtype, file.bytes(name)?).ok_or_else(bad)?;
         merge_into(&mut w, &info.shape, Layout::Torch, items)?;
-        let limit = match info.dtype {
-            Dtype::F16 => f32::from(half::f16::MAX),
-            _ => f32::MAX,
-        };
-        if let Some(i) = w.iter().position(|v| v.is_nan() || v.abs() > limit) {
+        if let Some(i) = first_out_of_range(&w, info.dtype == Dtype::F16) {
             return Err(Error::InvalidArgument(format!(
                 "merging into `{name}` of {}: element {i} becomes {}, beyond what {:?} holds; lower the LoRA weights",
                 file.path().display(),

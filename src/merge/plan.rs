@@ -523,8 +523,7 @@ pub fn check_merged(
     values: &[f32],
     dtype: crate::onnx::DataType,
 ) -> std::result::Result<(), String> {
-    let limit = dtype_limit(dtype);
-    match values.iter().position(|v| v.is_nan() || v.abs() > limit) {
+    match lora_merge::first_out_of_range(values, dtype == crate::onnx::DataType::Float16) {
         None => Ok(()),
         Some(i) => Err(format!(
             "element {i} becomes {}, beyond what {} holds",
