@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
 use crate::merge::{LoraSpec, MergeOptions, MergeReport};
@@ -76,12 +75,7 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         cancel: Some(cancel.clone()),
         follow_outside_links: a.allow_external_links,
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} files {elapsed_precise}")
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .progress_chars("=> "),
-    );
+    let bar = super::file_progress()?;
     let mut progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod inspect;
 mod merge;
+mod optimize;
 #[cfg(feature = "train")]
 mod train;
 
@@ -42,6 +43,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Bake LoRAs (diffusers, PEFT, kohya, attn-procs, LyCORIS) into a copy of an ONNX pipeline.
     Merge(merge::MergeArgs),
+    /// Write a copy of an ONNX pipeline with its graphs rewritten into ONNX Runtime's fused ops
+    /// (MultiHeadAttention, …); LoRA-target weights stay addressable.
+    Optimize(optimize::OptimizeArgs),
     /// Train a LoRA with the diffusers text-to-image recipe (libtorch; feature `train`).
     #[cfg(feature = "train")]
     Train(Box<train::TrainArgs>),
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Generate(args) => generate::run(&cli.global, args),
         Command::Merge(args) => merge::run(&cli.global, args),
+        Command::Optimize(args) => optimize::run(&cli.global, args),
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(&cli.global, *args),
         Command::Bench(args) => bench::run(&cli.global, args),
@@ -72,6 +77,10 @@ pub struct SessionArgs {
     /// On CUDA, run fp32 matrix products in TF32 (faster; fp32 results then differ from the CPU's).
     #[arg(long)]
     pub tf32: bool,
+    /// Rewrite the graphs into ONNX Runtime's fused ops in memory before running them
+    /// (as `lorafuse optimize` does on disk; LoRAs still apply).
+    #[arg(long)]
+    pub optimize: bool,
     #[command(flatten)]
     pub cuda: CudaArgs,
 }
@@ -83,6 +92,7 @@ impl SessionArgs {
             intra_threads: self.threads,
             tf32: self.tf32,
             cuda: self.cuda.options(),
+            optimize: self.optimize,
         })
     }
 }
@@ -100,6 +110,19 @@ pub struct CudaArgs {
     /// Prefer NHWC convolution kernels on CUDA.
     #[arg(long = "cuda-prefer-nhwc")]
     pub cuda_prefer_nhwc: bool,
+}
+
+/// The progress bar of commands that write a pipeline folder file by file.
+fn file_progress() -> anyhow::Result<indicatif::ProgressBar> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:30} [{bar:30}] {pos}/{len} files {elapsed_precise}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {

@@ -471,6 +471,7 @@ unsafe extern "C" fn create_pipeline(
                 intra_threads,
                 tf32: o.tf32,
                 cuda,
+                optimize: false,
             },
             ort_library,
             lora_mode,

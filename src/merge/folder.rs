@@ -474,3 +474,65 @@ pub fn merge_diffusers_pipeline(
     finish(tmp, src, out)?;
     Ok(report)
 }
+
+/// What [`optimize_pipeline`] did, per component model.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimizeFolderReport {
+    pub out: PathBuf,
+    /// Component folder name → what its graph's rewrite did (components without any fusion are
+    /// copied unchanged).
+    pub components: BTreeMap<String, crate::onnx::optimize::Report>,
+}
+
+/// Write a copy of the ONNX pipeline at `src` to `out` with every component graph rewritten by
+/// [`crate::onnx::optimize`] (external data files are copied as they are: the rewrite keeps every
+/// initializer). Atomic and non-destructive like [`merge_pipeline`]; `opts` gives the cancel flag
+/// and the link policy of the copy.
+pub fn optimize_pipeline(
+    src: &Path,
+    out: &Path,
+    what: &crate::onnx::optimize::OptimizeOptions,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<OptimizeFolderReport> {
+    let dir = OnnxPipelineDir::open(src)?;
+    crate::files::check_new_folder(src, out)?;
+    let mut rewritten = Vec::new();
+    let mut components = BTreeMap::new();
+    for c in OnnxComponent::ALL {
+        if !dir.has(c) {
+            continue;
+        }
+        opts.check_cancel()?;
+        let model = crate::onnx::OnnxModel::open(dir.model_path(c))?;
+        let (bytes, report) = crate::onnx::optimize::optimize(&model, what)?;
+        if !report.is_empty() {
+            rewritten.push((c, bytes));
+        }
+        components.insert(c.dir_name().to_string(), report);
+    }
+    let tmp = temp_dir_beside(out)?;
+    let norm = |p: &Path| p.components().collect::<PathBuf>();
+    let skip: std::collections::HashSet<PathBuf> = rewritten
+        .iter()
+        .map(|(c, _)| norm(&dir.model_path(*c)))
+        .collect();
+    let (mut done, total) =
+        copy_tree_except(src, tmp.path(), &|f| skip.contains(&norm(f)), opts, progress)?;
+    for (c, bytes) in rewritten {
+        opts.check_cancel()?;
+        let to = tmp.path().join(c.dir_name()).join("model.onnx");
+        if let Some(p) = to.parent() {
+            std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+        std::fs::write(&to, bytes).map_err(|e| Error::io(&to, e))?;
+        done += 1;
+        progress(done.min(total), total, c.dir_name());
+    }
+    opts.check_cancel()?;
+    finish(tmp, src, out)?;
+    Ok(OptimizeFolderReport {
+        out: out.to_path_buf(),
+        components,
+    })
+}

@@ -11,7 +11,9 @@
 mod folder;
 mod plan;
 
-pub use self::folder::{MergeReport, merge_diffusers_pipeline, merge_pipeline};
+pub use self::folder::{
+    MergeReport, OptimizeFolderReport, merge_diffusers_pipeline, merge_pipeline, optimize_pipeline,
+};
 pub use self::plan::{
     AdapterCache, ComponentPlan, IndexedModel, MergePlan, MergedWeight, PlannedUpdate,
     WeightUpdate, check_merged, index_pipeline, plan, plan_indexed, plan_indexed_cached,

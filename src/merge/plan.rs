@@ -179,14 +179,21 @@ fn lora_layout(l: Layout) -> lora_merge::Layout {
     }
 }
 
-/// Open the pipeline's UNet and text encoder and index their LoRA-target weights.
-pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<IndexedModel>> {
+/// Open the pipeline's UNet and text encoder and index their LoRA-target weights; with
+/// `optimized`, the graphs are rewritten in memory first ([`crate::onnx::optimize`]), as a
+/// pipeline opened with `optimize` runs them.
+pub fn index_pipeline(dir: &OnnxPipelineDir, optimized: bool) -> Result<Vec<IndexedModel>> {
     let mut out = Vec::new();
     for component in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
         if !dir.has(component) {
             continue;
         }
-        let model = OnnxModel::open(dir.model_path(component))?;
+        let path = dir.model_path(component);
+        let model = if optimized {
+            crate::onnx::optimize::open_optimized(&path, &Default::default())?.0
+        } else {
+            OnnxModel::open(path)?
+        };
         let index = WeightIndex::build(&model);
         out.push(IndexedModel {
             component,
@@ -199,7 +206,7 @@ pub fn index_pipeline(dir: &OnnxPipelineDir) -> Result<Vec<IndexedModel>> {
 
 /// Plan the merge of `loras` into the pipeline at `dir`.
 pub fn plan(dir: &OnnxPipelineDir, loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
-    plan_indexed(&index_pipeline(dir)?, loras, opts)
+    plan_indexed(&index_pipeline(dir, false)?, loras, opts)
 }
 
 /// Plan the merge of `loras` into already indexed component models.

@@ -19,6 +19,7 @@
 pub mod graphs;
 pub mod index;
 pub mod model;
+pub mod optimize;
 pub mod proto;
 pub mod write;
 

@@ -47,6 +47,9 @@ pub struct SessionOptions {
     pub tf32: bool,
     /// CUDA provider settings (ignored on the CPU).
     pub cuda: CudaOptions,
+    /// Rewrite each graph into ONNX Runtime's fused ops before the session is built
+    /// ([`crate::onnx::optimize`]; LoRA-target weights stay addressable).
+    pub optimize: bool,
 }
 
 /// The most intra-op threads a session may ask for: 4 per CPU the process may use (at least 8).
@@ -169,9 +172,13 @@ pub fn placement(opts: &SessionOptions) -> super::switch::Placement {
     }
 }
 
-/// Open one ONNX model as a session.
+/// Open one ONNX model as a session (with `opts.optimize`, its graph rewritten first).
 pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
+    if opts.optimize {
+        let (model, _) = crate::onnx::optimize::open_optimized(path, &Default::default())?;
+        return open_model(&model, opts);
+    }
     if !path.is_file() {
         return Err(Error::io(
             path,
@@ -311,6 +318,13 @@ fn io_info(name: &str, ty: &ValueType) -> IoInfo {
             shape: Vec::new(),
         },
     }
+}
+
+/// Open a decoded model (e.g. an optimized one held in memory), its external data served from
+/// memory.
+pub fn open_model(model: &crate::onnx::OnnxModel, opts: &SessionOptions) -> Result<Session> {
+    let patched = crate::onnx::write::patched_in_memory(model, &Default::default())?;
+    open_from_memory(model.path(), opts, patched)
 }
 
 /// Open a model from memory (a patched copy: LoRAs merged at run time), with its external data

@@ -102,7 +102,7 @@ impl Txt2Img {
         opts: &MergeOptions,
     ) -> Result<Vec<LoraReport>> {
         if self.indexed.is_none() {
-            self.indexed = Some(crate::merge::index_pipeline(&self.dir)?);
+            self.indexed = Some(crate::merge::index_pipeline(&self.dir, self.opts.optimize)?);
         }
         let indexed = self.indexed.as_deref().unwrap_or_default();
         let plan =

@@ -1,0 +1,81 @@
+//! `lorafuse optimize`: a copy of an ONNX pipeline with its graphs rewritten into ONNX Runtime's
+//! fused ops (library: `merge::optimize_pipeline`, `onnx::optimize`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::GlobalArgs;
+use crate::merge::MergeOptions;
+use crate::onnx::optimize::OptimizeOptions;
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    /// ONNX pipeline folder (optimum layout) to read; never modified.
+    pub model: PathBuf,
+    /// The new pipeline folder (must not exist).
+    pub out: PathBuf,
+    /// Leave attention blocks as exported (no MultiHeadAttention).
+    #[arg(long)]
+    pub no_attention: bool,
+    /// Machine-readable report.
+    #[arg(long)]
+    pub json: bool,
+    /// Follow symbolic links that point out of the pipeline folder (refused by default).
+    #[arg(long)]
+    pub allow_external_links: bool,
+}
+
+pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping (Ctrl-C again to quit now)");
+        });
+    }
+    let copy = MergeOptions {
+        cancel: Some(cancel.clone()),
+        follow_outside_links: a.allow_external_links,
+        ..Default::default()
+    };
+    let what = OptimizeOptions {
+        attention: !a.no_attention,
+    };
+    let bar = super::file_progress()?;
+    let mut progress = |done: usize, total: usize, what: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    };
+    let report = crate::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, &mut progress);
+    bar.finish_and_clear();
+    let report = match report {
+        Err(crate::Error::Cancelled) => {
+            eprintln!("interrupted: nothing was written to {}", a.out.display());
+            std::process::exit(130);
+        }
+        r => r.with_context(|| {
+            format!(
+                "writing an optimized copy of {} at {}",
+                a.model.display(),
+                a.out.display()
+            )
+        })?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (c, r) in &report.components {
+            println!("{c}: {r}");
+        }
+        println!("wrote {}", report.out.display());
+    }
+    Ok(())
+}

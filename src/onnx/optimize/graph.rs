@@ -1,0 +1,422 @@
+//! An editable view of a `GraphProto` for pattern rewrites: who produces and who consumes each
+//! value, small constant values, node replacement, and dead-node removal at the end.
+//!
+//! Rewrites replace the *last* node of a pattern in place (so the graph stays in topological
+//! order: the new node's inputs are produced before the pattern began) and leave the rest of the
+//! pattern to [`Graph::finish`], which drops every node whose outputs nobody reads. A pattern
+//! node that something outside the pattern still reads therefore stays, and the graph computes
+//! the same values either way.
+
+use std::collections::{HashMap, HashSet};
+
+use half::{bf16, f16};
+
+use crate::onnx::proto::tensor_proto::{DataLocation, DataType};
+use crate::onnx::proto::{
+    AttributeProto, GraphProto, NodeProto, TensorProto, attribute_proto::AttributeType,
+};
+
+/// Constant tensors larger than this are not decoded by [`Graph::values`] (shape pieces and
+/// scalars are what patterns look at).
+const MAX_CONST_ELEMS: usize = 64;
+
+pub(crate) struct Graph<'a> {
+    pub g: &'a mut GraphProto,
+    producer: HashMap<String, usize>,
+    consumers: HashMap<String, Vec<usize>>,
+    inits: HashMap<String, usize>,
+    outputs: HashSet<String>,
+    dead: Vec<bool>,
+    /// Names handed out by [`Graph::fresh_name`].
+    reserved: HashSet<String>,
+}
+
+impl<'a> Graph<'a> {
+    pub fn new(g: &'a mut GraphProto) -> Self {
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in g.node.iter().enumerate() {
+            for o in &n.output {
+                if !o.is_empty() {
+                    producer.insert(o.clone(), i);
+                }
+            }
+            for x in &n.input {
+                if !x.is_empty() {
+                    consumers.entry(x.clone()).or_default().push(i);
+                }
+            }
+        }
+        let inits = g
+            .initializer
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.name.clone().map(|n| (n, i)))
+            .collect();
+        let outputs = g.output.iter().filter_map(|o| o.name.clone()).collect();
+        let dead = vec![false; g.node.len()];
+        Self {
+            g,
+            producer,
+            consumers,
+            inits,
+            outputs,
+            dead,
+            reserved: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.g.node.len()
+    }
+
+    pub fn node(&self, i: usize) -> &NodeProto {
+        &self.g.node[i]
+    }
+
+    /// Op type of node `i` in the default domain (`None` for contrib ops and removed nodes).
+    pub fn op(&self, i: usize) -> Option<&str> {
+        let n = &self.g.node[i];
+        if self.dead[i] || !matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
+            return None;
+        }
+        n.op_type.as_deref()
+    }
+
+    /// The live node producing `name`.
+    pub fn producer(&self, name: &str) -> Option<usize> {
+        self.producer.get(name).copied().filter(|&i| !self.dead[i])
+    }
+
+    /// The live node producing `name` if its op type is `op`.
+    pub fn producer_op(&self, name: &str, op: &str) -> Option<usize> {
+        self.producer(name).filter(|&i| self.op(i) == Some(op))
+    }
+
+    /// Live nodes reading `name`.
+    pub fn consumers(&self, name: &str) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .consumers
+            .get(name)
+            .map(|c| c.iter().copied().filter(|&i| !self.dead[i]).collect())
+            .unwrap_or_default();
+        v.dedup();
+        v
+    }
+
+    /// The one live node reading `name`, when `name` is not also a graph output.
+    pub fn only_consumer(&self, name: &str) -> Option<usize> {
+        match self.consumers(name).as_slice() {
+            [one] if !self.outputs.contains(name) => Some(*one),
+            _ => None,
+        }
+    }
+
+    pub fn is_graph_output(&self, name: &str) -> bool {
+        self.outputs.contains(name)
+    }
+
+    pub fn attr(&self, i: usize, name: &str) -> Option<&AttributeProto> {
+        self.g.node[i]
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+    }
+
+    pub fn attr_int(&self, i: usize, name: &str) -> Option<i64> {
+        self.attr(i, name).and_then(|a| a.i)
+    }
+
+    pub fn attr_ints(&self, i: usize, name: &str) -> Option<&[i64]> {
+        self.attr(i, name).map(|a| a.ints.as_slice())
+    }
+
+    pub fn attr_float(&self, i: usize, name: &str) -> Option<f32> {
+        self.attr(i, name).and_then(|a| a.f)
+    }
+
+    /// The values of a small constant: a `Constant` node's output or an initializer that is not
+    /// also a graph input (an overridable initializer is not a constant).
+    pub fn values(&self, name: &str) -> Option<Vec<f64>> {
+        if let Some(&i) = self.inits.get(name) {
+            if self.g.input.iter().any(|v| v.name.as_deref() == Some(name)) {
+                return None;
+            }
+            return tensor_values(&self.g.initializer[i]);
+        }
+        let p = self.producer_op(name, "Constant")?;
+        let a = self.g.node[p].attribute.first()?;
+        match a.name.as_deref()? {
+            "value" => tensor_values(a.t.as_ref()?),
+            "value_float" => a.f.map(|f| vec![f64::from(f)]),
+            "value_floats" => Some(a.floats.iter().map(|&f| f64::from(f)).collect()),
+            "value_int" => a.i.map(|i| vec![i as f64]),
+            "value_ints" => Some(a.ints.iter().map(|&i| i as f64).collect()),
+            _ => None,
+        }
+    }
+
+    /// One constant scalar (a one-element constant of any rank).
+    pub fn scalar(&self, name: &str) -> Option<f64> {
+        match self.values(name)?.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The element type and dims of an initializer (for weight shapes).
+    pub fn initializer(&self, name: &str) -> Option<&TensorProto> {
+        self.inits.get(name).map(|&i| &self.g.initializer[i])
+    }
+
+    /// Replace node `i` with `node` (same position), keeping the maps current.
+    pub fn replace(&mut self, i: usize, node: NodeProto) {
+        for o in &node.output {
+            self.producer.insert(o.clone(), i);
+        }
+        for x in &node.input {
+            if !x.is_empty() {
+                self.consumers.entry(x.clone()).or_default().push(i);
+            }
+        }
+        self.g.node[i] = node;
+    }
+
+    /// A name not used by any value or node yet, built from `base`.
+    pub fn fresh_name(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.producer.contains_key(&name)
+            || self.consumers.contains_key(&name)
+            || self.inits.contains_key(&name)
+            || self.reserved.contains(&name)
+        {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.reserved.insert(name.clone());
+        name
+    }
+
+    /// Insert `node` before node `at`. Indices of later nodes shift by one, so callers insert
+    /// while no other index is held (the rewrites here call it last).
+    pub fn insert(&mut self, at: usize, node: NodeProto) {
+        self.g.node.insert(at, node);
+        self.dead.insert(at, false);
+        self.reindex();
+    }
+
+    /// Add an initializer.
+    pub fn add_initializer(&mut self, t: TensorProto) {
+        if let Some(n) = t.name.clone() {
+            self.inits.insert(n, self.g.initializer.len());
+        }
+        self.g.initializer.push(t);
+    }
+
+    fn reindex(&mut self) {
+        self.producer.clear();
+        self.consumers.clear();
+        for (i, n) in self.g.node.iter().enumerate() {
+            for o in &n.output {
+                if !o.is_empty() {
+                    self.producer.insert(o.clone(), i);
+                }
+            }
+            for x in &n.input {
+                if !x.is_empty() {
+                    self.consumers.entry(x.clone()).or_default().push(i);
+                }
+            }
+        }
+    }
+
+    /// Drop every node none of whose outputs is read (by a node that stays, a subgraph or the
+    /// graph's outputs), then initializers and value_info entries nothing refers to any more.
+    /// Returns how many nodes were removed.
+    pub fn finish(self) -> usize {
+        let g = self.g;
+        let mut used: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
+        let mut keep = vec![false; g.node.len()];
+        for i in (0..g.node.len()).rev() {
+            let n = &g.node[i];
+            let needed = n.output.is_empty() || n.output.iter().any(|o| used.contains(o));
+            if !needed || self.dead[i] {
+                continue;
+            }
+            keep[i] = true;
+            used.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+            for a in &n.attribute {
+                subgraph_inputs(a, &mut used);
+            }
+        }
+        let before = g.node.len();
+        let mut k = keep.iter();
+        g.node.retain(|_| *k.next().unwrap_or(&true));
+        let removed = before - g.node.len();
+        if removed > 0 {
+            let inputs: HashSet<&str> = g.input.iter().filter_map(|v| v.name.as_deref()).collect();
+            g.initializer.retain(|t| {
+                t.name
+                    .as_deref()
+                    .is_none_or(|n| used.contains(n) || inputs.contains(n))
+            });
+            let produced: HashSet<&str> = g
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str))
+                .collect();
+            g.value_info
+                .retain(|v| v.name.as_deref().is_some_and(|n| produced.contains(n)));
+        }
+        removed
+    }
+}
+
+/// Names a node's subgraph attributes read (outer-scope values stay alive).
+fn subgraph_inputs(a: &AttributeProto, used: &mut HashSet<String>) {
+    let graphs = a.g.iter().map(|g| g.as_ref()).chain(a.graphs.iter());
+    for sg in graphs {
+        for n in &sg.node {
+            used.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+            for a in &n.attribute {
+                subgraph_inputs(a, used);
+            }
+        }
+    }
+}
+
+/// The elements of a small inline tensor as f64 (integer and float types).
+pub(crate) fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
+    if t.data_location == Some(DataLocation::External as i32) {
+        return None;
+    }
+    let numel: usize = t
+        .dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
+    if numel > MAX_CONST_ELEMS {
+        return None;
+    }
+    let dt = DataType::try_from(t.data_type?).ok()?;
+    let v: Vec<f64> = if let Some(raw) = t.raw_data.as_deref() {
+        let w = dt.bits()? as usize / 8;
+        if w == 0 || raw.len() != numel * w {
+            return None;
+        }
+        let c = raw.chunks_exact(w);
+        match dt {
+            DataType::Float => c
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            DataType::Double => c
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect(),
+            DataType::Float16 => c
+                .map(|b| f64::from(f16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            DataType::Bfloat16 => c
+                .map(|b| f64::from(bf16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            DataType::Int64 => c
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f64)
+                .collect(),
+            DataType::Int32 => c
+                .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            _ => return None,
+        }
+    } else {
+        match dt {
+            DataType::Float => t.float_data.iter().map(|&f| f64::from(f)).collect(),
+            DataType::Double => t.double_data.clone(),
+            DataType::Int64 => t.int64_data.iter().map(|&i| i as f64).collect(),
+            DataType::Int32 => t.int32_data.iter().map(|&i| f64::from(i)).collect(),
+            // fp16/bf16 in int32_data hold the 16-bit pattern (onnx.proto)
+            DataType::Float16 => t
+                .int32_data
+                .iter()
+                .map(|&i| f64::from(f16::from_bits(i as u16)))
+                .collect(),
+            _ => return None,
+        }
+    };
+    (v.len() == numel).then_some(v)
+}
+
+/// An attribute with one int.
+pub(crate) fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+/// An attribute with one float.
+pub(crate) fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+/// An attribute with a list of ints.
+pub(crate) fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A `com.microsoft` node.
+pub(crate) fn contrib_node(
+    op: &str,
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        input: inputs,
+        output: outputs,
+        name: Some(name),
+        op_type: Some(op.into()),
+        domain: Some(super::MS_DOMAIN.into()),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// A default-domain node.
+pub(crate) fn onnx_node(
+    op: &str,
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        input: inputs,
+        output: outputs,
+        name: Some(name),
+        op_type: Some(op.into()),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// The name prefix of a node (`/down_blocks.0/attentions.0/…/attn1/Softmax` →
+/// `/down_blocks.0/attentions.0/…/attn1`), for naming the nodes that replace it.
+pub(crate) fn scope(n: &NodeProto) -> String {
+    let name = n.name.as_deref().unwrap_or("");
+    match name.rsplit_once('/') {
+        Some((s, _)) if !s.is_empty() => s.to_string(),
+        _ => name.to_string(),
+    }
+}

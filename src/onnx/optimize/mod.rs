@@ -1,0 +1,169 @@
+//! Graph rewrites into ONNX Runtime's fused contrib ops (`lorafuse optimize`, and the same rewrite
+//! in memory when a pipeline is opened with `optimize`).
+//!
+//! The fusions follow what ONNX Runtime's own Stable Diffusion optimizer emits
+//! (onnxruntime/python/tools/transformers/onnx_model_unet.py and the `fusion_*.py` files it runs)
+//! with one rule of our own: **every LoRA-target weight stays a plain initializer in torch's
+//! layout, read by its own `MatMul`/`Conv`**, so `merge`, run-time LoRAs and the fast switch work
+//! on optimized graphs exactly as on exported ones (docs/ARCHITECTURE.md §4).
+//!
+//! - [`attention`]: scaled dot-product attention → `com.microsoft.MultiHeadAttention` with
+//!   separate Q, K and V (flash / memory-efficient attention on CUDA; CPU kernel too).
+//!
+//! A pattern that is only partly recognised is left as it was and reported (node name and reason)
+//! in [`Report::left_alone`]; the rewritten graph computes the same function as the input.
+
+mod attention;
+mod graph;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use bytes::Bytes;
+
+use prost::Message;
+use serde::Serialize;
+
+use super::OnnxModel;
+use super::model::onnx_err;
+use super::proto::{ModelProto, NodeProto, OperatorSetIdProto};
+use crate::Result;
+
+/// The contrib-op domain of ONNX Runtime.
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+/// Which rewrites to run. `Default` runs every one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptimizeOptions {
+    /// Attention → `MultiHeadAttention`.
+    pub attention: bool,
+}
+
+impl Default for OptimizeOptions {
+    fn default() -> Self {
+        Self { attention: true }
+    }
+}
+
+/// A pattern the optimizer saw but did not rewrite.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LeftAlone {
+    /// The node the pattern was anchored on.
+    pub node: String,
+    pub fusion: &'static str,
+    pub reason: &'static str,
+}
+
+/// What one optimization did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Fused nodes created, by op type.
+    pub fused: BTreeMap<String, usize>,
+    pub left_alone: Vec<LeftAlone>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+impl Report {
+    fn fused(&mut self, op: &str) {
+        *self.fused.entry(op.to_string()).or_default() += 1;
+    }
+
+    fn left_alone(&mut self, node: &NodeProto, fusion: &'static str, reason: &'static str) {
+        self.left_alone.push(LeftAlone {
+            node: node.name.clone().unwrap_or_default(),
+            fusion,
+            reason,
+        });
+    }
+
+    /// Nothing was rewritten.
+    pub fn is_empty(&self) -> bool {
+        self.fused.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.fused.is_empty() {
+            f.write_str("no fusions")?;
+        } else {
+            let parts: Vec<String> = self.fused.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            f.write_str(&parts.join(", "))?;
+        }
+        write!(f, " ({} → {} nodes)", self.nodes_before, self.nodes_after)?;
+        if !self.left_alone.is_empty() {
+            let mut by: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+            for l in &self.left_alone {
+                *by.entry((l.fusion, l.reason)).or_default() += 1;
+            }
+            for ((fusion, reason), n) in by {
+                write!(f, "\n  left alone: {n} {fusion} pattern(s): {reason}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rewrite `proto`'s main graph in place.
+pub fn optimize_proto(proto: &mut ModelProto, opts: &OptimizeOptions) -> Report {
+    let mut report = Report::default();
+    let Some(g) = proto.graph.as_mut() else {
+        return report;
+    };
+    report.nodes_before = g.node.len();
+    let mut graph = graph::Graph::new(g);
+    if opts.attention {
+        attention::fuse(&mut graph, &mut report);
+    }
+    graph.finish();
+    report.nodes_after = proto.graph.as_ref().map_or(0, |g| g.node.len());
+    if !report.is_empty() && !proto.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
+        proto.opset_import.push(OperatorSetIdProto {
+            domain: Some(MS_DOMAIN.into()),
+            version: Some(1),
+        });
+    }
+    report
+}
+
+/// The optimized form of `model`, encoded (external data locations unchanged: they resolve
+/// against the same folder), with the report.
+pub fn optimize(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(Vec<u8>, Report)> {
+    let mut proto = model.proto().clone();
+    let report = optimize_proto(&mut proto, opts);
+    let len = proto.encoded_len();
+    // protobuf's 2 GiB message limit (ORT and onnx refuse larger model files)
+    if len > i32::MAX as usize {
+        return Err(onnx_err(
+            model.path(),
+            format!(
+                "the optimized model would be {len} bytes, over protobuf's 2 GiB limit; store its weights as external data first"
+            ),
+        ));
+    }
+    Ok((proto.encode_to_vec(), report))
+}
+
+/// Open the model at `path` and optimize it in memory: the returned model's bytes are the
+/// rewritten graph, and its external data still resolves against `path`'s folder.
+pub fn open_optimized(path: &Path, opts: &OptimizeOptions) -> Result<(OnnxModel, Report)> {
+    let model = OnnxModel::open(path)?;
+    let (bytes, report) = optimize(&model, opts)?;
+    if report.is_empty() {
+        return Ok((model, report));
+    }
+    Ok((OnnxModel::from_bytes(path, Bytes::from(bytes))?, report))
+}
+
+/// Count of each contrib (`com.microsoft`) op in a graph: what `inspect` reports as fusions.
+pub fn fused_ops(model: &OnnxModel) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for n in &model.graph().node {
+        if n.domain.as_deref() == Some(MS_DOMAIN) {
+            *out.entry(n.op_type.clone().unwrap_or_default()).or_default() += 1;
+        }
+    }
+    out
+}
