@@ -107,7 +107,10 @@ fn attention_becomes_multi_head_attention_and_matches_diffusers() {
     let (d_exp, d_opt) = (max_diff(&exported, &want), max_diff(&fused, &want));
     eprintln!("max |diff| vs diffusers: export {d_exp:e}, optimized {d_opt:e} (scale {scale})");
     // fp32 on the CPU: the fused kernel sums in another order; stay at the export's accuracy.
-    assert!(d_opt <= 1e-5 * scale.max(1.0) + 2.0 * d_exp, "{d_opt} vs {d_exp}");
+    assert!(
+        d_opt <= 1e-5 * scale.max(1.0) + 2.0 * d_exp,
+        "{d_opt} vs {d_exp}"
+    );
     assert!(max_diff(&fused, &exported) <= 1e-5 * scale.max(1.0));
 
     // The optimized model's LoRA targets map exactly as the export's.

@@ -107,9 +107,10 @@ pub struct CudaArgs {
     /// first use), heuristic, or default.
     #[arg(long = "cudnn-conv-algo", default_value = "exhaustive")]
     pub cudnn_conv_algo: crate::runtime::session::ConvAlgo,
-    /// Prefer NHWC convolution kernels on CUDA.
-    #[arg(long = "cuda-prefer-nhwc")]
-    pub cuda_prefer_nhwc: bool,
+    /// Convolution layout on CUDA: auto (NHWC for graphs `lorafuse optimize` fused, NCHW
+    /// otherwise), nchw or nhwc.
+    #[arg(long = "cuda-conv-layout", default_value = "auto")]
+    pub cuda_conv_layout: crate::runtime::session::ConvLayout,
 }
 
 /// The progress bar of commands that write a pipeline folder file by file.
@@ -134,7 +135,7 @@ impl CudaArgs {
         crate::runtime::session::CudaOptions {
             mem_limit: self.cuda_mem_limit,
             conv_algo: self.cudnn_conv_algo,
-            prefer_nhwc: self.cuda_prefer_nhwc,
+            layout: self.cuda_conv_layout,
         }
     }
 }

@@ -18,9 +18,16 @@ pub struct OptimizeArgs {
     pub model: PathBuf,
     /// The new pipeline folder (must not exist).
     pub out: PathBuf,
+    /// The execution provider the copy is for: cuda (every fusion) or cpu (only fusions ONNX
+    /// Runtime's CPU provider has kernels for).
+    #[arg(long = "for", value_name = "PROVIDER", default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    pub provider: String,
     /// Leave attention blocks as exported (no MultiHeadAttention).
     #[arg(long)]
     pub no_attention: bool,
+    /// Leave group normalisations as exported (no GroupNorm).
+    #[arg(long)]
+    pub no_group_norm: bool,
     /// Machine-readable report.
     #[arg(long)]
     pub json: bool,
@@ -45,9 +52,12 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
         follow_outside_links: a.allow_external_links,
         ..Default::default()
     };
-    let what = OptimizeOptions {
-        attention: !a.no_attention,
+    let mut what = match a.provider.as_str() {
+        "cpu" => OptimizeOptions::for_cpu(),
+        _ => OptimizeOptions::for_cuda(),
     };
+    what.attention &= !a.no_attention;
+    what.group_norm &= !a.no_group_norm;
     let bar = super::file_progress()?;
     let mut progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);

@@ -462,7 +462,7 @@ unsafe extern "C" fn create_pipeline(
         let cuda = CudaOptions {
             mem_limit: (o.cuda_mem_limit > 0).then_some(o.cuda_mem_limit as usize),
             conv_algo,
-            prefer_nhwc: false,
+            layout: Default::default(),
         };
         let state = ops::open_pipeline(PipelineConfig {
             model_dir,

@@ -517,8 +517,13 @@ pub fn optimize_pipeline(
         .iter()
         .map(|(c, _)| norm(&dir.model_path(*c)))
         .collect();
-    let (mut done, total) =
-        copy_tree_except(src, tmp.path(), &|f| skip.contains(&norm(f)), opts, progress)?;
+    let (mut done, total) = copy_tree_except(
+        src,
+        tmp.path(),
+        &|f| skip.contains(&norm(f)),
+        opts,
+        progress,
+    )?;
     for (c, bytes) in rewritten {
         opts.check_cancel()?;
         let to = tmp.path().join(c.dir_name()).join("model.onnx");

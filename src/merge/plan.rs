@@ -182,15 +182,18 @@ fn lora_layout(l: Layout) -> lora_merge::Layout {
 /// Open the pipeline's UNet and text encoder and index their LoRA-target weights; with
 /// `optimized`, the graphs are rewritten in memory first ([`crate::onnx::optimize`]), as a
 /// pipeline opened with `optimize` runs them.
-pub fn index_pipeline(dir: &OnnxPipelineDir, optimized: bool) -> Result<Vec<IndexedModel>> {
+pub fn index_pipeline(
+    dir: &OnnxPipelineDir,
+    optimized: Option<&crate::onnx::optimize::OptimizeOptions>,
+) -> Result<Vec<IndexedModel>> {
     let mut out = Vec::new();
     for component in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
         if !dir.has(component) {
             continue;
         }
         let path = dir.model_path(component);
-        let model = if optimized {
-            crate::onnx::optimize::open_optimized(&path, &Default::default())?.0
+        let model = if let Some(what) = optimized {
+            crate::onnx::optimize::open_optimized(&path, what)?.0
         } else {
             OnnxModel::open(path)?
         };
@@ -206,7 +209,7 @@ pub fn index_pipeline(dir: &OnnxPipelineDir, optimized: bool) -> Result<Vec<Inde
 
 /// Plan the merge of `loras` into the pipeline at `dir`.
 pub fn plan(dir: &OnnxPipelineDir, loras: &[LoraSpec], opts: &MergeOptions) -> Result<MergePlan> {
-    plan_indexed(&index_pipeline(dir, false)?, loras, opts)
+    plan_indexed(&index_pipeline(dir, None)?, loras, opts)
 }
 
 /// Plan the merge of `loras` into already indexed component models.

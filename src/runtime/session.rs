@@ -6,6 +6,7 @@ use ort::session::Session;
 use ort::value::ValueType;
 use serde::Serialize;
 
+use crate::onnx::optimize::OptimizeOptions;
 use crate::{Error, Result};
 
 /// Where a session runs.
@@ -69,6 +70,17 @@ pub fn check_threads(n: usize) -> Result<()> {
     Ok(())
 }
 
+impl SessionOptions {
+    /// The graph rewrites `optimize` asks for on this device: the fusions of the provider the
+    /// sessions run on (CUDA has kernels the CPU lacks); `None` without `optimize`.
+    pub fn optimize_for(&self) -> Option<OptimizeOptions> {
+        self.optimize.then(|| match placement(self) {
+            super::switch::Placement::Cpu => OptimizeOptions::for_cpu(),
+            super::switch::Placement::Cuda(_) => OptimizeOptions::for_cuda(),
+        })
+    }
+}
+
 /// Settings of ONNX Runtime's CUDA execution provider (ORT `OrtCUDAProviderOptionsV2`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CudaOptions {
@@ -76,8 +88,34 @@ pub struct CudaOptions {
     pub mem_limit: Option<usize>,
     /// cuDNN convolution algorithm search (`cudnn_conv_algo_search`).
     pub conv_algo: ConvAlgo,
-    /// NHWC convolution kernels (`prefer_nhwc`; measured slower for SD 1.5 in docs/benchmarks.md).
-    pub prefer_nhwc: bool,
+    /// Convolution layout (`prefer_nhwc`).
+    pub layout: ConvLayout,
+}
+
+/// The layout the CUDA provider runs convolutions in (its `prefer_nhwc` option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConvLayout {
+    /// NHWC for graphs with NHWC fused ops (`lorafuse optimize`'s GroupNorm: the transposes
+    /// around them then cancel), NCHW otherwise (measured faster for exported graphs,
+    /// docs/benchmarks.md).
+    #[default]
+    Auto,
+    Nchw,
+    Nhwc,
+}
+
+impl std::str::FromStr for ConvLayout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ConvLayout::Auto),
+            "nchw" => Ok(ConvLayout::Nchw),
+            "nhwc" => Ok(ConvLayout::Nhwc),
+            other => Err(Error::InvalidArgument(format!(
+                "convolution layout `{other}`: expected auto, nchw or nhwc"
+            ))),
+        }
+    }
 }
 
 /// How the CUDA provider picks cuDNN convolution algorithms.
@@ -128,8 +166,13 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
     }
 }
 
-/// The CUDA execution provider for device `id` with `opts`.
-fn cuda_provider(id: Option<i32>, opts: &SessionOptions) -> ort::ep::ExecutionProviderDispatch {
+/// The CUDA execution provider for device `id` with `opts`; `graph_nhwc`: the graph has NHWC
+/// fused ops (what [`ConvLayout::Auto`] follows).
+fn cuda_provider(
+    id: Option<i32>,
+    opts: &SessionOptions,
+    graph_nhwc: bool,
+) -> ort::ep::ExecutionProviderDispatch {
     use ort::ep::cuda::ConvAlgorithmSearch as S;
     let mut ep = ort::ep::CUDA::default()
         .with_tf32(opts.tf32)
@@ -144,7 +187,12 @@ fn cuda_provider(id: Option<i32>, opts: &SessionOptions) -> ort::ep::ExecutionPr
     if let Some(limit) = opts.cuda.mem_limit {
         ep = ep.with_memory_limit(limit);
     }
-    if opts.cuda.prefer_nhwc {
+    let nhwc = match opts.cuda.layout {
+        ConvLayout::Auto => graph_nhwc,
+        ConvLayout::Nchw => false,
+        ConvLayout::Nhwc => true,
+    };
+    if nhwc {
         ep = ep.with_prefer_nhwc(true);
     }
     ep.build().error_on_failure()
@@ -175,9 +223,16 @@ pub fn placement(opts: &SessionOptions) -> super::switch::Placement {
 /// Open one ONNX model as a session (with `opts.optimize`, its graph rewritten first).
 pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
-    if opts.optimize {
-        let (model, _) = crate::onnx::optimize::open_optimized(path, &Default::default())?;
-        return open_model(&model, opts);
+    if let Some(what) = opts.optimize_for() {
+        let (model, _) = crate::onnx::optimize::open_optimized(path, &what)?;
+        let r = open_model(&model, opts);
+        if r.is_err() && what != opts.optimize_for().unwrap_or(what.clone()) {
+            // `auto` found CUDA but fell back to the CPU while building: CPU kernels only.
+            let (model, _) =
+                crate::onnx::optimize::open_optimized(path, &OptimizeOptions::for_cpu())?;
+            return open_model(&model, opts);
+        }
+        return r;
     }
     if !path.is_file() {
         return Err(Error::io(
@@ -185,7 +240,13 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such ONNX model file"),
         ));
     }
-    let mut builder = configure(Session::builder(env)?, opts)?;
+    let nhwc = match (opts.cuda.layout, placement(opts)) {
+        (ConvLayout::Auto, super::switch::Placement::Cuda(_)) => {
+            crate::onnx::optimize::prefers_nhwc(crate::onnx::OnnxModel::open(path)?.graph())
+        }
+        _ => false,
+    };
+    let mut builder = configure(Session::builder(env)?, opts, nhwc)?;
     builder.commit_from_file(path).map_err(|e| Error::Onnx {
         file: path.to_path_buf(),
         msg: e.to_string(),
@@ -196,6 +257,7 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
 fn configure(
     mut builder: ort::session::builder::SessionBuilder,
     opts: &SessionOptions,
+    graph_nhwc: bool,
 ) -> Result<ort::session::builder::SessionBuilder> {
     // Diagnostics knob: ORT's graph optimisation level (0 = off, 1 = basic, 2 = extended, 3 = all).
     if let Ok(level) = std::env::var("LORAFUSE_ORT_OPT_LEVEL") {
@@ -227,7 +289,7 @@ fn configure(
             // CUDA warns once per process and runs on the CPU.
             use ort::ep::ExecutionProvider;
             if ort::ep::CUDA::is_available().unwrap_or(false) {
-                match builder.with_execution_providers([cuda_provider(None, opts)]) {
+                match builder.with_execution_providers([cuda_provider(None, opts, graph_nhwc)]) {
                     Ok(b) => builder = b,
                     Err(e) => {
                         AUTO_FELL_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -245,7 +307,7 @@ fn configure(
         }
         Device::Cuda(id) => {
             builder = builder
-                .with_execution_providers([cuda_provider(Some(id), opts)])
+                .with_execution_providers([cuda_provider(Some(id), opts, graph_nhwc)])
                 .map_err(|e| {
                     Error::OrtLoad(format!(
                         "CUDA execution provider (device {id}) failed to load: {e}"
@@ -335,7 +397,13 @@ pub fn open_from_memory(
     patched: crate::onnx::write::PatchedInMemory,
 ) -> Result<Session> {
     let env = super::environment()?;
-    let mut builder = configure(Session::builder(env)?, opts)?;
+    let model = bytes::Bytes::from(patched.model);
+    let nhwc = opts.cuda.layout == ConvLayout::Auto
+        && <crate::onnx::proto::ModelProto as prost::Message>::decode(model.clone())
+            .ok()
+            .and_then(|m| m.graph)
+            .is_some_and(|g| crate::onnx::optimize::prefers_nhwc(&g));
+    let mut builder = configure(Session::builder(env)?, opts, nhwc)?;
     for (location, data) in patched.data_files {
         builder = builder
             .with_external_initializer_file_in_memory(
@@ -347,12 +415,10 @@ pub fn open_from_memory(
                 msg: format!("serving external data `{location}`: {e}"),
             })?;
     }
-    builder
-        .commit_from_memory(&patched.model)
-        .map_err(|e| Error::Onnx {
-            file: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+    builder.commit_from_memory(&model).map_err(|e| Error::Onnx {
+        file: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 #[cfg(test)]

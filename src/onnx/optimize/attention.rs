@@ -19,8 +19,8 @@
 //! that separate Q, K and V suit LoRA better). MHA's default scale is 1/√head_size
 //! (onnxruntime/core/graph/contrib_ops/bert_defs.cc, MultiHeadAttention `scale`).
 
-use super::graph::{Graph, attr_float, attr_int, contrib_node, scope};
 use super::Report;
+use super::graph::{Graph, attr_float, attr_int, contrib_node, scope};
 
 /// Fuse every attention block of the graph; patterns not recognised are reported, not touched.
 pub(super) fn fuse(g: &mut Graph<'_>, report: &mut Report) {
@@ -140,7 +140,9 @@ fn find(g: &Graph<'_>, softmax: usize) -> Result<Match, &'static str> {
     let s = match (sq, sk) {
         (None, None) => Sym::ONE,
         (Some(a), None) | (None, Some(a)) => a,
-        (Some(a), Some(b)) => a.mul(&b).ok_or("the Q and K scales read different shapes")?,
+        (Some(a), Some(b)) => a
+            .mul(&b)
+            .ok_or("the Q and K scales read different shapes")?,
     };
     let scale = if s.p == 0.0 {
         Some(s.c)

@@ -198,12 +198,20 @@ impl<'a> Graph<'a> {
         name
     }
 
-    /// Insert `node` before node `at`. Indices of later nodes shift by one, so callers insert
-    /// while no other index is held (the rewrites here call it last).
-    pub fn insert(&mut self, at: usize, node: NodeProto) {
-        self.g.node.insert(at, node);
-        self.dead.insert(at, false);
-        self.reindex();
+    /// Append `node`; [`Graph::finish`] puts the nodes back in topological order.
+    pub fn push(&mut self, node: NodeProto) -> usize {
+        let i = self.g.node.len();
+        for o in &node.output {
+            self.producer.insert(o.clone(), i);
+        }
+        for x in &node.input {
+            if !x.is_empty() {
+                self.consumers.entry(x.clone()).or_default().push(i);
+            }
+        }
+        self.g.node.push(node);
+        self.dead.push(false);
+        i
     }
 
     /// Add an initializer.
@@ -214,20 +222,40 @@ impl<'a> Graph<'a> {
         self.g.initializer.push(t);
     }
 
-    fn reindex(&mut self) {
-        self.producer.clear();
-        self.consumers.clear();
-        for (i, n) in self.g.node.iter().enumerate() {
-            for o in &n.output {
-                if !o.is_empty() {
-                    self.producer.insert(o.clone(), i);
-                }
+    /// The values of a constant of any size as f32: a `Constant` node's tensor, or an initializer
+    /// (not a graph input) read through `read` (which knows where external data lives).
+    pub fn float_values(
+        &self,
+        name: &str,
+        read: &dyn Fn(&str) -> Option<Vec<f32>>,
+    ) -> Option<Vec<f32>> {
+        if self.inits.contains_key(name) {
+            if self.g.input.iter().any(|v| v.name.as_deref() == Some(name)) {
+                return None;
             }
-            for x in &n.input {
-                if !x.is_empty() {
-                    self.consumers.entry(x.clone()).or_default().push(i);
-                }
-            }
+            return read(name);
+        }
+        let p = self.producer_op(name, "Constant")?;
+        let a = self.g.node[p].attribute.first()?;
+        match a.name.as_deref()? {
+            "value" => tensor_values_upto(a.t.as_ref()?, usize::MAX)
+                .map(|v| v.into_iter().map(|x| x as f32).collect()),
+            _ => self
+                .values(name)
+                .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        }
+    }
+
+    /// The dims of a constant (initializer or `Constant` node tensor).
+    pub fn const_dims(&self, name: &str) -> Option<Vec<i64>> {
+        if let Some(t) = self.initializer(name) {
+            return Some(t.dims.clone());
+        }
+        let p = self.producer_op(name, "Constant")?;
+        let a = self.g.node[p].attribute.first()?;
+        match a.name.as_deref()? {
+            "value" => a.t.as_ref().map(|t| t.dims.clone()),
+            _ => None,
         }
     }
 
@@ -236,12 +264,15 @@ impl<'a> Graph<'a> {
     /// Returns how many nodes were removed.
     pub fn finish(self) -> usize {
         let g = self.g;
+        let mut alive = self.dead.iter().map(|d| !d);
+        g.node.retain(|_| alive.next().unwrap_or(true));
+        topological_order(&mut g.node);
         let mut used: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
         let mut keep = vec![false; g.node.len()];
         for i in (0..g.node.len()).rev() {
             let n = &g.node[i];
             let needed = n.output.is_empty() || n.output.iter().any(|o| used.contains(o));
-            if !needed || self.dead[i] {
+            if !needed {
                 continue;
             }
             keep[i] = true;
@@ -273,6 +304,49 @@ impl<'a> Graph<'a> {
     }
 }
 
+/// Reorder `nodes` so every node comes after the producers of its inputs, keeping the given
+/// order wherever it already is one (nodes appended by a rewrite move up to where they are
+/// first needed).
+fn topological_order(nodes: &mut Vec<NodeProto>) {
+    let producer: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let deps: Vec<Vec<usize>> = nodes
+        .iter()
+        .map(|n| {
+            n.input
+                .iter()
+                .filter_map(|x| producer.get(x.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let mut state = vec![0u8; nodes.len()]; // 0 new, 1 on the stack, 2 placed
+    let mut order = Vec::with_capacity(nodes.len());
+    for root in 0..nodes.len() {
+        let mut stack = vec![(root, 0usize)];
+        while let Some((i, k)) = stack.pop() {
+            if state[i] == 2 {
+                continue;
+            }
+            state[i] = 1;
+            if let Some(&d) = deps[i].get(k) {
+                stack.push((i, k + 1));
+                if state[d] == 0 {
+                    stack.push((d, 0));
+                }
+                // state 1: a cycle (not a valid graph); leave its order as it is
+            } else {
+                state[i] = 2;
+                order.push(i);
+            }
+        }
+    }
+    let mut taken: Vec<Option<NodeProto>> = std::mem::take(nodes).into_iter().map(Some).collect();
+    nodes.extend(order.into_iter().filter_map(|i| taken[i].take()));
+}
+
 /// Names a node's subgraph attributes read (outer-scope values stay alive).
 fn subgraph_inputs(a: &AttributeProto, used: &mut HashSet<String>) {
     let graphs = a.g.iter().map(|g| g.as_ref()).chain(a.graphs.iter());
@@ -288,6 +362,11 @@ fn subgraph_inputs(a: &AttributeProto, used: &mut HashSet<String>) {
 
 /// The elements of a small inline tensor as f64 (integer and float types).
 pub(crate) fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
+    tensor_values_upto(t, MAX_CONST_ELEMS)
+}
+
+/// [`tensor_values`] for tensors of at most `max` elements.
+fn tensor_values_upto(t: &TensorProto, max: usize) -> Option<Vec<f64>> {
     if t.data_location == Some(DataLocation::External as i32) {
         return None;
     }
@@ -295,7 +374,7 @@ pub(crate) fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
         .dims
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
-    if numel > MAX_CONST_ELEMS {
+    if numel > max {
         return None;
     }
     let dt = DataType::try_from(t.data_type?).ok()?;

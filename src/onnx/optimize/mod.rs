@@ -9,12 +9,15 @@
 //!
 //! - [`attention`]: scaled dot-product attention → `com.microsoft.MultiHeadAttention` with
 //!   separate Q, K and V (flash / memory-efficient attention on CUDA; CPU kernel too).
+//! - [`group_norm`]: GroupNorm (+ SiLU) → `com.microsoft.GroupNorm` between NHWC transposes
+//!   (CUDA only).
 //!
 //! A pattern that is only partly recognised is left as it was and reported (node name and reason)
 //! in [`Report::left_alone`]; the rewritten graph computes the same function as the input.
 
 mod attention;
 mod graph;
+mod group_norm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,16 +36,36 @@ use crate::Result;
 /// The contrib-op domain of ONNX Runtime.
 pub const MS_DOMAIN: &str = "com.microsoft";
 
-/// Which rewrites to run. `Default` runs every one.
+/// Which rewrites to run. `Default` is [`OptimizeOptions::for_cuda`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptimizeOptions {
-    /// Attention → `MultiHeadAttention`.
+    /// Attention → `MultiHeadAttention` (CPU and CUDA kernels).
     pub attention: bool,
+    /// GroupNorm (+ SiLU) → `GroupNorm` (CUDA kernel only).
+    pub group_norm: bool,
+}
+
+impl OptimizeOptions {
+    /// Every fusion: graphs for ONNX Runtime's CUDA provider.
+    pub fn for_cuda() -> Self {
+        Self {
+            attention: true,
+            group_norm: true,
+        }
+    }
+
+    /// The fusions ONNX Runtime's CPU provider has kernels for.
+    pub fn for_cpu() -> Self {
+        Self {
+            attention: true,
+            group_norm: false,
+        }
+    }
 }
 
 impl Default for OptimizeOptions {
     fn default() -> Self {
-        Self { attention: true }
+        Self::for_cuda()
     }
 }
 
@@ -106,8 +129,13 @@ impl fmt::Display for Report {
     }
 }
 
-/// Rewrite `proto`'s main graph in place.
-pub fn optimize_proto(proto: &mut ModelProto, opts: &OptimizeOptions) -> Report {
+/// Rewrite `proto`'s main graph in place. `read` gives an initializer's values as f32 (the
+/// model's external data is not in the proto).
+pub fn optimize_proto(
+    proto: &mut ModelProto,
+    opts: &OptimizeOptions,
+    read: &dyn Fn(&str) -> Option<Vec<f32>>,
+) -> Report {
     let mut report = Report::default();
     let Some(g) = proto.graph.as_mut() else {
         return report;
@@ -117,9 +145,17 @@ pub fn optimize_proto(proto: &mut ModelProto, opts: &OptimizeOptions) -> Report 
     if opts.attention {
         attention::fuse(&mut graph, &mut report);
     }
+    if opts.group_norm {
+        group_norm::fuse(&mut graph, read, &mut report);
+    }
     graph.finish();
     report.nodes_after = proto.graph.as_ref().map_or(0, |g| g.node.len());
-    if !report.is_empty() && !proto.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
+    if !report.is_empty()
+        && !proto
+            .opset_import
+            .iter()
+            .any(|o| o.domain.as_deref() == Some(MS_DOMAIN))
+    {
         proto.opset_import.push(OperatorSetIdProto {
             domain: Some(MS_DOMAIN.into()),
             version: Some(1),
@@ -132,7 +168,8 @@ pub fn optimize_proto(proto: &mut ModelProto, opts: &OptimizeOptions) -> Report 
 /// against the same folder), with the report.
 pub fn optimize(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(Vec<u8>, Report)> {
     let mut proto = model.proto().clone();
-    let report = optimize_proto(&mut proto, opts);
+    let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
+    let report = optimize_proto(&mut proto, opts, &read);
     let len = proto.encoded_len();
     // protobuf's 2 GiB message limit (ORT and onnx refuse larger model files)
     if len > i32::MAX as usize {
@@ -162,8 +199,21 @@ pub fn fused_ops(model: &OnnxModel) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for n in &model.graph().node {
         if n.domain.as_deref() == Some(MS_DOMAIN) {
-            *out.entry(n.op_type.clone().unwrap_or_default()).or_default() += 1;
+            *out.entry(n.op_type.clone().unwrap_or_default())
+                .or_default() += 1;
         }
     }
     out
+}
+
+/// Whether a graph holds fused ops that take NHWC tensors (`GroupNorm`, `SkipGroupNorm`,
+/// `NhwcConv`): convolutions then run faster in NHWC too (the CUDA provider's `prefer_nhwc`).
+pub fn prefers_nhwc(graph: &super::proto::GraphProto) -> bool {
+    graph.node.iter().any(|n| {
+        n.domain.as_deref() == Some(MS_DOMAIN)
+            && matches!(
+                n.op_type.as_deref(),
+                Some("GroupNorm" | "SkipGroupNorm" | "NhwcConv")
+            )
+    })
 }

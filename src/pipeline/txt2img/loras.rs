@@ -102,7 +102,10 @@ impl Txt2Img {
         opts: &MergeOptions,
     ) -> Result<Vec<LoraReport>> {
         if self.indexed.is_none() {
-            self.indexed = Some(crate::merge::index_pipeline(&self.dir, self.opts.optimize)?);
+            self.indexed = Some(crate::merge::index_pipeline(
+                &self.dir,
+                self.opts.optimize_for().as_ref(),
+            )?);
         }
         let indexed = self.indexed.as_deref().unwrap_or_default();
         let plan =
