@@ -16,6 +16,13 @@ L=$B/lorafuse
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 steps=${STEPS:-25}; images=${IMAGES:-3}
 
+MODE=${1:-all}   # all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA graphs
+if [ "$MODE" = graphs ]; then
+  # the UNet must be captured (ORT says so at verbose level) and replayed
+  ORT_LOG=verbose $L generate -m models/tiny/onnx --optimize -p "a photo of a cat" --steps 4 --seed 3 \
+    --device cuda --cuda-graphs -o "$OUT/tinygraph.png" > "$OUT/tiny_graph_verbose.log" 2>&1; echo "rc $?"
+  grep -c "Replaying the captured" "$OUT/tiny_graph_verbose.log"; grep -i "graph capture" "$OUT/tiny_graph_verbose.log" | cut -c1-250 | sort | uniq -c | head
+fi
 echo "== tiny pipeline, CUDA: exported vs optimized"
 for v in onnx onnx-fp16; do
   $L optimize models/tiny/$v /tmp/tiny-opt-$v | sed 's/^/  /'
@@ -27,6 +34,8 @@ for v in onnx onnx-fp16; do
   done
   $L generate -m models/tiny/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch \
     --lora models/tiny/loras/diffusers.safetensors -o "$OUT/tinyswitch_opt-$v.png" 2>&1 | grep -v -i cudnn | tail -1
+  $L generate -m models/tiny/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch --cuda-graphs \
+    --lora models/tiny/loras/diffusers.safetensors -o "$OUT/tinygraph_opt-$v.png" 2>&1 | grep -v -i cudnn | tail -3
 done
 python3 - "$OUT" <<'PY'
 import sys, numpy as np
@@ -35,7 +44,7 @@ o = sys.argv[1]
 img = lambda n: np.asarray(Image.open(f"{o}/{n}.png"), dtype=np.int16)
 for v in ["onnx", "onnx-fp16"]:
     for a, b in [(f"tiny_{v}", f"tiny_tiny-opt-{v}"), (f"tinylora_{v}", f"tinylora_tiny-opt-{v}"),
-                 (f"tinylora_{v}", f"tinyswitch_opt-{v}")]:
+                 (f"tinylora_{v}", f"tinyswitch_opt-{v}"), (f"tinyswitch_opt-{v}", f"tinygraph_opt-{v}")]:
         d = np.abs(img(a) - img(b))
         print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.4f}")
 PY
@@ -63,6 +72,32 @@ keep = {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
 print("  ", json.dumps(keep))
 PY
 }
+if [ "$MODE" = graphs ]; then
+  bench fused -m /tmp/sd15-opt
+  bench fused_iobinding -m /tmp/sd15-opt --cuda-io-binding
+  bench fused_graphs -m /tmp/sd15-opt --cuda-graphs
+  bench fused_graphs_lora_switch -m /tmp/sd15-opt --cuda-graphs --lora /tmp/loras/a.safetensors --lora /tmp/loras/b.safetensors
+  bench optimize_inmem_graphs -m /tmp/sd15-onnx --optimize --cuda-graphs
+  t=$EPOCHREALTIME; $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 768 -H 512 --steps $steps --device cuda --seed 1 --cuda-graphs \
+    --lora /tmp/loras/a.safetensors -o "$OUT/sd15_768_rebuild_graphs.png" 2>&1 | grep -v -i cudnn | tail -2
+  python3 -c "print(f'one-shot generate 768x512 + LoRA (rebuild mode) with CUDA graphs, whole process: {$EPOCHREALTIME - $t:.2f} s')"
+  for g in "" --cuda-graphs; do
+    $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 $g -o "$OUT/sd15_fused$g.png" 2>&1 | grep -v -i cudnn | tail -2
+    $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 $g --lora-mode switch \
+      --lora /tmp/loras/a.safetensors -o "$OUT/sd15_fused_lora$g.png" 2>&1 | grep -v -i cudnn | tail -2
+  done
+  python3 - "$OUT" <<'PY'
+import sys, numpy as np
+from PIL import Image
+o = sys.argv[1]
+for a, b in [("sd15_fused", "sd15_fused--cuda-graphs"), ("sd15_fused_lora", "sd15_fused_lora--cuda-graphs")]:
+    x, y = (np.asarray(Image.open(f"{o}/{n}.png"), dtype=np.int16) for n in [a, b])
+    d = np.abs(x - y)
+    print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
+PY
+  python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+  exit 0
+fi
 bench exported -m /tmp/sd15-onnx
 bench mha -m /tmp/sd15-mha
 bench fused -m /tmp/sd15-opt

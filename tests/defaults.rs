@@ -43,6 +43,10 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
         assert_eq!(loader.device, o.device);
         assert_eq!(loader.cudnn_conv_algo, o.cudnn_conv_algo);
         assert_eq!(loader.intra_threads, o.intra_threads);
+        assert_eq!(
+            (loader.optimize, loader.cuda_graphs),
+            (o.optimize, o.cuda_graphs)
+        );
         let mut m = std::mem::zeroed::<LorafuseMergeOptions>();
         assert!((api.init_merge_options)(&mut m).is_null());
         let lm = MergeOptions::default();

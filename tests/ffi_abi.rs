@@ -388,6 +388,34 @@ fn wrong_struct_versions_are_refused() {
     }
 }
 
+/// Version 3 of the pipeline options: `optimize` (fused graphs in memory) opens and generates on
+/// the CPU with the CPU provider's fusions; both new fields default to off.
+#[test]
+fn pipeline_options_v3_optimize() {
+    let p = plugin();
+    let api = p.api();
+    unsafe {
+        let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        o.struct_version = 3;
+        o.optimize = true;
+        o.cuda_graphs = true;
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert_eq!(
+            (o.struct_version, o.optimize, o.cuda_graphs),
+            (3, false, false)
+        );
+        let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
+        o.model_dir = dir.as_ptr();
+        o.device = LORAFUSE_DEVICE_CPU;
+        o.intra_threads = 1;
+        o.optimize = true;
+        let mut raw: *mut LorafusePipeline = sentinel();
+        assert!((api.create_pipeline)(&o, &mut raw).is_null(), "v3 options");
+        assert_ne!(raw, sentinel());
+        (api.release_pipeline)(raw);
+    }
+}
+
 /// Version 1 of a struct is a prefix of version 2: init fills exactly the version the host asks
 /// for (unset: version 1), and entries read only the fields of the version a struct declares.
 #[test]

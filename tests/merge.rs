@@ -772,10 +772,12 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
     use lorafuse::layout::OnnxPipelineDir;
     use lorafuse::onnx::index::Layout;
     let (_tmp, out) = merge_to_tmp(&tiny("onnx-fp16"), &[("diffusers_wide.safetensors", 1.0)]);
-    let base =
-        lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&tiny("onnx-fp16")).expect("open"))
-            .expect("index base");
-    let merged = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&out).expect("open"))
+    let base = lorafuse::merge::index_pipeline(
+        &OnnxPipelineDir::open(&tiny("onnx-fp16")).expect("open"),
+        None,
+    )
+    .expect("index base");
+    let merged = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&out).expect("open"), None)
         .expect("index merged");
     let fused = read(&tiny("expected/fused_diffusers_wide.safetensors"));
     let bytes = std::fs::read(tiny("expected/fused_diffusers_wide.safetensors")).expect("read");

@@ -21,7 +21,7 @@
 #define LORAFUSE_API_VERSION 1
 
 // Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
-#define LORAFUSE_PIPELINE_OPTIONS_VERSION 2
+#define LORAFUSE_PIPELINE_OPTIONS_VERSION 3
 
 // Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
 #define LORAFUSE_GENERATE_PARAMS_VERSION 2
@@ -149,6 +149,13 @@ typedef struct LorafusePipelineOptions {
   // LORAFUSE_LORA_MODE_REBUILD (sessions rebuilt from merged weights; a switch takes as long as
   // opening the model, images are a little faster).
   uint32_t lora_mode;
+  // Rewrite the graphs into ONNX Runtime's fused ops in memory when the pipeline opens (as
+  // `lorafuse generate --optimize`; LoRAs still apply and switch). Default false.
+  bool optimize;
+  // With CUDA, capture the UNet's steps as CUDA graphs and replay them (as `lorafuse generate
+  // --cuda-graphs`; the UNet session is rebuilt once per new resolution or batch). Default
+  // false.
+  bool cuda_graphs;
 } LorafusePipelineOptions;
 
 // Called after every denoising step with the steps done and the total over the whole call (all

@@ -42,7 +42,7 @@ pub mod loader;
 /// Version of the function table this crate describes. Tables are append-only.
 pub const LORAFUSE_API_VERSION: u32 = 1;
 /// Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
-pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 2;
+pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 3;
 /// Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
 pub const LORAFUSE_GENERATE_PARAMS_VERSION: u32 = 2;
 /// Current version of LorafuseMergeOptions.
@@ -179,6 +179,14 @@ pub struct LorafusePipelineOptions {
     /// LORAFUSE_LORA_MODE_REBUILD (sessions rebuilt from merged weights; a switch takes as long as
     /// opening the model, images are a little faster).
     pub lora_mode: u32,
+    // ---- version 3 ----
+    /// Rewrite the graphs into ONNX Runtime's fused ops in memory when the pipeline opens (as
+    /// `lorafuse generate --optimize`; LoRAs still apply and switch). Default false.
+    pub optimize: bool,
+    /// With CUDA, capture the UNet's steps as CUDA graphs and replay them (as `lorafuse generate
+    /// --cuda-graphs`; the UNet session is rebuilt once per new resolution or batch). Default
+    /// false.
+    pub cuda_graphs: bool,
 }
 
 /// `set_loras` recomputes the LoRA-target weights on the device (fast switch).
@@ -431,7 +439,9 @@ const _: () = {
         assert!(offset_of!(LorafusePipelineOptions, cuda_mem_limit) == 40); // v1 was 40 bytes
         assert!(offset_of!(LorafusePipelineOptions, cudnn_conv_algo) == 48);
         assert!(offset_of!(LorafusePipelineOptions, lora_mode) == 52);
-        assert!(size_of::<LorafusePipelineOptions>() == 56);
+        assert!(offset_of!(LorafusePipelineOptions, optimize) == 56); // v2 was 56 bytes
+        assert!(offset_of!(LorafusePipelineOptions, cuda_graphs) == 57);
+        assert!(size_of::<LorafusePipelineOptions>() == 64);
         assert!(offset_of!(LorafuseGenerateParams, seed) == 32);
         assert!(offset_of!(LorafuseGenerateParams, prompt) == 40);
         assert!(offset_of!(LorafuseGenerateParams, userdata) == 72);

@@ -238,6 +238,8 @@ impl Plugin {
         raw.cuda_mem_limit = o.cuda_mem_limit;
         raw.cudnn_conv_algo = o.cudnn_conv_algo;
         raw.lora_mode = o.lora_mode;
+        raw.optimize = o.optimize;
+        raw.cuda_graphs = o.cuda_graphs;
         let mut out = std::ptr::null_mut();
         unsafe { self.check((self.api.create_pipeline)(&raw, &mut out))? };
         Ok(Pipeline {
@@ -341,6 +343,8 @@ fn blank_pipeline_options() -> LorafusePipelineOptions {
         cuda_mem_limit: 0,
         cudnn_conv_algo: 0,
         lora_mode: 0,
+        optimize: false,
+        cuda_graphs: false,
     }
 }
 
@@ -384,6 +388,10 @@ pub struct PipelineOptions {
     pub cudnn_conv_algo: u32,
     /// `LORAFUSE_LORA_MODE_*`.
     pub lora_mode: u32,
+    /// Fused graphs in memory (`lorafuse generate --optimize`).
+    pub optimize: bool,
+    /// CUDA graphs for the UNet (`lorafuse generate --cuda-graphs`).
+    pub cuda_graphs: bool,
 }
 
 impl PipelineOptions {
@@ -398,6 +406,8 @@ impl PipelineOptions {
             cuda_mem_limit: 0,
             cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
             lora_mode: LORAFUSE_LORA_MODE_SWITCH, // == the plugin's (tests/defaults.rs)
+            optimize: false,
+            cuda_graphs: false,
         }
     }
 }

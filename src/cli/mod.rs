@@ -93,6 +93,7 @@ impl SessionArgs {
             tf32: self.tf32,
             cuda: self.cuda.options(),
             optimize: self.optimize,
+            fixed_dims: Vec::new(),
         })
     }
 }
@@ -111,6 +112,13 @@ pub struct CudaArgs {
     /// otherwise), nchw or nhwc.
     #[arg(long = "cuda-conv-layout", default_value = "auto")]
     pub cuda_conv_layout: crate::runtime::session::ConvLayout,
+    /// Keep the UNet's inputs and output in fixed GPU buffers (IO binding).
+    #[arg(long = "cuda-io-binding")]
+    pub cuda_io_binding: bool,
+    /// Capture the UNet's steps as CUDA graphs and replay them (implies --cuda-io-binding; one
+    /// graph per resolution and batch).
+    #[arg(long = "cuda-graphs")]
+    pub cuda_graphs: bool,
 }
 
 /// The progress bar of commands that write a pipeline folder file by file.
@@ -136,6 +144,8 @@ impl CudaArgs {
             mem_limit: self.cuda_mem_limit,
             conv_algo: self.cudnn_conv_algo,
             layout: self.cuda_conv_layout,
+            io_binding: self.cuda_io_binding,
+            graphs: self.cuda_graphs,
         }
     }
 }

@@ -143,8 +143,9 @@ fn check_version(got: u32, current: u32, what: &str) -> Result<()> {
 // Version N of an options/params struct is a prefix of version N+1 (plugin-api's layout asserts):
 // these are the prefix lengths, index = version − 1.
 
-const PIPELINE_OPTIONS_SIZES: [usize; 2] = [
+const PIPELINE_OPTIONS_SIZES: [usize; 3] = [
     std::mem::offset_of!(LorafusePipelineOptions, cuda_mem_limit),
+    std::mem::offset_of!(LorafusePipelineOptions, optimize),
     std::mem::size_of::<LorafusePipelineOptions>(),
 ];
 const GENERATE_PARAMS_SIZES: [usize; 2] = [
@@ -222,6 +223,8 @@ fn default_pipeline_options() -> LorafusePipelineOptions {
             LoraMode::Switch => LORAFUSE_LORA_MODE_SWITCH,
             LoraMode::Rebuild => LORAFUSE_LORA_MODE_REBUILD,
         },
+        optimize: false,
+        cuda_graphs: false,
     }
 }
 
@@ -463,6 +466,8 @@ unsafe extern "C" fn create_pipeline(
             mem_limit: (o.cuda_mem_limit > 0).then_some(o.cuda_mem_limit as usize),
             conv_algo,
             layout: Default::default(),
+            io_binding: false,
+            graphs: o.cuda_graphs,
         };
         let state = ops::open_pipeline(PipelineConfig {
             model_dir,
@@ -471,7 +476,8 @@ unsafe extern "C" fn create_pipeline(
                 intra_threads,
                 tf32: o.tf32,
                 cuda,
-                optimize: false,
+                optimize: o.optimize,
+                fixed_dims: Vec::new(),
             },
             ort_library,
             lora_mode,

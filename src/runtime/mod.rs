@@ -9,6 +9,7 @@
 //! 4. an `onnxruntime`/`onnxruntime-gpu` package in the active Python (`VIRTUAL_ENV`, then `python3`),
 //! 5. the system library path (`libonnxruntime.so`).
 
+pub mod device_io;
 pub mod session;
 pub mod switch;
 pub mod tensor;

@@ -51,6 +51,9 @@ pub struct SessionOptions {
     /// Rewrite each graph into ONNX Runtime's fused ops before the session is built
     /// ([`crate::onnx::optimize`]; LoRA-target weights stay addressable).
     pub optimize: bool,
+    /// Sizes for named free dimensions of CUDA-graph sessions (ORT free dimension overrides; set
+    /// by the pipeline per request shape).
+    pub fixed_dims: Vec<(String, i64)>,
 }
 
 /// The most intra-op threads a session may ask for: 4 per CPU the process may use (at least 8).
@@ -71,6 +74,24 @@ pub fn check_threads(n: usize) -> Result<()> {
 }
 
 impl SessionOptions {
+    /// These options for a session run a few times per image (text encoder, VAE, the switch's
+    /// kernels): no CUDA graph capture.
+    pub fn without_graphs(&self) -> SessionOptions {
+        let mut o = self.clone();
+        o.cuda.graphs = false;
+        o
+    }
+
+    /// Whether the UNet's inputs and output stay in device buffers ([`super::device_io`]).
+    pub fn device_io(&self) -> Option<i32> {
+        match placement(self) {
+            super::switch::Placement::Cuda(id) if self.cuda.io_binding || self.cuda.graphs => {
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
     /// The graph rewrites `optimize` asks for on this device: the fusions of the provider the
     /// sessions run on (CUDA has kernels the CPU lacks); `None` without `optimize`.
     pub fn optimize_for(&self) -> Option<OptimizeOptions> {
@@ -90,6 +111,12 @@ pub struct CudaOptions {
     pub conv_algo: ConvAlgo,
     /// Convolution layout (`prefer_nhwc`).
     pub layout: ConvLayout,
+    /// Keep the UNet's inputs and output in fixed device buffers (IO binding) instead of
+    /// host tensors copied by ORT on every run.
+    pub io_binding: bool,
+    /// Capture the UNet's runs as CUDA graphs and replay them (`enable_cuda_graph`; implies
+    /// `io_binding`; one graph per resolution and batch, [`super::device_io`]).
+    pub graphs: bool,
 }
 
 /// The layout the CUDA provider runs convolutions in (its `prefer_nhwc` option).
@@ -195,6 +222,12 @@ fn cuda_provider(
     if nhwc {
         ep = ep.with_prefer_nhwc(true);
     }
+    if opts.cuda.graphs {
+        // CUDA graphs want allocations that do not grow between capture and replay
+        ep = ep
+            .with_cuda_graph(true)
+            .with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested);
+    }
     ep.build().error_on_failure()
 }
 
@@ -276,6 +309,14 @@ fn configure(
         builder = builder
             .with_optimization_level(l)
             .map_err(ort::Error::from)?;
+    }
+    // CUDA-graph sessions: fixed sizes for named free dimensions (ORT's free dimension overrides)
+    if opts.cuda.graphs {
+        for (name, size) in &opts.fixed_dims {
+            builder = builder
+                .with_dimension_override(name, *size)
+                .map_err(ort::Error::from)?;
+        }
     }
     if let Some(n) = opts.intra_threads {
         check_threads(n)?;

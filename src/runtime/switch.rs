@@ -171,7 +171,7 @@ impl LiveWeights {
         placement: Placement,
         opts: &SessionOptions,
     ) -> Result<Self> {
-        let mut kopts = opts.clone();
+        let mut kopts = opts.without_graphs();
         kopts.tf32 = false; // the update is exact f32 arithmetic, then one rounding
         kopts.device = match placement {
             Placement::Cpu => session::Device::Cpu,

@@ -160,7 +160,7 @@ fn find(
         return Err("γ and β differ in length");
     }
     let gi = groups as usize;
-    if c % gi != 0 || (c / gi) % 2 != 0 {
+    if c % gi != 0 || !(c / gi).is_multiple_of(2) {
         // group_norm_impl.cu: channels per group must divide C and be even
         return Err("channels per group odd or not dividing C (the CUDA kernel refuses it)");
     }

@@ -115,6 +115,7 @@ impl Txt2Img {
             LoraMode::Switch => self.set_loras_switch(&plan)?,
         }
         self.active = loras.to_vec();
+        self.last_merge = Some(opts.clone());
         Ok(plan.reports)
     }
 
@@ -154,8 +155,11 @@ impl Txt2Img {
                 );
                 let names: Vec<String> = names.into_iter().collect();
                 let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
-                let session =
-                    session::open_from_memory(&self.dir.model_path(c), &self.opts, model)?;
+                let session = session::open_from_memory(
+                    &self.dir.model_path(c),
+                    &self.component_opts(c),
+                    model,
+                )?;
                 let mut weights = LiveWeights::new(
                     &im.model,
                     &names,
@@ -178,6 +182,7 @@ impl Txt2Img {
                     OnnxComponent::Unet => {
                         self.unet = session;
                         self.unet_live = Some(live);
+                        self.unet_io = None;
                     }
                     _ => {
                         self.text_encoder = session;
@@ -249,13 +254,20 @@ impl Txt2Img {
                     );
                 }
                 let patched = crate::onnx::write::patched_in_memory(model, &replacements)?;
-                session::open_from_memory(&self.dir.model_path(c), &self.opts, patched)?
+                session::open_from_memory(
+                    &self.dir.model_path(c),
+                    &self.component_opts(c),
+                    patched,
+                )?
             };
             rebuilt.push((c, session));
         }
         for (c, s) in rebuilt {
             match c {
-                OnnxComponent::Unet => self.unet = s,
+                OnnxComponent::Unet => {
+                    self.unet = s;
+                    self.unet_io = None;
+                }
                 _ => self.text_encoder = s,
             }
         }

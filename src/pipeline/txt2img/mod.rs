@@ -16,10 +16,12 @@ use crate::layout::{OnnxComponent, OnnxPipelineDir};
 use crate::merge::{IndexedModel, LoraSpec};
 use crate::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
 use crate::pipeline::tokenizer::ClipTokenizer;
+use crate::runtime::device_io::{DeviceIo, Port};
 use crate::runtime::session::{self, SessionOptions};
 use crate::runtime::tensor::{extract_f32, float_value, ids_value};
 use crate::{Error, Result};
 
+mod graphs;
 mod loras;
 
 use self::loras::Live;
@@ -112,6 +114,12 @@ struct UnetSignature {
     sample_name: String,
     timestep_name: String,
     hidden_name: String,
+    /// The first output (the noise prediction) and its element type.
+    out_name: String,
+    out_ty: TensorElementType,
+    /// Symbolic names of the free dimensions batch, latent height, latent width and prompt
+    /// length (`None`: fixed or unnamed), for CUDA graphs' fixed shapes ([`graphs`]).
+    dim_names: [Option<String>; 4],
 }
 
 /// Module-path endings the fast switch always exposes once a component takes a LoRA: the
@@ -198,6 +206,15 @@ pub struct Txt2Img {
     unet_live: Option<Live>,
     /// Parsed LoRA files (a switch back to a LoRA does not re-read it).
     adapters: crate::merge::AdapterCache,
+    /// The UNet's device buffers (and CUDA graphs) when `opts` asks for them; reset whenever the
+    /// UNet session is replaced.
+    unet_io: Option<DeviceIo>,
+    /// The merge options of the last `set_loras` (rebuild mode merges again when CUDA graphs
+    /// need a UNet session for other shapes).
+    last_merge: Option<crate::merge::MergeOptions>,
+    /// The free-dimension sizes the UNet session was built with for CUDA graphs (`None`: built
+    /// without graphs).
+    graph_dims: Option<Vec<(String, i64)>>,
 }
 
 fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
@@ -223,9 +240,11 @@ impl Txt2Img {
         let dir = OnnxPipelineDir::open(root)?;
         let tokenizer = ClipTokenizer::from_dir(dir.tokenizer_dir())?;
         let scheduler_config = SchedulerConfig::from_file(dir.scheduler_config())?;
-        let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), opts)?;
-        let unet = session::open(&dir.model_path(OnnxComponent::Unet), opts)?;
-        let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), opts)?;
+        let once = opts.without_graphs();
+        let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), &once)?;
+        // with CUDA graphs, the UNet is built again with fixed shapes at the first image
+        let unet = session::open(&dir.model_path(OnnxComponent::Unet), &once)?;
+        let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), &once)?;
         let mut p = Self::from_parts(
             dir,
             tokenizer,
@@ -258,11 +277,40 @@ impl Txt2Img {
             .ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
         let (hidden_ty, _) = input_ty(&unet, "encoder_hidden_states")
             .ok_or_else(|| bad("UNet has no `encoder_hidden_states` input".into()))?;
+        let symbols = |input: &str| -> Vec<Option<String>> {
+            unet.inputs()
+                .iter()
+                .find(|i| i.name() == input)
+                .map(|i| match i.dtype() {
+                    ValueType::Tensor {
+                        shape,
+                        dimension_symbols,
+                        ..
+                    } => shape
+                        .iter()
+                        .zip(dimension_symbols.iter())
+                        .map(|(&d, s)| (d < 0 && !s.is_empty()).then(|| s.to_string()))
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .unwrap_or_default()
+        };
+        let (ss, hs) = (symbols("sample"), symbols("encoder_hidden_states"));
+        let at = |v: &[Option<String>], k: usize| v.get(k).cloned().flatten();
+        let dim_names = [at(&ss, 0), at(&ss, 2), at(&ss, 3), at(&hs, 1)];
         let fixed_batch = sample_shape
             .first()
             .copied()
             .filter(|&d| d > 0)
             .map(|d| d as usize);
+        let (out_name, out_ty) = unet
+            .outputs()
+            .first()
+            .and_then(|o| match o.dtype() {
+                ValueType::Tensor { ty, .. } => Some((o.name().to_string(), *ty)),
+                _ => None,
+            })
+            .ok_or_else(|| bad("UNet has no tensor output".into()))?;
         let unet_sig = UnetSignature {
             sample_ty,
             hidden_ty,
@@ -272,6 +320,9 @@ impl Txt2Img {
             sample_name: "sample".into(),
             timestep_name: "timestep".into(),
             hidden_name: "encoder_hidden_states".into(),
+            out_name,
+            out_ty,
+            dim_names,
         };
         let (_, ids_ty) = first_input(&text_encoder).ok_or_else(|| Error::Onnx {
             file: dir.model_path(OnnxComponent::TextEncoder),
@@ -372,6 +423,9 @@ impl Txt2Img {
             te_live: None,
             unet_live: None,
             adapters: Default::default(),
+            unet_io: None,
+            last_merge: None,
+            graph_dims: None,
         })
     }
 
@@ -403,6 +457,21 @@ impl Txt2Img {
     pub fn replace_unet(&mut self, unet: Session) {
         self.unet = unet;
         self.unet_live = None;
+        self.unet_io = None;
+        self.graph_dims = None;
+    }
+
+    /// The session options for component `c`: CUDA graphs only for the UNet (the one session
+    /// run many times per image), and only once its shapes are fixed ([`graphs`]).
+    fn component_opts(&self, c: OnnxComponent) -> SessionOptions {
+        match (c, &self.graph_dims) {
+            (OnnxComponent::Unet, Some(dims)) => {
+                let mut o = self.opts.clone();
+                o.fixed_dims = dims.clone();
+                o
+            }
+            _ => self.opts.without_graphs(),
+        }
     }
 
     /// Replace the text encoder session (LoRA switch at run time).
@@ -447,23 +516,54 @@ impl Txt2Img {
     ) -> Result<Vec<f32>> {
         let sig = self.unet_sig.clone();
         let n = sample_shape[0];
-        let timestep = match sig.timestep_rank {
-            0 => float_value(&[t as f32], &[], sig.timestep_ty)?,
-            _ => {
-                let want = if sig.fixed_batch.is_some() || n == 1 {
-                    1
-                } else {
-                    n
-                };
-                float_value(&vec![t as f32; want], &[want], sig.timestep_ty)?
-            }
+        // `timestep`: a scalar (optimum), or `[1]` / `[batch]`
+        let t_shape: Vec<usize> = match sig.timestep_rank {
+            0 => vec![],
+            _ => vec![if sig.fixed_batch.is_some() || n == 1 {
+                1
+            } else {
+                n
+            }],
         };
+        let t_data = vec![t as f32; t_shape.iter().product::<usize>()];
+        if let Some(device_id) = self.opts.device_io() {
+            let port = |name: &str, shape: &[usize], ty| Port {
+                name: name.to_string(),
+                shape: shape.to_vec(),
+                ty,
+            };
+            let out = port(&sig.out_name, sample_shape, sig.out_ty);
+            let inputs = [
+                (port(&sig.sample_name, sample_shape, sig.sample_ty), sample),
+                (
+                    port(&sig.timestep_name, &t_shape, sig.timestep_ty),
+                    &t_data[..],
+                ),
+                (port(&sig.hidden_name, hidden_shape, sig.hidden_ty), hidden),
+            ];
+            if self.unet_io.is_none() {
+                let graphs = self.graph_dims.is_some();
+                self.unet_io = Some(DeviceIo::new(&self.unet, device_id, graphs)?);
+            }
+            let io = self.unet_io.as_mut().ok_or_else(|| {
+                Error::InvalidArgument("internal: no device buffers for the UNet".into())
+            })?;
+            return io.run(
+                &mut self.unet,
+                self.unet_live.as_mut().map(|l| &mut l.binding),
+                &inputs,
+                &out,
+            );
+        }
         let inputs = vec![
             (
                 sig.sample_name.as_str(),
                 float_value(sample, sample_shape, sig.sample_ty)?,
             ),
-            (sig.timestep_name.as_str(), timestep),
+            (
+                sig.timestep_name.as_str(),
+                float_value(&t_data, &t_shape, sig.timestep_ty)?,
+            ),
             (
                 sig.hidden_name.as_str(),
                 float_value(hidden, hidden_shape, sig.hidden_ty)?,
@@ -555,6 +655,13 @@ impl Txt2Img {
         } else {
             (pos, pshape.clone())
         };
+        // CUDA graphs: the UNet session's shapes fixed to this call's
+        let unet_batch = match (cfg, self.unet_sig.fixed_batch) {
+            (_, Some(fixed)) => fixed,
+            (true, None) => 2 * b,
+            (false, None) => b,
+        };
+        self.fix_unet_dims(unet_batch, lh, lw, hidden_shape[1])?;
 
         // Initial latents: image k of the batch from its own seed (seed + k), so an image does not
         // depend on the batch size; ancestral noise from a separate stream of the first seed.

@@ -1,0 +1,285 @@
+//! A session's float inputs and output in fixed device buffers, with optional CUDA graph replay.
+//!
+//! ONNX Runtime's CUDA graphs (CUDA provider option `enable_cuda_graph`) capture a run once and
+//! replay it; a replay reads and writes the device addresses of the capture, checks no shapes and
+//! runs no kernel of ORT's own (onnxruntime/core/session/inference_session.cc, `Run` →
+//! `ReplayGraph`; docs "Using CUDA Graphs" of the CUDA execution provider). So every input and
+//! the output live in buffers allocated once per shape set and bound with IO binding at the same
+//! addresses on every run; new data is copied into them. Each shape set gets its own graph
+//! (run option `gpu_graph_id`), as ORT's Stable Diffusion demo does
+//! (onnxruntime/python/tools/transformers/io_binding_helper.py, `GpuBindingManager`). The LoRA
+//! switch's weight buffers (docs/ARCHITECTURE.md §4) are bound the same way and rewritten in
+//! place, so a switch needs no new capture.
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, Session};
+use ort::value::{DynTensor, TensorElementType};
+
+use crate::{Error, Result};
+
+/// How many shape sets get a CUDA graph of their own; later ones run without one.
+pub const MAX_GRAPHS: usize = 8;
+
+/// One float input or output: name, shape, element type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ty: TensorElementType,
+}
+
+struct Buffer {
+    port: Port,
+    device: DynTensor,
+    host: DynTensor,
+    /// The f32 data last copied in (unchanged inputs are not copied again).
+    last: Vec<f32>,
+}
+
+struct ShapeSet {
+    inputs: Vec<Buffer>,
+    output: Buffer,
+    options: RunOptions,
+}
+
+/// Device buffers for one session (UNet), keyed by the shapes of a call.
+pub struct DeviceIo {
+    device_id: i32,
+    graphs: bool,
+    allocator: Allocator,
+    binding: Option<IoBinding>,
+    sets: Vec<ShapeSet>,
+}
+
+fn elem_size(ty: TensorElementType) -> Result<usize> {
+    Ok(match ty {
+        TensorElementType::Float32 => 4,
+        TensorElementType::Float16 | TensorElementType::Bfloat16 => 2,
+        TensorElementType::Float64 => 8,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "device buffers hold float tensors, not {other}"
+            )));
+        }
+    })
+}
+
+impl DeviceIo {
+    /// Buffers on CUDA device `device_id` for `session`; `graphs`: the session was built with
+    /// CUDA graphs enabled (each shape set then runs as a captured graph).
+    pub fn new(session: &Session, device_id: i32, graphs: bool) -> Result<Self> {
+        let info = MemoryInfo::new(
+            AllocationDevice::CUDA,
+            device_id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        Ok(Self {
+            device_id,
+            graphs,
+            allocator: Allocator::new(session, info)?,
+            binding: None,
+            sets: Vec::new(),
+        })
+    }
+
+    fn buffer(&self, port: &Port) -> Result<Buffer> {
+        let shape: Vec<i64> = port.shape.iter().map(|&d| d as i64).collect();
+        Ok(Buffer {
+            port: port.clone(),
+            device: DynTensor::new(&self.allocator, port.ty, shape.clone())?,
+            host: DynTensor::new(&Allocator::default(), port.ty, shape)?,
+            last: Vec::new(),
+        })
+    }
+
+    fn set_index(&mut self, inputs: &[Port], output: &Port) -> Result<usize> {
+        if let Some(i) = self.sets.iter().position(|s| {
+            s.output.port == *output
+                && s.inputs.len() == inputs.len()
+                && s.inputs.iter().zip(inputs).all(|(b, p)| b.port == *p)
+        }) {
+            return Ok(i);
+        }
+        let mut options = RunOptions::new()?;
+        if self.graphs {
+            // -1: no capture for this run (onnxruntime/core/framework/run_options.h)
+            let id = if self.sets.len() < MAX_GRAPHS {
+                self.sets.len() as i64
+            } else {
+                -1
+            };
+            options.set("gpu_graph_id", id.to_string())?;
+        }
+        let set = ShapeSet {
+            inputs: inputs
+                .iter()
+                .map(|p| self.buffer(p))
+                .collect::<Result<_>>()?,
+            output: self.buffer(output)?,
+            options,
+        };
+        self.sets.push(set);
+        Ok(self.sets.len() - 1)
+    }
+
+    /// Run `session` on `inputs` (f32 host data, converted to each port's type) and return the
+    /// output as f32. `binding` is the session's IO binding when it has other bound inputs
+    /// (the LoRA switch's weights); otherwise one of our own is used.
+    pub fn run(
+        &mut self,
+        session: &mut Session,
+        binding: Option<&mut IoBinding>,
+        inputs: &[(Port, &[f32])],
+        output: &Port,
+    ) -> Result<Vec<f32>> {
+        let ports: Vec<Port> = inputs.iter().map(|(p, _)| p.clone()).collect();
+        let i = self.set_index(&ports, output)?;
+        let set = &mut self.sets[i];
+        for (buf, (_, data)) in set.inputs.iter_mut().zip(inputs) {
+            if buf.last.as_slice() != *data {
+                write_host(&mut buf.host, buf.port.ty, data)?;
+                copy(&buf.host, &mut buf.device)?;
+                buf.last.clear();
+                buf.last.extend_from_slice(data);
+            }
+        }
+        let binding = match binding {
+            Some(b) => b,
+            None => {
+                if self.binding.is_none() {
+                    self.binding = Some(session.create_binding()?);
+                }
+                self.binding.as_mut().ok_or_else(|| {
+                    Error::InvalidArgument("internal: no IO binding for the device buffers".into())
+                })?
+            }
+        };
+        for buf in &set.inputs {
+            binding.bind_input(buf.port.name.as_str(), &buf.device)?;
+        }
+        binding.bind_output(set.output.port.name.as_str(), &mut set.output.device)?;
+        session.run_binding_with_options(binding, &set.options)?;
+        copy(&set.output.device, &mut set.output.host)?;
+        read_host(&set.output.host, set.output.port.ty)
+    }
+
+    /// The CUDA device the buffers are on.
+    pub fn device_id(&self) -> i32 {
+        self.device_id
+    }
+}
+
+/// Set once `CopyTensors` failed (an ORT whose environment has no data transfer for the device).
+static NO_COPY_TENSORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Copy `src` into `dst`: [`copy_tensor`], or `ort`'s identity-session copy where ORT's
+/// environment cannot copy to the device itself.
+fn copy(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    if !NO_COPY_TENSORS.load(Ordering::Relaxed) {
+        match copy_tensor(src, dst) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                NO_COPY_TENSORS.store(true, Ordering::Relaxed);
+                super::warn(&format!("{e}; copying through a session instead"));
+            }
+        }
+    }
+    src.copy_into(dst)?;
+    Ok(())
+}
+
+/// Copy `src` into `dst` (same type and size, any devices) with ONNX Runtime's `CopyTensors`
+/// (C API ≥ 1.23; no stream: the copy is finished when it returns). One device copy, where
+/// `ort`'s `copy_into` runs a session per copy.
+fn copy_tensor(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
+    use ort::AsPointer;
+    let env = super::environment()?;
+    let api = ort::api();
+    let srcs = [src.ptr()];
+    let mut dsts = [dst.ptr()];
+    // SAFETY: both values are live tensors of the same element type and byte size (the shape
+    // sets are built with equal shapes and types); the environment outlives the call.
+    let status = unsafe {
+        (api.CopyTensors)(
+            env.ptr().cast_mut(),
+            srcs.as_ptr(),
+            dsts.as_mut_ptr(),
+            std::ptr::null_mut(),
+            1,
+        )
+    };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status is an error ORT allocated; read its message, then free it.
+    let msg = unsafe {
+        let m = (api.GetErrorMessage)(status.0);
+        let text = if m.is_null() {
+            "unknown error".to_string()
+        } else {
+            std::ffi::CStr::from_ptr(m).to_string_lossy().into_owned()
+        };
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    Err(Error::OrtLoad(format!(
+        "copying a tensor between host and device: {msg}"
+    )))
+}
+
+/// Fill a host tensor of `ty` from f32 values (rounded as torch's `.to(dtype)`).
+fn write_host(t: &mut DynTensor, ty: TensorElementType, data: &[f32]) -> Result<()> {
+    let size = elem_size(ty)?;
+    let len = t.size().unwrap_or(0);
+    if len != data.len() * size {
+        return Err(Error::InvalidArgument(format!(
+            "{} values for a device buffer of {len} bytes",
+            data.len()
+        )));
+    }
+    let bytes: Vec<u8> = match ty {
+        TensorElementType::Float32 => bytemuck::cast_slice(data).to_vec(),
+        TensorElementType::Float16 => data
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        TensorElementType::Bfloat16 => data
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => data
+            .iter()
+            .flat_map(|&v| f64::from(v).to_le_bytes())
+            .collect(),
+    };
+    // SAFETY: `t` owns a CPU buffer of exactly `len` bytes (checked above).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), t.data_ptr_mut().cast::<u8>(), len);
+    }
+    Ok(())
+}
+
+/// A host tensor of `ty` as f32 values.
+fn read_host(t: &DynTensor, ty: TensorElementType) -> Result<Vec<f32>> {
+    let size = elem_size(ty)?;
+    let len = t.size().unwrap_or(0);
+    // SAFETY: `t` owns a CPU buffer of `len` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) };
+    let c = bytes.chunks_exact(size);
+    Ok(match ty {
+        TensorElementType::Float32 => c
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        TensorElementType::Float16 => c
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        TensorElementType::Bfloat16 => c
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => c
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+    })
+}
