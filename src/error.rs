@@ -41,6 +41,9 @@ pub enum Error {
     /// A training data set problem (unreadable image, missing caption), naming the file.
     #[error("{file}: {msg}")]
     Dataset { file: PathBuf, msg: String },
+    /// A broken invariant of lorafuse itself (a bug), never caused by input.
+    #[error("internal error (a bug in lorafuse, please report it): {0}")]
+    Internal(String),
     /// An error libtorch reported (training, feature `train`).
     #[cfg(feature = "train")]
     #[error("libtorch: {0}")]
@@ -74,11 +77,76 @@ impl Error {
             | Error::Lora { .. }
             | Error::Config { .. }
             | Error::Tokenizer(_) => code::MODEL,
-            Error::OrtLoad(_) | Error::Ort(_) => code::RUNTIME,
+            Error::OrtLoad(_) | Error::Ort(_) | Error::Internal(_) => code::RUNTIME,
             Error::Cancelled => code::CANCELLED,
             Error::Dataset { .. } => code::INVALID_ARGUMENT,
             #[cfg(feature = "train")]
             Error::Torch(_) => code::RUNTIME,
         }
+    }
+}
+
+/// Who is at fault for an [`Error`]: what a front door tells its user to fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// An argument, a request or the set-up (a flag value, a missing ONNX Runtime, Ctrl-C).
+    User,
+    /// A model, LoRA, config, tokenizer or image file: unreadable, malformed or not what it claims.
+    File,
+    /// lorafuse or a library it runs (ONNX Runtime, libtorch) failed on valid input.
+    Program,
+}
+
+impl Error {
+    /// Who is at fault (the C ABI's status codes stay as they are; this is the finer reading).
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::InvalidArgument(_) | Error::Cancelled | Error::OrtLoad(_) => Fault::User,
+            Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => Fault::User,
+            Error::Io { .. }
+            | Error::MissingTensor { .. }
+            | Error::Shape { .. }
+            | Error::SafeTensors { .. }
+            | Error::Onnx { .. }
+            | Error::Lora { .. }
+            | Error::LoraKey(_)
+            | Error::Tokenizer(_)
+            | Error::Config { .. }
+            | Error::Dataset { .. } => Fault::File,
+            Error::Ort(_) | Error::Internal(_) => Fault::Program,
+            #[cfg(feature = "train")]
+            Error::Torch(_) => Fault::Program,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults() {
+        assert_eq!(Error::InvalidArgument("x".into()).fault(), Fault::User);
+        assert_eq!(
+            Error::io("a", std::io::Error::from(std::io::ErrorKind::NotFound)).fault(),
+            Fault::User
+        );
+        assert_eq!(
+            Error::io("a", std::io::Error::from(std::io::ErrorKind::InvalidData)).fault(),
+            Fault::File
+        );
+        assert_eq!(
+            Error::Onnx {
+                file: "m.onnx".into(),
+                msg: "x".into()
+            }
+            .fault(),
+            Fault::File
+        );
+        let bug = Error::Internal("x".into());
+        assert_eq!(bug.fault(), Fault::Program);
+        assert!(bug.to_string().contains("bug"));
+        assert_eq!(bug.code(), plugin_api::code::RUNTIME);
     }
 }

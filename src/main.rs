@@ -13,6 +13,21 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // `{:#}` prints the context chain on one line: "merging x: y.safetensors: truncated".
             eprintln!("error: {e:#}");
+            if let Some(fault) = e
+                .downcast_ref::<lorafuse::Error>()
+                .map(lorafuse::Error::fault)
+            {
+                // the library's error kinds (error.rs `Fault`): say who can fix it
+                match fault {
+                    lorafuse::error::Fault::User => {}
+                    lorafuse::error::Fault::File => {
+                        eprintln!("(a problem with the file named above, not with lorafuse)")
+                    }
+                    lorafuse::error::Fault::Program => eprintln!(
+                        "(lorafuse or ONNX Runtime failed on valid input: please report this with the command line)"
+                    ),
+                }
+            }
             std::process::ExitCode::FAILURE
         }
     }

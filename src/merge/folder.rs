@@ -108,8 +108,8 @@ pub fn merge_pipeline(
                     Error::InvalidArgument(format!("merge worker stopped before `{name}`"))
                 })??;
                 if got != name {
-                    return Err(Error::InvalidArgument(format!(
-                        "internal: merged `{got}` but the writer asked for `{name}`"
+                    return Err(Error::Internal(format!(
+                        "merged `{got}` but the writer asked for `{name}`"
                     )));
                 }
                 Ok(bytes)

@@ -150,9 +150,9 @@ impl DeviceIo {
                 if self.binding.is_none() {
                     self.binding = Some(session.create_binding()?);
                 }
-                self.binding.as_mut().ok_or_else(|| {
-                    Error::InvalidArgument("internal: no IO binding for the device buffers".into())
-                })?
+                self.binding
+                    .as_mut()
+                    .ok_or_else(|| Error::Internal("no IO binding for the device buffers".into()))?
             }
         };
         for buf in &set.inputs {

@@ -49,9 +49,10 @@ impl Txt2Img {
         let opts = self.component_opts(c);
         if let Some(live) = self.unet_live.as_mut() {
             let indexed = self.indexed.as_deref().unwrap_or_default();
-            let im = indexed.iter().find(|m| m.component == c).ok_or_else(|| {
-                crate::Error::InvalidArgument("internal: no indexed UNet model".into())
-            })?;
+            let im = indexed
+                .iter()
+                .find(|m| m.component == c)
+                .ok_or_else(|| crate::Error::Internal("no indexed UNet model".into()))?;
             let names: Vec<String> = live.weights.names().map(String::from).collect();
             let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
             let s = session::open_from_memory(&self.dir.model_path(c), &opts, model)?;

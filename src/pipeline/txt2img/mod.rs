@@ -545,9 +545,10 @@ impl Txt2Img {
                 let graphs = self.graph_dims.is_some();
                 self.unet_io = Some(DeviceIo::new(&self.unet, device_id, graphs)?);
             }
-            let io = self.unet_io.as_mut().ok_or_else(|| {
-                Error::InvalidArgument("internal: no device buffers for the UNet".into())
-            })?;
+            let io = self
+                .unet_io
+                .as_mut()
+                .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
             return io.run(
                 &mut self.unet,
                 self.unet_live.as_mut().map(|l| &mut l.binding),
