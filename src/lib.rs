@@ -16,7 +16,7 @@
 //! prompt ─► pipeline::tokenizer ─► text encoder ─► UNet × steps (CFG, scheduler) ─► VAE ─► image:: PNG
 //! ```
 //!
-//! One library, thin front doors: the CLI (`src/main.rs` → [`cli`]) and the C ABI (`ffi`,
+//! One library, thin front doors: the CLI (the binary: `src/main.rs` → `src/cli/`) and the C ABI (`ffi`,
 //! implementing `plugin-api`) convert their arguments and call [`api`] (the requests both share)
 //! or the layers below; Rust users call the same. Each external format has exactly one owner
 //! module: safetensors and `.npy` → [`weights`], LoRA dialects → [`lora`], ONNX protobuf →
@@ -26,7 +26,6 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod api;
-pub mod cli;
 pub mod error;
 pub mod ffi;
 pub mod files;

@@ -1,3 +1,8 @@
+//! The `lorafuse` command: argv → library calls → printing (`cli`); the library and the plugin's
+//! shared library hold no command-line code (clap, progress bars, Ctrl-C handling live here).
+
+mod cli;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
@@ -8,7 +13,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    match lorafuse::cli::run(lorafuse::cli::Cli::parse()) {
+    match cli::run(cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the context chain on one line: "merging x: y.safetensors: truncated".

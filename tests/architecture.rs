@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+mod common;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -41,7 +43,8 @@ fn rust_files(p: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The modules a module's code (comments left out) names as `crate::X`.
+/// The modules a module's code (comments left out) names as `crate::X` (or `lorafuse::X`: the
+/// CLI is a module of the binary and reaches the library by its name).
 fn uses(files: &[std::path::PathBuf]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for f in files {
@@ -49,8 +52,13 @@ fn uses(files: &[std::path::PathBuf]) -> BTreeSet<String> {
         for line in text.lines() {
             let code = line.split("//").next().unwrap_or_default();
             let mut rest = code;
-            while let Some(i) = rest.find("crate::") {
-                rest = &rest[i + "crate::".len()..];
+            while let Some(i) = ["crate::", "lorafuse::"]
+                .iter()
+                .filter_map(|p| rest.find(p).map(|i| (i, p.len())))
+                .min()
+                .map(|(i, len)| i + len)
+            {
+                rest = &rest[i..];
                 let name: String = rest
                     .chars()
                     .take_while(|c| c.is_ascii_lowercase() || *c == '_')
@@ -112,5 +120,43 @@ fn the_module_map_in_the_doc_matches_the_code() {
         for m in leaf {
             left.remove(&m);
         }
+    }
+}
+
+/// The plugin's shared library carries no command-line code: clap, indicatif and ctrlc are named
+/// only by the binary's `cli` module, `main.rs` and training (a feature the plugin is built
+/// without), and the cdylib this test run built contains none of them.
+#[test]
+fn the_plugin_has_no_command_line_crates() {
+    let src = root().join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    for f in &files {
+        let rel = f.strip_prefix(&src).expect("under src");
+        let first = rel.components().next().expect("component");
+        if ["cli", "main.rs", "train"]
+            .iter()
+            .any(|d| first.as_os_str() == *d)
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).expect("read");
+        for krate in ["clap::", "indicatif::", "ctrlc::"] {
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.split("//").next().unwrap_or_default().contains(krate)),
+                "src/{} names {krate}",
+                rel.display()
+            );
+        }
+    }
+    let so = std::fs::read(common::cdylib()).expect("cdylib");
+    for needle in [&b"clap_builder"[..], b"indicatif", b"ctrlc"] {
+        assert!(
+            !so.windows(needle.len()).any(|w| w == needle),
+            "the plugin's shared library contains `{}`",
+            String::from_utf8_lossy(needle)
+        );
     }
 }

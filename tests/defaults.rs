@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use clap::CommandFactory;
 use lorafuse::merge::MergeOptions;
 use lorafuse::pipeline::txt2img::{GenerateParams, LoraMode};
 use plugin_api::loader::Plugin;
@@ -68,17 +67,37 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
 
 #[test]
 fn the_cli_flags_default_to_the_librarys_values() {
-    let cli = lorafuse::cli::Cli::command();
+    // The CLI is the binary's own module: read its defaults from `lorafuse CMD --help`, where
+    // clap prints `[default: …]` in each flag's paragraph.
     let default = |cmd: &str, arg: &str| -> String {
-        let c = cli.find_subcommand(cmd).expect(cmd);
-        let a = c
-            .get_arguments()
-            .find(|a| a.get_id() == arg)
-            .unwrap_or_else(|| panic!("{cmd} --{arg}"));
-        a.get_default_values()
-            .iter()
-            .map(|v| v.to_string_lossy().into_owned())
-            .collect()
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("run lorafuse");
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        let flag = format!("--{}", arg.replace('_', "-"));
+        let mut block = String::new();
+        let mut inside = false;
+        for line in help.lines() {
+            let t = line.trim_start();
+            if t.starts_with('-') {
+                inside = t
+                    .split([' ', ','])
+                    .any(|w| w == flag || w.starts_with(&format!("{flag}=")));
+            }
+            if inside {
+                block.push_str(line);
+                block.push('\n');
+            }
+        }
+        let at = block
+            .find("[default: ")
+            .unwrap_or_else(|| panic!("{cmd} {flag}: no default in --help:\n{help}"));
+        block[at + "[default: ".len()..]
+            .split(']')
+            .next()
+            .unwrap_or_default()
+            .to_string()
     };
     let lib = GenerateParams::default();
     for cmd in ["generate", "bench"] {

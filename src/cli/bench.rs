@@ -9,9 +9,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::GlobalArgs;
-use crate::merge::{LoraSpec, MergeOptions};
-use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
-use crate::runtime;
+use lorafuse::merge::{LoraSpec, MergeOptions};
+use lorafuse::pipeline::txt2img::{GenerateParams, Txt2Img};
+use lorafuse::runtime;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -34,8 +34,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub session: super::SessionArgs,
     /// How LoRAs enter the sessions (see `generate --lora-mode`).
-    #[arg(long = "lora-mode", default_value_t = crate::pipeline::txt2img::LoraMode::default())]
-    pub lora_mode: crate::pipeline::txt2img::LoraMode,
+    #[arg(long = "lora-mode", default_value_t = lorafuse::pipeline::txt2img::LoraMode::default())]
+    pub lora_mode: lorafuse::pipeline::txt2img::LoraMode,
     #[arg(long)]
     pub json: bool,
 }
@@ -88,7 +88,7 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         steps: a.steps,
         guidance_scale: GenerateParams::DEFAULT_GUIDANCE_SCALE,
         seed: 1,
-        scheduler: Some(crate::api::scheduler_name(&a.scheduler)),
+        scheduler: Some(lorafuse::api::scheduler_name(&a.scheduler)),
         ..Default::default()
     };
     let mut step_ms = Vec::new();

@@ -9,11 +9,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::api;
-use crate::image::{GeneratedImage, write_png};
-use crate::merge::{LoraSpec, MergeOptions};
-use crate::pipeline::txt2img::{GenerateParams, Txt2Img};
-use crate::runtime;
+use lorafuse::api;
+use lorafuse::image::{GeneratedImage, write_png};
+use lorafuse::merge::{LoraSpec, MergeOptions};
+use lorafuse::pipeline::txt2img::{GenerateParams, Txt2Img};
+use lorafuse::runtime;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -68,8 +68,8 @@ pub struct GenerateArgs {
     /// How LoRAs enter the sessions: `rebuild` (sessions built from merged weights: the fastest
     /// images for a one-shot run) or `switch` (weights as graph inputs updated on the device: what
     /// a live pipeline and the plugin switch with; gives the plugin's pixels bit for bit).
-    #[arg(long = "lora-mode", default_value_t = crate::pipeline::txt2img::LoraMode::ONE_SHOT)]
-    pub lora_mode: crate::pipeline::txt2img::LoraMode,
+    #[arg(long = "lora-mode", default_value_t = lorafuse::pipeline::txt2img::LoraMode::ONE_SHOT)]
+    pub lora_mode: lorafuse::pipeline::txt2img::LoraMode,
 }
 
 pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
@@ -84,10 +84,10 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
             a.num_images
         );
     }
-    crate::pipeline::txt2img::check_seed_range(a.seed, a.num_images)?;
+    lorafuse::pipeline::txt2img::check_seed_range(a.seed, a.num_images)?;
     // Nothing but regular files is replaced: the first name is checked before any work, every
     // other one by write_png.
-    crate::files::check_output_file(&output_path(&a.output, 0, a.seed))?;
+    lorafuse::files::check_output_file(&output_path(&a.output, 0, a.seed))?;
     let init_latents = a.init_latents.as_deref().map(read_latents).transpose()?;
     let opts = a.session.options()?;
     let mut pipe = Txt2Img::open(&a.model, &opts)
@@ -198,9 +198,9 @@ fn output_path(pattern: &str, index: usize, seed: u64) -> PathBuf {
 /// Latents from `.npy` (f32) or `.safetensors` (one tensor, any float dtype).
 fn read_latents(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => Ok(crate::weights::npy::read_f32(path)?),
+        Some("npy") => Ok(lorafuse::weights::npy::read_f32(path)?),
         Some("safetensors") => {
-            let w = crate::weights::WeightFile::open(path)?;
+            let w = lorafuse::weights::WeightFile::open(path)?;
             let names: Vec<&str> = w.names().collect();
             let name = match names.as_slice() {
                 [one] => (*one).to_string(),

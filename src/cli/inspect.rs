@@ -1,12 +1,12 @@
-//! `lorafuse inspect PATH`: prints [`crate::api::inspect`]'s document as text or JSON.
+//! `lorafuse inspect PATH`: prints [`lorafuse::api::inspect`]'s document as text or JSON.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::GlobalArgs;
-use crate::api::{DiffusersInspection, Inspection, PipelineInspection, SafetensorsInspection};
-use crate::runtime;
+use lorafuse::api::{DiffusersInspection, Inspection, PipelineInspection, SafetensorsInspection};
+use lorafuse::runtime;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -20,12 +20,12 @@ pub struct InspectArgs {
 pub fn run(global: &GlobalArgs, args: InspectArgs) -> anyhow::Result<()> {
     // Only ONNX models need the runtime (their inputs and outputs are read through it).
     if !matches!(
-        crate::layout::classify(&args.path)?,
-        crate::layout::PathKind::Safetensors | crate::layout::PathKind::DiffusersPipeline
+        lorafuse::layout::classify(&args.path)?,
+        lorafuse::layout::PathKind::Safetensors | lorafuse::layout::PathKind::DiffusersPipeline
     ) {
         runtime::init(global.ort_lib.as_deref())?;
     }
-    let report = crate::api::inspect(&args.path)?;
+    let report = lorafuse::api::inspect(&args.path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::GlobalArgs;
-use crate::merge::{LoraSpec, MergeOptions, MergeReport};
+use lorafuse::merge::{LoraSpec, MergeOptions, MergeReport};
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
@@ -66,7 +66,7 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         ("--unet-scale", a.unet_scale),
         ("--text-encoder-scale", a.text_encoder_scale),
     ] {
-        crate::merge::check_lora_weight(v).map_err(|m| anyhow::anyhow!("{flag}: {m}"))?;
+        lorafuse::merge::check_lora_weight(v).map_err(|m| anyhow::anyhow!("{flag}: {m}"))?;
     }
     let opts = MergeOptions {
         unet_scale: a.unet_scale,
@@ -81,11 +81,17 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
     };
-    let report =
-        crate::api::merge_into_folder(&a.model, &a.out, &a.loras, &opts, a.dry_run, &mut progress);
+    let report = lorafuse::api::merge_into_folder(
+        &a.model,
+        &a.out,
+        &a.loras,
+        &opts,
+        a.dry_run,
+        &mut progress,
+    );
     bar.finish_and_clear();
     let report = match report {
-        Err(crate::Error::Cancelled) => {
+        Err(lorafuse::Error::Cancelled) => {
             eprintln!("interrupted: nothing was written to {}", a.out.display());
             std::process::exit(130);
         }

@@ -86,8 +86,8 @@ pub struct SessionArgs {
 }
 
 impl SessionArgs {
-    pub fn options(&self) -> crate::Result<crate::runtime::session::SessionOptions> {
-        Ok(crate::runtime::session::SessionOptions {
+    pub fn options(&self) -> lorafuse::Result<lorafuse::runtime::session::SessionOptions> {
+        Ok(lorafuse::runtime::session::SessionOptions {
             device: self.device.parse()?,
             intra_threads: self.threads,
             tf32: self.tf32,
@@ -107,11 +107,11 @@ pub struct CudaArgs {
     /// cuDNN convolution algorithm search: exhaustive (ORT's default: benchmarks each shape on
     /// first use), heuristic, or default.
     #[arg(long = "cudnn-conv-algo", default_value = "exhaustive")]
-    pub cudnn_conv_algo: crate::runtime::session::ConvAlgo,
+    pub cudnn_conv_algo: lorafuse::runtime::session::ConvAlgo,
     /// Convolution layout on CUDA: auto (NHWC for graphs `lorafuse optimize` fused, NCHW
     /// otherwise), nchw or nhwc.
     #[arg(long = "cuda-conv-layout", default_value = "auto")]
-    pub cuda_conv_layout: crate::runtime::session::ConvLayout,
+    pub cuda_conv_layout: lorafuse::runtime::session::ConvLayout,
     /// Keep the UNet's inputs and output in fixed GPU buffers (IO binding).
     #[arg(long = "cuda-io-binding")]
     pub cuda_io_binding: bool,
@@ -135,12 +135,12 @@ fn file_progress() -> anyhow::Result<indicatif::ProgressBar> {
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
-    crate::runtime::session::parse_bytes(s).map_err(|e| e.to_string())
+    lorafuse::runtime::session::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 impl CudaArgs {
-    pub fn options(&self) -> crate::runtime::session::CudaOptions {
-        crate::runtime::session::CudaOptions {
+    pub fn options(&self) -> lorafuse::runtime::session::CudaOptions {
+        lorafuse::runtime::session::CudaOptions {
             mem_limit: self.cuda_mem_limit,
             conv_algo: self.cudnn_conv_algo,
             layout: self.cuda_conv_layout,

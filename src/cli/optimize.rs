@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::GlobalArgs;
-use crate::merge::MergeOptions;
-use crate::onnx::optimize::OptimizeOptions;
+use lorafuse::merge::MergeOptions;
+use lorafuse::onnx::optimize::OptimizeOptions;
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -64,10 +64,10 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
     };
-    let report = crate::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, &mut progress);
+    let report = lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, &mut progress);
     bar.finish_and_clear();
     let report = match report {
-        Err(crate::Error::Cancelled) => {
+        Err(lorafuse::Error::Cancelled) => {
             eprintln!("interrupted: nothing was written to {}", a.out.display());
             std::process::exit(130);
         }

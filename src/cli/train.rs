@@ -1,5 +1,5 @@
 //! `lorafuse train`: the command line of diffusers' `train_text_to_image_lora.py` (same option
-//! names; kebab-case aliases), mapped onto [`crate::train::trainer::TrainConfig`].
+//! names; kebab-case aliases), mapped onto [`lorafuse::train::trainer::TrainConfig`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,12 +10,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
-use crate::train::lora::{LoraConfig, LoraInit};
-use crate::train::noise::Prediction;
-use crate::train::optim::{AdamWConfig, LrSchedule};
-use crate::train::output::SaveFormat;
-use crate::train::trainer::{Event, MixedPrecision, TrainConfig, train};
-use crate::train::validation::ValidationConfig;
+use lorafuse::train::lora::{LoraConfig, LoraInit};
+use lorafuse::train::noise::Prediction;
+use lorafuse::train::optim::{AdamWConfig, LrSchedule};
+use lorafuse::train::output::SaveFormat;
+use lorafuse::train::trainer::{Event, MixedPrecision, TrainConfig, train};
+use lorafuse::train::validation::ValidationConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InitArg {
