@@ -23,9 +23,11 @@ use crate::{Error, Result};
 
 mod graphs;
 mod loras;
+mod signature;
 
 use self::loras::Live;
 pub use self::loras::LoraMode;
+use self::signature::UnetSignature;
 
 /// The largest width or height (SD 1.x is trained at 512; 4096 already needs tens of GB).
 pub const MAX_SIDE: u32 = 4096;
@@ -99,27 +101,6 @@ pub struct Generated {
     pub pixels: Vec<f32>,
     /// Whether the prompt was cut to 77 tokens.
     pub prompt_truncated: bool,
-}
-
-/// What a UNet export declares, read once from the session.
-#[derive(Debug, Clone)]
-struct UnetSignature {
-    sample_ty: TensorElementType,
-    hidden_ty: TensorElementType,
-    timestep_ty: TensorElementType,
-    /// Rank of the `timestep` input: 0 (optimum), or 1 (`[1]` or `[batch]`).
-    timestep_rank: usize,
-    /// A fixed batch dimension (exports traced with batch 1): run CFG halves one by one.
-    fixed_batch: Option<usize>,
-    sample_name: String,
-    timestep_name: String,
-    hidden_name: String,
-    /// The first output (the noise prediction) and its element type.
-    out_name: String,
-    out_ty: TensorElementType,
-    /// Symbolic names of the free dimensions batch, latent height, latent width and prompt
-    /// length (`None`: fixed or unnamed), for CUDA graphs' fixed shapes ([`graphs`]).
-    dim_names: [Option<String>; 4],
 }
 
 /// Module-path endings the fast switch always exposes once a component takes a LoRA: the
@@ -217,16 +198,6 @@ pub struct Txt2Img {
     graph_dims: Option<Vec<(String, i64)>>,
 }
 
-fn input_ty(s: &Session, name: &str) -> Option<(TensorElementType, Vec<i64>)> {
-    s.inputs()
-        .iter()
-        .find(|i| i.name() == name)
-        .and_then(|i| match i.dtype() {
-            ValueType::Tensor { ty, shape, .. } => Some((*ty, shape.to_vec())),
-            _ => None,
-        })
-}
-
 fn first_input(s: &Session) -> Option<(String, TensorElementType)> {
     s.inputs().first().and_then(|i| match i.dtype() {
         ValueType::Tensor { ty, .. } => Some((i.name().to_string(), *ty)),
@@ -266,64 +237,8 @@ impl Txt2Img {
         unet: Session,
         vae_decoder: Session,
     ) -> Result<Self> {
-        let unet_path = dir.model_path(OnnxComponent::Unet);
-        let bad = |msg: String| Error::Onnx {
-            file: unet_path.clone(),
-            msg,
-        };
-        let (sample_ty, sample_shape) =
-            input_ty(&unet, "sample").ok_or_else(|| bad("UNet has no `sample` input".into()))?;
-        let (timestep_ty, timestep_shape) = input_ty(&unet, "timestep")
-            .ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
-        let (hidden_ty, _) = input_ty(&unet, "encoder_hidden_states")
-            .ok_or_else(|| bad("UNet has no `encoder_hidden_states` input".into()))?;
-        let symbols = |input: &str| -> Vec<Option<String>> {
-            unet.inputs()
-                .iter()
-                .find(|i| i.name() == input)
-                .map(|i| match i.dtype() {
-                    ValueType::Tensor {
-                        shape,
-                        dimension_symbols,
-                        ..
-                    } => shape
-                        .iter()
-                        .zip(dimension_symbols.iter())
-                        .map(|(&d, s)| (d < 0 && !s.is_empty()).then(|| s.to_string()))
-                        .collect(),
-                    _ => Vec::new(),
-                })
-                .unwrap_or_default()
-        };
-        let (ss, hs) = (symbols("sample"), symbols("encoder_hidden_states"));
-        let at = |v: &[Option<String>], k: usize| v.get(k).cloned().flatten();
-        let dim_names = [at(&ss, 0), at(&ss, 2), at(&ss, 3), at(&hs, 1)];
-        let fixed_batch = sample_shape
-            .first()
-            .copied()
-            .filter(|&d| d > 0)
-            .map(|d| d as usize);
-        let (out_name, out_ty) = unet
-            .outputs()
-            .first()
-            .and_then(|o| match o.dtype() {
-                ValueType::Tensor { ty, .. } => Some((o.name().to_string(), *ty)),
-                _ => None,
-            })
-            .ok_or_else(|| bad("UNet has no tensor output".into()))?;
-        let unet_sig = UnetSignature {
-            sample_ty,
-            hidden_ty,
-            timestep_ty,
-            timestep_rank: timestep_shape.len(),
-            fixed_batch,
-            sample_name: "sample".into(),
-            timestep_name: "timestep".into(),
-            hidden_name: "encoder_hidden_states".into(),
-            out_name,
-            out_ty,
-            dim_names,
-        };
+        let unet_sig = UnetSignature::read(&unet, &dir.model_path(OnnxComponent::Unet))?;
+        let sample_shape = unet_sig.sample_shape.clone();
         let (_, ids_ty) = first_input(&text_encoder).ok_or_else(|| Error::Onnx {
             file: dir.model_path(OnnxComponent::TextEncoder),
             msg: "text encoder has no inputs".into(),
@@ -586,51 +501,8 @@ impl Txt2Img {
         p: &GenerateParams,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated> {
-        let width = if p.width == 0 {
-            self.default_size
-        } else {
-            p.width
-        };
-        let height = if p.height == 0 {
-            self.default_size
-        } else {
-            p.height
-        };
+        let (width, height) = self.check_request(p)?;
         let f = self.vae_scale_factor as u32;
-        if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {f}, got {width}x{height}"
-            )));
-        }
-        if width > MAX_SIDE || height > MAX_SIDE {
-            return Err(Error::InvalidArgument(format!(
-                "{width}x{height}: width and height are at most {MAX_SIDE}"
-            )));
-        }
-        if !(1..=MAX_STEPS).contains(&p.steps) {
-            return Err(Error::InvalidArgument(format!(
-                "steps {}: expected 1 to {MAX_STEPS}",
-                p.steps
-            )));
-        }
-        if !(1..=MAX_BATCH).contains(&p.batch) {
-            return Err(Error::InvalidArgument(format!(
-                "batch {}: expected 1 to {MAX_BATCH}",
-                p.batch
-            )));
-        }
-        if p.batch as u64 * width as u64 * height as u64 > MAX_BATCH_PIXELS {
-            return Err(Error::InvalidArgument(format!(
-                "a batch of {} at {width}x{height} is more than {MAX_BATCH_PIXELS} pixels; use a smaller batch",
-                p.batch
-            )));
-        }
-        if !p.guidance_scale.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "guidance scale {} is not finite",
-                p.guidance_scale
-            )));
-        }
         let b = p.batch;
         let (lh, lw) = ((height / f) as usize, (width / f) as usize);
         let c = self.latent_channels;
@@ -719,10 +591,80 @@ impl Txt2Img {
             }
         }
 
-        // VAE decode, one image at a time (the decoder is the memory peak at large sizes).
+        let (h, w) = (height as usize, width as usize);
+        let pixels = self.decode(&latents, [b, c, lh, lw], h, w)?;
+        Ok(Generated {
+            batch: b,
+            width,
+            height,
+            pixels,
+            prompt_truncated: truncated,
+        })
+    }
+
+    /// The image size a request asks for (0: the model's default), after checking every limit of
+    /// the request (docs/reliability.md).
+    fn check_request(&self, p: &GenerateParams) -> Result<(u32, u32)> {
+        let width = if p.width == 0 {
+            self.default_size
+        } else {
+            p.width
+        };
+        let height = if p.height == 0 {
+            self.default_size
+        } else {
+            p.height
+        };
+        let f = self.vae_scale_factor as u32;
+        if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {f}, got {width}x{height}"
+            )));
+        }
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return Err(Error::InvalidArgument(format!(
+                "{width}x{height}: width and height are at most {MAX_SIDE}"
+            )));
+        }
+        if !(1..=MAX_STEPS).contains(&p.steps) {
+            return Err(Error::InvalidArgument(format!(
+                "steps {}: expected 1 to {MAX_STEPS}",
+                p.steps
+            )));
+        }
+        if !(1..=MAX_BATCH).contains(&p.batch) {
+            return Err(Error::InvalidArgument(format!(
+                "batch {}: expected 1 to {MAX_BATCH}",
+                p.batch
+            )));
+        }
+        if p.batch as u64 * width as u64 * height as u64 > MAX_BATCH_PIXELS {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} at {width}x{height} is more than {MAX_BATCH_PIXELS} pixels; use a smaller batch",
+                p.batch
+            )));
+        }
+        if !p.guidance_scale.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "guidance scale {} is not finite",
+                p.guidance_scale
+            )));
+        }
+        Ok((width, height))
+    }
+
+    /// VAE-decode `latents` (`b` images of `c`×`lh`×`lw`) one image at a time (the decoder is the
+    /// memory peak at large sizes) into RGB pixels in [0, 1].
+    fn decode(
+        &mut self,
+        latents: &[f32],
+        shape: [usize; 4],
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f32>> {
+        let [b, c, lh, lw] = shape;
         let inv = 1.0 / self.vae_scaling_factor;
         let per = c * lh * lw;
-        let (h, w) = (height as usize, width as usize);
         let mut pixels = Vec::with_capacity(b * h * w * 3);
         for k in 0..b {
             let z: Vec<f32> = latents[k * per..(k + 1) * per]
@@ -743,13 +685,7 @@ impl Txt2Img {
             }
             pixels.extend(crate::image::vae_to_unit(&data, 0, h, w)?);
         }
-        Ok(Generated {
-            batch: b,
-            width,
-            height,
-            pixels,
-            prompt_truncated: truncated,
-        })
+        Ok(pixels)
     }
 
     /// The unconditional and text-conditioned noise predictions for one step: one UNet call on a
