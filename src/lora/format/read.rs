@@ -51,17 +51,7 @@ fn detect_dialect(parsed: &[(String, LoraKey)]) -> Option<Dialect> {
 /// Read a LoRA from an opened safetensors file (see [`read`]).
 pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapter> {
     let path = file.path().to_path_buf();
-    let mut unmapped = Vec::new();
-    let mut parsed: Vec<(String, LoraKey)> = Vec::new();
-    for name in file.names() {
-        match keys::parse_lora_key(name) {
-            Some(k) => parsed.push((name.to_string(), k)),
-            None => unmapped.push(Unmapped {
-                key: name.to_string(),
-                reason: UnmappedReason::UnknownKey,
-            }),
-        }
-    }
+    let (parsed, mut unmapped) = parse_keys(file);
     let Some(dialect) = detect_dialect(&parsed) else {
         let first = file.names().next().unwrap_or("(no tensors)");
         return Err(Error::Lora {
@@ -72,52 +62,19 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
             ),
         });
     };
-    let mut dtype_count: BTreeMap<String, (Dtype, usize)> = BTreeMap::new();
-    for (name, k) in &parsed {
-        if k.role != Role::Alpha
-            && let Some(info) = file.info(name)
-        {
-            dtype_count
-                .entry(format!("{:?}", info.dtype))
-                .or_insert((info.dtype, 0))
-                .1 += 1;
-        }
-    }
-    let dtype = dtype_count
-        .values()
-        .max_by_key(|(_, n)| *n)
-        .map(|(d, _)| *d);
     let mut adapter = LoraAdapter {
         path: path.clone(),
         dialect,
         modules: Vec::new(),
         unmapped: Vec::new(),
         metadata: file.metadata().clone(),
-        dtype,
+        dtype: majority_dtype(file, &parsed),
         notes: Vec::new(),
     };
 
     // An SDXL file is refused as a whole: half of it (te1) would fit SD 1.x and mislead.
-    // Evidence: SDXL-only prefixes (`lora_te2_`, `text_encoder_2.`, sgm `input_blocks`), or a
-    // UNet `transformer_blocks.N` with N ≥ 1 that the model lacks (SD 1.x has one transformer
-    // block per attention, SDXL 2 or 10).
     let resolver = Resolver::new(opts.modules);
-    let sdxl: Vec<String> = parsed
-        .iter()
-        .filter_map(|(_, k)| match &k.target {
-            Target::Sdxl(why) => Some(why.clone()),
-            Target::Unet | Target::Unknown
-                if deep_transformer_block(&k.module)
-                    && (opts.modules.is_none() || resolver.resolve(k).is_err()) =>
-            {
-                Some(
-                    "UNet `transformer_blocks.N` with N ≥ 1 (SD 1.x has one per attention)"
-                        .to_string(),
-                )
-            }
-            _ => None,
-        })
-        .collect();
+    let sdxl = sdxl_evidence(&parsed, opts, &resolver);
     if let Some(first) = sdxl.first() {
         let why = format!(
             "{first}; {} of {} keys use SDXL naming",
@@ -134,48 +91,11 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
         return Ok(adapter);
     }
 
-    let mut resolved_cache: HashMap<
-        (Target, ModuleName),
-        std::result::Result<(Component, String), UnmappedReason>,
-    > = HashMap::new();
-    // (component, path) → role → key
-    let mut groups: BTreeMap<(Component, String), BTreeMap<Role, String>> = BTreeMap::new();
-    let mut group_order: Vec<(Component, String)> = Vec::new();
-    let mut adapter_names: BTreeMap<String, usize> = BTreeMap::new();
-    for (name, k) in &parsed {
-        if let Some(a) = &k.adapter {
-            *adapter_names.entry(a.clone()).or_default() += 1;
-        }
-        let res = resolved_cache
-            .entry((k.target.clone(), k.module.clone()))
-            .or_insert_with(|| resolver.resolve(k))
-            .clone();
-        match res {
-            Err(reason) => unmapped.push(Unmapped {
-                key: name.clone(),
-                reason,
-            }),
-            Ok(module) => {
-                let roles = groups.entry(module.clone()).or_insert_with(|| {
-                    group_order.push(module.clone());
-                    BTreeMap::new()
-                });
-                match roles.get(&k.role) {
-                    Some(other) => unmapped.push(Unmapped {
-                        key: name.clone(),
-                        reason: UnmappedReason::Duplicate(other.clone()),
-                    }),
-                    None => {
-                        roles.insert(k.role.clone(), name.clone());
-                    }
-                }
-            }
-        }
-    }
-    if adapter_names.len() > 1 {
+    let groups = group_keys(&parsed, &resolver, &mut unmapped);
+    if groups.adapter_names.len() > 1 {
         adapter.notes.push(format!(
             "several PEFT adapter names in one file ({}): the first key of each module wins, the rest are reported as duplicates",
-            adapter_names.keys().cloned().collect::<Vec<_>>().join(", ")
+            groups.adapter_names.keys().cloned().collect::<Vec<_>>().join(", ")
         ));
     }
 
@@ -190,48 +110,7 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
                 .push(format!("{c}: config says use_dora: DoRA is not supported"));
         }
     }
-
-    for (component, module_path) in group_order {
-        let Some(roles) = groups.remove(&(component, module_path.clone())) else {
-            continue;
-        };
-        let all_keys: Vec<String> = roles.values().cloned().collect();
-        let dora_cfg = config.get(component).is_some_and(|cfg| cfg.use_dora);
-        match build_module(file, component, &module_path, &roles, &config, dora_cfg)? {
-            Ok(m) => {
-                // Check ΔW against the model's weight when the module list knows its shape.
-                let target = opts
-                    .modules
-                    .and_then(|ms| ms.weight_shape(component, &module_path));
-                let dshape = crate::lora::merge::delta_shape(&m.kind);
-                match target {
-                    Some(t) if !crate::lora::merge::shape_fits(&dshape, &t) => {
-                        let reason = UnmappedReason::WrongShape {
-                            component,
-                            module: module_path.clone(),
-                            delta: dshape.clone(),
-                            weight: t.clone(),
-                        };
-                        for key in all_keys {
-                            unmapped.push(Unmapped {
-                                key,
-                                reason: reason.clone(),
-                            });
-                        }
-                    }
-                    _ => adapter.modules.push(m),
-                }
-            }
-            Err(reason) => {
-                for key in all_keys {
-                    unmapped.push(Unmapped {
-                        key,
-                        reason: reason.clone(),
-                    });
-                }
-            }
-        }
-    }
+    add_modules(file, opts, &config, groups, &mut adapter, &mut unmapped)?;
     if matches!(config, ConfigSource::None)
         && !matches!(dialect, Dialect::Kohya | Dialect::Lycoris)
         && adapter.modules.iter().all(|m| m.alpha.is_none())
@@ -242,6 +121,172 @@ pub fn read_file(file: &WeightFile, opts: &ReadOptions<'_>) -> Result<LoraAdapte
     unmapped.sort_by(|a, b| a.key.cmp(&b.key));
     adapter.unmapped = unmapped;
     Ok(adapter)
+}
+
+/// Every key parsed by the LoRA key grammar; those it does not know are unmapped.
+fn parse_keys(file: &WeightFile) -> (Vec<(String, LoraKey)>, Vec<Unmapped>) {
+    let mut unmapped = Vec::new();
+    let mut parsed = Vec::new();
+    for name in file.names() {
+        match keys::parse_lora_key(name) {
+            Some(k) => parsed.push((name.to_string(), k)),
+            None => unmapped.push(Unmapped {
+                key: name.to_string(),
+                reason: UnmappedReason::UnknownKey,
+            }),
+        }
+    }
+    (parsed, unmapped)
+}
+
+/// The element type most factor tensors have.
+fn majority_dtype(file: &WeightFile, parsed: &[(String, LoraKey)]) -> Option<Dtype> {
+    let mut dtype_count: BTreeMap<String, (Dtype, usize)> = BTreeMap::new();
+    for (name, k) in parsed {
+        if k.role != Role::Alpha
+            && let Some(info) = file.info(name)
+        {
+            dtype_count
+                .entry(format!("{:?}", info.dtype))
+                .or_insert((info.dtype, 0))
+                .1 += 1;
+        }
+    }
+    dtype_count
+        .values()
+        .max_by_key(|(_, n)| *n)
+        .map(|(d, _)| *d)
+}
+
+/// Why keys look like SDXL's: SDXL-only prefixes (`lora_te2_`, `text_encoder_2.`, sgm
+/// `input_blocks`), or a UNet `transformer_blocks.N` with N ≥ 1 that the model lacks (SD 1.x has
+/// one transformer block per attention, SDXL 2 or 10).
+fn sdxl_evidence(
+    parsed: &[(String, LoraKey)],
+    opts: &ReadOptions<'_>,
+    resolver: &Resolver<'_>,
+) -> Vec<String> {
+    parsed
+        .iter()
+        .filter_map(|(_, k)| match &k.target {
+            Target::Sdxl(why) => Some(why.clone()),
+            Target::Unet | Target::Unknown
+                if deep_transformer_block(&k.module)
+                    && (opts.modules.is_none() || resolver.resolve(k).is_err()) =>
+            {
+                Some(
+                    "UNet `transformer_blocks.N` with N ≥ 1 (SD 1.x has one per attention)"
+                        .to_string(),
+                )
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Keys grouped by the module they resolve to, in file order.
+struct Groups {
+    /// (component, path) → role → key
+    by_module: BTreeMap<(Component, String), BTreeMap<Role, String>>,
+    order: Vec<(Component, String)>,
+    /// PEFT adapter names and their key counts.
+    adapter_names: BTreeMap<String, usize>,
+}
+
+fn group_keys(
+    parsed: &[(String, LoraKey)],
+    resolver: &Resolver<'_>,
+    unmapped: &mut Vec<Unmapped>,
+) -> Groups {
+    let mut resolved_cache: HashMap<
+        (Target, ModuleName),
+        std::result::Result<(Component, String), UnmappedReason>,
+    > = HashMap::new();
+    let mut g = Groups {
+        by_module: BTreeMap::new(),
+        order: Vec::new(),
+        adapter_names: BTreeMap::new(),
+    };
+    for (name, k) in parsed {
+        if let Some(a) = &k.adapter {
+            *g.adapter_names.entry(a.clone()).or_default() += 1;
+        }
+        let res = resolved_cache
+            .entry((k.target.clone(), k.module.clone()))
+            .or_insert_with(|| resolver.resolve(k))
+            .clone();
+        match res {
+            Err(reason) => unmapped.push(Unmapped {
+                key: name.clone(),
+                reason,
+            }),
+            Ok(module) => {
+                let roles = g.by_module.entry(module.clone()).or_insert_with(|| {
+                    g.order.push(module.clone());
+                    BTreeMap::new()
+                });
+                match roles.get(&k.role) {
+                    Some(other) => unmapped.push(Unmapped {
+                        key: name.clone(),
+                        reason: UnmappedReason::Duplicate(other.clone()),
+                    }),
+                    None => {
+                        roles.insert(k.role.clone(), name.clone());
+                    }
+                }
+            }
+        }
+    }
+    g
+}
+
+/// Build each grouped module; ΔW is checked against the model's weight shape where the module
+/// list knows it. Modules that cannot be used are reported through `unmapped`, key by key.
+fn add_modules(
+    file: &WeightFile,
+    opts: &ReadOptions<'_>,
+    config: &ConfigSource,
+    mut groups: Groups,
+    adapter: &mut LoraAdapter,
+    unmapped: &mut Vec<Unmapped>,
+) -> Result<()> {
+    for (component, module_path) in std::mem::take(&mut groups.order) {
+        let Some(roles) = groups.by_module.remove(&(component, module_path.clone())) else {
+            continue;
+        };
+        let all_keys: Vec<String> = roles.values().cloned().collect();
+        let dora_cfg = config.get(component).is_some_and(|cfg| cfg.use_dora);
+        let reason = match build_module(file, component, &module_path, &roles, config, dora_cfg)? {
+            Ok(m) => {
+                let target = opts
+                    .modules
+                    .and_then(|ms| ms.weight_shape(component, &module_path));
+                let dshape = crate::lora::merge::delta_shape(&m.kind);
+                match target {
+                    Some(t) if !crate::lora::merge::shape_fits(&dshape, &t) => {
+                        UnmappedReason::WrongShape {
+                            component,
+                            module: module_path.clone(),
+                            delta: dshape.clone(),
+                            weight: t.clone(),
+                        }
+                    }
+                    _ => {
+                        adapter.modules.push(m);
+                        continue;
+                    }
+                }
+            }
+            Err(reason) => reason,
+        };
+        for key in all_keys {
+            unmapped.push(Unmapped {
+                key,
+                reason: reason.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a module name has `transformer_blocks.N` / `transformer_blocks_N` with N ≥ 1.
@@ -308,6 +353,86 @@ fn invalid(msg: String) -> Built {
     Err(UnmappedReason::Invalid(msg))
 }
 
+/// The tensors of one module, by role, and what every family builder needs from them.
+struct ModuleParts<'a> {
+    file: &'a WeightFile,
+    component: Component,
+    module_path: &'a str,
+    roles: &'a BTreeMap<Role, String>,
+    keys: Vec<String>,
+    alpha: Option<f32>,
+}
+
+impl ModuleParts<'_> {
+    fn get(&self, r: Role) -> Result<Option<Tensor>> {
+        match self.roles.get(&r) {
+            Some(k) => Ok(Some(read_factor(self.file, k)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn has(&self, r: &[Role]) -> bool {
+        r.iter().any(|r| self.roles.contains_key(r))
+    }
+
+    fn module(&self, kind: LoraKind, rank: usize, scale: f32, alpha: Option<f32>) -> Built {
+        Ok(LoraModule {
+            component: self.component,
+            module_path: self.module_path.to_string(),
+            kind,
+            alpha,
+            rank,
+            scale,
+            keys: self.keys.clone(),
+        })
+    }
+
+    /// kohya / LyCORIS rule: no alpha (or 0) means alpha = rank.
+    fn kohya_scale(&self, rank: usize) -> f32 {
+        match self.alpha {
+            Some(a) if a != 0.0 && rank > 0 => a / rank as f32,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Why a module's roles are an adapter type we do not merge, if they are.
+fn unsupported(roles: &BTreeMap<Role, String>, dora_cfg: bool) -> Option<UnmappedReason> {
+    if roles.contains_key(&Role::DoraScale) || dora_cfg {
+        return Some(UnmappedReason::Unsupported(
+            "DoRA (`dora_scale` / `lora_magnitude_vector` / use_dora): its weight-norm rescaling is not implemented".into(),
+        ));
+    }
+    if let Some(other) = roles.keys().find_map(|r| match r {
+        Role::Other(s) => Some(s.clone()),
+        _ => None,
+    }) {
+        return Some(UnmappedReason::Unsupported(format!(
+            "adapter tensor `{other}` (OFT, BOFT, IA3, GLoRA, DyLoRA and other non-LoRA/LoHa/LoKr types are not supported)"
+        )));
+    }
+    if roles.contains_key(&Role::BiasDiff) {
+        return Some(UnmappedReason::Unsupported(
+            "bias difference (`diff_b` / PEFT `lora_B.bias`)".into(),
+        ));
+    }
+    if roles.contains_key(&Role::LokrT1) {
+        return Some(UnmappedReason::Unsupported(
+            "LoKr `lokr_t1` (a Tucker core on w1)".into(),
+        ));
+    }
+    None
+}
+
+/// The adapter families a module's tensors belong to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Lora,
+    LoHa,
+    LoKr,
+    Diff,
+}
+
 fn build_module(
     file: &WeightFile,
     component: Component,
@@ -316,194 +441,171 @@ fn build_module(
     config: &ConfigSource,
     dora_cfg: bool,
 ) -> Result<Built> {
-    if roles.contains_key(&Role::DoraScale) || dora_cfg {
-        return Ok(Err(UnmappedReason::Unsupported(
-            "DoRA (`dora_scale` / `lora_magnitude_vector` / use_dora): its weight-norm rescaling is not implemented".into(),
-        )));
+    if let Some(reason) = unsupported(roles, dora_cfg) {
+        return Ok(Err(reason));
     }
-    if let Some(other) = roles.keys().find_map(|r| {
-        if let Role::Other(s) = r {
-            Some(s.clone())
-        } else {
-            None
-        }
-    }) {
-        return Ok(Err(UnmappedReason::Unsupported(format!(
-            "adapter tensor `{other}` (OFT, BOFT, IA3, GLoRA, DyLoRA and other non-LoRA/LoHa/LoKr types are not supported)"
-        ))));
-    }
-    if roles.contains_key(&Role::BiasDiff) {
-        return Ok(Err(UnmappedReason::Unsupported(
-            "bias difference (`diff_b` / PEFT `lora_B.bias`)".into(),
-        )));
-    }
-    if roles.contains_key(&Role::LokrT1) {
-        return Ok(Err(UnmappedReason::Unsupported(
-            "LoKr `lokr_t1` (a Tucker core on w1)".into(),
-        )));
-    }
-    let get = |r: Role| -> Result<Option<Tensor>> {
-        match roles.get(&r) {
-            Some(k) => Ok(Some(read_factor(file, k)?)),
-            None => Ok(None),
-        }
-    };
     let alpha = match roles.get(&Role::Alpha) {
         Some(k) => Some(read_alpha(file, k)?),
         None => None,
     };
-    let has = |r: &[Role]| r.iter().any(|r| roles.contains_key(r));
-    let families = [
-        has(&[Role::Down, Role::Up, Role::Mid]),
-        has(&[
-            Role::HadaW1A,
-            Role::HadaW1B,
-            Role::HadaW2A,
-            Role::HadaW2B,
-            Role::HadaT1,
-            Role::HadaT2,
-        ]),
-        has(&[
-            Role::LokrW1,
-            Role::LokrW1A,
-            Role::LokrW1B,
-            Role::LokrW2,
-            Role::LokrW2A,
-            Role::LokrW2B,
-            Role::LokrT2,
-        ]),
-        has(&[Role::Diff]),
-    ];
-    let n_fam = families.iter().filter(|f| **f).count();
-    if n_fam == 0 {
-        return Ok(invalid("only an `alpha`, no weights".into()));
-    }
-    if n_fam > 1 {
-        return Ok(invalid(
-            "mixes tensors of several adapter types (LoRA, LoHa, LoKr, diff)".into(),
-        ));
-    }
-    let keys: Vec<String> = roles.values().cloned().collect();
-    let mk = |kind: LoraKind, rank: usize, scale: f32, alpha: Option<f32>| -> Built {
-        Ok(LoraModule {
-            component,
-            module_path: module_path.to_string(),
-            kind,
-            alpha,
-            rank,
-            scale,
-            keys: keys.clone(),
-        })
+    let parts = ModuleParts {
+        file,
+        component,
+        module_path,
+        roles,
+        keys: roles.values().cloned().collect(),
+        alpha,
     };
-    // kohya / LyCORIS rule: no alpha (or 0) means alpha = rank.
-    let kohya_scale = |rank: usize| -> f32 {
-        match alpha {
-            Some(a) if a != 0.0 && rank > 0 => a / rank as f32,
-            _ => 1.0,
-        }
-    };
-
-    if families[0] {
-        let (Some(down), Some(up)) = (get(Role::Down)?, get(Role::Up)?) else {
-            return Ok(invalid(
-                "a LoRA needs both down (lora_A) and up (lora_B)".into(),
-            ));
-        };
-        let mid = get(Role::Mid)?;
-        if let Err(msg) = check_lora_shapes(&down, &up, mid.as_ref()) {
-            return Ok(invalid(msg));
-        }
-        let rank = down.shape[0];
-        let (alpha, scale) = match config.get(component) {
-            Some(cfg) => {
-                let (r, a) = cfg.r_alpha(&keys::peft_module_name(component, module_path), rank);
-                let scale = cfg.scale(r, a) as f32;
-                if !(r > 0.0 && a.is_finite() && scale.is_finite()) {
-                    return Err(Error::Lora {
-                        file: file.path().to_path_buf(),
-                        msg: format!(
-                            "`{module_path}`: the adapter config gives r = {r}, lora_alpha = {a} \
-                             (scale {scale}); r must be positive and both finite"
-                        ),
-                    });
-                }
-                (Some(a as f32), scale)
-            }
-            None => (alpha, kohya_scale(rank)),
-        };
-        return Ok(mk(LoraKind::Lora { down, up, mid }, rank, scale, alpha));
-    }
-    if families[1] {
-        let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
-            get(Role::HadaW1A)?,
-            get(Role::HadaW1B)?,
-            get(Role::HadaW2A)?,
-            get(Role::HadaW2B)?,
-        ) else {
-            return Ok(invalid(
-                "LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b".into(),
-            ));
-        };
-        let (t1, t2) = (get(Role::HadaT1)?, get(Role::HadaT2)?);
-        if t1.is_some() != t2.is_some() {
-            return Ok(invalid("LoHa Tucker needs both hada_t1 and hada_t2".into()));
-        }
-        if let Err(msg) = check_loha_shapes(&w1a, &w1b, &w2a, &w2b, t1.as_ref(), t2.as_ref()) {
-            return Ok(invalid(msg));
-        }
-        let rank = w1b.shape[0];
-        return Ok(mk(
-            LoraKind::LoHa {
-                w1a,
-                w1b,
-                w2a,
-                w2b,
-                t1,
-                t2,
-            },
-            rank,
-            kohya_scale(rank),
-            alpha,
-        ));
-    }
-    if families[2] {
-        let factor =
-            |full: Role, a: Role, b: Role| -> Result<std::result::Result<KronFactor, String>> {
-                Ok(match (get(full)?, get(a)?, get(b)?) {
-                    (Some(w), None, None) => Ok(KronFactor::Full(w)),
-                    (None, Some(a), Some(b)) => Ok(KronFactor::LowRank { a, b }),
-                    _ => Err(
-                        "LoKr needs lokr_wN or both lokr_wN_a and lokr_wN_b for each factor"
-                            .to_string(),
-                    ),
-                })
+    let families: Vec<Family> = [
+        (Family::Lora, &[Role::Down, Role::Up, Role::Mid][..]),
+        (
+            Family::LoHa,
+            &[
+                Role::HadaW1A,
+                Role::HadaW1B,
+                Role::HadaW2A,
+                Role::HadaW2B,
+                Role::HadaT1,
+                Role::HadaT2,
+            ][..],
+        ),
+        (
+            Family::LoKr,
+            &[
+                Role::LokrW1,
+                Role::LokrW1A,
+                Role::LokrW1B,
+                Role::LokrW2,
+                Role::LokrW2A,
+                Role::LokrW2B,
+                Role::LokrT2,
+            ][..],
+        ),
+        (Family::Diff, &[Role::Diff][..]),
+    ]
+    .into_iter()
+    .filter(|(_, r)| parts.has(r))
+    .map(|(f, _)| f)
+    .collect();
+    match families.as_slice() {
+        [] => Ok(invalid("only an `alpha`, no weights".into())),
+        [Family::Lora] => build_lora(&parts, config),
+        [Family::LoHa] => build_loha(&parts),
+        [Family::LoKr] => build_lokr(&parts),
+        [Family::Diff] => {
+            let Some(diff) = parts.get(Role::Diff)? else {
+                return Ok(invalid("missing `diff`".into()));
             };
-        let w1 = match factor(Role::LokrW1, Role::LokrW1A, Role::LokrW1B)? {
-            Ok(f) => f,
-            Err(m) => return Ok(invalid(m)),
-        };
-        let w2 = match factor(Role::LokrW2, Role::LokrW2A, Role::LokrW2B)? {
-            Ok(f) => f,
-            Err(m) => return Ok(invalid(m)),
-        };
-        let t2 = get(Role::LokrT2)?;
-        if let Err(msg) = check_lokr_shapes(&w1, &w2, t2.as_ref()) {
-            return Ok(invalid(msg));
+            Ok(parts.module(LoraKind::Full { diff }, 0, 1.0, alpha))
         }
-        // LyCORIS: both factors full → scale 1; else alpha / rank, rank = rows of lokr_w2_b, else
-        // of lokr_w1_b (diffusers `_bake_lokr_alpha_`, ComfyUI and A1111 read it so; LyCORIS's
-        // `make_module_from_state_dict` agrees for non-Tucker files).
-        let rank = match (&w2, &w1) {
-            (KronFactor::LowRank { b, .. }, _) | (_, KronFactor::LowRank { b, .. }) => b.shape[0],
-            _ => 0,
-        };
-        let scale = if rank == 0 { 1.0 } else { kohya_scale(rank) };
-        return Ok(mk(LoraKind::LoKr { w1, w2, t2 }, rank, scale, alpha));
+        _ => Ok(invalid(
+            "mixes tensors of several adapter types (LoRA, LoHa, LoKr, diff)".into(),
+        )),
     }
-    let Some(diff) = get(Role::Diff)? else {
-        return Ok(invalid("missing `diff`".into()));
+}
+
+/// LoRA / LoCon: down, up, optional mid (Tucker); scale from the PEFT config or kohya's alpha/r.
+fn build_lora(parts: &ModuleParts<'_>, config: &ConfigSource) -> Result<Built> {
+    let (Some(down), Some(up)) = (parts.get(Role::Down)?, parts.get(Role::Up)?) else {
+        return Ok(invalid(
+            "a LoRA needs both down (lora_A) and up (lora_B)".into(),
+        ));
     };
-    Ok(mk(LoraKind::Full { diff }, 0, 1.0, alpha))
+    let mid = parts.get(Role::Mid)?;
+    if let Err(msg) = check_lora_shapes(&down, &up, mid.as_ref()) {
+        return Ok(invalid(msg));
+    }
+    let rank = down.shape[0];
+    let module_path = parts.module_path;
+    let (alpha, scale) = match config.get(parts.component) {
+        Some(cfg) => {
+            let (r, a) = cfg.r_alpha(&keys::peft_module_name(parts.component, module_path), rank);
+            let scale = cfg.scale(r, a) as f32;
+            if !(r > 0.0 && a.is_finite() && scale.is_finite()) {
+                return Err(Error::Lora {
+                    file: parts.file.path().to_path_buf(),
+                    msg: format!(
+                        "`{module_path}`: the adapter config gives r = {r}, lora_alpha = {a} \
+                         (scale {scale}); r must be positive and both finite"
+                    ),
+                });
+            }
+            (Some(a as f32), scale)
+        }
+        None => (parts.alpha, parts.kohya_scale(rank)),
+    };
+    Ok(parts.module(LoraKind::Lora { down, up, mid }, rank, scale, alpha))
+}
+
+/// LyCORIS LoHa: two Hadamard-multiplied low-rank products, optional Tucker cores.
+fn build_loha(parts: &ModuleParts<'_>) -> Result<Built> {
+    let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+        parts.get(Role::HadaW1A)?,
+        parts.get(Role::HadaW1B)?,
+        parts.get(Role::HadaW2A)?,
+        parts.get(Role::HadaW2B)?,
+    ) else {
+        return Ok(invalid(
+            "LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b".into(),
+        ));
+    };
+    let (t1, t2) = (parts.get(Role::HadaT1)?, parts.get(Role::HadaT2)?);
+    if t1.is_some() != t2.is_some() {
+        return Ok(invalid("LoHa Tucker needs both hada_t1 and hada_t2".into()));
+    }
+    if let Err(msg) = check_loha_shapes(&w1a, &w1b, &w2a, &w2b, t1.as_ref(), t2.as_ref()) {
+        return Ok(invalid(msg));
+    }
+    let rank = w1b.shape[0];
+    let kind = LoraKind::LoHa {
+        w1a,
+        w1b,
+        w2a,
+        w2b,
+        t1,
+        t2,
+    };
+    Ok(parts.module(kind, rank, parts.kohya_scale(rank), parts.alpha))
+}
+
+/// LyCORIS LoKr: a Kronecker product of two factors, each full or low-rank.
+fn build_lokr(parts: &ModuleParts<'_>) -> Result<Built> {
+    let factor =
+        |full: Role, a: Role, b: Role| -> Result<std::result::Result<KronFactor, String>> {
+            Ok(match (parts.get(full)?, parts.get(a)?, parts.get(b)?) {
+                (Some(w), None, None) => Ok(KronFactor::Full(w)),
+                (None, Some(a), Some(b)) => Ok(KronFactor::LowRank { a, b }),
+                _ => Err(
+                    "LoKr needs lokr_wN or both lokr_wN_a and lokr_wN_b for each factor"
+                        .to_string(),
+                ),
+            })
+        };
+    let w1 = match factor(Role::LokrW1, Role::LokrW1A, Role::LokrW1B)? {
+        Ok(f) => f,
+        Err(m) => return Ok(invalid(m)),
+    };
+    let w2 = match factor(Role::LokrW2, Role::LokrW2A, Role::LokrW2B)? {
+        Ok(f) => f,
+        Err(m) => return Ok(invalid(m)),
+    };
+    let t2 = parts.get(Role::LokrT2)?;
+    if let Err(msg) = check_lokr_shapes(&w1, &w2, t2.as_ref()) {
+        return Ok(invalid(msg));
+    }
+    // LyCORIS: both factors full → scale 1; else alpha / rank, rank = rows of lokr_w2_b, else
+    // of lokr_w1_b (diffusers `_bake_lokr_alpha_`, ComfyUI and A1111 read it so; LyCORIS's
+    // `make_module_from_state_dict` agrees for non-Tucker files).
+    let rank = match (&w2, &w1) {
+        (KronFactor::LowRank { b, .. }, _) | (_, KronFactor::LowRank { b, .. }) => b.shape[0],
+        _ => 0,
+    };
+    let scale = if rank == 0 {
+        1.0
+    } else {
+        parts.kohya_scale(rank)
+    };
+    Ok(parts.module(LoraKind::LoKr { w1, w2, t2 }, rank, scale, parts.alpha))
 }
 
 pub(super) fn check_lora_shapes(

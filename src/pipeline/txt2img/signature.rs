@@ -40,8 +40,8 @@ impl UnetSignature {
         };
         let (sample_ty, sample_shape) =
             input_ty(unet, "sample").ok_or_else(|| bad("UNet has no `sample` input".into()))?;
-        let (timestep_ty, timestep_shape) = input_ty(unet, "timestep")
-            .ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
+        let (timestep_ty, timestep_shape) =
+            input_ty(unet, "timestep").ok_or_else(|| bad("UNet has no `timestep` input".into()))?;
         let (hidden_ty, _) = input_ty(unet, "encoder_hidden_states")
             .ok_or_else(|| bad("UNet has no `encoder_hidden_states` input".into()))?;
         let symbols = |input: &str| -> Vec<Option<String>> {
