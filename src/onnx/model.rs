@@ -523,6 +523,103 @@ fn check_location(location: &str) -> std::result::Result<PathBuf, String> {
     Ok(out)
 }
 
+/// Where an external initializer's bytes are: its location checked (inside the model's folder,
+/// a regular file, links contained), its length matching dims × dtype, its range inside the file.
+#[allow(clippy::too_many_arguments)]
+fn external_storage(
+    t: &TensorProto,
+    dir: &Path,
+    dtype: DataType,
+    numel: u64,
+    expected: Option<u64>,
+    data_sizes: &mut HashMap<String, u64>,
+    trust: &mut Option<PathBuf>,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Storage> {
+    let mut location = None;
+    let mut offset = 0u64;
+    let mut length = None;
+    for kv in &t.external_data {
+        match kv.key() {
+            "location" => location = Some(kv.value().to_owned()),
+            "offset" => {
+                offset = kv.value().trim().parse().map_err(|_| {
+                    bad(format!(
+                        "external data offset `{}` is not a number",
+                        kv.value()
+                    ))
+                })?
+            }
+            "length" => {
+                length = Some(kv.value().trim().parse::<u64>().map_err(|_| {
+                    bad(format!(
+                        "external data length `{}` is not a number",
+                        kv.value()
+                    ))
+                })?)
+            }
+            _ => {}
+        }
+    }
+    let location = location.ok_or_else(|| bad("external data without a `location`".into()))?;
+    let rel = check_location(&location).map_err(bad)?;
+    let expected = expected.ok_or_else(|| {
+        bad(format!(
+            "{} tensors cannot be stored externally",
+            dtype.name()
+        ))
+    })?;
+    let len = match length {
+        Some(l) if l != expected => {
+            return Err(bad(format!(
+                "external data length {l} but {numel} elements of {} take {expected} bytes",
+                dtype.name()
+            )));
+        }
+        _ => expected,
+    };
+    let data_path = dir.join(&rel);
+    let size = match data_sizes.get(&location) {
+        Some(s) => *s,
+        None => {
+            let md = std::fs::metadata(&data_path)
+                .map_err(|e| bad(format!("external data file {}: {e}", data_path.display())))?;
+            // A data file that is a link must stay inside the model's folder (or its hub
+            // cache repository): ONNX Runtime refuses such models, and a merge must not copy
+            // whatever the link points at into its output.
+            let root = match trust {
+                Some(r) => r.clone(),
+                None => trust.insert(crate::files::trust_root(dir)?).clone(),
+            };
+            crate::files::contained(&root, &data_path)
+                .map_err(|e| bad(format!("external data: {e}")))?;
+            if !md.is_file() {
+                return Err(bad(format!(
+                    "external data {} is not a regular file",
+                    data_path.display()
+                )));
+            }
+            data_sizes.insert(location.clone(), md.len());
+            md.len()
+        }
+    };
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| bad("external data range overflows".into()))?;
+    if end > size {
+        return Err(bad(format!(
+            "external data range {offset}..{end} is past the end of {} ({size} bytes)",
+            data_path.display()
+        )));
+    }
+    Ok(Storage::External {
+        location,
+        path: data_path,
+        offset,
+        len,
+    })
+}
+
 fn tensor_info(
     path: &Path,
     dir: &Path,
@@ -551,88 +648,7 @@ fn tensor_info(
     }
     let expected = dtype.raw_len(numel);
     let storage = if t.data_location() == DataLocation::External {
-        let mut location = None;
-        let mut offset = 0u64;
-        let mut length = None;
-        for kv in &t.external_data {
-            match kv.key() {
-                "location" => location = Some(kv.value().to_owned()),
-                "offset" => {
-                    offset = kv.value().trim().parse().map_err(|_| {
-                        bad(format!(
-                            "external data offset `{}` is not a number",
-                            kv.value()
-                        ))
-                    })?
-                }
-                "length" => {
-                    length = Some(kv.value().trim().parse::<u64>().map_err(|_| {
-                        bad(format!(
-                            "external data length `{}` is not a number",
-                            kv.value()
-                        ))
-                    })?)
-                }
-                _ => {}
-            }
-        }
-        let location = location.ok_or_else(|| bad("external data without a `location`".into()))?;
-        let rel = check_location(&location).map_err(bad)?;
-        let expected = expected.ok_or_else(|| {
-            bad(format!(
-                "{} tensors cannot be stored externally",
-                dtype.name()
-            ))
-        })?;
-        let len = match length {
-            Some(l) if l != expected => {
-                return Err(bad(format!(
-                    "external data length {l} but {numel} elements of {} take {expected} bytes",
-                    dtype.name()
-                )));
-            }
-            _ => expected,
-        };
-        let data_path = dir.join(&rel);
-        let size = match data_sizes.get(&location) {
-            Some(s) => *s,
-            None => {
-                let md = std::fs::metadata(&data_path)
-                    .map_err(|e| bad(format!("external data file {}: {e}", data_path.display())))?;
-                // A data file that is a link must stay inside the model's folder (or its hub
-                // cache repository): ONNX Runtime refuses such models, and a merge must not copy
-                // whatever the link points at into its output.
-                let root = match trust {
-                    Some(r) => r.clone(),
-                    None => trust.insert(crate::files::trust_root(dir)?).clone(),
-                };
-                crate::files::contained(&root, &data_path)
-                    .map_err(|e| bad(format!("external data: {e}")))?;
-                if !md.is_file() {
-                    return Err(bad(format!(
-                        "external data {} is not a regular file",
-                        data_path.display()
-                    )));
-                }
-                data_sizes.insert(location.clone(), md.len());
-                md.len()
-            }
-        };
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| bad("external data range overflows".into()))?;
-        if end > size {
-            return Err(bad(format!(
-                "external data range {offset}..{end} is past the end of {} ({size} bytes)",
-                data_path.display()
-            )));
-        }
-        Storage::External {
-            location,
-            path: data_path,
-            offset,
-            len,
-        }
+        external_storage(t, dir, dtype, numel, expected, data_sizes, trust, &bad)?
     } else if let Some(raw) = &t.raw_data {
         let expected =
             expected.ok_or_else(|| bad(format!("{} tensors cannot use raw_data", dtype.name())))?;
