@@ -1,0 +1,560 @@
+//! [`Trainer`]: one training run in phases: `prepare` (settings, resume point, data, models, LoRA
+//! parameters, caches, optimiser), `run` (the epochs: one optimiser step per group of
+//! micro-batches, the CSV log line, checkpoints, validation, cancel) and `finish` (the LoRA file
+//! and the report). The maths of a step is in `step.rs`, mirroring diffusers'
+//! train_text_to_image_lora.py (module documentation of `trainer`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tch::{Device, Kind, Tensor};
+
+use super::cache::build_cache;
+use super::checkpoint::{find_resume, fingerprint, open_log, restore, save_checkpoint, write_json};
+use super::meta::write_lora;
+use super::step::{StepCtx, run_group};
+use super::{
+    Cache, Event, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig, TrainReport,
+    TrainingState, check_settings, cuda_mem_used, derive, epoch_order, save_dtype, validate,
+};
+use crate::pipeline::scheduler::SchedulerConfig;
+use crate::pipeline::tokenizer::ClipTokenizer;
+use crate::train::dataset::{Dataset, DatasetOptions};
+use crate::train::lora::init_lora;
+use crate::train::noise::{NoiseSchedule, Prediction};
+use crate::train::optim::{AdamW, FlatParams, LossScaler, LrScheduler, clip_grad_norm};
+use crate::train::validation::Validator;
+use crate::{Error, Result};
+
+/// Where the run is: optimiser steps done, the epoch and batch the next step starts at, and the
+/// learning-rate scheduler's step (it does not advance on a skipped fp16 step).
+struct Position {
+    global_step: i64,
+    epoch: i64,
+    batch: usize,
+    sched_step: i64,
+}
+
+/// The run's shape: batch size, accumulation, and how many steps and epochs it takes.
+struct Plan {
+    bs: usize,
+    accum: usize,
+    batches_per_epoch: usize,
+    max_steps: i64,
+    epochs: i64,
+}
+
+/// Figures of the run so far, for the report.
+struct Stats {
+    started: Instant,
+    losses: Vec<f64>,
+    sps_sum: f64,
+    sps_n: usize,
+    peak_mem: Option<u64>,
+}
+
+/// A prepared training run (see the module documentation).
+pub(super) struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    source: crate::train::ModelSource,
+    ds: Dataset,
+    tokenizer: ClipTokenizer,
+    sched_cfg: SchedulerConfig,
+    noise: NoiseSchedule,
+    prediction: Prediction,
+    scaling_factor: f64,
+    latent_c: i64,
+    models: Models,
+    cache: Cache,
+    flat: FlatParams,
+    opt: AdamW,
+    scaler: Option<LossScaler>,
+    lr_sched: LrScheduler,
+    fp: serde_json::Value,
+    seed: u64,
+    device: Device,
+    kind: Kind,
+    train_text: bool,
+    plan: Plan,
+    pos: Position,
+    log_path: PathBuf,
+    log: std::fs::File,
+    validator: Option<Validator>,
+    stats: Stats,
+}
+
+impl<'a> Trainer<'a> {
+    /// Check the settings, find the resume point, open the data and the models, initialise the
+    /// LoRA parameters, fill the caches, build the optimiser and restore a checkpoint's state.
+    pub(super) fn prepare(cfg: &'a TrainConfig, on_event: &mut dyn FnMut(Event)) -> Result<Self> {
+        let device = crate::train::parse_device(&cfg.device)?;
+        // Checked before any work: a typo must not surface after the last step.
+        save_dtype(&cfg.save_dtype)?;
+        let kind = cfg.mixed_precision.kind();
+        check_settings(cfg, device, kind, on_event)?;
+        let source =
+            crate::train::ModelSource::open(&cfg.pretrained_model, cfg.tokenizer.as_deref())?;
+        std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
+
+        // ---- resume: which checkpoint, and its seed
+        let (resume_dir, resumed) = match find_resume(cfg, on_event)? {
+            Some((d, st)) => (Some(d), Some(st)),
+            None => (None, None),
+        };
+        let seed = match (&resumed, cfg.seed) {
+            (Some(s), _) => s.seed,
+            (None, Some(s)) => s,
+            (None, None) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+        };
+
+        // ---- data
+        let ds = Dataset::open(
+            &cfg.train_data_dir,
+            &DatasetOptions {
+                caption_column: cfg.caption_column.clone(),
+                image_column: cfg.image_column.clone(),
+                skip_bad: cfg.skip_bad_images,
+                max_samples: cfg.max_train_samples,
+            },
+        )?;
+        for w in &ds.warnings {
+            on_event(Event::Warning(w.clone()));
+        }
+        let n = ds.len();
+        on_event(Event::Info(format!(
+            "{n} examples ({}) in {}",
+            ds.layout,
+            cfg.train_data_dir.display()
+        )));
+
+        // ---- models and LoRA parameters
+        let sched_cfg = source.scheduler_config()?;
+        let noise = NoiseSchedule::new(&sched_cfg, device)?;
+        let prediction = cfg.prediction_type.unwrap_or(noise.prediction);
+        let tokenizer = source.tokenizer()?;
+        let (models, mut flat) = load_models(cfg, &source, device, kind, seed, on_event)?;
+        let scaling_factor = models
+            .vae
+            .as_ref()
+            .map_or(0.0, |v| v.model.config.scaling_factor);
+        let latent_c = models
+            .vae
+            .as_ref()
+            .map_or(4, |v| v.model.config.latent_channels);
+
+        // ---- caches
+        let train_text = cfg.text_encoder_lora.is_some();
+        let mut models = models;
+        let cache = match (&models.text, &models.vae) {
+            (Some(text), Some(vae)) => build_cache(
+                cfg, &ds, &tokenizer, text, vae, seed, device, train_text, on_event,
+            )?,
+            _ => {
+                return Err(Error::Internal(
+                    "text encoder or VAE missing before caching".into(),
+                ));
+            }
+        };
+        if !train_text && cfg.cache_latents {
+            models.text = None; // frozen and fully cached: free it (validation reloads it)
+        }
+        if cfg.cache_latents {
+            models.vae = None;
+        }
+
+        // ---- steps
+        let bs = cfg.train_batch_size;
+        let accum = cfg.gradient_accumulation_steps;
+        let batches_per_epoch = n.div_ceil(bs);
+        let steps_per_epoch = batches_per_epoch.div_ceil(accum) as i64;
+        let max_steps = cfg
+            .max_train_steps
+            .unwrap_or(cfg.num_train_epochs * steps_per_epoch);
+        let epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
+        let lr = if cfg.scale_lr {
+            cfg.learning_rate * (accum * bs) as f64
+        } else {
+            cfg.learning_rate
+        };
+        let lr_sched = LrScheduler {
+            kind: cfg.lr_scheduler,
+            base_lr: lr,
+            warmup_steps: cfg.lr_warmup_steps,
+            total_steps: max_steps,
+        };
+        let mut opt = AdamW::new(&flat, cfg.adam);
+        let mut scaler = (cfg.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
+        let fp = fingerprint(cfg, n, seed);
+
+        let mut pos = Position {
+            global_step: 0,
+            epoch: 0,
+            batch: 0,
+            sched_step: 0,
+        };
+        if let (Some(st), Some(dir)) = (&resumed, &resume_dir) {
+            restore(st, dir, &fp, &mut flat, &mut opt, on_event)?;
+            scaler = st.loss_scaler;
+            pos = Position {
+                global_step: st.global_step,
+                epoch: st.epoch,
+                batch: st.next_batch,
+                sched_step: st.scheduler_step,
+            };
+        }
+        let (log_path, log) = open_log(cfg, resumed.is_some(), pos.global_step)?;
+        write_json(&cfg.output_dir.join("train_config.json"), cfg)?;
+        on_event(Event::Started {
+            total_steps: max_steps,
+            initial_step: pos.global_step,
+            examples: n,
+            epochs,
+        });
+        Ok(Trainer {
+            cfg,
+            source,
+            ds,
+            tokenizer,
+            sched_cfg,
+            noise,
+            prediction,
+            scaling_factor,
+            latent_c,
+            models,
+            cache,
+            flat,
+            opt,
+            scaler,
+            lr_sched,
+            fp,
+            seed,
+            device,
+            kind,
+            train_text,
+            plan: Plan {
+                bs,
+                accum,
+                batches_per_epoch,
+                max_steps,
+                epochs,
+            },
+            pos,
+            log_path,
+            log,
+            validator: None,
+            stats: Stats {
+                started: Instant::now(),
+                losses: Vec::new(),
+                sps_sum: 0.0,
+                sps_n: 0,
+                peak_mem: None,
+            },
+        })
+    }
+
+    /// The epochs from the resume point to the last step.
+    pub(super) fn run(
+        &mut self,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let n = self.ds.len();
+        let epoch0 = self.pos.epoch;
+        for epoch in epoch0..self.plan.epochs {
+            let order = epoch_order(self.seed, epoch, n);
+            let mut b = if epoch == epoch0 { self.pos.batch } else { 0 };
+            while b < self.plan.batches_per_epoch {
+                if self.pos.global_step >= self.plan.max_steps {
+                    return Ok(());
+                }
+                b = self.step(epoch, &order, b, on_event)?;
+                self.after_step(epoch, &order, b, cancel, on_event)?;
+            }
+            if let Some(v) = &self.cfg.validation
+                && v.every_steps.is_none()
+                && let Some(every) = v.every_epochs
+                && every > 0
+                && epoch % every == 0
+            {
+                self.validate(&format!("epoch-{epoch}"), on_event)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimiser step over the micro-batches from batch `b` (accumulated), its CSV log line
+    /// and event; returns the next batch.
+    fn step(
+        &mut self,
+        epoch: i64,
+        order: &[usize],
+        b: usize,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<usize> {
+        let (cfg, plan, n) = (self.cfg, &self.plan, self.ds.len());
+        let t0 = Instant::now();
+        let group_end = (b + plan.accum).min(plan.batches_per_epoch);
+        let micro: Vec<(usize, Vec<usize>)> = (b..group_end)
+            .map(|bi| {
+                (
+                    bi,
+                    order[bi * plan.bs..((bi + 1) * plan.bs).min(n)].to_vec(),
+                )
+            })
+            .collect();
+        let samples: usize = micro.iter().map(|(_, m)| m.len()).sum();
+        let loss_scale = self.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let ctx = StepCtx {
+            cfg,
+            cache: &self.cache,
+            noise: &self.noise,
+            prediction: self.prediction,
+            scaling_factor: self.scaling_factor,
+            latent_c: self.latent_c,
+            seed: self.seed,
+            device: self.device,
+            kind: self.kind,
+            train_text: self.train_text,
+        };
+        let loss = run_group(&ctx, &self.models, &self.ds, epoch, &micro, loss_scale)?;
+        let mut g = self.flat.flat_grad();
+        let finite = match self.scaler.as_mut() {
+            Some(s) => s.unscale_and_update(&mut g),
+            None => true,
+        };
+        let mut grad_norm = f64::NAN;
+        let lr_now = self.lr_sched.lr(self.pos.sched_step);
+        if finite {
+            grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm);
+            self.opt.step(&mut self.flat, &g, lr_now);
+            self.pos.sched_step += 1;
+        }
+        self.flat.zero_grad();
+        self.pos.global_step += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        let mem = if matches!(self.device, Device::Cuda(_)) {
+            cuda_mem_used()
+        } else {
+            None
+        };
+        if let Some(m) = mem {
+            self.stats.peak_mem = Some(self.stats.peak_mem.map_or(m, |p| p.max(m)));
+        }
+        let sps = samples as f64 / dt.max(1e-9);
+        self.stats.sps_sum += sps;
+        self.stats.sps_n += 1;
+        let line = StepLog {
+            step: self.pos.global_step,
+            epoch,
+            loss,
+            lr: lr_now,
+            grad_norm,
+            samples_per_s: sps,
+            elapsed_s: self.stats.started.elapsed().as_secs_f64(),
+            device_mem: mem,
+            skipped: !finite,
+        };
+        {
+            use std::io::Write;
+            writeln!(
+                self.log,
+                "{},{},{},{},{},{:.3},{:.3},{},{}",
+                line.step,
+                line.epoch,
+                line.loss,
+                line.lr,
+                line.grad_norm,
+                line.samples_per_s,
+                line.elapsed_s,
+                mem.map(|m| m.to_string()).unwrap_or_default(),
+                line.skipped
+            )
+            .map_err(|e| Error::io(&self.log_path, e))?;
+        }
+        self.stats.losses.push(loss);
+        on_event(Event::Step(&line));
+        Ok(group_end)
+    }
+
+    /// After a step: a checkpoint when due or cancelled, then cancel, step validation and the
+    /// crash-test hook. `b` is the next batch of `epoch`.
+    fn after_step(
+        &mut self,
+        epoch: i64,
+        order: &[usize],
+        b: usize,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let global_step = self.pos.global_step;
+        let (next_epoch, next_batch) = if b >= self.plan.batches_per_epoch {
+            (epoch + 1, 0)
+        } else {
+            (epoch, b)
+        };
+        let cancelled = cancel.map(|c| c.load(Ordering::Relaxed)).unwrap_or(false);
+        if (cfg.checkpointing_steps > 0 && global_step % cfg.checkpointing_steps == 0) || cancelled
+        {
+            let state = TrainingState {
+                version: 1,
+                global_step,
+                epoch: next_epoch,
+                next_batch,
+                scheduler_step: self.pos.sched_step,
+                adam_step: self.opt.step,
+                loss_scaler: self.scaler,
+                seed: self.seed,
+                lr_scheduler: self.lr_sched,
+                data_order: if next_epoch == epoch {
+                    order.to_vec()
+                } else {
+                    epoch_order(self.seed, next_epoch, self.ds.len())
+                },
+                fingerprint: self.fp.clone(),
+            };
+            let dir = save_checkpoint(cfg, &self.models, &self.flat, &self.opt, &state)?;
+            on_event(Event::Checkpoint(&dir));
+        }
+        if cancelled {
+            return Err(Error::Cancelled);
+        }
+        if let Some(v) = &cfg.validation
+            && let Some(every) = v.every_steps
+            && every > 0
+            && global_step % every == 0
+        {
+            self.validate(&format!("step-{global_step}"), on_event)?;
+        }
+        if cfg.abort_after_step == Some(global_step) {
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self, tag: &str, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        validate(
+            &self.source,
+            self.cfg,
+            &self.models.unet.model,
+            &mut self.validator,
+            self.device,
+            self.kind,
+            &self.tokenizer,
+            &self.sched_cfg,
+            tag,
+            self.seed,
+            on_event,
+        )
+    }
+
+    /// Write the final LoRA, validate once more, and report.
+    pub(super) fn finish(mut self, on_event: &mut dyn FnMut(Event)) -> Result<TrainReport> {
+        let out = self.cfg.output_dir.join("pytorch_lora_weights.safetensors");
+        write_lora(
+            self.cfg,
+            &self.models,
+            &out,
+            &self.ds,
+            self.pos.global_step,
+            self.seed,
+        )?;
+        on_event(Event::Saved(&out));
+        if self.cfg.validation.is_some() {
+            self.validate("final", on_event)?;
+        }
+        let s = &self.stats;
+        Ok(TrainReport {
+            output: out,
+            steps: self.pos.global_step,
+            losses: s.losses.clone(),
+            mean_samples_per_s: if s.sps_n > 0 {
+                s.sps_sum / s.sps_n as f64
+            } else {
+                0.0
+            },
+            peak_device_mem: s.peak_mem,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Load the UNet (with its LoRA), the text encoder (with a LoRA when trained) and the VAE
+/// encoder, initialise the LoRA weights from the seed, and gather them as flat parameters.
+fn load_models(
+    cfg: &TrainConfig,
+    source: &crate::train::ModelSource,
+    device: Device,
+    kind: Kind,
+    seed: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(Models, FlatParams)> {
+    let unet = source.unet(device, kind, Some(cfg.lora.clone()))?;
+    if unet.lora_modules.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "no UNet module matches the LoRA targets {:?}",
+            cfg.lora.targets
+        )));
+    }
+    for k in &unet.unused_keys {
+        on_event(Event::Warning(format!(
+            "UNet weight `{k}` is not used by the model"
+        )));
+    }
+    let text = source.text_encoder(device, kind, cfg.text_encoder_lora.clone())?;
+    if cfg.text_encoder_lora.is_some() && text.lora_modules.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no text encoder module matches the text encoder LoRA targets".into(),
+        ));
+    }
+    let vae = source.vae_encoder(device, kind)?;
+    init_lora(
+        &unet.lora,
+        cfg.lora.init,
+        cfg.lora.rank,
+        &mut ChaCha20Rng::seed_from_u64(derive(&[seed, TAG_LORA, 0])),
+    )?;
+    if let Some(tl) = &cfg.text_encoder_lora {
+        init_lora(
+            &text.lora,
+            tl.init,
+            tl.rank,
+            &mut ChaCha20Rng::seed_from_u64(derive(&[seed, TAG_LORA, 1])),
+        )?;
+    }
+    let mut all: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (k, v) in unet.lora.variables() {
+        all.insert(format!("unet.{k}"), v);
+    }
+    for (k, v) in text.lora.variables() {
+        all.insert(format!("text_encoder.{k}"), v);
+    }
+    let flat = FlatParams::adopt_as(&all, kind);
+    on_event(Event::Info(format!(
+        "LoRA r={} alpha={} on {} UNet modules{} ({} trainable parameters), device {device:?}, weights {kind:?}",
+        cfg.lora.rank,
+        cfg.lora.alpha,
+        unet.lora_modules.len(),
+        if text.lora_modules.is_empty() {
+            String::new()
+        } else {
+            format!(" + {} text encoder modules", text.lora_modules.len())
+        },
+        flat.numel()
+    )));
+    Ok((
+        Models {
+            unet,
+            text: Some(text),
+            vae: Some(vae),
+        },
+        flat,
+    ))
+}
