@@ -48,6 +48,41 @@ struct Plan {
     epochs: i64,
 }
 
+impl Plan {
+    /// The script's step arithmetic for `n` examples, and the learning-rate schedule over it.
+    fn new(cfg: &TrainConfig, n: usize) -> (Plan, LrScheduler) {
+        let bs = cfg.train_batch_size;
+        let accum = cfg.gradient_accumulation_steps;
+        let batches_per_epoch = n.div_ceil(bs);
+        let steps_per_epoch = batches_per_epoch.div_ceil(accum) as i64;
+        let max_steps = cfg
+            .max_train_steps
+            .unwrap_or(cfg.num_train_epochs * steps_per_epoch);
+        let epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
+        let lr = if cfg.scale_lr {
+            cfg.learning_rate * (accum * bs) as f64
+        } else {
+            cfg.learning_rate
+        };
+        let lr_sched = LrScheduler {
+            kind: cfg.lr_scheduler,
+            base_lr: lr,
+            warmup_steps: cfg.lr_warmup_steps,
+            total_steps: max_steps,
+        };
+        (
+            Plan {
+                bs,
+                accum,
+                batches_per_epoch,
+                max_steps,
+                epochs,
+            },
+            lr_sched,
+        )
+    }
+}
+
 /// Figures of the run so far, for the report.
 struct Stats {
     started: Instant,
@@ -115,25 +150,8 @@ impl<'a> Trainer<'a> {
         };
 
         // ---- data
-        let ds = Dataset::open(
-            &cfg.train_data_dir,
-            &DatasetOptions {
-                caption_column: cfg.caption_column.clone(),
-                image_column: cfg.image_column.clone(),
-                skip_bad: cfg.skip_bad_images,
-                max_samples: cfg.max_train_samples,
-            },
-        )?;
-        for w in &ds.warnings {
-            on_event(Event::Warning(w.clone()));
-        }
+        let ds = open_dataset(cfg, on_event)?;
         let n = ds.len();
-        on_event(Event::Info(format!(
-            "{n} examples ({}) in {}",
-            ds.layout,
-            cfg.train_data_dir.display()
-        )));
-
         // ---- models and LoRA parameters
         let sched_cfg = source.scheduler_config()?;
         let noise = NoiseSchedule::new(&sched_cfg, device)?;
@@ -170,25 +188,9 @@ impl<'a> Trainer<'a> {
         }
 
         // ---- steps
-        let bs = cfg.train_batch_size;
-        let accum = cfg.gradient_accumulation_steps;
-        let batches_per_epoch = n.div_ceil(bs);
-        let steps_per_epoch = batches_per_epoch.div_ceil(accum) as i64;
-        let max_steps = cfg
-            .max_train_steps
-            .unwrap_or(cfg.num_train_epochs * steps_per_epoch);
-        let epochs = (max_steps + steps_per_epoch - 1) / steps_per_epoch;
-        let lr = if cfg.scale_lr {
-            cfg.learning_rate * (accum * bs) as f64
-        } else {
-            cfg.learning_rate
-        };
-        let lr_sched = LrScheduler {
-            kind: cfg.lr_scheduler,
-            base_lr: lr,
-            warmup_steps: cfg.lr_warmup_steps,
-            total_steps: max_steps,
-        };
+        let (plan, lr_sched) = Plan::new(cfg, n);
+        let max_steps = plan.max_steps;
+        let epochs = plan.epochs;
         let mut opt = AdamW::new(&flat, cfg.adam);
         let mut scaler = (cfg.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
         let fp = fingerprint(cfg, n, seed);
@@ -238,13 +240,7 @@ impl<'a> Trainer<'a> {
             device,
             kind,
             train_text,
-            plan: Plan {
-                bs,
-                accum,
-                batches_per_epoch,
-                max_steps,
-                epochs,
-            },
+            plan,
             pos,
             log_path,
             log,
@@ -484,6 +480,29 @@ impl<'a> Trainer<'a> {
             seed: self.seed,
         })
     }
+}
+
+/// The training data set, its warnings and a summary line sent as events.
+fn open_dataset(cfg: &TrainConfig, on_event: &mut dyn FnMut(Event)) -> Result<Dataset> {
+    let ds = Dataset::open(
+        &cfg.train_data_dir,
+        &DatasetOptions {
+            caption_column: cfg.caption_column.clone(),
+            image_column: cfg.image_column.clone(),
+            skip_bad: cfg.skip_bad_images,
+            max_samples: cfg.max_train_samples,
+        },
+    )?;
+    for w in &ds.warnings {
+        on_event(Event::Warning(w.clone()));
+    }
+    on_event(Event::Info(format!(
+        "{} examples ({}) in {}",
+        ds.len(),
+        ds.layout,
+        cfg.train_data_dir.display()
+    )));
+    Ok(ds)
 }
 
 /// Load the UNet (with its LoRA), the text encoder (with a LoRA when trained) and the VAE
