@@ -26,6 +26,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod api;
+pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod files;

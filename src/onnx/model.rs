@@ -14,8 +14,6 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -262,127 +260,39 @@ impl OnnxModel {
     }
 }
 
-/// Element bytes (`raw_data` layout) of a float tensor → f32.
+/// The float element type of an ONNX data type (FLOAT, FLOAT16, BFLOAT16, DOUBLE).
+pub fn float_type(dtype: DataType) -> Option<crate::dtype::Float> {
+    use crate::dtype::Float;
+    match dtype {
+        DataType::Float => Some(Float::F32),
+        DataType::Float16 => Some(Float::F16),
+        DataType::Bfloat16 => Some(Float::BF16),
+        DataType::Double => Some(Float::F64),
+        _ => None,
+    }
+}
+
+/// Element bytes (`raw_data` layout) of a float tensor → f32 ([`crate::dtype::decode`]).
 pub fn decode_f32(dtype: DataType, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
-    let odd = |_: usize| {
+    let t = float_type(dtype).ok_or_else(|| {
         format!(
-            "{} bytes is not a whole number of {} elements",
-            bytes.len(),
+            "{} is not a float type this library converts (FLOAT, FLOAT16, BFLOAT16, DOUBLE)",
             dtype.name()
         )
-    };
-    Ok(match dtype {
-        DataType::Float => {
-            if !bytes.len().is_multiple_of(4) {
-                return Err(odd(4));
-            }
-            if cfg!(target_endian = "little") {
-                // one memcpy (the bytes may be unaligned: mapped file, raw_data)
-                bytemuck::pod_collect_to_vec::<u8, f32>(bytes)
-            } else {
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            }
-        }
-        DataType::Float16 => {
-            if !bytes.len().is_multiple_of(2) {
-                return Err(odd(2));
-            }
-            if cfg!(target_endian = "little") {
-                // half's slice conversion (F16C where the CPU has it)
-                let h = bytemuck::pod_collect_to_vec::<u8, f16>(bytes);
-                let mut out = vec![0f32; h.len()];
-                h.convert_to_f32_slice(&mut out);
-                out
-            } else {
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect()
-            }
-        }
-        DataType::Bfloat16 => {
-            if !bytes.len().is_multiple_of(2) {
-                return Err(odd(2));
-            }
-            bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect()
-        }
-        DataType::Double => {
-            if !bytes.len().is_multiple_of(8) {
-                return Err(odd(8));
-            }
-            bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    f64::from_le_bytes(a) as f32
-                })
-                .collect()
-        }
-        other => {
-            return Err(format!(
-                "{} is not a float type this library converts (FLOAT, FLOAT16, BFLOAT16, DOUBLE)",
-                other.name()
-            ));
-        }
-    })
+    })?;
+    crate::dtype::decode(t, bytes)
 }
 
 /// f32 values → element bytes of `dtype` (`raw_data` layout), rounding to nearest, ties to even,
 /// as torch's `.to(dtype)` does. Supports FLOAT, FLOAT16, BFLOAT16 and DOUBLE.
 pub fn encode_like(dtype: DataType, values: &[f32]) -> Result<Vec<u8>> {
-    let n = values.len();
-    Ok(match dtype {
-        DataType::Float if cfg!(target_endian = "little") => {
-            bytemuck::cast_slice::<f32, u8>(values).to_vec()
-        }
-        DataType::Float => {
-            let mut out = Vec::with_capacity(n * 4);
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            out
-        }
-        DataType::Float16 if cfg!(target_endian = "little") => {
-            // round to nearest even, as f16::from_f32 (F16C where the CPU has it)
-            let mut h = vec![f16::ZERO; n];
-            h.convert_from_f32_slice(values);
-            bytemuck::cast_slice::<f16, u8>(&h).to_vec()
-        }
-        DataType::Float16 => {
-            let mut out = Vec::with_capacity(n * 2);
-            for v in values {
-                out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
-            }
-            out
-        }
-        DataType::Bfloat16 => {
-            let mut out = Vec::with_capacity(n * 2);
-            for v in values {
-                out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes());
-            }
-            out
-        }
-        DataType::Double => {
-            let mut out = Vec::with_capacity(n * 8);
-            for v in values {
-                out.extend_from_slice(&f64::from(*v).to_le_bytes());
-            }
-            out
-        }
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "cannot encode f32 values as {} (supported: FLOAT, FLOAT16, BFLOAT16, DOUBLE)",
-                other.name()
-            )));
-        }
-    })
+    match float_type(dtype) {
+        Some(t) => Ok(crate::dtype::encode(t, values)),
+        None => Err(Error::InvalidArgument(format!(
+            "cannot encode f32 values as {} (supported: FLOAT, FLOAT16, BFLOAT16, DOUBLE)",
+            dtype.name()
+        ))),
+    }
 }
 
 /// Which typed field holds a tensor of `dtype` when `raw_data` is absent (onnx.proto's comments

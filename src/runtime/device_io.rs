@@ -51,19 +51,6 @@ pub struct DeviceIo {
     sets: Vec<ShapeSet>,
 }
 
-fn elem_size(ty: TensorElementType) -> Result<usize> {
-    Ok(match ty {
-        TensorElementType::Float32 => 4,
-        TensorElementType::Float16 | TensorElementType::Bfloat16 => 2,
-        TensorElementType::Float64 => 8,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "device buffers hold float tensors, not {other}"
-            )));
-        }
-    })
-}
-
 impl DeviceIo {
     /// Buffers on CUDA device `device_id` for `session`; `graphs`: the session was built with
     /// CUDA graphs enabled (each shape set then runs as a captured graph).
@@ -229,31 +216,32 @@ fn copy_tensor(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
     )))
 }
 
+/// The float element type of an ORT tensor element type.
+fn float_type(ty: TensorElementType) -> Result<crate::dtype::Float> {
+    use crate::dtype::Float;
+    Ok(match ty {
+        TensorElementType::Float32 => Float::F32,
+        TensorElementType::Float16 => Float::F16,
+        TensorElementType::Bfloat16 => Float::BF16,
+        TensorElementType::Float64 => Float::F64,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "device buffers hold float tensors, not {other}"
+            )));
+        }
+    })
+}
+
 /// Fill a host tensor of `ty` from f32 values (rounded as torch's `.to(dtype)`).
 fn write_host(t: &mut DynTensor, ty: TensorElementType, data: &[f32]) -> Result<()> {
-    let size = elem_size(ty)?;
+    let bytes = crate::dtype::encode(float_type(ty)?, data);
     let len = t.size().unwrap_or(0);
-    if len != data.len() * size {
+    if len != bytes.len() {
         return Err(Error::InvalidArgument(format!(
             "{} values for a device buffer of {len} bytes",
             data.len()
         )));
     }
-    let bytes: Vec<u8> = match ty {
-        TensorElementType::Float32 => bytemuck::cast_slice(data).to_vec(),
-        TensorElementType::Float16 => data
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect(),
-        TensorElementType::Bfloat16 => data
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        _ => data
-            .iter()
-            .flat_map(|&v| f64::from(v).to_le_bytes())
-            .collect(),
-    };
     // SAFETY: `t` owns a CPU buffer of exactly `len` bytes (checked above).
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), t.data_ptr_mut().cast::<u8>(), len);
@@ -263,23 +251,8 @@ fn write_host(t: &mut DynTensor, ty: TensorElementType, data: &[f32]) -> Result<
 
 /// A host tensor of `ty` as f32 values.
 fn read_host(t: &DynTensor, ty: TensorElementType) -> Result<Vec<f32>> {
-    let size = elem_size(ty)?;
     let len = t.size().unwrap_or(0);
     // SAFETY: `t` owns a CPU buffer of `len` bytes.
     let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) };
-    let c = bytes.chunks_exact(size);
-    Ok(match ty {
-        TensorElementType::Float32 => c
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        TensorElementType::Float16 => c
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        TensorElementType::Bfloat16 => c
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => c
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
-            .collect(),
-    })
+    crate::dtype::decode(float_type(ty)?, bytes).map_err(Error::InvalidArgument)
 }

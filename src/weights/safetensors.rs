@@ -356,15 +356,12 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
             })
             .collect()
     }
+    if let Some(t) = float_type(dtype) {
+        // whole elements only, as the integer conversions below (trailing bytes ignored)
+        let whole = bytes.len() - bytes.len() % t.size();
+        return crate::dtype::decode(t, &bytes[..whole]).ok();
+    }
     Some(match dtype {
-        Dtype::F32 => conv::<4>(bytes, f32::from_le_bytes),
-        Dtype::F16 => conv::<2>(bytes, |b| {
-            half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
-        }),
-        Dtype::BF16 => conv::<2>(bytes, |b| {
-            half::bf16::from_bits(u16::from_le_bytes(b)).to_f32()
-        }),
-        Dtype::F64 => conv::<8>(bytes, |b| f64::from_le_bytes(b) as f32),
         Dtype::I64 => conv::<8>(bytes, |b| i64::from_le_bytes(b) as f32),
         Dtype::I32 => conv::<4>(bytes, |b| i32::from_le_bytes(b) as f32),
         Dtype::I16 => conv::<2>(bytes, |b| i16::from_le_bytes(b) as f32),
@@ -381,23 +378,19 @@ pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// f32 → little-endian bytes of `dtype` (F32, F16, BF16, F64; round to nearest even, as torch's
 /// `.to(dtype)`). `None` for other dtypes.
 pub fn encode_f32(dtype: Dtype, data: &[f32]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(data.len() * dtype.bitsize() / 8);
+    float_type(dtype).map(|t| crate::dtype::encode(t, data))
+}
+
+/// The float element type of a safetensors dtype (F32, F16, BF16, F64).
+pub fn float_type(dtype: Dtype) -> Option<crate::dtype::Float> {
+    use crate::dtype::Float;
     match dtype {
-        Dtype::F32 => data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        Dtype::F16 => data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())),
-        Dtype::BF16 => data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
-        Dtype::F64 => data
-            .iter()
-            .for_each(|v| out.extend_from_slice(&(*v as f64).to_le_bytes())),
-        _ => return None,
+        Dtype::F32 => Some(Float::F32),
+        Dtype::F16 => Some(Float::F16),
+        Dtype::BF16 => Some(Float::BF16),
+        Dtype::F64 => Some(Float::F64),
+        _ => None,
     }
-    Some(out)
 }
 
 /// One tensor to write: dtype, shape and little-endian bytes (borrowed from a map or owned).
