@@ -13,7 +13,9 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    match cli::run(cli::Cli::parse()) {
+    match cli::run(cli::Cli::parse_from(cli::kebab_to_snake(
+        std::env::args_os().collect(),
+    ))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the context chain on one line: "merging x: y.safetensors: truncated".

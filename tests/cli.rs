@@ -235,3 +235,42 @@ fn inspect_lora_files_and_models() {
     assert_eq!(g["external_data"][0]["location"], "model.onnx_data");
     assert_eq!(g["opset_imports"][0]["version"], 17);
 }
+
+/// `train` takes the script's snake_case options and their kebab-case spellings (rewritten before
+/// parsing, `cli::kebab_to_snake`), in both `--flag value` and `--flag=value` forms; other
+/// commands' flags are left alone.
+#[cfg(feature = "train")]
+#[test]
+fn train_accepts_snake_and_kebab_spellings() {
+    for args in [
+        &[
+            "train",
+            "--train_data_dir",
+            "/nonexistent-data",
+            "--pretrained_model_name_or_path",
+            "/nonexistent-model",
+        ][..],
+        &[
+            "train",
+            "--train-data-dir",
+            "/nonexistent-data",
+            "--pretrained-model-name-or-path",
+            "/nonexistent-model",
+        ][..],
+        &[
+            "train",
+            "--train-data-dir=/nonexistent-data",
+            "--pretrained-model-name-or-path=/nonexistent-model",
+            "--max-train-steps",
+            "3",
+        ][..],
+    ] {
+        let (ok, _, err) = lorafuse(args);
+        assert!(!ok);
+        // parsed: the error is about the model folder, not an unknown argument
+        assert!(err.contains("/nonexistent-model"), "{args:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+    let (ok, _, err) = lorafuse(&["train", "--no-such-flag", "1"]);
+    assert!(!ok && err.contains("no-such-flag"), "{err}");
+}

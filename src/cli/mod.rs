@@ -65,6 +65,63 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `train`'s options keep the script's snake_case names (`--train_data_dir`); this accepts their
+/// kebab-case spellings too (`--train-data-dir`) by rewriting such arguments before parsing,
+/// instead of an alias per option. Only names that are `train` options are rewritten, and only
+/// after the `train` subcommand.
+pub fn kebab_to_snake(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let Some(train) = cmd.find_subcommand("train") else {
+        return args;
+    };
+    let snake: std::collections::HashSet<&str> = train
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| l.contains('_'))
+        .collect();
+    // the subcommand is the first argument that is neither a flag nor a global flag's value
+    let mut in_train = false;
+    let mut seen_command = false;
+    let mut takes_value = false;
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let Some(text) = a.to_str() else {
+                return a;
+            };
+            if i > 0 && !seen_command {
+                if takes_value {
+                    takes_value = false;
+                } else if text == "--ort-lib" {
+                    takes_value = true;
+                } else if !text.starts_with('-') {
+                    seen_command = true;
+                    in_train = text == "train";
+                }
+            }
+            let Some(flag) = text.strip_prefix("--").filter(|_| in_train) else {
+                return a;
+            };
+            let (name, value) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (flag, None),
+            };
+            let candidate = name.replace('-', "_");
+            if name.contains('-') && snake.contains(candidate.as_str()) {
+                let mut out = format!("--{candidate}");
+                if let Some(v) = value {
+                    out.push('=');
+                    out.push_str(v);
+                }
+                out.into()
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
 /// Where and how the sessions run: the flags `generate` and `bench` share.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SessionArgs {

@@ -1,5 +1,6 @@
 //! `lorafuse train`: the command line of diffusers' `train_text_to_image_lora.py` (same option
-//! names; kebab-case aliases), mapped onto [`lorafuse::train::trainer::TrainConfig`].
+//! names; their kebab-case spellings are accepted too, see [`super::kebab_to_snake`]), mapped
+//! onto [`lorafuse::train::trainer::TrainConfig`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,11 +29,7 @@ pub enum InitArg {
 pub struct TrainArgs {
     /// A local diffusers-layout pipeline folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/),
     /// or an SD 1.x single-file `.safetensors` checkpoint (original LDM key names).
-    #[arg(
-        long = "pretrained_model_name_or_path",
-        visible_alias = "pretrained-model-name-or-path",
-        value_name = "DIR"
-    )]
+    #[arg(long = "pretrained_model_name_or_path", value_name = "DIR")]
     pub pretrained_model_name_or_path: PathBuf,
     /// The tokenizer folder (vocab.json + merges.txt) for a single-file checkpoint; default:
     /// `tokenizer/` beside the file.
@@ -45,308 +42,172 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     pub variant: Option<String>,
     /// A local data set folder (same as --train_data_dir).
-    #[arg(
-        long = "dataset_name",
-        visible_alias = "dataset-name",
-        value_name = "DIR"
-    )]
+    #[arg(long = "dataset_name", value_name = "DIR")]
     pub dataset_name: Option<PathBuf>,
-    #[arg(
-        long = "dataset_config_name",
-        visible_alias = "dataset-config-name",
-        hide = true
-    )]
+    #[arg(long = "dataset_config_name", hide = true)]
     pub dataset_config_name: Option<String>,
     /// Folder with images + metadata.jsonl / metadata.csv (file_name + caption column), or kohya-style image + .txt pairs.
-    #[arg(
-        long = "train_data_dir",
-        visible_alias = "train-data-dir",
-        value_name = "DIR"
-    )]
+    #[arg(long = "train_data_dir", value_name = "DIR")]
     pub train_data_dir: Option<PathBuf>,
     /// The image column of parquet files; in metadata.jsonl / metadata.csv the column naming the
     /// image file (`image` falls back to `file_name` there).
-    #[arg(
-        long = "image_column",
-        visible_alias = "image-column",
-        default_value = "image"
-    )]
+    #[arg(long = "image_column", default_value = "image")]
     pub image_column: String,
     /// The metadata column with the caption (a string or a list of strings).
-    #[arg(
-        long = "caption_column",
-        visible_alias = "caption-column",
-        default_value = "text"
-    )]
+    #[arg(long = "caption_column", default_value = "text")]
     pub caption_column: String,
     /// A prompt to sample while training (images land in OUTPUT_DIR/validation/).
-    #[arg(long = "validation_prompt", visible_alias = "validation-prompt")]
+    #[arg(long = "validation_prompt")]
     pub validation_prompt: Option<String>,
-    #[arg(
-        long = "num_validation_images",
-        visible_alias = "num-validation-images",
-        default_value_t = 4
-    )]
+    #[arg(long = "num_validation_images", default_value_t = 4)]
     pub num_validation_images: usize,
     /// Validate every N epochs.
-    #[arg(
-        long = "validation_epochs",
-        visible_alias = "validation-epochs",
-        default_value_t = 1
-    )]
+    #[arg(long = "validation_epochs", default_value_t = 1)]
     pub validation_epochs: i64,
     /// Validate every N optimiser steps instead of every N epochs.
-    #[arg(long = "validation_steps", visible_alias = "validation-steps")]
+    #[arg(long = "validation_steps")]
     pub validation_steps: Option<i64>,
-    #[arg(long = "max_train_samples", visible_alias = "max-train-samples")]
+    #[arg(long = "max_train_samples")]
     pub max_train_samples: Option<usize>,
-    #[arg(
-        long = "output_dir",
-        visible_alias = "output-dir",
-        default_value = "sd-model-finetuned-lora"
-    )]
+    #[arg(long = "output_dir", default_value = "sd-model-finetuned-lora")]
     pub output_dir: PathBuf,
-    #[arg(long = "cache_dir", visible_alias = "cache-dir", hide = true)]
+    #[arg(long = "cache_dir", hide = true)]
     pub cache_dir: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
-    #[arg(long = "center_crop", visible_alias = "center-crop")]
+    #[arg(long = "center_crop")]
     pub center_crop: bool,
-    #[arg(long = "random_flip", visible_alias = "random-flip")]
+    #[arg(long = "random_flip")]
     pub random_flip: bool,
-    #[arg(
-        long = "train_batch_size",
-        visible_alias = "train-batch-size",
-        default_value_t = 16
-    )]
+    #[arg(long = "train_batch_size", default_value_t = 16)]
     pub train_batch_size: usize,
-    #[arg(
-        long = "num_train_epochs",
-        visible_alias = "num-train-epochs",
-        default_value_t = 100
-    )]
+    #[arg(long = "num_train_epochs", default_value_t = 100)]
     pub num_train_epochs: i64,
     /// Total optimiser steps (overrides --num_train_epochs).
-    #[arg(long = "max_train_steps", visible_alias = "max-train-steps")]
+    #[arg(long = "max_train_steps")]
     pub max_train_steps: Option<i64>,
-    #[arg(
-        long = "gradient_accumulation_steps",
-        visible_alias = "gradient-accumulation-steps",
-        default_value_t = 1
-    )]
+    #[arg(long = "gradient_accumulation_steps", default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Accepted; not implemented (LoRA training fits without it).
-    #[arg(
-        long = "gradient_checkpointing",
-        visible_alias = "gradient-checkpointing"
-    )]
+    #[arg(long = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
-    #[arg(
-        long = "learning_rate",
-        visible_alias = "learning-rate",
-        default_value_t = 1e-4
-    )]
+    #[arg(long = "learning_rate", default_value_t = 1e-4)]
     pub learning_rate: f64,
-    #[arg(long = "scale_lr", visible_alias = "scale-lr")]
+    #[arg(long = "scale_lr")]
     pub scale_lr: bool,
-    #[arg(
-        long = "lr_scheduler",
-        visible_alias = "lr-scheduler",
-        value_enum,
-        default_value = "constant"
-    )]
+    #[arg(long = "lr_scheduler", value_enum, default_value = "constant")]
     pub lr_scheduler: LrSchedule,
-    #[arg(
-        long = "lr_warmup_steps",
-        visible_alias = "lr-warmup-steps",
-        default_value_t = 500
-    )]
+    #[arg(long = "lr_warmup_steps", default_value_t = 500)]
     pub lr_warmup_steps: i64,
     /// Min-SNR loss weighting γ (5.0 recommended).
-    #[arg(long = "snr_gamma", visible_alias = "snr-gamma")]
+    #[arg(long = "snr_gamma")]
     pub snr_gamma: Option<f64>,
-    #[arg(long = "use_8bit_adam", visible_alias = "use-8bit-adam", hide = true)]
+    #[arg(long = "use_8bit_adam", hide = true)]
     pub use_8bit_adam: bool,
     /// Accepted (libtorch's default matmul precision is used).
-    #[arg(long = "allow_tf32", visible_alias = "allow-tf32")]
+    #[arg(long = "allow_tf32")]
     pub allow_tf32: bool,
-    #[arg(
-        long = "dataloader_num_workers",
-        visible_alias = "dataloader-num-workers",
-        hide = true,
-        default_value_t = 0
-    )]
+    #[arg(long = "dataloader_num_workers", hide = true, default_value_t = 0)]
     pub dataloader_num_workers: usize,
-    #[arg(
-        long = "adam_beta1",
-        visible_alias = "adam-beta1",
-        default_value_t = 0.9
-    )]
+    #[arg(long = "adam_beta1", default_value_t = 0.9)]
     pub adam_beta1: f64,
-    #[arg(
-        long = "adam_beta2",
-        visible_alias = "adam-beta2",
-        default_value_t = 0.999
-    )]
+    #[arg(long = "adam_beta2", default_value_t = 0.999)]
     pub adam_beta2: f64,
-    #[arg(
-        long = "adam_weight_decay",
-        visible_alias = "adam-weight-decay",
-        default_value_t = 1e-2
-    )]
+    #[arg(long = "adam_weight_decay", default_value_t = 1e-2)]
     pub adam_weight_decay: f64,
-    #[arg(
-        long = "adam_epsilon",
-        visible_alias = "adam-epsilon",
-        default_value_t = 1e-8
-    )]
+    #[arg(long = "adam_epsilon", default_value_t = 1e-8)]
     pub adam_epsilon: f64,
-    #[arg(
-        long = "max_grad_norm",
-        visible_alias = "max-grad-norm",
-        default_value_t = 1.0
-    )]
+    #[arg(long = "max_grad_norm", default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    #[arg(long = "push_to_hub", visible_alias = "push-to-hub", hide = true)]
+    #[arg(long = "push_to_hub", hide = true)]
     pub push_to_hub: bool,
-    #[arg(long = "hub_token", visible_alias = "hub-token", hide = true)]
+    #[arg(long = "hub_token", hide = true)]
     pub hub_token: Option<String>,
-    #[arg(long = "hub_model_id", visible_alias = "hub-model-id", hide = true)]
+    #[arg(long = "hub_model_id", hide = true)]
     pub hub_model_id: Option<String>,
     /// epsilon or v_prediction (default: the scheduler config's).
-    #[arg(
-        long = "prediction_type",
-        visible_alias = "prediction-type",
-        value_enum
-    )]
+    #[arg(long = "prediction_type", value_enum)]
     pub prediction_type: Option<Prediction>,
-    #[arg(long = "logging_dir", visible_alias = "logging-dir", hide = true)]
+    #[arg(long = "logging_dir", hide = true)]
     pub logging_dir: Option<PathBuf>,
     /// Accepted; the log is OUTPUT_DIR/logs/train_log.csv.
-    #[arg(long = "report_to", visible_alias = "report-to", hide = true)]
+    #[arg(long = "report_to", hide = true)]
     pub report_to: Option<String>,
-    #[arg(
-        long = "mixed_precision",
-        visible_alias = "mixed-precision",
-        value_enum,
-        default_value = "no"
-    )]
+    #[arg(long = "mixed_precision", value_enum, default_value = "no")]
     pub mixed_precision: MixedPrecision,
-    #[arg(long = "local_rank", visible_alias = "local-rank", hide = true, default_value_t = -1)]
+    #[arg(long = "local_rank", hide = true, default_value_t = -1)]
     pub local_rank: i64,
-    #[arg(
-        long = "checkpointing_steps",
-        visible_alias = "checkpointing-steps",
-        default_value_t = 500
-    )]
+    #[arg(long = "checkpointing_steps", default_value_t = 500)]
     pub checkpointing_steps: i64,
-    #[arg(
-        long = "checkpoints_total_limit",
-        visible_alias = "checkpoints-total-limit"
-    )]
+    #[arg(long = "checkpoints_total_limit")]
     pub checkpoints_total_limit: Option<usize>,
     /// `latest` or a checkpoint folder (OUTPUT_DIR/checkpoint-N).
-    #[arg(
-        long = "resume_from_checkpoint",
-        visible_alias = "resume-from-checkpoint"
-    )]
+    #[arg(long = "resume_from_checkpoint")]
     pub resume_from_checkpoint: Option<String>,
     /// Accepted (attention always uses scaled_dot_product_attention).
     #[arg(long = "enable_xformers_memory_efficient_attention", hide = true)]
     pub enable_xformers_memory_efficient_attention: bool,
-    #[arg(
-        long = "noise_offset",
-        visible_alias = "noise-offset",
-        default_value_t = 0.0
-    )]
+    #[arg(long = "noise_offset", default_value_t = 0.0)]
     pub noise_offset: f64,
     /// LoRA rank r.
     #[arg(long, default_value_t = 4)]
     pub rank: i64,
     /// Only lanczos (the script's default) is implemented.
-    #[arg(
-        long = "image_interpolation_mode",
-        visible_alias = "image-interpolation-mode",
-        default_value = "lanczos"
-    )]
+    #[arg(long = "image_interpolation_mode", default_value = "lanczos")]
     pub image_interpolation_mode: String,
 
     // ---- lorafuse's own
     /// LoRA alpha (default: the rank, as the script does). Scale = alpha / rank.
-    #[arg(long = "lora_alpha", visible_alias = "lora-alpha")]
+    #[arg(long = "lora_alpha")]
     pub lora_alpha: Option<f64>,
     /// Comma-separated target module names or dotted suffixes (peft `target_modules`), e.g.
     /// `to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2`.
     #[arg(
         long = "lora_targets",
-        visible_alias = "lora-targets",
         default_value = "to_k,to_q,to_v,to_out.0",
         value_delimiter = ','
     )]
     pub lora_targets: Vec<String>,
     /// peft init of lora_A: gaussian (the script's) or kaiming (peft's default).
-    #[arg(
-        long = "lora_init",
-        visible_alias = "lora-init",
-        value_enum,
-        default_value = "gaussian"
-    )]
+    #[arg(long = "lora_init", value_enum, default_value = "gaussian")]
     pub lora_init: InitArg,
     /// Also train a LoRA on the text encoder (q/k/v/out_proj).
-    #[arg(long = "train_text_encoder", visible_alias = "train-text-encoder")]
+    #[arg(long = "train_text_encoder")]
     pub train_text_encoder: bool,
     /// Text encoder LoRA targets.
     #[arg(
         long = "text_encoder_targets",
-        visible_alias = "text-encoder-targets",
         default_value = "q_proj,k_proj,v_proj,out_proj",
         value_delimiter = ','
     )]
     pub text_encoder_targets: Vec<String>,
     /// diffusers (the script's file) or kohya (A1111 / ComfyUI, with ss_* metadata).
-    #[arg(
-        long = "save_format",
-        visible_alias = "save-format",
-        value_enum,
-        default_value = "diffusers"
-    )]
+    #[arg(long = "save_format", value_enum, default_value = "diffusers")]
     pub save_format: SaveFormat,
     /// Storage dtype of the written LoRA: fp32, fp16 or bf16.
-    #[arg(
-        long = "save_precision",
-        visible_alias = "save-precision",
-        default_value = "fp32"
-    )]
+    #[arg(long = "save_precision", default_value = "fp32")]
     pub save_precision: String,
     /// Do not cache VAE latents / text embeddings (re-encode every step, new random crops).
-    #[arg(long = "no_cache_latents", visible_alias = "no-cache-latents")]
+    #[arg(long = "no_cache_latents")]
     pub no_cache_latents: bool,
     /// Run accumulated micro-batches one at a time instead of as one batch.
-    #[arg(long = "no_fuse_accumulation", visible_alias = "no-fuse-accumulation")]
+    #[arg(long = "no_fuse_accumulation")]
     pub no_fuse_accumulation: bool,
     /// Skip unreadable images and missing captions with a warning instead of failing.
-    #[arg(long = "skip_bad_images", visible_alias = "skip-bad-images")]
+    #[arg(long = "skip_bad_images")]
     pub skip_bad_images: bool,
     /// auto (CUDA when available), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Inference steps of validation images (the script's 30).
-    #[arg(
-        long = "validation_inference_steps",
-        visible_alias = "validation-inference-steps",
-        default_value_t = 30
-    )]
+    #[arg(long = "validation_inference_steps", default_value_t = 30)]
     pub validation_inference_steps: usize,
-    #[arg(
-        long = "validation_guidance_scale",
-        visible_alias = "validation-guidance-scale",
-        default_value_t = 7.5
-    )]
+    #[arg(long = "validation_guidance_scale", default_value_t = 7.5)]
     pub validation_guidance_scale: f64,
     /// Print one line per step (no progress bar), e.g. for logs.
-    #[arg(long = "plain_log", visible_alias = "plain-log")]
+    #[arg(long = "plain_log")]
     pub plain_log: bool,
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
