@@ -1,8 +1,7 @@
 //! `lorafuse generate`: text-to-image through ONNX Runtime, PNGs with A1111 `parameters`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -114,17 +113,8 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // Ctrl-C stops between steps; a second Ctrl-C falls through to the default handler's exit.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: stopping after this step (Ctrl-C again to quit now)");
-        });
-    }
+    let stop =
+        super::ctrl_c_flag("interrupted: stopping after this step (Ctrl-C again to quit now)");
 
     let model_name = a
         .model

@@ -1,10 +1,7 @@
 //! `lorafuse merge`: bake LoRAs into a copy of an ONNX pipeline.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use clap::Args;
 
 use super::GlobalArgs;
@@ -48,20 +45,11 @@ pub struct MergeArgs {
 }
 
 pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        // Ctrl-C: stop at the next file or weight and remove the temporary folder (nothing appears
-        // at --out). What happened is said once the merge returns: a Ctrl-C that comes after the
-        // last check finds the output complete. A second Ctrl-C quits at once; the hidden
-        // `.<out>.lorafuse-<pid>-*` folder it leaves is removed by the next merge into that folder.
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: stopping (Ctrl-C again to quit now)");
-        });
-    }
+    // Ctrl-C: stop at the next file or weight and remove the temporary folder (nothing appears
+    // at --out). What happened is said once the merge returns: a Ctrl-C that comes after the
+    // last check finds the output complete. A second Ctrl-C quits at once; the hidden
+    // `.<out>.lorafuse-<pid>-*` folder it leaves is removed by the next merge into that folder.
+    let cancel = super::ctrl_c_flag("interrupted: stopping (Ctrl-C again to quit now)");
     for (flag, v) in [
         ("--unet-scale", a.unet_scale),
         ("--text-encoder-scale", a.text_encoder_scale),
@@ -75,40 +63,16 @@ pub fn run(_global: &GlobalArgs, a: MergeArgs) -> anyhow::Result<()> {
         cancel: Some(cancel.clone()),
         follow_outside_links: a.allow_external_links,
     };
-    let bar = super::file_progress()?;
-    let mut progress = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    };
-    let report = lorafuse::api::merge_into_folder(
-        &a.model,
-        &a.out,
-        &a.loras,
-        &opts,
-        a.dry_run,
-        &mut progress,
-    );
-    bar.finish_and_clear();
-    let report = match report {
-        Err(lorafuse::Error::Cancelled) => {
-            eprintln!("interrupted: nothing was written to {}", a.out.display());
-            std::process::exit(130);
-        }
-        r => r.with_context(|| {
-            format!(
-                "merging LoRAs into a copy of {} at {}",
-                a.model.display(),
-                a.out.display()
-            )
-        })?,
-    };
-    if cancel.load(Ordering::SeqCst) {
-        eprintln!(
-            "interrupted after the output was complete: {} is whole and kept",
+    let report = super::with_file_progress(|progress| {
+        lorafuse::api::merge_into_folder(&a.model, &a.out, &a.loras, &opts, a.dry_run, progress)
+    })?;
+    let report = super::folder_written(report, &cancel, &a.out, || {
+        format!(
+            "merging LoRAs into a copy of {} at {}",
+            a.model.display(),
             a.out.display()
-        );
-    }
+        )
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -178,8 +178,52 @@ pub struct CudaArgs {
     pub cuda_graphs: bool,
 }
 
-/// The progress bar of commands that write a pipeline folder file by file.
-fn file_progress() -> anyhow::Result<indicatif::ProgressBar> {
+/// A flag Ctrl-C sets, for long commands that stop at their next safe point: the first Ctrl-C
+/// prints `message` and sets the flag, a second one exits at once with status 130.
+fn ctrl_c_flag(message: &'static str) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\n{message}");
+    });
+    flag
+}
+
+/// The outcome of a command that writes a new folder at `out` and stops on Ctrl-C (`cancel`):
+/// cancelled → say nothing was written and exit 130; an error → `what` as context; a Ctrl-C that
+/// came after the last check → say the output is whole.
+fn folder_written<T>(
+    r: lorafuse::Result<T>,
+    cancel: &std::sync::atomic::AtomicBool,
+    out: &std::path::Path,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let v = match r {
+        Err(lorafuse::Error::Cancelled) => {
+            eprintln!("interrupted: nothing was written to {}", out.display());
+            std::process::exit(130);
+        }
+        r => r.with_context(what)?,
+    };
+    if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!(
+            "interrupted after the output was complete: {} is whole and kept",
+            out.display()
+        );
+    }
+    Ok(v)
+}
+
+/// Run `f` with a progress callback drawing a bar of files written (commands that write a
+/// pipeline folder file by file); the bar is cleared when `f` returns.
+fn with_file_progress<R>(
+    f: impl FnOnce(&mut dyn FnMut(usize, usize, &str)) -> R,
+) -> anyhow::Result<R> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -188,7 +232,14 @@ fn file_progress() -> anyhow::Result<indicatif::ProgressBar> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .progress_chars("=> "),
     );
-    Ok(bar)
+    let mut progress = |done: usize, total: usize, what: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    };
+    let r = f(&mut progress);
+    bar.finish_and_clear();
+    Ok(r)
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {

@@ -2,10 +2,7 @@
 //! fused ops (library: `merge::optimize_pipeline`, `onnx::optimize`).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use clap::Args;
 
 use super::GlobalArgs;
@@ -37,16 +34,7 @@ pub struct OptimizeArgs {
 }
 
 pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: stopping (Ctrl-C again to quit now)");
-        });
-    }
+    let cancel = super::ctrl_c_flag("interrupted: stopping (Ctrl-C again to quit now)");
     let copy = MergeOptions {
         cancel: Some(cancel.clone()),
         follow_outside_links: a.allow_external_links,
@@ -58,27 +46,16 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
     };
     what.attention &= !a.no_attention;
     what.group_norm &= !a.no_group_norm;
-    let bar = super::file_progress()?;
-    let mut progress = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    };
-    let report = lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, &mut progress);
-    bar.finish_and_clear();
-    let report = match report {
-        Err(lorafuse::Error::Cancelled) => {
-            eprintln!("interrupted: nothing was written to {}", a.out.display());
-            std::process::exit(130);
-        }
-        r => r.with_context(|| {
-            format!(
-                "writing an optimized copy of {} at {}",
-                a.model.display(),
-                a.out.display()
-            )
-        })?,
-    };
+    let report = super::with_file_progress(|progress| {
+        lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, progress)
+    })?;
+    let report = super::folder_written(report, &cancel, &a.out, || {
+        format!(
+            "writing an optimized copy of {} at {}",
+            a.model.display(),
+            a.out.display()
+        )
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -3,8 +3,6 @@
 //! onto [`lorafuse::train::trainer::TrainConfig`].
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
@@ -324,18 +322,9 @@ pub fn run(_global: &GlobalArgs, a: TrainArgs) -> anyhow::Result<()> {
             eprintln!("note: {flag} is accepted and ignored");
         }
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            if c.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to quit now)"
-            );
-        });
-    }
+    let cancel = super::ctrl_c_flag(
+        "interrupt: saving a checkpoint after this step (press Ctrl-C again to quit now)",
+    );
     let bar = ProgressBar::hidden();
     let plain = a.plain_log;
     // Lines go above the bar once it is drawn, straight to stderr before that.
