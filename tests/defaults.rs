@@ -65,40 +65,86 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
     assert_eq!((rg.seed, rg.batch_size as usize), (lib.seed, lib.batch));
 }
 
+/// The default of `lorafuse CMD --ARG` as its `--help` prints it. The CLI is the binary's own
+/// module, so its defaults are read from there (clap prints `[default: …]` in each flag's
+/// paragraph).
+fn cli_default(cmd: &str, arg: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse"))
+        .args([cmd, "--help"])
+        .output()
+        .expect("run lorafuse");
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let flag = format!("--{arg}");
+    let mut block = String::new();
+    let mut inside = false;
+    for line in help.lines() {
+        let t = line.trim_start();
+        if t.starts_with('-') {
+            inside = t
+                .split([' ', ','])
+                .any(|w| w == flag || w.starts_with(&format!("{flag}=")));
+        }
+        if inside {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    let at = block
+        .find("[default: ")
+        .unwrap_or_else(|| panic!("{cmd} {flag}: no default in --help:\n{help}"));
+    block[at + "[default: ".len()..]
+        .split(']')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `lorafuse train`'s flags default to `TrainConfig::new` (the script's `parse_args`).
+#[cfg(feature = "train")]
+#[test]
+fn train_flags_default_to_the_train_config() {
+    let c = lorafuse::train::trainer::TrainConfig::new("m".into(), "d".into());
+    let d = |arg: &str| cli_default("train", arg);
+    let f = |arg: &str| {
+        d(arg)
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("{arg}: {}", d(arg)))
+    };
+    assert_eq!(d("output_dir"), c.output_dir.display().to_string());
+    assert_eq!(d("caption_column"), c.caption_column);
+    assert_eq!(d("image_column"), c.image_column);
+    assert_eq!(d("resolution"), c.resolution.to_string());
+    assert_eq!(d("train_batch_size"), c.train_batch_size.to_string());
+    assert_eq!(d("num_train_epochs"), c.num_train_epochs.to_string());
+    assert_eq!(
+        d("gradient_accumulation_steps"),
+        c.gradient_accumulation_steps.to_string()
+    );
+    assert_eq!(f("learning_rate"), c.learning_rate);
+    assert_eq!(d("lr_warmup_steps"), c.lr_warmup_steps.to_string());
+    assert_eq!(f("adam_beta1"), c.adam.beta1);
+    assert_eq!(f("adam_beta2"), c.adam.beta2);
+    assert_eq!(f("adam_weight_decay"), c.adam.weight_decay);
+    assert_eq!(f("adam_epsilon"), c.adam.eps);
+    assert_eq!(f("max_grad_norm"), c.max_grad_norm);
+    assert_eq!(d("checkpointing_steps"), c.checkpointing_steps.to_string());
+    assert_eq!(f("noise_offset"), c.noise_offset);
+    assert_eq!(d("rank"), c.lora.rank.to_string());
+    assert_eq!(d("save_precision"), c.save_dtype);
+    assert_eq!(d("device"), c.device);
+    for (arg, value) in [
+        ("lr_scheduler", format!("{:?}", c.lr_scheduler)),
+        ("mixed_precision", format!("{:?}", c.mixed_precision)),
+        ("save_format", format!("{:?}", c.save_format)),
+    ] {
+        assert_eq!(d(arg).replace('_', ""), value.to_lowercase(), "{arg}");
+    }
+}
+
 #[test]
 fn the_cli_flags_default_to_the_librarys_values() {
-    // The CLI is the binary's own module: read its defaults from `lorafuse CMD --help`, where
-    // clap prints `[default: …]` in each flag's paragraph.
-    let default = |cmd: &str, arg: &str| -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse"))
-            .args([cmd, "--help"])
-            .output()
-            .expect("run lorafuse");
-        let help = String::from_utf8_lossy(&out.stdout).into_owned();
-        let flag = format!("--{}", arg.replace('_', "-"));
-        let mut block = String::new();
-        let mut inside = false;
-        for line in help.lines() {
-            let t = line.trim_start();
-            if t.starts_with('-') {
-                inside = t
-                    .split([' ', ','])
-                    .any(|w| w == flag || w.starts_with(&format!("{flag}=")));
-            }
-            if inside {
-                block.push_str(line);
-                block.push('\n');
-            }
-        }
-        let at = block
-            .find("[default: ")
-            .unwrap_or_else(|| panic!("{cmd} {flag}: no default in --help:\n{help}"));
-        block[at + "[default: ".len()..]
-            .split(']')
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
+    // generate/bench/merge flags are kebab-case
+    let default = |cmd: &str, arg: &str| cli_default(cmd, &arg.replace('_', "-"));
     let lib = GenerateParams::default();
     for cmd in ["generate", "bench"] {
         assert_eq!(default(cmd, "steps"), lib.steps.to_string(), "{cmd}");

@@ -16,6 +16,27 @@ use lorafuse::train::output::SaveFormat;
 use lorafuse::train::trainer::{Event, MixedPrecision, TrainConfig, train};
 use lorafuse::train::validation::ValidationConfig;
 
+/// The library's defaults (`TrainConfig::new`, the script's `parse_args`): every flag's default
+/// is read from here, so it is written once (tests/defaults.rs).
+fn defaults() -> &'static TrainConfig {
+    static D: std::sync::OnceLock<TrainConfig> = std::sync::OnceLock::new();
+    D.get_or_init(|| TrainConfig::new(PathBuf::new(), PathBuf::new()))
+}
+
+/// `--save_precision`, checked when the command line is parsed (not after the last step).
+fn parse_save_precision(s: &str) -> Result<String, String> {
+    lorafuse::train::trainer::check_save_precision(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--device`, checked when the command line is parsed.
+fn parse_device(s: &str) -> Result<String, String> {
+    lorafuse::train::parse_device(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InitArg {
     Gaussian,
@@ -49,10 +70,10 @@ pub struct TrainArgs {
     pub train_data_dir: Option<PathBuf>,
     /// The image column of parquet files; in metadata.jsonl / metadata.csv the column naming the
     /// image file (`image` falls back to `file_name` there).
-    #[arg(long = "image_column", default_value = "image")]
+    #[arg(long = "image_column", default_value_t = defaults().image_column.clone())]
     pub image_column: String,
     /// The metadata column with the caption (a string or a list of strings).
-    #[arg(long = "caption_column", default_value = "text")]
+    #[arg(long = "caption_column", default_value_t = defaults().caption_column.clone())]
     pub caption_column: String,
     /// A prompt to sample while training (images land in OUTPUT_DIR/validation/).
     #[arg(long = "validation_prompt")]
@@ -67,37 +88,37 @@ pub struct TrainArgs {
     pub validation_steps: Option<i64>,
     #[arg(long = "max_train_samples")]
     pub max_train_samples: Option<usize>,
-    #[arg(long = "output_dir", default_value = "sd-model-finetuned-lora")]
+    #[arg(long = "output_dir", default_value_os_t = defaults().output_dir.clone())]
     pub output_dir: PathBuf,
     #[arg(long = "cache_dir", hide = true)]
     pub cache_dir: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = defaults().resolution)]
     pub resolution: u32,
     #[arg(long = "center_crop")]
     pub center_crop: bool,
     #[arg(long = "random_flip")]
     pub random_flip: bool,
-    #[arg(long = "train_batch_size", default_value_t = 16)]
+    #[arg(long = "train_batch_size", default_value_t = defaults().train_batch_size)]
     pub train_batch_size: usize,
-    #[arg(long = "num_train_epochs", default_value_t = 100)]
+    #[arg(long = "num_train_epochs", default_value_t = defaults().num_train_epochs)]
     pub num_train_epochs: i64,
     /// Total optimiser steps (overrides --num_train_epochs).
     #[arg(long = "max_train_steps")]
     pub max_train_steps: Option<i64>,
-    #[arg(long = "gradient_accumulation_steps", default_value_t = 1)]
+    #[arg(long = "gradient_accumulation_steps", default_value_t = defaults().gradient_accumulation_steps)]
     pub gradient_accumulation_steps: usize,
     /// Accepted; not implemented (LoRA training fits without it).
     #[arg(long = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
-    #[arg(long = "learning_rate", default_value_t = 1e-4)]
+    #[arg(long = "learning_rate", default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
     #[arg(long = "scale_lr")]
     pub scale_lr: bool,
-    #[arg(long = "lr_scheduler", value_enum, default_value = "constant")]
+    #[arg(long = "lr_scheduler", value_enum, default_value_t = defaults().lr_scheduler)]
     pub lr_scheduler: LrSchedule,
-    #[arg(long = "lr_warmup_steps", default_value_t = 500)]
+    #[arg(long = "lr_warmup_steps", default_value_t = defaults().lr_warmup_steps)]
     pub lr_warmup_steps: i64,
     /// Min-SNR loss weighting γ (5.0 recommended).
     #[arg(long = "snr_gamma")]
@@ -109,15 +130,15 @@ pub struct TrainArgs {
     pub allow_tf32: bool,
     #[arg(long = "dataloader_num_workers", hide = true, default_value_t = 0)]
     pub dataloader_num_workers: usize,
-    #[arg(long = "adam_beta1", default_value_t = 0.9)]
+    #[arg(long = "adam_beta1", default_value_t = defaults().adam.beta1)]
     pub adam_beta1: f64,
-    #[arg(long = "adam_beta2", default_value_t = 0.999)]
+    #[arg(long = "adam_beta2", default_value_t = defaults().adam.beta2)]
     pub adam_beta2: f64,
-    #[arg(long = "adam_weight_decay", default_value_t = 1e-2)]
+    #[arg(long = "adam_weight_decay", default_value_t = defaults().adam.weight_decay)]
     pub adam_weight_decay: f64,
-    #[arg(long = "adam_epsilon", default_value_t = 1e-8)]
+    #[arg(long = "adam_epsilon", default_value_t = defaults().adam.eps)]
     pub adam_epsilon: f64,
-    #[arg(long = "max_grad_norm", default_value_t = 1.0)]
+    #[arg(long = "max_grad_norm", default_value_t = defaults().max_grad_norm)]
     pub max_grad_norm: f64,
     #[arg(long = "push_to_hub", hide = true)]
     pub push_to_hub: bool,
@@ -133,11 +154,11 @@ pub struct TrainArgs {
     /// Accepted; the log is OUTPUT_DIR/logs/train_log.csv.
     #[arg(long = "report_to", hide = true)]
     pub report_to: Option<String>,
-    #[arg(long = "mixed_precision", value_enum, default_value = "no")]
+    #[arg(long = "mixed_precision", value_enum, default_value_t = defaults().mixed_precision)]
     pub mixed_precision: MixedPrecision,
     #[arg(long = "local_rank", hide = true, default_value_t = -1)]
     pub local_rank: i64,
-    #[arg(long = "checkpointing_steps", default_value_t = 500)]
+    #[arg(long = "checkpointing_steps", default_value_t = defaults().checkpointing_steps)]
     pub checkpointing_steps: i64,
     #[arg(long = "checkpoints_total_limit")]
     pub checkpoints_total_limit: Option<usize>,
@@ -147,10 +168,10 @@ pub struct TrainArgs {
     /// Accepted (attention always uses scaled_dot_product_attention).
     #[arg(long = "enable_xformers_memory_efficient_attention", hide = true)]
     pub enable_xformers_memory_efficient_attention: bool,
-    #[arg(long = "noise_offset", default_value_t = 0.0)]
+    #[arg(long = "noise_offset", default_value_t = defaults().noise_offset)]
     pub noise_offset: f64,
     /// LoRA rank r.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = defaults().lora.rank)]
     pub rank: i64,
     /// Only lanczos (the script's default) is implemented.
     #[arg(long = "image_interpolation_mode", default_value = "lanczos")]
@@ -182,10 +203,10 @@ pub struct TrainArgs {
     )]
     pub text_encoder_targets: Vec<String>,
     /// diffusers (the script's file) or kohya (A1111 / ComfyUI, with ss_* metadata).
-    #[arg(long = "save_format", value_enum, default_value = "diffusers")]
+    #[arg(long = "save_format", value_enum, default_value_t = defaults().save_format)]
     pub save_format: SaveFormat,
     /// Storage dtype of the written LoRA: fp32, fp16 or bf16.
-    #[arg(long = "save_precision", default_value = "fp32")]
+    #[arg(long = "save_precision", default_value_t = defaults().save_dtype.clone(), value_parser = parse_save_precision)]
     pub save_precision: String,
     /// Do not cache VAE latents / text embeddings (re-encode every step, new random crops).
     #[arg(long = "no_cache_latents")]
@@ -197,7 +218,7 @@ pub struct TrainArgs {
     #[arg(long = "skip_bad_images")]
     pub skip_bad_images: bool,
     /// auto (CUDA when available), cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t = defaults().device.clone(), value_parser = parse_device)]
     pub device: String,
     /// Inference steps of validation images (the script's 30).
     #[arg(long = "validation_inference_steps", default_value_t = 30)]

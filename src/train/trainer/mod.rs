@@ -310,6 +310,11 @@ struct Models {
     vae: Option<Loaded<VaeEncoder>>,
 }
 
+/// Check a `--save_precision` value (fp32, fp16, bf16 or their long names).
+pub fn check_save_precision(s: &str) -> Result<()> {
+    save_dtype(s).map(|_| ())
+}
+
 fn save_dtype(s: &str) -> Result<Dtype> {
     match s {
         "fp32" | "float32" | "no" => Ok(Dtype::F32),
