@@ -47,8 +47,8 @@ impl Txt2Img {
     fn reopen_unet(&mut self) -> Result<()> {
         let c = OnnxComponent::Unet;
         let opts = self.component_opts(c);
-        if let Some(live) = self.unet_live.as_mut() {
-            let indexed = self.indexed.as_deref().unwrap_or_default();
+        if let Some(live) = self.loras.unet_live.as_mut() {
+            let indexed = self.loras.indexed.as_deref().unwrap_or_default();
             let im = indexed
                 .iter()
                 .find(|m| m.component == c)
@@ -60,10 +60,10 @@ impl Txt2Img {
             live.weights.bind_all(&mut binding)?;
             live.binding = binding;
             self.unet = s;
-        } else if self.patched.contains(&c) {
-            let merge = self.last_merge.clone().unwrap_or_default();
-            let active = self.active.clone();
-            self.patched.retain(|&p| p != c);
+        } else if self.loras.patched.contains(&c) {
+            let merge = self.loras.last_merge.clone().unwrap_or_default();
+            let active = self.loras.active.clone();
+            self.loras.patched.retain(|&p| p != c);
             self.set_loras(&active, &merge)?;
         } else {
             self.unet = session::open(&self.dir.model_path(c), &opts)?;

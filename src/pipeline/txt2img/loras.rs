@@ -54,6 +54,27 @@ impl std::str::FromStr for LoraMode {
     }
 }
 
+/// The run-time LoRA state of a pipeline, in one place: which LoRAs are active and how they
+/// enter the sessions (rebuilt sessions or the fast switch's live weights), the indexed graphs
+/// and parsed files reused across changes, and the options of the last change.
+#[derive(Default)]
+pub(super) struct LoraBinding {
+    /// The UNet and text encoder graphs, indexed on first LoRA use.
+    pub(super) indexed: Option<Vec<IndexedModel>>,
+    /// Components whose session currently carries LoRA weights ([`LoraMode::Rebuild`]).
+    pub(super) patched: Vec<OnnxComponent>,
+    pub(super) active: Vec<LoraSpec>,
+    pub(super) mode: LoraMode,
+    /// Switchable weights of the text encoder and UNet sessions ([`LoraMode::Switch`]).
+    pub(super) te_live: Option<Live>,
+    pub(super) unet_live: Option<Live>,
+    /// Parsed LoRA files (a switch back to a LoRA does not re-read it).
+    pub(super) adapters: crate::merge::AdapterCache,
+    /// The merge options of the last `set_loras` (rebuild mode merges again when CUDA graphs
+    /// need a UNet session for other shapes).
+    pub(super) last_merge: Option<crate::merge::MergeOptions>,
+}
+
 /// A session's switchable weights and the IO binding that feeds them.
 pub(super) struct Live {
     pub(super) weights: LiveWeights,
@@ -63,30 +84,32 @@ pub(super) struct Live {
 impl Txt2Img {
     /// The LoRAs applied now.
     pub fn active_loras(&self) -> &[LoraSpec] {
-        &self.active
+        &self.loras.active
     }
 
     /// How LoRAs are applied ([`LoraMode`]).
     pub fn lora_mode(&self) -> LoraMode {
-        self.lora_mode
+        self.loras.mode
     }
 
     /// Choose how LoRAs are applied; only before the first [`Txt2Img::set_loras`].
     pub fn set_lora_mode(&mut self, mode: LoraMode) -> Result<()> {
-        if mode != self.lora_mode
-            && (!self.patched.is_empty() || self.te_live.is_some() || self.unet_live.is_some())
+        if mode != self.loras.mode
+            && (!self.loras.patched.is_empty()
+                || self.loras.te_live.is_some()
+                || self.loras.unet_live.is_some())
         {
             return Err(Error::InvalidArgument(
                 "the LoRA mode can only change before LoRAs are first applied".into(),
             ));
         }
-        self.lora_mode = mode;
+        self.loras.mode = mode;
         Ok(())
     }
 
     /// Bytes the fast switch holds for base and live weight copies (0 before the first LoRA).
     pub fn switch_bytes(&self) -> usize {
-        [&self.te_live, &self.unet_live]
+        [&self.loras.te_live, &self.loras.unet_live]
             .iter()
             .filter_map(|l| l.as_ref())
             .map(|l| l.weights.device_bytes())
@@ -101,34 +124,38 @@ impl Txt2Img {
         loras: &[LoraSpec],
         opts: &MergeOptions,
     ) -> Result<Vec<LoraReport>> {
-        if self.indexed.is_none() {
-            self.indexed = Some(crate::merge::index_pipeline(
+        if self.loras.indexed.is_none() {
+            self.loras.indexed = Some(crate::merge::index_pipeline(
                 &self.dir,
                 self.opts.optimize_for().as_ref(),
             )?);
         }
-        let indexed = self.indexed.as_deref().unwrap_or_default();
-        let plan =
-            crate::merge::plan_indexed_cached(indexed, loras, opts, Some(&mut self.adapters))?;
-        match self.lora_mode {
+        let indexed = self.loras.indexed.as_deref().unwrap_or_default();
+        let plan = crate::merge::plan_indexed_cached(
+            indexed,
+            loras,
+            opts,
+            Some(&mut self.loras.adapters),
+        )?;
+        match self.loras.mode {
             LoraMode::Rebuild => self.set_loras_rebuild(&plan)?,
             LoraMode::Switch => self.set_loras_switch(&plan)?,
         }
-        self.active = loras.to_vec();
-        self.last_merge = Some(opts.clone());
+        self.loras.active = loras.to_vec();
+        self.loras.last_merge = Some(opts.clone());
         Ok(plan.reports)
     }
 
     fn set_loras_switch(&mut self, plan: &crate::merge::MergePlan) -> Result<()> {
-        let indexed = self.indexed.as_deref().unwrap_or_default();
+        let indexed = self.loras.indexed.as_deref().unwrap_or_default();
         // Everything that can fail on bad input (mapping, shapes, factor stacking, session builds)
         // happens before any live buffer changes.
         let mut staged = Vec::new();
         for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
             let targets = plan.target_names(c);
             let live = match c {
-                OnnxComponent::Unet => self.unet_live.as_ref(),
-                _ => self.te_live.as_ref(),
+                OnnxComponent::Unet => self.loras.unet_live.as_ref(),
+                _ => self.loras.te_live.as_ref(),
             };
             if targets.is_empty() && live.is_none() {
                 continue;
@@ -181,18 +208,18 @@ impl Txt2Img {
                 Some((session, live)) => match c {
                     OnnxComponent::Unet => {
                         self.unet = session;
-                        self.unet_live = Some(live);
+                        self.loras.unet_live = Some(live);
                         self.unet_io = None;
                     }
                     _ => {
                         self.text_encoder = session;
-                        self.te_live = Some(live);
+                        self.loras.te_live = Some(live);
                     }
                 },
                 None => {
                     let live = match c {
-                        OnnxComponent::Unet => self.unet_live.as_mut(),
-                        _ => self.te_live.as_mut(),
+                        OnnxComponent::Unet => self.loras.unet_live.as_mut(),
+                        _ => self.loras.te_live.as_mut(),
                     };
                     if let Some(l) = live
                         && let Err(e) = l.weights.apply(&updates)
@@ -204,13 +231,13 @@ impl Txt2Img {
             }
         }
         if let Some(e) = failed {
-            for l in [self.te_live.as_mut(), self.unet_live.as_mut()]
+            for l in [self.loras.te_live.as_mut(), self.loras.unet_live.as_mut()]
                 .into_iter()
                 .flatten()
             {
                 let _ = l.weights.reset();
             }
-            self.active.clear();
+            self.loras.active.clear();
             return Err(Error::InvalidArgument(format!(
                 "updating the LoRA weights failed ({e}); the pipeline is back to its base weights"
             )));
@@ -226,7 +253,7 @@ impl Txt2Img {
         let mut now_patched = Vec::new();
         for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
             let merged = plan.merged(c)?;
-            if merged.is_empty() && !self.patched.contains(&c) {
+            if merged.is_empty() && !self.loras.patched.contains(&c) {
                 continue;
             }
             if !merged.is_empty() {
@@ -236,9 +263,10 @@ impl Txt2Img {
             // ORT's AddInitializer overrides: on the CUDA provider those gave wrong images (seen on
             // an H200 with ORT 1.31.1, at every graph optimisation level), on the CPU right ones.
             let session = if merged.is_empty() {
-                session::open(&self.dir.model_path(c), &self.opts)?
+                session::open(&self.dir.model_path(c), &self.component_opts(c))?
             } else {
                 let model = &self
+                    .loras
                     .indexed
                     .as_deref()
                     .unwrap_or_default()
@@ -271,7 +299,7 @@ impl Txt2Img {
                 _ => self.text_encoder = s,
             }
         }
-        self.patched = now_patched;
+        self.loras.patched = now_patched;
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::layout::{OnnxComponent, OnnxPipelineDir};
-use crate::merge::{IndexedModel, LoraSpec};
+use crate::merge::IndexedModel;
 use crate::pipeline::scheduler::{self, SchedulerConfig, SchedulerKind};
 use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::runtime::device_io::{DeviceIo, Port};
@@ -25,8 +25,8 @@ mod graphs;
 mod loras;
 mod signature;
 
-use self::loras::Live;
 pub use self::loras::LoraMode;
+use self::loras::{Live, LoraBinding};
 use self::signature::UnetSignature;
 
 /// The largest width or height (SD 1.x is trained at 512; 4096 already needs tens of GB).
@@ -176,23 +176,11 @@ pub struct Txt2Img {
     pub default_size: u32,
     pub latent_channels: usize,
     opts: SessionOptions,
-    /// The UNet and text encoder graphs, indexed on first LoRA use.
-    indexed: Option<Vec<IndexedModel>>,
-    /// Components whose session currently carries LoRA weights ([`LoraMode::Rebuild`]).
-    patched: Vec<OnnxComponent>,
-    active: Vec<LoraSpec>,
-    lora_mode: LoraMode,
-    /// Switchable weights of the text encoder and UNet sessions ([`LoraMode::Switch`]).
-    te_live: Option<Live>,
-    unet_live: Option<Live>,
-    /// Parsed LoRA files (a switch back to a LoRA does not re-read it).
-    adapters: crate::merge::AdapterCache,
+    /// The run-time LoRA state (one owner: [`LoraBinding`]).
+    loras: LoraBinding,
     /// The UNet's device buffers (and CUDA graphs) when `opts` asks for them; reset whenever the
     /// UNet session is replaced.
     unet_io: Option<DeviceIo>,
-    /// The merge options of the last `set_loras` (rebuild mode merges again when CUDA graphs
-    /// need a UNet session for other shapes).
-    last_merge: Option<crate::merge::MergeOptions>,
     /// The free-dimension sizes the UNet session was built with for CUDA graphs (`None`: built
     /// without graphs).
     graph_dims: Option<Vec<(String, i64)>>,
@@ -331,15 +319,8 @@ impl Txt2Img {
             vae_scale_factor,
             latent_channels,
             opts: SessionOptions::default(),
-            indexed: None,
-            patched: Vec::new(),
-            active: Vec::new(),
-            lora_mode: LoraMode::default(),
-            te_live: None,
-            unet_live: None,
-            adapters: Default::default(),
+            loras: LoraBinding::default(),
             unet_io: None,
-            last_merge: None,
             graph_dims: None,
         })
     }
@@ -371,7 +352,7 @@ impl Txt2Img {
     /// Replace the UNet session (LoRA switch at run time).
     pub fn replace_unet(&mut self, unet: Session) {
         self.unet = unet;
-        self.unet_live = None;
+        self.loras.unet_live = None;
         self.unet_io = None;
         self.graph_dims = None;
     }
@@ -392,7 +373,7 @@ impl Txt2Img {
     /// Replace the text encoder session (LoRA switch at run time).
     pub fn replace_text_encoder(&mut self, text_encoder: Session) {
         self.text_encoder = text_encoder;
-        self.te_live = None;
+        self.loras.te_live = None;
     }
 
     /// Token ids → `last_hidden_state` `[b, 77, hidden]`.
@@ -409,7 +390,7 @@ impl Txt2Img {
         let input_name = self.text_encoder_input();
         let (shape, data) = run_first_output(
             &mut self.text_encoder,
-            self.te_live.as_mut(),
+            self.loras.te_live.as_mut(),
             vec![(input_name, input)],
             "text encoder output",
         )?;
@@ -466,7 +447,7 @@ impl Txt2Img {
                 .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
             return io.run(
                 &mut self.unet,
-                self.unet_live.as_mut().map(|l| &mut l.binding),
+                self.loras.unet_live.as_mut().map(|l| &mut l.binding),
                 &inputs,
                 &out,
             );
@@ -487,7 +468,7 @@ impl Txt2Img {
         ];
         let (_, data) = run_first_output(
             &mut self.unet,
-            self.unet_live.as_mut(),
+            self.loras.unet_live.as_mut(),
             inputs,
             "UNet output",
         )?;
