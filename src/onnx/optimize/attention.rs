@@ -89,23 +89,34 @@ fn find(g: &Graph<'_>, softmax: usize) -> Result<Match, &'static str> {
     let rq = g.node(tq_node).input[0].clone();
     let (q, nq) = head_split(g, &rq).ok_or("Q is not split into heads by a Reshape")?;
 
-    // K: Transpose(0,2,3,1) of the head split, or Transpose(0,1,3,2) of Transpose(0,2,1,3).
-    let tk_node = g
-        .producer_op(&tk, "Transpose")
-        .ok_or("K is not transposed")?;
+    // K: Transpose(0,2,3,1) of the head split, Transpose(0,1,3,2) of Transpose(0,2,1,3), or
+    // (torch's dynamo exporter) the last two dims of Transpose(0,2,1,3) swapped through
+    // Reshape[-1, L, h] → Transpose(0,2,1) → Reshape[b, N, h, L].
     let mut head_tensors = vec![tq.clone(), rq.clone()];
-    let rk = match g.attr_ints(tk_node, "perm") {
-        Some([0, 2, 3, 1]) => g.node(tk_node).input[0].clone(),
-        Some([0, 1, 3, 2]) => {
-            let inner = &g.node(tk_node).input[0];
-            let t = g
-                .producer_op(inner, "Transpose")
-                .filter(|&t| g.attr_ints(t, "perm") == Some(&[0, 2, 1, 3]))
-                .ok_or("K is not transposed to [b, N, h, s]")?;
-            head_tensors.push(inner.clone());
-            g.node(t).input[0].clone()
+    let rk = if let Some(t) = swapped_last_two(g, &tk) {
+        let inner = g
+            .producer_op(&t, "Transpose")
+            .filter(|&n| g.attr_ints(n, "perm") == Some(&[0, 2, 1, 3]))
+            .ok_or("K is not transposed to [b, N, s, h]")?;
+        head_tensors.push(t.clone());
+        g.node(inner).input[0].clone()
+    } else {
+        let tk_node = g
+            .producer_op(&tk, "Transpose")
+            .ok_or("K is not transposed")?;
+        match g.attr_ints(tk_node, "perm") {
+            Some([0, 2, 3, 1]) => g.node(tk_node).input[0].clone(),
+            Some([0, 1, 3, 2]) => {
+                let inner = &g.node(tk_node).input[0];
+                let t = g
+                    .producer_op(inner, "Transpose")
+                    .filter(|&t| g.attr_ints(t, "perm") == Some(&[0, 2, 1, 3]))
+                    .ok_or("K is not transposed to [b, N, h, s]")?;
+                head_tensors.push(inner.clone());
+                g.node(t).input[0].clone()
+            }
+            _ => return Err("K is not transposed to [b, N, h, s]"),
         }
-        _ => return Err("K is not transposed to [b, N, h, s]"),
     };
     let (k, nk) = head_split(g, &rk).ok_or("K is not split into heads by a Reshape")?;
     head_tensors.push(rk);
@@ -182,6 +193,62 @@ fn head_split(g: &Graph<'_>, x: &str) -> Option<(String, i64)> {
     };
     (heads >= 1.0 && heads.fract() == 0.0 && heads <= 65536.0)
         .then(|| (g.node(r).input[0].clone(), heads as i64))
+}
+
+/// `x` = the 4-D tensor `t` with its last two dims swapped the way torch's dynamo exporter writes
+/// `k.transpose(-2, -1)`: Reshape(Transpose(Reshape(t, [-1, d₋₂, d₋₁]), (0,2,1)),
+/// [d₀…d₋₃, d₋₁, d₋₂]) with every dᵢ sliced from Shape(t). Returns t.
+fn swapped_last_two(g: &Graph<'_>, x: &str) -> Option<String> {
+    let r2 = g.producer_op(x, "Reshape")?;
+    let tr = g.producer_op(&g.node(r2).input[0], "Transpose")?;
+    if g.attr_ints(tr, "perm") != Some(&[0, 2, 1]) {
+        return None;
+    }
+    let r1 = g.producer_op(&g.node(tr).input[0], "Reshape")?;
+    let t = g.node(r1).input[0].clone();
+    let pieces = |shape: &str| -> Option<Vec<String>> {
+        let c = g.producer_op(shape, "Concat")?;
+        Some(g.node(c).input.clone())
+    };
+    let (p1, p2) = (pieces(&g.node(r1).input[1])?, pieces(&g.node(r2).input[1])?);
+    const END: f64 = 1e18; // INT64_MAX / INT64_MIN as the exporter writes "to the end"
+    let is = |piece: &str, lo: f64, hi: f64| -> bool {
+        shape_slice(g, piece).is_some_and(|(of, s, e)| {
+            of == t
+                && (if lo <= -END {
+                    s <= -END || s == 0.0
+                } else {
+                    s == lo
+                })
+                && (if hi >= END { e >= END } else { e == hi })
+        })
+    };
+    let first_ok = p1.len() == 3
+        && g.scalar(&p1[0]) == Some(-1.0)
+        && is(&p1[1], -2.0, -1.0)
+        && is(&p1[2], -1.0, END);
+    let second_ok =
+        p2.len() == 3 && is(&p2[0], -END, -2.0) && is(&p2[1], -1.0, END) && is(&p2[2], -2.0, -1.0);
+    (first_ok && second_ok).then_some(t)
+}
+
+/// `x` = Slice(Shape(t), [start], [end]) on axis 0 with step 1: (t, start, end).
+fn shape_slice(g: &Graph<'_>, x: &str) -> Option<(String, f64, f64)> {
+    let s = g.producer_op(x, "Slice")?;
+    let ins = &g.node(s).input;
+    let shape = g.producer_op(&ins[0], "Shape")?;
+    if g.attr_int(shape, "start").unwrap_or(0) != 0 || g.attr(shape, "end").is_some() {
+        return None;
+    }
+    let start = g.scalar(ins.get(1)?)?;
+    let end = g.scalar(ins.get(2)?)?;
+    let axes_ok = ins
+        .get(3)
+        .is_none_or(|a| a.is_empty() || g.values(a) == Some(vec![0.0]));
+    let steps_ok = ins
+        .get(4)
+        .is_none_or(|a| a.is_empty() || g.values(a) == Some(vec![1.0]));
+    (axes_ok && steps_ok).then(|| (g.node(shape).input[0].clone(), start, end))
 }
 
 /// The length of a shape tensor: a constant's element count or a Concat's input count (each
