@@ -4,7 +4,9 @@
 //! inline / external / typed storage, external `location` checks), `initializers`,
 //! `external_locations`, `initializer_bytes`, `initializer_f32` (`decode_f32`, typed fields);
 //! src/onnx/index.rs: `WeightIndex::build`, `to_json`, `from_json`, `validate`, `lookup`;
-//! src/onnx/mod.rs: `inspect` and its `Display`.
+//! src/onnx/mod.rs: `inspect` and its `Display`;
+//! src/onnx/optimize: the graph rewrites of `lorafuse optimize` (for CUDA and for the CPU): no
+//! panic, and what they write decodes again.
 //!
 //! The model "lives" in a per-process temporary folder holding a 4096-byte `weights.bin`, so
 //! external-data locations have a real file to resolve against.
@@ -15,6 +17,7 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use lorafuse::onnx::optimize::{OptimizeOptions, optimize};
 use lorafuse::onnx::{OnnxModel, WeightIndex, inspect};
 
 /// Only read initializers up to this size.
@@ -52,4 +55,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = back.validate(&model);
     }
     let _ = inspect(&model).to_string();
+    for opts in [OptimizeOptions::for_cuda(), OptimizeOptions::for_cpu()] {
+        if let Ok((bytes, report)) = optimize(&model, &opts) {
+            let _ = report.to_string();
+            OnnxModel::from_bytes(model_path(), Bytes::from(bytes))
+                .expect("an optimized model decodes again");
+        }
+    }
 });

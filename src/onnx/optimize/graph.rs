@@ -74,13 +74,26 @@ impl<'a> Graph<'a> {
         &self.g.node[i]
     }
 
-    /// Op type of node `i` in the default domain (`None` for contrib ops and removed nodes).
+    /// Op type of node `i` in the default domain (`None` for contrib ops, removed nodes, and nodes
+    /// whose input/output count is not what the op has: patterns index inputs freely, and a
+    /// hostile file must not make them panic).
     pub fn op(&self, i: usize) -> Option<&str> {
         let n = &self.g.node[i];
         if self.dead[i] || !matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
             return None;
         }
-        n.op_type.as_deref()
+        let op = n.op_type.as_deref()?;
+        let (ins, outs) = (n.input.len(), n.output.len());
+        let ok = match op {
+            "Constant" => ins == 0 && outs == 1,
+            "MatMul" | "Mul" | "Div" | "Add" | "Reshape" | "Gather" => ins == 2 && outs == 1,
+            "Slice" => (3..=5).contains(&ins) && outs == 1,
+            "InstanceNormalization" => ins == 3 && outs == 1,
+            "Concat" => ins >= 1 && outs == 1,
+            "Unsqueeze" | "Squeeze" => (1..=2).contains(&ins) && outs == 1,
+            _ => ins >= 1 && outs >= 1,
+        };
+        ok.then_some(op)
     }
 
     /// The live node producing `name`.
