@@ -16,7 +16,30 @@ L=$B/lorafuse
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 steps=${STEPS:-25}; images=${IMAGES:-3}
 
-MODE=${1:-all}   # all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA graphs
+MODE=${1:-all}   # all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA graphs; memory: peak GPU memory only
+if [ "$MODE" = memory ]; then
+  python3 models/scripts/gpu_sd15.py build /tmp/sd15 models/tiny/onnx/tokenizer >/dev/null 2>&1 && \
+  python3 models/scripts/gpu_sd15.py loras /tmp/sd15 /tmp/loras >/dev/null 2>&1 && \
+  python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-onnx >/dev/null 2>&1 || exit 1
+  $L optimize /tmp/sd15-onnx /tmp/sd15-opt >/dev/null
+  peak() { # label, then lorafuse bench arguments: the process's peak GPU memory (nvidia-smi, 100 ms)
+    local label=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
+    $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda --json "$@" > "$OUT/bench_$label.json" 2>/dev/null
+    kill $smi; wait $smi 2>/dev/null
+    python3 -c "import json,sys; v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; r=json.load(open('$OUT/bench_$label.json')); print(f'$label: peak {max(v)-min(v)} MiB over idle ({min(v)} MiB idle), {r[\"median_seconds_per_image\"]:.3f} s/image')"
+  }
+  peak exported -m /tmp/sd15-onnx
+  peak fused_graphs -m /tmp/sd15-opt --cuda-graphs
+  # one pipeline with a live-switchable LoRA (bench with LoRAs also opens a second pipeline)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_lora.txt" & smi=$!
+  $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 --steps 25 --device cuda --cuda-graphs \
+    --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png" >/dev/null 2>&1
+  kill $smi; wait $smi 2>/dev/null
+  python3 -c "v=[int(x) for x in open('$OUT/mem_lora.txt') if x.strip().isdigit()]; print(f'fused_graphs_switch_lora (generate): peak {max(v)-min(v)} MiB over idle')"
+  peak fused_graphs_capped -m /tmp/sd15-opt --cuda-graphs --cuda-mem-limit 3GiB
+  exit 0
+fi
 if [ "$MODE" = graphs ]; then
   # the UNet must be captured (ORT says so at verbose level) and replayed
   ORT_LOG=verbose $L generate -m models/tiny/onnx --optimize -p "a photo of a cat" --steps 4 --seed 3 \
