@@ -258,14 +258,18 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
     if let Some(what) = opts.optimize_for() {
         let (model, _) = crate::onnx::optimize::open_optimized(path, &what)?;
-        let r = open_model(&model, opts);
-        if r.is_err() && what != opts.optimize_for().unwrap_or(what.clone()) {
-            // `auto` found CUDA but fell back to the CPU while building: CPU kernels only.
-            let (model, _) =
-                crate::onnx::optimize::open_optimized(path, &OptimizeOptions::for_cpu())?;
-            return open_model(&model, opts);
-        }
-        return r;
+        return match open_model(&model, opts) {
+            // `auto` found CUDA but fell back to the CPU while building: CPU kernels only
+            Err(_)
+                if what != OptimizeOptions::for_cpu()
+                    && opts.optimize_for() == Some(OptimizeOptions::for_cpu()) =>
+            {
+                let (model, _) =
+                    crate::onnx::optimize::open_optimized(path, &OptimizeOptions::for_cpu())?;
+                open_model(&model, opts)
+            }
+            r => r,
+        };
     }
     if !path.is_file() {
         return Err(Error::io(
@@ -426,8 +430,17 @@ fn io_info(name: &str, ty: &ValueType) -> IoInfo {
 /// Open a decoded model (e.g. an optimized one held in memory), its external data served from
 /// memory.
 pub fn open_model(model: &crate::onnx::OnnxModel, opts: &SessionOptions) -> Result<Session> {
-    let patched = crate::onnx::write::patched_in_memory(model, &Default::default())?;
-    open_from_memory(model.path(), opts, patched)
+    let mut data_files = Vec::new();
+    for location in model.external_locations() {
+        // checked (contained, regular, long enough) when the model was opened
+        let src = model.dir().join(&location);
+        data_files.push((
+            location,
+            std::fs::read(&src).map_err(|e| Error::io(&src, e))?,
+        ));
+    }
+    // the model's own bytes are handed over without a copy
+    open_bytes(model.path(), opts, model.file_bytes().clone(), data_files)
 }
 
 /// Open a model from memory (a patched copy: LoRAs merged at run time), with its external data
@@ -437,15 +450,28 @@ pub fn open_from_memory(
     opts: &SessionOptions,
     patched: crate::onnx::write::PatchedInMemory,
 ) -> Result<Session> {
+    open_bytes(
+        path,
+        opts,
+        bytes::Bytes::from(patched.model),
+        patched.data_files,
+    )
+}
+
+fn open_bytes(
+    path: &Path,
+    opts: &SessionOptions,
+    model: bytes::Bytes,
+    data_files: Vec<(String, Vec<u8>)>,
+) -> Result<Session> {
     let env = super::environment()?;
-    let model = bytes::Bytes::from(patched.model);
     let nhwc = opts.cuda.layout == ConvLayout::Auto
         && <crate::onnx::proto::ModelProto as prost::Message>::decode(model.clone())
             .ok()
             .and_then(|m| m.graph)
             .is_some_and(|g| crate::onnx::optimize::prefers_nhwc(&g));
     let mut builder = configure(Session::builder(env)?, opts, nhwc)?;
-    for (location, data) in patched.data_files {
+    for (location, data) in data_files {
         builder = builder
             .with_external_initializer_file_in_memory(
                 &location,
