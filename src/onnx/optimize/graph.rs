@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use half::{bf16, f16};
+use half::f16;
 
 use crate::onnx::proto::tensor_proto::{DataLocation, DataType};
 use crate::onnx::proto::{
@@ -392,31 +392,25 @@ fn tensor_values_upto(t: &TensorProto, max: usize) -> Option<Vec<f64>> {
     }
     let dt = DataType::try_from(t.data_type?).ok()?;
     let v: Vec<f64> = if let Some(raw) = t.raw_data.as_deref() {
-        let w = dt.bits()? as usize / 8;
-        if w == 0 || raw.len() != numel * w {
-            return None;
-        }
-        let c = raw.chunks_exact(w);
-        match dt {
-            DataType::Float => c
-                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect(),
-            DataType::Double => c
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                .collect(),
-            DataType::Float16 => c
-                .map(|b| f64::from(f16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            DataType::Bfloat16 => c
-                .map(|b| f64::from(bf16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            DataType::Int64 => c
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f64)
-                .collect(),
-            DataType::Int32 => c
-                .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect(),
-            _ => return None,
+        if let Some(ft) = crate::onnx::model::float_type(dt) {
+            // floats through the one codec (crate::dtype)
+            let v = crate::dtype::decode(ft, raw).ok()?;
+            v.into_iter().map(f64::from).collect()
+        } else {
+            let w = dt.bits()? as usize / 8;
+            if w == 0 || raw.len() != numel * w {
+                return None;
+            }
+            let c = raw.chunks_exact(w);
+            match dt {
+                DataType::Int64 => c
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f64)
+                    .collect(),
+                DataType::Int32 => c
+                    .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    .collect(),
+                _ => return None,
+            }
         }
     } else {
         match dt {
@@ -475,13 +469,8 @@ pub(crate) fn contrib_node(
     attribute: Vec<AttributeProto>,
 ) -> NodeProto {
     NodeProto {
-        input: inputs,
-        output: outputs,
-        name: Some(name),
-        op_type: Some(op.into()),
         domain: Some(super::MS_DOMAIN.into()),
-        attribute,
-        ..Default::default()
+        ..onnx_node(op, name, inputs, outputs, attribute)
     }
 }
 

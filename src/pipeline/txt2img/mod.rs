@@ -277,26 +277,20 @@ impl Txt2Img {
                 }
             },
         };
-        let sample_size = config_size
-            .or_else(|| {
-                sample_shape
-                    .get(2)
-                    .copied()
-                    .filter(|&d| d > 0)
-                    .map(|d| d as u64)
-            })
-            .unwrap_or(64) as u32;
+        // a dimension the export fixed (negative: free)
+        let fixed = |k: usize| {
+            sample_shape
+                .get(k)
+                .copied()
+                .filter(|&d| d > 0)
+                .map(|d| d as u64)
+        };
+        let sample_size = config_size.or_else(|| fixed(2)).unwrap_or(64) as u32;
         let latent_channels = unet_cfg
             .as_ref()
             .and_then(|c| c.get("in_channels"))
             .and_then(|v| v.as_u64())
-            .or_else(|| {
-                sample_shape
-                    .get(1)
-                    .copied()
-                    .filter(|&d| d > 0)
-                    .map(|d| d as u64)
-            })
+            .or_else(|| fixed(1))
             .unwrap_or(4) as usize;
         if !(1..=64).contains(&latent_channels) {
             return Err(config_err(
