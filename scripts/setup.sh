@@ -4,6 +4,8 @@
 #
 #   scripts/setup.sh            ONNX Runtime (CPU): onnxruntime==1.31.1
 #   scripts/setup.sh --train    + torch==2.11.0 (libtorch for tch = 0.24.0, the `train` feature)
+#                               + tensorboard==2.21.0 (`tensorboard --logdir OUTPUT_DIR/logs`) and
+#                               sd-parsers==0.6: the tests read our logs and PNGs with these readers
 #   scripts/setup.sh --cuda     onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) instead of the CPU build
 #
 # Afterwards `cargo build`, `cargo run` and `cargo test` need no exported variables. A built binary
@@ -11,13 +13,15 @@
 set -euo pipefail
 ORT_VERSION=1.31.1
 TORCH_VERSION=2.11.0
+TENSORBOARD_VERSION=2.21.0
+SD_PARSERS_VERSION=0.6
 root=$(cd "$(dirname "$0")/.." && pwd)
 train=0 cuda=0
 for a in "$@"; do
   case "$a" in
     --train) train=1 ;;
     --cuda) cuda=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -39,6 +43,8 @@ else
 fi
 if [ $train = 1 ]; then
   have torch "$TORCH_VERSION" || { echo "setup: installing torch==$TORCH_VERSION (large download)"; pip install "torch==$TORCH_VERSION"; }
+  have tensorboard "$TENSORBOARD_VERSION" || { echo "setup: installing tensorboard==$TENSORBOARD_VERSION"; pip install "tensorboard==$TENSORBOARD_VERSION"; }
+  have sd-parsers "$SD_PARSERS_VERSION" || { echo "setup: installing sd-parsers==$SD_PARSERS_VERSION"; pip install "sd-parsers==$SD_PARSERS_VERSION"; }
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -61,23 +61,10 @@ pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
         .suffix(".png.part")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    {
-        let w = std::io::BufWriter::new(tmp.as_file_mut());
-        let mut enc = png::Encoder::new(w, image.width, image.height);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let png_err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
-        if image.parameters.is_ascii() {
-            enc.add_text_chunk("parameters".into(), image.parameters.clone())
-                .map_err(png_err)?;
-        } else {
-            enc.add_itxt_chunk("parameters".into(), image.parameters.clone())
-                .map_err(png_err)?;
-        }
-        let mut writer = enc.write_header().map_err(png_err)?;
-        writer.write_image_data(&image.rgb).map_err(png_err)?;
-        writer.finish().map_err(png_err)?;
-    }
+    let bytes = encode_png(image).map_err(|e| Error::io(path, e))?;
+    tmp.as_file_mut()
+        .write_all(&bytes)
+        .map_err(|e| Error::io(path, e))?;
     tmp.as_file_mut().flush().map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     // Temporary files are created 0600; an image is an ordinary file.
@@ -90,6 +77,60 @@ pub fn write_png(path: &Path, image: &GeneratedImage) -> Result<()> {
     }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// `image` as PNG bytes, with its settings in a `parameters` text chunk (tEXt when ASCII, else
+/// iTXt, as A1111 writes them).
+pub fn encode_png(image: &GeneratedImage) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, image.width, image.height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let err = |e: png::EncodingError| std::io::Error::other(e.to_string());
+    if image.parameters.is_ascii() {
+        enc.add_text_chunk("parameters".into(), image.parameters.clone())
+            .map_err(err)?;
+    } else {
+        enc.add_itxt_chunk("parameters".into(), image.parameters.clone())
+            .map_err(err)?;
+    }
+    let mut writer = enc.write_header().map_err(err)?;
+    writer.write_image_data(&image.rgb).map_err(err)?;
+    writer.finish().map_err(err)?;
+    Ok(out)
+}
+
+/// Images of one size in one grid image, laid out as A1111's `image_grid` does by default
+/// (modules/images.py: `rows = round(sqrt(n))`, `cols = ceil(n / rows)`, row-major, black where
+/// the last row is short). The grid's `parameters` are the first image's, as A1111 records a
+/// grid's. `None` for no images or images of different sizes.
+pub fn image_grid(images: &[GeneratedImage]) -> Option<GeneratedImage> {
+    let first = images.first()?;
+    let (w, h) = (first.width as usize, first.height as usize);
+    if images
+        .iter()
+        .any(|i| i.width != first.width || i.height != first.height || i.rgb.len() != w * h * 3)
+    {
+        return None;
+    }
+    let n = images.len();
+    let rows = ((n as f64).sqrt().round() as usize).clamp(1, n);
+    let cols = n.div_ceil(rows);
+    let gw = cols * w;
+    let mut rgb = vec![0u8; rows * h * gw * 3];
+    for (i, img) in images.iter().enumerate() {
+        let (r, c) = (i / cols, i % cols);
+        for y in 0..h {
+            let dst = ((r * h + y) * gw + c * w) * 3;
+            rgb[dst..dst + w * 3].copy_from_slice(&img.rgb[y * w * 3..(y + 1) * w * 3]);
+        }
+    }
+    Some(GeneratedImage {
+        width: u32::try_from(gw).ok()?,
+        height: u32::try_from(rows * h).ok()?,
+        rgb,
+        parameters: first.parameters.clone(),
+    })
 }
 
 /// Read the `parameters` text back from a PNG (tEXt or iTXt), as other tools do.
@@ -159,7 +200,11 @@ pub struct ImageSettings<'a> {
     pub width: u32,
     pub height: u32,
     pub model: &'a str,
+    /// A1111's `Model hash` (10 hex digits, [`crate::hashes`]), when known.
+    pub model_hash: Option<&'a str>,
     pub loras: &'a [crate::lora::LoraSpec],
+    /// A1111's `Lora hashes` value ([`crate::hashes::lora_hashes`]).
+    pub lora_hashes: Option<&'a str>,
 }
 
 /// The A1111 `parameters` text for one image.
@@ -170,8 +215,15 @@ pub fn generation_parameters(s: &ImageSettings<'_>) -> String {
         ("CFG scale", s.guidance_scale.to_string()),
         ("Seed", s.seed.to_string()),
         ("Size", format!("{}x{}", s.width, s.height)),
-        ("Model", s.model.to_string()),
     ];
+    // A1111's order: Model hash, Model, Lora hashes
+    if let Some(h) = s.model_hash {
+        settings.push(("Model hash", h.to_string()));
+    }
+    settings.push(("Model", s.model.to_string()));
+    if let Some(h) = s.lora_hashes {
+        settings.push(("Lora hashes", h.to_string()));
+    }
     if !s.loras.is_empty() {
         let list: Vec<String> = s
             .loras

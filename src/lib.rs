@@ -30,6 +30,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod files;
+pub mod hashes;
 pub mod image;
 pub mod layout;
 pub mod lora;

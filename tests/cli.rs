@@ -19,12 +19,57 @@ fn lorafuse(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A third-party reader of A1111 infotext (PyPI `sd-parsers` 0.6, installed by
+/// `scripts/setup.sh --train`) reads the PNG's model hash, sampler and seed.
+fn sd_parsers_read(png: &Path, model_hash: &str, seed: u64) {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = r#"
+import json, sys
+from sd_parsers import ParserManager
+info = ParserManager().parse(sys.argv[1])
+s = info.samplers[0]
+print(json.dumps({"generator": str(info.generator), "sampler": s.name, "hash": s.model.hash,
+                  "model": s.model.name, "seed": s.parameters.get("seed")}))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script])
+        .arg(png)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
+    assert!(
+        o.status.success(),
+        "sd-parsers: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["hash"], model_hash, "{v}");
+    assert_eq!(v["model"], "onnx", "{v}");
+    assert_eq!(v["sampler"], "Euler a", "{v}");
+    assert_eq!(
+        v["seed"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or(v["seed"].to_string()),
+        seed.to_string(),
+        "{v}"
+    );
+    assert!(
+        v["generator"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AUTOMATIC1111"),
+        "{v}"
+    );
+}
+
 #[test]
 fn generate_writes_png_with_a1111_parameters() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pattern = dir.path().join("{index}-{seed}.png");
     let model = tiny("onnx");
     let loras = tiny("loras");
+    // any file stands for the checkpoint the pipeline was exported from
+    let checkpoint = tiny("diffusers/unet/diffusion_pytorch_model.safetensors");
     let (ok, stdout, stderr) = lorafuse(&[
         "generate",
         "-m",
@@ -43,12 +88,52 @@ fn generate_writes_png_with_a1111_parameters() {
         "euler-a",
         "--lora-dir",
         loras.to_str().unwrap_or_default(),
+        "--lora",
+        &format!("{}:0.25", tiny("loras/lycoris_loha.safetensors").display()),
+        "--model-hash",
+        checkpoint.to_str().unwrap_or_default(),
         "--device",
         "cpu",
         "-o",
         pattern.to_str().unwrap_or_default(),
     ]);
     assert!(ok, "{stderr}");
+    // A1111's hashes computed as modules/hashes.py does, by Python's hashlib: the checkpoint's
+    // sha256[:10]; a LoRA's stored sshs_model_hash[:12] (LyCORIS stores `0x…`) or the sha256 of
+    // its bytes after the safetensors header [:12]
+    let reference = Command::new("python3")
+        .args([
+            "-c",
+            r#"
+import hashlib, json, struct, sys
+print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()[:10])
+for p in sys.argv[2:]:
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]
+    meta = json.loads(b[8:8 + n]).get("__metadata__", {})
+    print(meta.get("sshs_model_hash") or hashlib.sha256(b[8 + n:]).hexdigest(), end="\n")
+"#,
+        ])
+        .arg(&checkpoint)
+        .arg(tiny("loras/lycoris_loha.safetensors"))
+        .arg(tiny("loras/kohya.safetensors"))
+        .output()
+        .expect("python3");
+    let lines: Vec<String> = String::from_utf8_lossy(&reference.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let want_model = format!("Model hash: {}, Model: onnx", lines[0]);
+    let want_loras = format!(
+        "Lora hashes: \"lycoris_loha: {}, kohya: {}\"",
+        &lines[1][..12],
+        &lines[2][..12]
+    );
     for (i, seed) in [(0, 7), (1, 8)] {
         let p = dir.path().join(format!("{i}-{seed}.png"));
         assert!(stdout.contains(&p.display().to_string()), "{stdout}");
@@ -65,9 +150,15 @@ fn generate_writes_png_with_a1111_parameters() {
             "{params}"
         );
         assert!(
-            params.contains("Size: 64x64") && params.contains("Lora weights: \"kohya: 0.5\""),
+            params.contains("Size: 64x64")
+                && params.contains("Lora weights: \"lycoris_loha: 0.25, kohya: 0.5\""),
             "{params}"
         );
+        assert!(
+            params.contains(&want_model) && params.contains(&want_loras),
+            "{params}\nwant {want_model} and {want_loras}"
+        );
+        sd_parsers_read(&p, &lines[0], seed);
     }
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read_dir")

@@ -35,6 +35,46 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
     c
 }
 
+/// A run's TensorBoard logs as TensorBoard's own reader (`EventAccumulator`, PyPI `tensorboard`,
+/// installed by `scripts/setup.sh --train`) sees them: `{"scalars": {tag: [[step, value]]},
+/// "images": {tag: [[step, width, height, png bytes]]}}`.
+fn read_tensorboard(dir: &Path) -> serde_json::Value {
+    let py = root().join(".venv/bin/python");
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, IMAGES, SCALARS
+acc = EventAccumulator(sys.argv[1], size_guidance={IMAGES: 0, SCALARS: 0})
+acc.Reload()
+tags = acc.Tags()
+print(json.dumps({
+    "scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]},
+    "images": {t: [[e.step, e.width, e.height, len(e.encoded_image_string)] for e in acc.Images(t)]
+               for t in tags["images"]},
+}))
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
+    assert!(
+        o.status.success(),
+        "TensorBoard's reader failed (scripts/setup.sh --train installs it): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("reader json")
+}
+
+/// The steps of a scalar tag.
+fn steps_of(tb: &serde_json::Value, tag: &str) -> Vec<i64> {
+    tb["scalars"][tag]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scalar {tag}: {tb}"))
+        .iter()
+        .map(|e| e[0].as_i64().expect("step"))
+        .collect()
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
@@ -187,6 +227,102 @@ fn resume_after_kill_is_bit_identical() {
         .map(|l| l.split(',').next().unwrap_or(""))
         .collect();
     assert_eq!(steps, ["1", "2", "3", "4", "5", "6", "7", "8"]);
+    // TensorBoard shows each step once too (the resumed file purges steps 4 and 5 of the killed
+    // run), with the uninterrupted run's losses
+    let (ta, tb) = (
+        read_tensorboard(&a.join("logs/text2image-fine-tune")),
+        read_tensorboard(&b.join("logs/text2image-fine-tune")),
+    );
+    assert_eq!(steps_of(&tb, "train_loss"), (1..=8).collect::<Vec<i64>>());
+    assert_eq!(ta["scalars"]["train_loss"], tb["scalars"]["train_loss"]);
+    assert_eq!(ta["scalars"]["lr"], tb["scalars"]["lr"]);
+}
+
+#[test]
+fn tensorboard_logs_and_validation_grids() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("run");
+    let mut c = config(&tiny().join("dataset"), &out);
+    c.max_train_steps = Some(4);
+    c.validation = Some(lorafuse::train::validation::ValidationConfig {
+        prompt: "a red square".into(),
+        num_images: 3,
+        steps: 4,
+        guidance_scale: 7.5,
+        every_epochs: None,
+        every_steps: Some(2),
+    });
+    let report = train(&c, None, &mut |_| {}).expect("train");
+    let tb = read_tensorboard(&out.join("logs/text2image-fine-tune"));
+    for tag in ["train_loss", "lr", "grad_norm", "samples_per_s"] {
+        assert_eq!(steps_of(&tb, tag), [1, 2, 3, 4], "{tag}");
+    }
+    let losses: Vec<f64> = tb["scalars"]["train_loss"]
+        .as_array()
+        .expect("loss")
+        .iter()
+        .map(|e| e[1].as_f64().expect("value"))
+        .collect();
+    for (got, want) in losses.iter().zip(&report.losses) {
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    }
+    // 3 validation images of 64x64 in A1111's grid: round(sqrt(3)) = 2 rows of 2
+    let images = |tag: &str| -> Vec<(i64, i64, i64)> {
+        tb["images"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no image tag {tag}: {tb}"))
+            .iter()
+            .map(|e| {
+                (
+                    e[0].as_i64().unwrap(),
+                    e[1].as_i64().unwrap(),
+                    e[2].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(images("validation"), [(2, 128, 128), (4, 128, 128)]);
+    assert_eq!(images("test"), [(4, 128, 128)]);
+    // the grid PNG: tiles are the single images, its text names prompt, seed and step
+    let grid_path = out.join("validation/step-2-grid.png");
+    let text = lorafuse::image::read_png_parameters(&grid_path)
+        .expect("read")
+        .expect("parameters");
+    assert!(
+        text.starts_with("a red square\n")
+            && text.contains("Seed: 7")
+            && text.ends_with("Training step: 2"),
+        "{text}"
+    );
+    let decode = |p: &Path| -> (u32, Vec<u8>) {
+        let img = image::open(p).expect("png").to_rgb8();
+        (img.width(), img.into_raw())
+    };
+    let (gw, grid) = decode(&grid_path);
+    assert_eq!(gw, 128);
+    for i in 0..3usize {
+        let (_, tile) = decode(&out.join(format!("validation/step-2-{i}.png")));
+        let (r, col) = (i / 2, i % 2);
+        for y in 0..64 {
+            let g = ((r * 64 + y) * 128 + col * 64) * 3;
+            assert_eq!(
+                &grid[g..g + 64 * 3],
+                &tile[y * 64 * 3..(y + 1) * 64 * 3],
+                "tile {i} row {y}"
+            );
+        }
+    }
+    let (_, last) = decode(&grid_path);
+    assert!(
+        last[(64 * 128 + 64) * 3..]
+            .iter()
+            .take(64 * 3)
+            .all(|&b| b == 0),
+        "the empty cell is black"
+    );
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub struct ImageRequest {
     pub scheduler: Option<String>,
     /// Starting latents `[b, 4, h/8, w/8]` (diffusers' `latents=`).
     pub init_latents: Option<(Vec<usize>, Vec<f32>)>,
+    /// A1111's `Model hash` for the parameters text (see [`crate::hashes::model_hash_arg`]).
+    pub model_hash: Option<String>,
 }
 
 impl Default for ImageRequest {
@@ -55,6 +57,7 @@ impl Default for ImageRequest {
             batch_size: g.batch,
             scheduler: g.scheduler,
             init_latents: g.init_latents,
+            model_hash: None,
         }
     }
 }
@@ -115,6 +118,7 @@ pub fn generate_images(
     check_seed_range(req.seed, req.num_images)?;
     let scheduler = req.scheduler.as_deref().map(scheduler_name);
     let batches = req.num_images.div_ceil(req.batch_size);
+    let lora_hashes = crate::hashes::lora_hashes(loras)?;
     let mut done = ImagesDone::default();
     let mut index = 0usize;
     let mut batch_no = 0usize;
@@ -157,7 +161,9 @@ pub fn generate_images(
                     width: out.width,
                     height: out.height,
                     model,
+                    model_hash: req.model_hash.as_deref(),
                     loras,
+                    lora_hashes: lora_hashes.as_deref(),
                 }),
             })?;
         }

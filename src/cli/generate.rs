@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Starting latents [b, 4, h/8, w/8] (.npy, or .safetensors with one tensor), as diffusers' `latents=`.
     #[arg(long = "init-latents")]
     pub init_latents: Option<PathBuf>,
+    /// A1111's `Model hash` in the PNG text (what Civitai links): the checkpoint this pipeline was
+    /// exported from (hashed like A1111: SHA-256, first 10 hex digits) or its hash.
+    #[arg(long = "model-hash", value_name = "CHECKPOINT|HASH")]
+    pub model_hash: Option<String>,
     /// Output file pattern: {index} (image number), {seed}.
     #[arg(long, short = 'o', default_value = "outputs/{index}-{seed}.png")]
     pub output: String,
@@ -133,6 +137,11 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size,
         scheduler: a.scheduler.clone(),
         init_latents,
+        model_hash: a
+            .model_hash
+            .as_deref()
+            .map(lorafuse::hashes::model_hash_arg)
+            .transpose()?,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

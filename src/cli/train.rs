@@ -13,7 +13,7 @@ use lorafuse::train::lora::{LoraConfig, LoraInit};
 use lorafuse::train::noise::Prediction;
 use lorafuse::train::optim::{AdamWConfig, LrSchedule};
 use lorafuse::train::output::SaveFormat;
-use lorafuse::train::trainer::{Event, MixedPrecision, TrainConfig, train};
+use lorafuse::train::trainer::{Event, MixedPrecision, ReportTo, TrainConfig, train};
 use lorafuse::train::validation::ValidationConfig;
 
 /// The library's defaults (`TrainConfig::new`, the script's `parse_args`): every flag's default
@@ -149,11 +149,13 @@ pub struct TrainArgs {
     /// epsilon or v_prediction (default: the scheduler config's).
     #[arg(long = "prediction_type", value_enum)]
     pub prediction_type: Option<Prediction>,
-    #[arg(long = "logging_dir", hide = true)]
-    pub logging_dir: Option<PathBuf>,
-    /// Accepted; the log is OUTPUT_DIR/logs/train_log.csv.
-    #[arg(long = "report_to", hide = true)]
-    pub report_to: Option<String>,
+    /// The logs' folder, relative to --output_dir: train_log.csv and, with TensorBoard, the
+    /// event files in LOGGING_DIR/text2image-fine-tune (`tensorboard --logdir OUTPUT_DIR/logs`).
+    #[arg(long = "logging_dir", default_value_os_t = defaults().logging_dir.clone())]
+    pub logging_dir: PathBuf,
+    /// tensorboard (events + CSV, the script's default), all (the same), csv, or none.
+    #[arg(long = "report_to", value_enum, default_value_t = defaults().report_to)]
+    pub report_to: ReportTo,
     #[arg(long = "mixed_precision", value_enum, default_value_t = defaults().mixed_precision)]
     pub mixed_precision: MixedPrecision,
     #[arg(long = "local_rank", hide = true, default_value_t = -1)]
@@ -322,6 +324,8 @@ impl TrainArgs {
         c.fuse_accumulation = !self.no_fuse_accumulation;
         c.device = self.device.clone();
         c.abort_after_step = self.debug_abort_after_step;
+        c.report_to = self.report_to;
+        c.logging_dir = self.logging_dir.clone();
         Ok(c)
     }
 }

@@ -282,6 +282,7 @@ impl PipelineState {
             batch_size: req.batch_size,
             scheduler: req.scheduler.clone(),
             init_latents: None,
+            model_hash: None,
         };
         let mut set = ImageSet {
             width: 0,

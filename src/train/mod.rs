@@ -22,6 +22,7 @@ pub mod optim;
 pub mod output;
 pub mod resnet;
 pub mod single_file;
+pub mod tensorboard;
 pub mod trainer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

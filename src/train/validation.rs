@@ -12,7 +12,9 @@ use tch::{Device, Kind, Tensor};
 use super::clip::ClipTextModel;
 use super::unet_2d::UNet2DConditionModel;
 use super::vae::VaeDecoder;
-use crate::image::{GeneratedImage, a1111_parameters, unit_to_u8, vae_to_unit, write_png};
+use crate::image::{
+    GeneratedImage, a1111_parameters, a1111_sampler_name, unit_to_u8, vae_to_unit, write_png,
+};
 use crate::pipeline::scheduler::{SchedulerConfig, make_scheduler};
 use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -162,7 +164,7 @@ impl Validator {
                 "",
                 &[
                     ("Steps", cfg.steps.to_string()),
-                    ("Sampler", kind_sched.name().to_string()),
+                    ("Sampler", a1111_sampler_name(kind_sched.name())),
                     ("CFG scale", cfg.guidance_scale.to_string()),
                     ("Seed", s.to_string()),
                     ("Size", format!("{width}x{height}")),

@@ -117,6 +117,18 @@ impl WeightFile {
         })
     }
 
+    /// The bytes after the header (the tensor data region), what A1111's "addnet" hash covers.
+    pub fn data_region(&self) -> &[u8] {
+        let bytes = self.data.bytes();
+        let n = bytes
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
+        // parse_header checked that 8 + n lies within the file
+        let start = usize::try_from(n).map_or(bytes.len(), |n| (8 + n).min(bytes.len()));
+        &bytes[start..]
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

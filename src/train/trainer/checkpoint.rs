@@ -183,46 +183,6 @@ pub(super) fn restore(
     Ok(())
 }
 
-/// `logs/train_log.csv`, opened for appending; on resume without the rows an interrupted run
-/// logged after its checkpoint.
-pub(super) fn open_log(
-    cfg: &TrainConfig,
-    resumed: bool,
-    global_step: i64,
-) -> Result<(PathBuf, std::fs::File)> {
-    let log_path = cfg.output_dir.join("logs").join("train_log.csv");
-    std::fs::create_dir_all(cfg.output_dir.join("logs"))
-        .map_err(|e| Error::io(cfg.output_dir.join("logs"), e))?;
-    if resumed && log_path.is_file() {
-        // drop the rows an interrupted run logged after the checkpoint
-        let text = std::fs::read_to_string(&log_path).map_err(|e| Error::io(&log_path, e))?;
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                l.split(',')
-                    .next()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .is_none_or(|s| s <= global_step)
-            })
-            .collect();
-        std::fs::write(&log_path, kept.join("\n") + "\n").map_err(|e| Error::io(&log_path, e))?;
-    }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Error::io(&log_path, e))?;
-    if log.metadata().map(|m| m.len() == 0).unwrap_or(true) {
-        use std::io::Write;
-        writeln!(
-            log,
-            "step,epoch,loss,lr,grad_norm,samples_per_s,elapsed_s,device_mem,skipped"
-        )
-        .map_err(|e| Error::io(&log_path, e))?;
-    }
-    Ok((log_path, log))
-}
-
 /// Write `checkpoint-<step>` atomically (a `.partial` folder renamed into place) and enforce
 /// `checkpoints_total_limit`.
 pub(super) fn save_checkpoint(

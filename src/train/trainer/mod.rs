@@ -24,11 +24,13 @@
 
 mod cache;
 mod checkpoint;
+mod logs;
 mod meta;
 mod run;
 mod step;
 
 pub use self::checkpoint::{TrainingState, list_checkpoints};
+pub use self::logs::{ReportTo, TENSORBOARD_RUN};
 use self::meta::lora_modules_of;
 use self::run::Trainer;
 
@@ -49,6 +51,7 @@ use super::optim::{AdamW, AdamWConfig, FlatParams, LossScaler, LrSchedule, LrSch
 use super::output::{SaveFormat, modules_from, save_lora};
 use super::validation::{ValidationConfig, Validator, write_images};
 use super::{ClipTextModel, Loaded, UNet2DConditionModel, VaeEncoder};
+use crate::image::{GeneratedImage, image_grid, write_png};
 use crate::pipeline::scheduler::SchedulerConfig;
 use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::weights::Dtype;
@@ -124,6 +127,12 @@ pub struct TrainConfig {
     pub fuse_accumulation: bool,
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: String,
+    /// `--report_to`: where the run's logs go.
+    #[serde(default)]
+    pub report_to: ReportTo,
+    /// `--logging_dir`: the logs' folder, relative to `output_dir` (or absolute).
+    #[serde(default = "default_logging_dir")]
+    pub logging_dir: PathBuf,
     /// Testing hook: abort the process (like kill -9) right after this optimiser step.
     pub abort_after_step: Option<i64>,
 }
@@ -169,9 +178,16 @@ impl TrainConfig {
             cache_latents: true,
             fuse_accumulation: true,
             device: "auto".into(),
+            report_to: ReportTo::Tensorboard,
+            logging_dir: default_logging_dir(),
             abort_after_step: None,
         }
     }
+}
+
+/// The script's `--logging_dir` default.
+fn default_logging_dir() -> PathBuf {
+    "logs".into()
 }
 
 /// One optimiser step, as logged.
@@ -338,22 +354,24 @@ pub fn train(
     t.finish(on_event)
 }
 
+/// Validation images at `(tag, step)` as `validation/<tag>-<i>.png` and their grid
+/// `validation/<tag>-grid.png` (prompt, seeds, settings and the training step in the PNG text);
+/// returns the grid.
 #[allow(clippy::too_many_arguments)]
 fn validate(
     source: &super::ModelSource,
     cfg: &TrainConfig,
     unet: &UNet2DConditionModel,
     validator: &mut Option<Validator>,
-    device: Device,
-    kind: Kind,
+    (device, kind): (Device, Kind),
     tokenizer: &ClipTokenizer,
     sched: &SchedulerConfig,
-    tag: &str,
+    (tag, step): (&str, i64),
     seed: u64,
     on_event: &mut dyn FnMut(Event),
-) -> Result<()> {
+) -> Result<Option<GeneratedImage>> {
     let Some(v) = &cfg.validation else {
-        return Ok(());
+        return Ok(None);
     };
     if validator.is_none() {
         *validator = Some(Validator {
@@ -366,13 +384,23 @@ fn validate(
         });
     }
     let Some(val) = validator.as_ref() else {
-        return Ok(());
+        return Ok(None);
     };
     let size = unet.config.sample_size.unwrap_or(cfg.resolution as i64 / 8) * 8;
-    let images = val.generate(unet, v, size, size, seed)?;
-    let paths = write_images(&cfg.output_dir.join("validation"), tag, &images)?;
+    let mut images = val.generate(unet, v, size, size, seed)?;
+    for img in &mut images {
+        img.parameters.push_str(&format!(", Training step: {step}"));
+    }
+    let dir = cfg.output_dir.join("validation");
+    let mut paths = write_images(&dir, tag, &images)?;
+    let grid = image_grid(&images);
+    if let Some(g) = &grid {
+        let p = dir.join(format!("{tag}-grid.png"));
+        write_png(&p, g)?;
+        paths.push(p);
+    }
     on_event(Event::Validation(&paths));
-    Ok(())
+    Ok(grid)
 }
 
 /// Refuse settings that cannot train; warn about ones that train slowly.

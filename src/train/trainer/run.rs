@@ -5,7 +5,6 @@
 //! train_text_to_image_lora.py (module documentation of `trainer`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -14,7 +13,8 @@ use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
 use super::cache::build_cache;
-use super::checkpoint::{find_resume, fingerprint, open_log, restore, save_checkpoint, write_json};
+use super::checkpoint::{find_resume, fingerprint, restore, save_checkpoint, write_json};
+use super::logs::RunLog;
 use super::meta::write_lora;
 use super::step::{StepCtx, run_group};
 use super::{
@@ -116,8 +116,7 @@ pub(super) struct Trainer<'a> {
     train_text: bool,
     plan: Plan,
     pos: Position,
-    log_path: PathBuf,
-    log: std::fs::File,
+    logs: RunLog,
     validator: Option<Validator>,
     stats: Stats,
 }
@@ -211,7 +210,7 @@ impl<'a> Trainer<'a> {
                 sched_step: st.scheduler_step,
             };
         }
-        let (log_path, log) = open_log(cfg, resumed.is_some(), pos.global_step)?;
+        let logs = RunLog::open(cfg, resumed.is_some(), pos.global_step)?;
         write_json(&cfg.output_dir.join("train_config.json"), cfg)?;
         on_event(Event::Started {
             total_steps: max_steps,
@@ -242,8 +241,7 @@ impl<'a> Trainer<'a> {
             train_text,
             plan,
             pos,
-            log_path,
-            log,
+            logs,
             validator: None,
             stats: Stats {
                 started: Instant::now(),
@@ -279,7 +277,7 @@ impl<'a> Trainer<'a> {
                 && every > 0
                 && epoch % every == 0
             {
-                self.validate(&format!("epoch-{epoch}"), on_event)?;
+                self.validate(&format!("epoch-{epoch}"), false, on_event)?;
             }
         }
         Ok(())
@@ -357,23 +355,7 @@ impl<'a> Trainer<'a> {
             device_mem: mem,
             skipped: !finite,
         };
-        {
-            use std::io::Write;
-            writeln!(
-                self.log,
-                "{},{},{},{},{},{:.3},{:.3},{},{}",
-                line.step,
-                line.epoch,
-                line.loss,
-                line.lr,
-                line.grad_norm,
-                line.samples_per_s,
-                line.elapsed_s,
-                mem.map(|m| m.to_string()).unwrap_or_default(),
-                line.skipped
-            )
-            .map_err(|e| Error::io(&self.log_path, e))?;
-        }
+        self.logs.step(&line)?;
         self.stats.losses.push(loss);
         on_event(Event::Step(&line));
         Ok(group_end)
@@ -427,7 +409,7 @@ impl<'a> Trainer<'a> {
             && every > 0
             && global_step % every == 0
         {
-            self.validate(&format!("step-{global_step}"), on_event)?;
+            self.validate(&format!("step-{global_step}"), false, on_event)?;
         }
         if cfg.abort_after_step == Some(global_step) {
             std::process::abort();
@@ -435,20 +417,25 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    fn validate(&mut self, tag: &str, on_event: &mut dyn FnMut(Event)) -> Result<()> {
-        validate(
+    /// Validation images and their grid (`last`: the final validation), logged to TensorBoard.
+    fn validate(&mut self, tag: &str, last: bool, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        let step = self.pos.global_step;
+        let grid = validate(
             &self.source,
             self.cfg,
             &self.models.unet.model,
             &mut self.validator,
-            self.device,
-            self.kind,
+            (self.device, self.kind),
             &self.tokenizer,
             &self.sched_cfg,
-            tag,
+            (tag, step),
             self.seed,
             on_event,
-        )
+        )?;
+        match grid {
+            Some(g) => self.logs.validation(&g, step, last),
+            None => Ok(()),
+        }
     }
 
     /// Write the final LoRA, validate once more, and report.
@@ -464,7 +451,7 @@ impl<'a> Trainer<'a> {
         )?;
         on_event(Event::Saved(&out));
         if self.cfg.validation.is_some() {
-            self.validate("final", on_event)?;
+            self.validate("final", true, on_event)?;
         }
         let s = &self.stats;
         Ok(TrainReport {
