@@ -132,6 +132,19 @@ fn train_flags_default_to_the_train_config() {
     assert_eq!(d("rank"), c.lora.rank.to_string());
     assert_eq!(d("save_precision"), c.save_dtype);
     assert_eq!(d("device"), c.device);
+    // kohya sd-scripts' options
+    assert_eq!(d("min_bucket_reso"), c.bucket.min_bucket_reso.to_string());
+    assert_eq!(d("max_bucket_reso"), c.bucket.max_bucket_reso.to_string());
+    assert_eq!(
+        d("bucket_reso_steps"),
+        c.bucket.bucket_reso_steps.to_string()
+    );
+    assert_eq!(d("keep_tokens"), c.captions.keep_tokens.to_string());
+    assert_eq!(f("caption_dropout_rate"), c.captions.caption_dropout_rate);
+    assert_eq!(
+        f("caption_tag_dropout_rate"),
+        c.captions.caption_tag_dropout_rate
+    );
     for (arg, value) in [
         ("lr_scheduler", format!("{:?}", c.lr_scheduler)),
         ("mixed_precision", format!("{:?}", c.mixed_precision)),

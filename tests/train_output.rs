@@ -280,6 +280,10 @@ fn kohya_output_has_alpha_and_ss_metadata() {
         ("ss_resolution", "(64, 64)"),
         ("ss_num_train_images", "12"),
         ("ss_steps", "2"),
+        ("ss_enable_bucket", "False"),
+        ("ss_min_bucket_reso", "None"),
+        ("ss_shuffle_caption", "False"),
+        ("ss_caption_dropout_rate", "0.0"),
     ] {
         assert_eq!(meta.get(k).map(String::as_str), Some(v), "{k}");
     }

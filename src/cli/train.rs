@@ -9,6 +9,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::GlobalArgs;
+use lorafuse::train::buckets::BucketConfig;
+use lorafuse::train::captions::CaptionConfig;
 use lorafuse::train::lora::{LoraConfig, LoraInit};
 use lorafuse::train::noise::Prediction;
 use lorafuse::train::optim::{AdamWConfig, LrSchedule};
@@ -233,6 +235,53 @@ pub struct TrainArgs {
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
     pub debug_abort_after_step: Option<i64>,
+
+    // ---- kohya sd-scripts' options (train_util.py), with its meanings and defaults
+    /// kohya: aspect-ratio buckets of about RESOLUTION² pixels; each batch holds images of one
+    /// bucket, resized to cover it and centre-cropped (see --random_crop). Latents are cached
+    /// per bucket.
+    #[arg(long = "enable_bucket")]
+    pub enable_bucket: bool,
+    /// kohya: the smallest bucket side (rounded down to --bucket_reso_steps; ≤ --resolution).
+    #[arg(long = "min_bucket_reso", default_value_t = defaults().bucket.min_bucket_reso)]
+    pub min_bucket_reso: u32,
+    /// kohya: the largest bucket side (rounded up to --bucket_reso_steps; ≥ --resolution).
+    #[arg(long = "max_bucket_reso", default_value_t = defaults().bucket.max_bucket_reso)]
+    pub max_bucket_reso: u32,
+    /// kohya: the bucket sides' step (a multiple of 8; kohya recommends 64 for SD 1.x).
+    #[arg(long = "bucket_reso_steps", default_value_t = defaults().bucket.bucket_reso_steps)]
+    pub bucket_reso_steps: u32,
+    /// kohya: never enlarge an image: its bucket is its own size (scaled down to RESOLUTION²
+    /// pixels if larger) rounded down to --bucket_reso_steps; --min/max_bucket_reso are ignored.
+    #[arg(long = "bucket_no_upscale")]
+    pub bucket_no_upscale: bool,
+    /// kohya: with --enable_bucket, crop each resized image at a random offset instead of
+    /// centred (with cached latents the offset is drawn once per image).
+    #[arg(long = "random_crop")]
+    pub random_crop: bool,
+    /// kohya: shuffle a caption's comma-separated tags every step (the kept ones stay first).
+    /// Text embeddings are then not cached: the frozen text encoder runs every step.
+    #[arg(long = "shuffle_caption")]
+    pub shuffle_caption: bool,
+    /// kohya: keep the first N tags in place when shuffling or dropping tags.
+    #[arg(long = "keep_tokens", default_value_t = defaults().captions.keep_tokens)]
+    pub keep_tokens: usize,
+    /// kohya: tags before this separator (and after a second one) stay in place; overrides
+    /// --keep_tokens for captions that contain it.
+    #[arg(long = "keep_tokens_separator", default_value_t = defaults().captions.keep_tokens_separator.clone())]
+    pub keep_tokens_separator: String,
+    /// kohya: probability that a step's caption is empty (unconditional). Text embeddings stay
+    /// cached (the empty caption's too).
+    #[arg(long = "caption_dropout_rate", default_value_t = defaults().captions.caption_dropout_rate)]
+    pub caption_dropout_rate: f64,
+    /// kohya: probability that each tag (but the kept ones) is left out of a step's caption.
+    /// Text embeddings are then not cached: the frozen text encoder runs every step.
+    #[arg(long = "caption_tag_dropout_rate", default_value_t = defaults().captions.caption_tag_dropout_rate)]
+    pub caption_tag_dropout_rate: f64,
+    /// kohya: the caption file extension of image + caption folders (e.g. `.caption`; kohya's
+    /// default). Default here: `.txt`, then `.caption`.
+    #[arg(long = "caption_extension")]
+    pub caption_extension: Option<String>,
 }
 
 impl TrainArgs {
@@ -326,6 +375,22 @@ impl TrainArgs {
         c.abort_after_step = self.debug_abort_after_step;
         c.report_to = self.report_to;
         c.logging_dir = self.logging_dir.clone();
+        c.enable_bucket = self.enable_bucket;
+        c.bucket = BucketConfig {
+            min_bucket_reso: self.min_bucket_reso,
+            max_bucket_reso: self.max_bucket_reso,
+            bucket_reso_steps: self.bucket_reso_steps,
+            bucket_no_upscale: self.bucket_no_upscale,
+        };
+        c.random_crop = self.random_crop;
+        c.captions = CaptionConfig {
+            shuffle_caption: self.shuffle_caption,
+            keep_tokens: self.keep_tokens,
+            keep_tokens_separator: self.keep_tokens_separator.clone(),
+            caption_dropout_rate: self.caption_dropout_rate,
+            caption_tag_dropout_rate: self.caption_tag_dropout_rate,
+        };
+        c.caption_extension = self.caption_extension.clone();
         Ok(c)
     }
 }

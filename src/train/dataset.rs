@@ -9,13 +9,17 @@
 //!   under `data/`), like the tutorial's Pokémon BLIP captions set: an image column (`struct<bytes,
 //!   path>`, plain bytes, or a path) and caption columns (`en_text`, `zh_text`, ...);
 //! - kohya / sd-scripts: images with a sibling `<stem>.txt` (or `.caption`) holding the caption,
-//!   in the folder or in sub-folders named `<repeats>_<name>` (each image counted `repeats` times).
+//!   in the folder or in sub-folders named `<repeats>_<name>` (each image counted `repeats` times);
+//!   `--caption_extension` names the one extension to read instead (kohya's flag; kohya's own
+//!   default is `.caption`, ours stays `.txt` then `.caption`).
 //!
 //! Transforms (train_text_to_image_lora.py `train_transforms`, torchvision semantics):
 //! `Resize(resolution)` (shorter side → resolution, longer side `int(res · long / short)`,
 //! Lanczos), `CenterCrop` (offsets `round((size − res) / 2)`, Python rounding) or `RandomCrop`
 //! (offsets uniform in `0..=size − res`), `RandomHorizontalFlip(0.5)`, `ToTensor`,
-//! `Normalize([0.5], [0.5])`: pixels in [-1, 1], CHW.
+//! `Normalize([0.5], [0.5])`: pixels in [-1, 1], CHW. With aspect-ratio buckets
+//! (`super::buckets`) the image is resized to its bucket's cover size ([`resize_exact`]) and
+//! cropped to the bucket's rectangle ([`to_pixels_rect`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +51,20 @@ impl Example {
             None => load_rgb(&self.image),
         }
     }
+
+    /// The image's `(width, height)`, read from its header (not decoded).
+    pub fn dimensions(&self) -> Result<(u32, u32)> {
+        let bad =
+            |e: image::ImageError| ds_err(&self.image, format!("cannot read image size: {e}"));
+        match &self.bytes {
+            Some(b) => image::ImageReader::new(std::io::Cursor::new(b.as_slice()))
+                .with_guessed_format()
+                .map_err(|e| Error::io(&self.image, e))?
+                .into_dimensions()
+                .map_err(bad),
+            None => image::image_dimensions(&self.image).map_err(bad),
+        }
+    }
 }
 
 /// A loaded data set (paths and captions; images are read when needed).
@@ -73,6 +91,8 @@ pub struct DatasetOptions {
     pub skip_bad: bool,
     /// `--max_train_samples`.
     pub max_samples: Option<usize>,
+    /// `--caption_extension` for kohya folders (`.txt` or `txt`); `None`: `.txt`, then `.caption`.
+    pub caption_extension: Option<String>,
 }
 
 impl Default for DatasetOptions {
@@ -82,6 +102,7 @@ impl Default for DatasetOptions {
             image_column: "image".into(),
             skip_bad: false,
             max_samples: None,
+            caption_extension: None,
         }
     }
 }
@@ -126,7 +147,11 @@ impl Dataset {
                 parquet.first().cloned(),
             )
         } else {
-            ("kohya", read_kohya(root)?, None)
+            (
+                "kohya",
+                read_kohya(root, opts.caption_extension.as_deref())?,
+                None,
+            )
         };
         let mut examples = Vec::new();
         for (image, bytes, captions, origin) in rows {
@@ -368,7 +393,16 @@ fn is_image(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn read_kohya(root: &Path) -> Result<Vec<Row>> {
+/// The caption file extensions tried, in order (`--caption_extension`, with or without its dot).
+fn caption_extensions(ext: Option<&str>) -> Vec<String> {
+    match ext {
+        Some(e) => vec![e.trim_start_matches('.').to_string()],
+        None => vec!["txt".into(), "caption".into()],
+    }
+}
+
+fn read_kohya(root: &Path, caption_extension: Option<&str>) -> Result<Vec<Row>> {
+    let exts = caption_extensions(caption_extension);
     let mut out = Vec::new();
     let mut dirs: Vec<(PathBuf, usize)> = vec![(root.to_path_buf(), 1)];
     let mut entries: Vec<PathBuf> = std::fs::read_dir(root)
@@ -397,7 +431,7 @@ fn read_kohya(root: &Path) -> Result<Vec<Row>> {
             .collect();
         files.sort();
         for f in files {
-            let txt = ["txt", "caption"]
+            let txt = exts
                 .iter()
                 .map(|e| f.with_extension(e))
                 .find(|p| p.is_file());
@@ -407,7 +441,7 @@ fn read_kohya(root: &Path) -> Result<Vec<Row>> {
                     f.clone(),
                     None,
                     vec![String::new()],
-                    f.with_extension("txt"),
+                    f.with_extension(&exts[0]),
                 ));
                 continue;
             };
@@ -632,15 +666,29 @@ pub fn center_crop(w: u32, h: u32, resolution: u32) -> Crop {
     }
 }
 
+/// Resize to exactly `(width, height)` (Lanczos; a bucket's cover size). kohya resizes with
+/// OpenCV's INTER_AREA when shrinking and Lanczos when enlarging: the pixels differ slightly.
+pub fn resize_exact(img: &RgbImage, (w, h): (u32, u32)) -> RgbImage {
+    if img.dimensions() == (w, h) {
+        return img.clone();
+    }
+    image::imageops::resize(img, w, h, FilterType::Lanczos3)
+}
+
 /// Pixels in [-1, 1], CHW, of the `resolution²` crop at `crop`, mirrored when `flip`.
 pub fn to_pixels(img: &RgbImage, crop: Crop, resolution: u32, flip: bool) -> Vec<f32> {
-    let r = resolution as usize;
-    let plane = r * r;
+    to_pixels_rect(img, crop, (resolution, resolution), flip)
+}
+
+/// Pixels in [-1, 1], CHW, of the `width × height` crop at `crop`, mirrored when `flip`.
+pub fn to_pixels_rect(img: &RgbImage, crop: Crop, (cw, ch): (u32, u32), flip: bool) -> Vec<f32> {
+    let (rw, rh) = (cw as usize, ch as usize);
+    let plane = rw * rh;
     let mut out = vec![0f32; 3 * plane];
     let (w, h) = img.dimensions();
-    for y in 0..r {
-        for x in 0..r {
-            let sx = if flip { r - 1 - x } else { x };
+    for y in 0..rh {
+        for x in 0..rw {
+            let sx = if flip { rw - 1 - x } else { x };
             let (px, py) = (
                 (crop.left as usize + sx).min(w as usize - 1),
                 (crop.top as usize + y).min(h as usize - 1),
@@ -648,7 +696,7 @@ pub fn to_pixels(img: &RgbImage, crop: Crop, resolution: u32, flip: bool) -> Vec
             let p = img.get_pixel(px as u32, py as u32);
             for c in 0..3 {
                 // ToTensor (/255) then Normalize(0.5, 0.5)
-                out[c * plane + y * r + x] = (p[c] as f32 / 255.0 - 0.5) / 0.5;
+                out[c * plane + y * rw + x] = (p[c] as f32 / 255.0 - 0.5) / 0.5;
             }
         }
     }

@@ -13,6 +13,8 @@
 //! Files are named like the diffusers modules they port; each cites its upstream file.
 
 pub mod attention;
+pub mod buckets;
+pub mod captions;
 pub mod clip;
 pub mod dataset;
 pub mod embeddings;

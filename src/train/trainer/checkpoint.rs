@@ -17,19 +17,39 @@ pub struct TrainingState {
     pub loss_scaler: Option<LossScaler>,
     pub seed: u64,
     pub lr_scheduler: LrScheduler,
-    /// The epoch's data order (derived from the seed; recorded for inspection).
+    /// The epoch's data order (derived from the seed): its examples in batch order.
     pub data_order: Vec<usize>,
+    /// With aspect-ratio buckets: the length of each of the epoch's batches (`data_order` cut
+    /// into these is the batch list, checked against the resumed run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_lens: Option<Vec<usize>>,
     pub fingerprint: serde_json::Value,
 }
 
-/// Settings a checkpoint must share with the run that resumes it.
-pub(super) fn fingerprint(cfg: &TrainConfig, n_examples: usize, seed: u64) -> serde_json::Value {
-    serde_json::json!({
+/// Settings a checkpoint must share with the run that resumes it. `bucket` (with buckets) and
+/// `captions` (with caption controls) are present only when used, so runs without them keep
+/// the fingerprint of earlier versions.
+pub(super) fn fingerprint(
+    cfg: &TrainConfig,
+    n_examples: usize,
+    seed: u64,
+    cache: &Cache,
+) -> serde_json::Value {
+    let mut fp = serde_json::json!({
         "lora": cfg.lora, "text_encoder_lora": cfg.text_encoder_lora, "examples": n_examples, "seed": seed,
         "resolution": cfg.resolution, "train_batch_size": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "center_crop": cfg.center_crop,
         "random_flip": cfg.random_flip, "mixed_precision": cfg.mixed_precision,
-    })
+    });
+    if let Some(m) = fp.as_object_mut() {
+        if let Some(b) = super::batches::bucket_fingerprint(cfg, cache) {
+            m.insert("bucket".into(), b);
+        }
+        if cfg.captions.is_active() {
+            m.insert("captions".into(), serde_json::json!(cfg.captions));
+        }
+    }
+    fp
 }
 
 /// Checkpoint folders `checkpoint-<step>` under `dir`, sorted by step.
@@ -146,6 +166,12 @@ pub(super) fn restore(
     {
         return Err(Error::InvalidArgument(format!(
             "{}: the checkpoint's LoRA layout differs from this run's",
+            dir.display()
+        )));
+    }
+    if st.fingerprint.get("bucket") != fp.get("bucket") {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the checkpoint's aspect-ratio buckets (--enable_bucket and its settings, or the images' buckets) differ from this run's",
             dir.display()
         )));
     }

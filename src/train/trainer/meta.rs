@@ -95,13 +95,40 @@ pub(super) fn kohya_metadata(
             .map(|g| g.to_string())
             .unwrap_or_else(|| "None".into()),
     );
+    let py_bool = |b: bool| if b { "True" } else { "False" }.to_string();
+    let random_crop = if cfg.enable_bucket {
+        cfg.random_crop
+    } else {
+        !cfg.center_crop
+    };
+    m.insert("ss_random_crop".into(), py_bool(random_crop));
+    // buckets and caption controls, as train_network.py writes them
+    m.insert("ss_enable_bucket".into(), py_bool(cfg.enable_bucket));
     m.insert(
-        "ss_random_crop".into(),
-        if cfg.center_crop {
-            "False".into()
+        "ss_bucket_no_upscale".into(),
+        py_bool(cfg.enable_bucket && cfg.bucket.bucket_no_upscale),
+    );
+    for (k, v) in [
+        ("ss_min_bucket_reso", cfg.bucket.min_bucket_reso),
+        ("ss_max_bucket_reso", cfg.bucket.max_bucket_reso),
+    ] {
+        let v = if cfg.enable_bucket {
+            v.to_string()
         } else {
-            "True".into()
-        },
+            "None".into()
+        };
+        m.insert(k.into(), v);
+    }
+    let c = &cfg.captions;
+    m.insert("ss_shuffle_caption".into(), py_bool(c.shuffle_caption));
+    m.insert("ss_keep_tokens".into(), s(&c.keep_tokens));
+    m.insert(
+        "ss_caption_dropout_rate".into(),
+        py_float(c.caption_dropout_rate),
+    );
+    m.insert(
+        "ss_caption_tag_dropout_rate".into(),
+        py_float(c.caption_tag_dropout_rate),
     );
     m.insert(
         "ss_flip_aug".into(),

@@ -21,7 +21,17 @@
 //!   reproducible in a multi-threaded host and CPU and CUDA see the same noise): a resumed run
 //!   continues exactly where it stopped, bit-identical on the CPU.
 //! - Resume continues inside the epoch (the script restarts the epoch's data order).
+//!
+//! Additions from kohya sd-scripts (docs/training.md):
+//! - `enable_bucket`: aspect-ratio buckets (`super::buckets`); every batch holds images of one
+//!   bucket, latents are cached per bucket, and a fused accumulation group whose micro-batches
+//!   come from different buckets runs one forward/backward per bucket (same gradient).
+//! - Caption controls (`super::captions`), drawn per example from `(seed, epoch, batch, slot)`.
+//!   With shuffle or tag dropout the text embeddings are not cached (the frozen text encoder
+//!   runs every step, without gradients); with caption dropout alone the empty caption's
+//!   embedding is cached beside the others.
 
+mod batches;
 mod cache;
 mod checkpoint;
 mod logs;
@@ -29,6 +39,7 @@ mod meta;
 mod run;
 mod step;
 
+pub use self::batches::bucket_epoch_batches;
 pub use self::checkpoint::{TrainingState, list_checkpoints};
 pub use self::logs::{ReportTo, TENSORBOARD_RUN};
 use self::meta::lora_modules_of;
@@ -44,6 +55,8 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::Distribution;
 use tch::{Device, Kind, Tensor};
 
+use super::buckets::{BucketConfig, Buckets};
+use super::captions::CaptionConfig;
 use super::dataset::{self, Crop, Dataset};
 use super::lora::{LoraConfig, lora_pairs};
 use super::noise::{NoiseSchedule, Prediction};
@@ -125,6 +138,18 @@ pub struct TrainConfig {
     pub save_dtype: String,
     pub cache_latents: bool,
     pub fuse_accumulation: bool,
+    /// kohya's `--enable_bucket`: aspect-ratio buckets of about `resolution²` pixels instead of
+    /// the script's square resize and crop.
+    pub enable_bucket: bool,
+    /// kohya's bucket settings (used with `enable_bucket`).
+    pub bucket: BucketConfig,
+    /// kohya's `--random_crop` (with `enable_bucket`): a random instead of a centred crop.
+    pub random_crop: bool,
+    /// kohya's caption controls.
+    pub captions: CaptionConfig,
+    /// kohya's `--caption_extension` for image + caption-file folders (`None`: `.txt`, then
+    /// `.caption`).
+    pub caption_extension: Option<String>,
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: String,
     /// `--report_to`: where the run's logs go.
@@ -177,6 +202,23 @@ impl TrainConfig {
             save_dtype: "fp32".into(),
             cache_latents: true,
             fuse_accumulation: true,
+            // kohya sd-scripts' defaults (train_util.py `add_dataset_arguments`)
+            enable_bucket: false,
+            bucket: BucketConfig {
+                min_bucket_reso: 256,
+                max_bucket_reso: 1024,
+                bucket_reso_steps: 64,
+                bucket_no_upscale: false,
+            },
+            random_crop: false,
+            captions: CaptionConfig {
+                shuffle_caption: false,
+                keep_tokens: 0,
+                keep_tokens_separator: String::new(),
+                caption_dropout_rate: 0.0,
+                caption_tag_dropout_rate: 0.0,
+            },
+            caption_extension: None,
             device: "auto".into(),
             report_to: ReportTo::Tensorboard,
             logging_dir: default_logging_dir(),
@@ -262,6 +304,8 @@ const TAG_BATCH: u64 = 2;
 const TAG_NORMAL: u64 = 3;
 const TAG_LORA: u64 = 4;
 const TAG_CROP: u64 = 5;
+const TAG_BUCKET: u64 = 6;
+const TAG_CAPTION: u64 = 7;
 
 /// The data order of `epoch`: a permutation of `0..n` (a `DataLoader(shuffle=True)`).
 pub fn epoch_order(seed: u64, epoch: i64, n: usize) -> Vec<usize> {
@@ -309,15 +353,27 @@ pub fn cuda_mem_used() -> Option<u64> {
 }
 
 struct Cache {
-    /// `[n_examples · flips, 2 · latent_c, h, w]` (mean ‖ logvar), f32.
-    latents: Option<Tensor>,
+    /// `[examples · flips, 2 · latent_c, h, w]` (mean ‖ logvar), f32: one tensor, or one per
+    /// bucket.
+    latents: Option<Vec<Tensor>>,
+    /// Per example: its latent tensor and row (before flips).
+    slots: Vec<(usize, usize)>,
     flips: usize,
-    /// `[n_captions, 77, d]`, f32, when the text encoder is frozen.
+    /// `[n_captions, 77, d]`, f32, when the text encoder is frozen and captions are not
+    /// rewritten per step.
     embeddings: Option<Tensor>,
     /// Token ids `[n_captions, 77]` (for a trained text encoder).
     ids: Tensor,
     /// Per example: indices into the caption table.
     captions: Vec<Vec<usize>>,
+    /// The caption table (the texts behind `ids` and `embeddings`).
+    texts: Vec<String>,
+    /// The empty caption's index in the table (with caption dropout).
+    empty: Option<usize>,
+    /// Captions are rewritten per step (shuffle or tag dropout): tokenized every step.
+    tokenizer: Option<ClipTokenizer>,
+    /// The aspect-ratio buckets (`enable_bucket`).
+    buckets: Option<Buckets>,
 }
 
 struct Models {
@@ -429,6 +485,20 @@ fn check_settings(
     }
     if cfg.lora.rank <= 0 {
         return Err(Error::InvalidArgument("--rank must be ≥ 1".into()));
+    }
+    cfg.captions.check()?;
+    if cfg.enable_bucket {
+        let b = &cfg.bucket;
+        if b.bucket_reso_steps == 0 || !b.bucket_reso_steps.is_multiple_of(8) {
+            return Err(Error::InvalidArgument(format!(
+                "--bucket_reso_steps {}: must be a multiple of 8 (the VAE's factor)",
+                b.bucket_reso_steps
+            )));
+        }
+    } else if cfg.random_crop {
+        return Err(Error::InvalidArgument(
+            "--random_crop applies to buckets (--enable_bucket); without them the crop is random unless --center_crop".into(),
+        ));
     }
     Ok(())
 }

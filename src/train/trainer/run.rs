@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
+use super::batches::{batches_per_epoch, check_resume_batches, epoch_batches, record};
 use super::cache::build_cache;
 use super::checkpoint::{find_resume, fingerprint, restore, save_checkpoint, write_json};
 use super::logs::RunLog;
@@ -19,7 +20,7 @@ use super::meta::write_lora;
 use super::step::{StepCtx, run_group};
 use super::{
     Cache, Event, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig, TrainReport,
-    TrainingState, check_settings, cuda_mem_used, derive, epoch_order, save_dtype, validate,
+    TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
 };
 use crate::pipeline::scheduler::SchedulerConfig;
 use crate::pipeline::tokenizer::ClipTokenizer;
@@ -39,9 +40,8 @@ struct Position {
     sched_step: i64,
 }
 
-/// The run's shape: batch size, accumulation, and how many steps and epochs it takes.
+/// The run's shape: accumulation, and how many steps and epochs it takes.
 struct Plan {
-    bs: usize,
     accum: usize,
     batches_per_epoch: usize,
     max_steps: i64,
@@ -49,11 +49,11 @@ struct Plan {
 }
 
 impl Plan {
-    /// The script's step arithmetic for `n` examples, and the learning-rate schedule over it.
-    fn new(cfg: &TrainConfig, n: usize) -> (Plan, LrScheduler) {
+    /// The script's step arithmetic for `batches_per_epoch` batches, and the learning-rate
+    /// schedule over it.
+    fn new(cfg: &TrainConfig, batches_per_epoch: usize) -> (Plan, LrScheduler) {
         let bs = cfg.train_batch_size;
         let accum = cfg.gradient_accumulation_steps;
-        let batches_per_epoch = n.div_ceil(bs);
         let steps_per_epoch = batches_per_epoch.div_ceil(accum) as i64;
         let max_steps = cfg
             .max_train_steps
@@ -72,7 +72,6 @@ impl Plan {
         };
         (
             Plan {
-                bs,
                 accum,
                 batches_per_epoch,
                 max_steps,
@@ -179,7 +178,7 @@ impl<'a> Trainer<'a> {
                 ));
             }
         };
-        if !train_text && cfg.cache_latents {
+        if cache.embeddings.is_some() && cfg.cache_latents {
             models.text = None; // frozen and fully cached: free it (validation reloads it)
         }
         if cfg.cache_latents {
@@ -187,12 +186,12 @@ impl<'a> Trainer<'a> {
         }
 
         // ---- steps
-        let (plan, lr_sched) = Plan::new(cfg, n);
+        let (plan, lr_sched) = Plan::new(cfg, batches_per_epoch(cfg, &cache));
         let max_steps = plan.max_steps;
         let epochs = plan.epochs;
         let mut opt = AdamW::new(&flat, cfg.adam);
         let mut scaler = (cfg.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
-        let fp = fingerprint(cfg, n, seed);
+        let fp = fingerprint(cfg, n, seed, &cache);
 
         let mut pos = Position {
             global_step: 0,
@@ -202,6 +201,7 @@ impl<'a> Trainer<'a> {
         };
         if let (Some(st), Some(dir)) = (&resumed, &resume_dir) {
             restore(st, dir, &fp, &mut flat, &mut opt, on_event)?;
+            check_resume_batches(st, &epoch_batches(cfg, &cache, seed, st.epoch))?;
             scaler = st.loss_scaler;
             pos = Position {
                 global_step: st.global_step,
@@ -259,17 +259,16 @@ impl<'a> Trainer<'a> {
         cancel: Option<&AtomicBool>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<()> {
-        let n = self.ds.len();
         let epoch0 = self.pos.epoch;
         for epoch in epoch0..self.plan.epochs {
-            let order = epoch_order(self.seed, epoch, n);
+            let batches = epoch_batches(self.cfg, &self.cache, self.seed, epoch);
             let mut b = if epoch == epoch0 { self.pos.batch } else { 0 };
             while b < self.plan.batches_per_epoch {
                 if self.pos.global_step >= self.plan.max_steps {
                     return Ok(());
                 }
-                b = self.step(epoch, &order, b, on_event)?;
-                self.after_step(epoch, &order, b, cancel, on_event)?;
+                b = self.step(epoch, &batches, b, on_event)?;
+                self.after_step(epoch, &batches, b, cancel, on_event)?;
             }
             if let Some(v) = &self.cfg.validation
                 && v.every_steps.is_none()
@@ -288,21 +287,15 @@ impl<'a> Trainer<'a> {
     fn step(
         &mut self,
         epoch: i64,
-        order: &[usize],
+        batches: &[Vec<usize>],
         b: usize,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<usize> {
-        let (cfg, plan, n) = (self.cfg, &self.plan, self.ds.len());
+        let (cfg, plan) = (self.cfg, &self.plan);
         let t0 = Instant::now();
         let group_end = (b + plan.accum).min(plan.batches_per_epoch);
-        let micro: Vec<(usize, Vec<usize>)> = (b..group_end)
-            .map(|bi| {
-                (
-                    bi,
-                    order[bi * plan.bs..((bi + 1) * plan.bs).min(n)].to_vec(),
-                )
-            })
-            .collect();
+        let micro: Vec<(usize, Vec<usize>)> =
+            (b..group_end).map(|bi| (bi, batches[bi].clone())).collect();
         let samples: usize = micro.iter().map(|(_, m)| m.len()).sum();
         let loss_scale = self.scaler.map(|s| s.scale).unwrap_or(1.0);
         let ctx = StepCtx {
@@ -366,7 +359,7 @@ impl<'a> Trainer<'a> {
     fn after_step(
         &mut self,
         epoch: i64,
-        order: &[usize],
+        batches: &[Vec<usize>],
         b: usize,
         cancel: Option<&AtomicBool>,
         on_event: &mut dyn FnMut(Event),
@@ -381,6 +374,12 @@ impl<'a> Trainer<'a> {
         let cancelled = cancel.map(|c| c.load(Ordering::Relaxed)).unwrap_or(false);
         if (cfg.checkpointing_steps > 0 && global_step % cfg.checkpointing_steps == 0) || cancelled
         {
+            let (data_order, batch_lens) = if next_epoch == epoch {
+                record(batches, self.cache.buckets.is_some())
+            } else {
+                let next = epoch_batches(cfg, &self.cache, self.seed, next_epoch);
+                record(&next, self.cache.buckets.is_some())
+            };
             let state = TrainingState {
                 version: 1,
                 global_step,
@@ -391,11 +390,8 @@ impl<'a> Trainer<'a> {
                 loss_scaler: self.scaler,
                 seed: self.seed,
                 lr_scheduler: self.lr_sched,
-                data_order: if next_epoch == epoch {
-                    order.to_vec()
-                } else {
-                    epoch_order(self.seed, next_epoch, self.ds.len())
-                },
+                data_order,
+                batch_lens,
                 fingerprint: self.fp.clone(),
             };
             let dir = save_checkpoint(cfg, &self.models, &self.flat, &self.opt, &state)?;
@@ -478,6 +474,7 @@ fn open_dataset(cfg: &TrainConfig, on_event: &mut dyn FnMut(Event)) -> Result<Da
             image_column: cfg.image_column.clone(),
             skip_bad: cfg.skip_bad_images,
             max_samples: cfg.max_train_samples,
+            caption_extension: cfg.caption_extension.clone(),
         },
     )?;
     for w in &ds.warnings {
