@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
-use crate::merge::LoraSpec;
+use crate::lora::LoraSpec;
 use crate::weights::WeightFile;
 use crate::{Error, Result};
 

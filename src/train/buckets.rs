@@ -22,12 +22,33 @@
 use crate::{Error, Result};
 
 /// `--min_bucket_reso`, `--max_bucket_reso`, `--bucket_reso_steps`, `--bucket_no_upscale`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Defaults: kohya's (train_util.py `add_dataset_arguments`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct BucketConfig {
+    /// kohya: the smallest bucket side (rounded down to --bucket_reso_steps; ≤ --resolution).
+    #[arg(long = "min_bucket_reso", default_value_t = BucketConfig::default().min_bucket_reso)]
     pub min_bucket_reso: u32,
+    /// kohya: the largest bucket side (rounded up to --bucket_reso_steps; ≥ --resolution).
+    #[arg(long = "max_bucket_reso", default_value_t = BucketConfig::default().max_bucket_reso)]
     pub max_bucket_reso: u32,
+    /// kohya: the bucket sides' step (a multiple of 8; kohya recommends 64 for SD 1.x).
+    #[arg(long = "bucket_reso_steps", default_value_t = BucketConfig::default().bucket_reso_steps)]
     pub bucket_reso_steps: u32,
+    /// kohya: never enlarge an image: its bucket is its own size (scaled down to RESOLUTION²
+    /// pixels if larger) rounded down to --bucket_reso_steps; --min/max_bucket_reso are ignored.
+    #[arg(long = "bucket_no_upscale")]
     pub bucket_no_upscale: bool,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        BucketConfig {
+            min_bucket_reso: 256,
+            max_bucket_reso: 1024,
+            bucket_reso_steps: 64,
+            bucket_no_upscale: false,
+        }
+    }
 }
 
 /// Where one image goes: its bucket `(width, height)` and the size it is resized to before the

@@ -22,17 +22,30 @@ use rand::seq::SliceRandom;
 const SEPARATOR: char = ',';
 
 /// The caption controls of a run.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Defaults: kohya's (all off).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct CaptionConfig {
-    /// `--shuffle_caption`: shuffle the comma-separated tags after the kept ones.
+    /// kohya: shuffle a caption's comma-separated tags every step (the kept ones stay first).
+    /// Text embeddings are then not cached: the frozen text encoder runs every step.
+    #[arg(long = "shuffle_caption")]
     pub shuffle_caption: bool,
-    /// `--keep_tokens`: the first N tags stay in place (when there is no separator).
+    /// kohya: keep the first N tags in place when shuffling or dropping tags.
+    #[arg(long = "keep_tokens", default_value_t = CaptionConfig::default().keep_tokens)]
     pub keep_tokens: usize,
-    /// `--keep_tokens_separator`: tags before it (and after a second one) stay in place.
+    /// kohya: tags before this separator (and after a second one) stay in place; overrides
+    /// --keep_tokens for captions that contain it.
+    #[arg(long = "keep_tokens_separator", default_value_t = CaptionConfig::default().keep_tokens_separator)]
     pub keep_tokens_separator: String,
-    /// `--caption_dropout_rate`: probability that a step's caption is empty.
+    /// kohya: probability that a step's caption is empty (unconditional). Text embeddings stay
+    /// cached (the empty caption's too).
+    #[arg(long = "caption_dropout_rate", default_value_t = CaptionConfig::default().caption_dropout_rate)]
     pub caption_dropout_rate: f64,
-    /// `--caption_tag_dropout_rate`: probability that each non-kept tag is left out.
+    /// kohya: probability that each tag (but the kept ones) is left out of a step's caption.
+    /// Text embeddings are then not cached: the frozen text encoder runs every step.
+    #[arg(
+        long = "caption_tag_dropout_rate",
+        default_value_t = CaptionConfig::default().caption_tag_dropout_rate
+    )]
     pub caption_tag_dropout_rate: f64,
 }
 

@@ -22,12 +22,64 @@ use super::weights::WeightSource;
 use crate::{Error, Result};
 
 /// How LoRA A matrices start (B always starts at zero).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 pub enum LoraInit {
     /// peft `init_lora_weights="gaussian"`: `A ~ N(0, 1/r)` (the diffusers script's choice).
     Gaussian,
     /// peft `init_lora_weights=True`: kaiming-uniform with `a = √5`.
     Kaiming,
+}
+
+/// The script's UNet targets (`target_modules=["to_k", "to_q", "to_v", "to_out.0"]`).
+pub const UNET_TARGETS: [&str; 4] = ["to_k", "to_q", "to_v", "to_out.0"];
+/// The text encoder targets of diffusers' text-encoder LoRA scripts (CLIP attention).
+pub const TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+/// The script's `--rank` default.
+pub const SCRIPT_RANK: i64 = 4;
+
+/// `lorafuse train`'s LoRA flags: the script's `--rank` plus lorafuse's own; [`LoraFlags::configs`]
+/// turns them into the UNet's and (with `--train_text_encoder`) the text encoder's [`LoraConfig`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoraFlags {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = SCRIPT_RANK)]
+    pub rank: i64,
+    /// LoRA alpha (default: the rank, as the script does). Scale = alpha / rank.
+    #[arg(long = "lora_alpha")]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated target module names or dotted suffixes (peft `target_modules`), e.g.
+    /// `to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2`.
+    #[arg(long = "lora_targets", value_delimiter = ',', default_values_t = UNET_TARGETS.map(String::from))]
+    pub lora_targets: Vec<String>,
+    /// peft init of lora_A: gaussian (the script's) or kaiming (peft's default).
+    #[arg(long = "lora_init", value_enum, default_value_t = LoraInit::Gaussian)]
+    pub lora_init: LoraInit,
+    /// Also train a LoRA on the text encoder.
+    #[arg(long = "train_text_encoder")]
+    pub train_text_encoder: bool,
+    /// Text encoder LoRA targets.
+    #[arg(long = "text_encoder_targets", value_delimiter = ',', default_values_t = TEXT_ENCODER_TARGETS.map(String::from))]
+    pub text_encoder_targets: Vec<String>,
+}
+
+impl LoraFlags {
+    /// The UNet's LoRA and, with `--train_text_encoder`, the text encoder's (same rank, alpha, init).
+    pub fn configs(&self) -> (LoraConfig, Option<LoraConfig>) {
+        let alpha = self.lora_alpha.unwrap_or(self.rank as f64);
+        let make = |targets: &[String]| LoraConfig {
+            rank: self.rank,
+            alpha,
+            targets: targets.to_vec(),
+            init: self.lora_init,
+        };
+        (
+            make(&self.lora_targets),
+            self.train_text_encoder
+                .then(|| make(&self.text_encoder_targets)),
+        )
+    }
 }
 
 /// Which modules get a LoRA and how big it is (peft `LoraConfig` fields).
@@ -49,9 +101,7 @@ impl LoraConfig {
         Self {
             rank,
             alpha: rank as f64,
-            targets: ["to_k", "to_q", "to_v", "to_out.0"]
-                .map(String::from)
-                .to_vec(),
+            targets: UNET_TARGETS.map(String::from).to_vec(),
             init: LoraInit::Gaussian,
         }
     }

@@ -217,11 +217,15 @@ impl FlatParams {
 }
 
 /// `torch.optim.AdamW` hyper-parameters (the script's defaults: β (0.9, 0.999), wd 1e-2, ε 1e-8).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct AdamWConfig {
+    #[arg(long = "adam_beta1", default_value_t = AdamWConfig::default().beta1)]
     pub beta1: f64,
+    #[arg(long = "adam_beta2", default_value_t = AdamWConfig::default().beta2)]
     pub beta2: f64,
+    #[arg(long = "adam_weight_decay", default_value_t = AdamWConfig::default().weight_decay)]
     pub weight_decay: f64,
+    #[arg(long = "adam_epsilon", default_value_t = AdamWConfig::default().eps)]
     pub eps: f64,
 }
 

@@ -33,6 +33,59 @@ pub struct ValidationConfig {
     pub every_steps: Option<i64>,
 }
 
+impl ValidationConfig {
+    /// The script's validation of `prompt`: 4 images (`--num_validation_images`), 30 steps and
+    /// guidance 7.5 (`log_validation`), every epoch (`--validation_epochs 1`).
+    pub fn new(prompt: String) -> Self {
+        ValidationConfig {
+            prompt,
+            num_images: 4,
+            steps: 30,
+            guidance_scale: 7.5,
+            every_epochs: Some(1),
+            every_steps: None,
+        }
+    }
+}
+
+/// `lorafuse train`'s validation flags; [`ValidationFlags::config`] is `None` without a prompt.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ValidationFlags {
+    /// A prompt to sample while training (images and their grid land in OUTPUT_DIR/validation/).
+    #[arg(long = "validation_prompt")]
+    pub validation_prompt: Option<String>,
+    #[arg(long = "num_validation_images", default_value_t = defaults().num_images)]
+    pub num_validation_images: usize,
+    /// Validate every N epochs.
+    #[arg(long = "validation_epochs", default_value_t = defaults().every_epochs.unwrap_or(1))]
+    pub validation_epochs: i64,
+    /// Validate every N optimiser steps instead of every N epochs.
+    #[arg(long = "validation_steps")]
+    pub validation_steps: Option<i64>,
+    /// Inference steps of validation images (the script's 30).
+    #[arg(long = "validation_inference_steps", default_value_t = defaults().steps)]
+    pub validation_inference_steps: usize,
+    #[arg(long = "validation_guidance_scale", default_value_t = defaults().guidance_scale)]
+    pub validation_guidance_scale: f64,
+}
+
+fn defaults() -> ValidationConfig {
+    ValidationConfig::new(String::new())
+}
+
+impl ValidationFlags {
+    pub fn config(&self) -> Option<ValidationConfig> {
+        self.validation_prompt.as_ref().map(|p| ValidationConfig {
+            prompt: p.clone(),
+            num_images: self.num_validation_images,
+            steps: self.validation_inference_steps,
+            guidance_scale: self.validation_guidance_scale,
+            every_epochs: Some(self.validation_epochs),
+            every_steps: self.validation_steps,
+        })
+    }
+}
+
 /// The frozen models validation needs besides the UNet (loaded once, on first use).
 pub struct Validator {
     pub text_encoder: ClipTextModel,

@@ -93,73 +93,172 @@ impl MixedPrecision {
     }
 }
 
-/// Everything a training run needs (the CLI maps the script's flags onto it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// Everything a training run needs, and the command line of `lorafuse train` (clap reads the
+/// fields' flags below; defaults from [`TrainConfig::new`], the script's `parse_args`). The LoRA
+/// and validation settings come from [`LoraFlags`](super::lora::LoraFlags) and
+/// [`ValidationFlags`](super::validation::ValidationFlags), which build them from the script's flags.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct TrainConfig {
-    /// A diffusers-layout pipeline folder or an SD 1.x single-file `.safetensors` checkpoint.
+    /// A local diffusers-layout pipeline folder (unet/, text_encoder/, vae/, tokenizer/, scheduler/),
+    /// or an SD 1.x single-file `.safetensors` checkpoint (original LDM key names).
+    #[arg(long = "pretrained_model_name_or_path", value_name = "DIR")]
     pub pretrained_model: PathBuf,
-    /// The tokenizer folder for a single-file checkpoint (default: `tokenizer/` beside it).
+    /// The tokenizer folder (vocab.json + merges.txt) for a single-file checkpoint; default:
+    /// `tokenizer/` beside the file.
     #[serde(default)]
+    #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
+    /// Folder with images + metadata.jsonl / metadata.csv / parquet files, or kohya-style image +
+    /// caption-file pairs (--dataset_name: the same, a local folder).
+    #[arg(
+        long = "train_data_dir",
+        visible_alias = "dataset_name",
+        value_name = "DIR"
+    )]
     pub train_data_dir: PathBuf,
+    /// The metadata column with the caption (a string or a list of strings).
+    #[arg(long = "caption_column", default_value_t = defaults().caption_column.clone())]
     pub caption_column: String,
+    /// The image column of parquet files; in metadata.jsonl / metadata.csv the column naming the
+    /// image file (`image` falls back to `file_name` there).
+    #[arg(long = "image_column", default_value_t = defaults().image_column.clone())]
     pub image_column: String,
+    /// Skip unreadable images and missing captions with a warning instead of failing.
+    #[arg(long = "skip_bad_images")]
     pub skip_bad_images: bool,
+    #[arg(long = "max_train_samples")]
     pub max_train_samples: Option<usize>,
+    #[arg(long = "output_dir", default_value_os_t = defaults().output_dir.clone())]
     pub output_dir: PathBuf,
+    #[arg(long, default_value_t = defaults().resolution)]
     pub resolution: u32,
+    #[arg(long = "center_crop")]
     pub center_crop: bool,
+    #[arg(long = "random_flip")]
     pub random_flip: bool,
+    #[arg(long = "train_batch_size", default_value_t = defaults().train_batch_size)]
     pub train_batch_size: usize,
+    #[arg(long = "gradient_accumulation_steps", default_value_t = defaults().gradient_accumulation_steps)]
     pub gradient_accumulation_steps: usize,
+    /// Total optimiser steps (overrides --num_train_epochs).
+    #[arg(long = "max_train_steps")]
     pub max_train_steps: Option<i64>,
+    #[arg(long = "num_train_epochs", default_value_t = defaults().num_train_epochs)]
     pub num_train_epochs: i64,
+    #[arg(long = "learning_rate", default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
+    #[arg(long = "scale_lr")]
     pub scale_lr: bool,
+    #[arg(long = "lr_scheduler", value_enum, default_value_t = defaults().lr_scheduler)]
     pub lr_scheduler: LrSchedule,
+    #[arg(long = "lr_warmup_steps", default_value_t = defaults().lr_warmup_steps)]
     pub lr_warmup_steps: i64,
+    #[command(flatten)]
     pub adam: AdamWConfig,
+    #[arg(long = "max_grad_norm", default_value_t = defaults().max_grad_norm)]
     pub max_grad_norm: f64,
+    /// The UNet's LoRA ([`LoraFlags`](super::lora::LoraFlags)).
+    #[arg(skip = LoraConfig::script_default(super::lora::SCRIPT_RANK))]
     pub lora: LoraConfig,
     /// LoRA on the text encoder too (then text embeddings are not cached).
+    #[arg(skip)]
     pub text_encoder_lora: Option<LoraConfig>,
+    #[arg(long = "mixed_precision", value_enum, default_value_t = defaults().mixed_precision)]
     pub mixed_precision: MixedPrecision,
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Min-SNR loss weighting γ (5.0 recommended).
+    #[arg(long = "snr_gamma")]
     pub snr_gamma: Option<f64>,
+    #[arg(long = "noise_offset", default_value_t = defaults().noise_offset)]
     pub noise_offset: f64,
+    /// epsilon or v_prediction (default: the scheduler config's).
+    #[arg(long = "prediction_type", value_enum)]
     pub prediction_type: Option<Prediction>,
+    #[arg(long = "checkpointing_steps", default_value_t = defaults().checkpointing_steps)]
     pub checkpointing_steps: i64,
+    #[arg(long = "checkpoints_total_limit")]
     pub checkpoints_total_limit: Option<usize>,
-    /// `latest` or a checkpoint folder.
+    /// `latest` or a checkpoint folder (OUTPUT_DIR/checkpoint-N).
+    #[arg(long = "resume_from_checkpoint")]
     pub resume_from_checkpoint: Option<String>,
+    /// Validation images ([`ValidationFlags`](super::validation::ValidationFlags)).
+    #[arg(skip)]
     pub validation: Option<ValidationConfig>,
+    /// diffusers (the script's file) or kohya (A1111 / ComfyUI, with ss_* metadata).
+    #[arg(long = "save_format", value_enum, default_value_t = defaults().save_format)]
     pub save_format: SaveFormat,
-    /// Storage dtype of the written LoRA (F32 like the script, or F16/BF16).
+    /// Storage dtype of the written LoRA: fp32 (the script's), fp16 or bf16.
+    #[arg(long = "save_precision", default_value_t = defaults().save_dtype.clone(), value_parser = parse_save_precision)]
     pub save_dtype: String,
+    /// Cache VAE latents and text embeddings (`--no_cache_latents` turns it off).
+    #[arg(
+        long = "no_cache_latents",
+        action = clap::ArgAction::SetFalse,
+        help = "Do not cache VAE latents / text embeddings (re-encode every step, new random crops)"
+    )]
     pub cache_latents: bool,
+    /// Run accumulated micro-batches as one batch (`--no_fuse_accumulation` turns it off).
+    #[arg(
+        long = "no_fuse_accumulation",
+        action = clap::ArgAction::SetFalse,
+        help = "Run accumulated micro-batches one at a time instead of as one batch"
+    )]
     pub fuse_accumulation: bool,
-    /// kohya's `--enable_bucket`: aspect-ratio buckets of about `resolution²` pixels instead of
-    /// the script's square resize and crop.
+    /// kohya: aspect-ratio buckets of about RESOLUTION² pixels; each batch holds images of one
+    /// bucket, resized to cover it and centre-cropped (see --random_crop). Latents are cached
+    /// per bucket.
+    #[arg(long = "enable_bucket")]
     pub enable_bucket: bool,
     /// kohya's bucket settings (used with `enable_bucket`).
+    #[command(flatten)]
     pub bucket: BucketConfig,
-    /// kohya's `--random_crop` (with `enable_bucket`): a random instead of a centred crop.
+    /// kohya: with --enable_bucket, crop each resized image at a random offset instead of
+    /// centred (with cached latents the offset is drawn once per image).
+    #[arg(long = "random_crop")]
     pub random_crop: bool,
     /// kohya's caption controls.
+    #[command(flatten)]
     pub captions: CaptionConfig,
-    /// kohya's `--caption_extension` for image + caption-file folders (`None`: `.txt`, then
-    /// `.caption`).
+    /// kohya: the caption file extension of image + caption folders (e.g. `.caption`; kohya's
+    /// default). Default here: `.txt`, then `.caption`.
+    #[arg(long = "caption_extension")]
     pub caption_extension: Option<String>,
-    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    /// auto (CUDA when available), cpu, cuda, cuda:N.
+    #[arg(long, default_value_t = defaults().device.clone(), value_parser = parse_device)]
     pub device: String,
-    /// `--report_to`: where the run's logs go.
+    /// tensorboard (events + CSV, the script's default), all (the same), csv, or none.
     #[serde(default)]
+    #[arg(long = "report_to", value_enum, default_value_t = defaults().report_to)]
     pub report_to: ReportTo,
-    /// `--logging_dir`: the logs' folder, relative to `output_dir` (or absolute).
+    /// The logs' folder, relative to --output_dir: train_log.csv and, with TensorBoard, the
+    /// event files in LOGGING_DIR/text2image-fine-tune (`tensorboard --logdir OUTPUT_DIR/logs`).
     #[serde(default = "default_logging_dir")]
+    #[arg(long = "logging_dir", default_value_os_t = defaults().logging_dir.clone())]
     pub logging_dir: PathBuf,
-    /// Testing hook: abort the process (like kill -9) right after this optimiser step.
+    /// Testing: abort the process (like kill -9) right after this optimiser step.
+    #[arg(long = "debug_abort_after_step", hide = true)]
     pub abort_after_step: Option<i64>,
+}
+
+/// [`TrainConfig::new`]'s values, which clap shows and uses as the flags' defaults.
+pub fn defaults() -> &'static TrainConfig {
+    static D: std::sync::OnceLock<TrainConfig> = std::sync::OnceLock::new();
+    D.get_or_init(|| TrainConfig::new(PathBuf::new(), PathBuf::new()))
+}
+
+/// `--save_precision`, checked when the command line is parsed (not after the last step).
+fn parse_save_precision(s: &str) -> std::result::Result<String, String> {
+    save_dtype(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--device`, checked when the command line is parsed.
+fn parse_device(s: &str) -> std::result::Result<String, String> {
+    super::parse_device(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 impl TrainConfig {
@@ -187,7 +286,7 @@ impl TrainConfig {
             lr_warmup_steps: 500,
             adam: AdamWConfig::default(),
             max_grad_norm: 1.0,
-            lora: LoraConfig::script_default(4),
+            lora: LoraConfig::script_default(super::lora::SCRIPT_RANK),
             text_encoder_lora: None,
             mixed_precision: MixedPrecision::No,
             seed: None,
@@ -204,20 +303,9 @@ impl TrainConfig {
             fuse_accumulation: true,
             // kohya sd-scripts' defaults (train_util.py `add_dataset_arguments`)
             enable_bucket: false,
-            bucket: BucketConfig {
-                min_bucket_reso: 256,
-                max_bucket_reso: 1024,
-                bucket_reso_steps: 64,
-                bucket_no_upscale: false,
-            },
+            bucket: BucketConfig::default(),
             random_crop: false,
-            captions: CaptionConfig {
-                shuffle_caption: false,
-                keep_tokens: 0,
-                keep_tokens_separator: String::new(),
-                caption_dropout_rate: 0.0,
-                caption_tag_dropout_rate: 0.0,
-            },
+            captions: CaptionConfig::default(),
             caption_extension: None,
             device: "auto".into(),
             report_to: ReportTo::Tensorboard,
@@ -380,11 +468,6 @@ struct Models {
     unet: Loaded<UNet2DConditionModel>,
     text: Option<Loaded<ClipTextModel>>,
     vae: Option<Loaded<VaeEncoder>>,
-}
-
-/// Check a `--save_precision` value (fp32, fp16, bf16 or their long names).
-pub fn check_save_precision(s: &str) -> Result<()> {
-    save_dtype(s).map(|_| ())
 }
 
 fn save_dtype(s: &str) -> Result<Dtype> {
