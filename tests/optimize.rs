@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
-use lorafuse::onnx::optimize::{OptimizeOptions, fused_ops, optimize};
+use lorafuse::onnx::optimize::{OptimizeOptions, optimize};
 use lorafuse::onnx::{OnnxModel, WeightIndex};
 use lorafuse::runtime::session::{self, Device, SessionOptions};
 use lorafuse::runtime::tensor::{extract_f32, float_value};
@@ -115,7 +115,10 @@ fn attention_becomes_multi_head_attention_and_matches_diffusers() {
 
     // The optimized model's LoRA targets map exactly as the export's.
     let opt = OnnxModel::from_bytes(&path, Bytes::from(bytes)).expect("reopen");
-    assert_eq!(fused_ops(&opt).get("MultiHeadAttention"), Some(&8));
+    assert_eq!(
+        lorafuse::onnx::contrib_ops(opt.graph()).get("MultiHeadAttention"),
+        Some(&8)
+    );
     let (a, b) = (WeightIndex::build(&model), WeightIndex::build(&opt));
     let rows = |ix: &WeightIndex| {
         let mut v: Vec<String> = ix.iter().map(|m| format!("{m:?}")).collect();
@@ -316,6 +319,26 @@ fn loras_merge_into_optimized_pipelines_like_into_exports() {
         opt.join("tokenizer/vocab.json").is_file()
             && opt.join("scheduler/scheduler_config.json").is_file()
     );
+    // `inspect` names the fusions each component has
+    let lorafuse::api::Inspection::Onnx(ins) = lorafuse::api::inspect(&opt).expect("inspect")
+    else {
+        panic!("not a pipeline");
+    };
+    let ops = |c: &str| {
+        ins.models
+            .iter()
+            .find(|m| {
+                m.path
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|n| n == c)
+            })
+            .map(|m| m.graph.contrib_ops.clone())
+            .unwrap_or_else(|| panic!("no {c}"))
+    };
+    assert_eq!(ops("unet").get("MultiHeadAttention"), Some(&8));
+    assert!(ops("unet").contains_key("GroupNorm"), "{:?}", ops("unet"));
+    assert!(ops("text_encoder").is_empty(), "{:?}", ops("text_encoder"));
     let again = optimize_pipeline(
         &src,
         &opt,

@@ -45,6 +45,9 @@ pub struct ModelInspection {
     /// As ONNX Runtime loads it.
     pub inputs: Vec<session::IoInfo>,
     pub outputs: Vec<session::IoInfo>,
+    /// Set when `inputs`/`outputs` come from the graph because the CPU provider cannot build it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_note: Option<String>,
     /// The graph itself: IR, opsets, producer, initializer dtypes, external data, LoRA targets.
     pub graph: crate::onnx::Inspection,
 }
@@ -157,7 +160,8 @@ fn model(component: Option<OnnxComponent>, path: &Path) -> Result<ModelInspectio
     let bytes = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
-    let sess = session::open(
+    let graph = crate::onnx::inspect(&model);
+    let opened = session::open(
         path,
         &session::SessionOptions {
             device: session::Device::Cpu,
@@ -165,8 +169,23 @@ fn model(component: Option<OnnxComponent>, path: &Path) -> Result<ModelInspectio
             tf32: false,
             ..Default::default()
         },
-    )?;
-    let (inputs, outputs) = session::describe(&sess);
+    );
+    // A graph optimized for CUDA (`lorafuse optimize --for cuda`: NHWC GroupNorm) has ops the CPU
+    // provider lacks; its inputs and outputs are then read from the graph itself.
+    let (inputs, outputs, io_note) = match opened {
+        Ok(sess) => {
+            let (i, o) = session::describe(&sess);
+            (i, o, None)
+        }
+        Err(e) if !graph.contrib_ops.is_empty() => (
+            graph.inputs.iter().map(graph_io).collect(),
+            graph.outputs.iter().map(graph_io).collect(),
+            Some(format!(
+                "inputs and outputs read from the graph: ONNX Runtime's CPU provider cannot build it ({e})"
+            )),
+        ),
+        Err(e) => return Err(e),
+    };
     // Every external data file the graph references (optimum: one `model.onnx_data`; torch's
     // exporter: one file per tensor, named after it).
     let external_data_bytes = model
@@ -182,8 +201,27 @@ fn model(component: Option<OnnxComponent>, path: &Path) -> Result<ModelInspectio
         external_data_bytes,
         inputs,
         outputs,
-        graph: crate::onnx::inspect(&model),
+        io_note,
+        graph,
     })
+}
+
+/// A graph input or output in [`session::IoInfo`]'s terms (ORT's element type names).
+fn graph_io(v: &crate::onnx::ValueSummary) -> session::IoInfo {
+    let dtype = match v.dtype.as_str() {
+        "FLOAT" => "float32".to_string(),
+        "DOUBLE" => "float64".to_string(),
+        other => other.to_ascii_lowercase(),
+    };
+    session::IoInfo {
+        name: v.name.clone(),
+        dtype,
+        shape: v
+            .shape
+            .as_ref()
+            .map(|s| s.iter().map(|d| d.to_string()).collect())
+            .unwrap_or_default(),
+    }
 }
 
 fn count<K: Ord>(m: &mut BTreeMap<K, usize>, k: K) {

@@ -101,6 +101,17 @@ fn print_human(r: &PipelineInspection) {
             "    LoRA target modules mapped: {} (refused: {})",
             g.lora_target_modules, g.lora_targets_skipped
         );
+        if !g.contrib_ops.is_empty() {
+            let ops: Vec<String> = g
+                .contrib_ops
+                .iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect();
+            println!("    fused / contrib ops: {}", ops.join(", "));
+        }
+        if let Some(n) = &m.io_note {
+            println!("    note: {n}");
+        }
         for i in &m.inputs {
             println!("    in  {i}");
         }

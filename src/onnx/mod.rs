@@ -110,6 +110,25 @@ pub struct Inspection {
     pub lora_target_modules: usize,
     /// Candidates the index refused ([`WeightIndex::skipped`]).
     pub lora_targets_skipped: usize,
+    /// Nodes of ops outside the standard domain, by op: ONNX Runtime's contrib (`com.microsoft`)
+    /// ops by name (`MultiHeadAttention`, `GroupNorm`: the fusions a graph has), any other
+    /// domain's as `domain:op`.
+    pub contrib_ops: BTreeMap<String, usize>,
+}
+
+/// [`Inspection::contrib_ops`] of a graph.
+pub fn contrib_ops(g: &proto::GraphProto) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for n in &g.node {
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let key = match n.domain.as_deref().unwrap_or_default() {
+            "" | "ai.onnx" => continue,
+            optimize::MS_DOMAIN => op.to_string(),
+            d => format!("{d}:{op}"),
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
 }
 
 fn value_summary(v: &proto::ValueInfoProto) -> ValueSummary {
@@ -196,6 +215,7 @@ impl Inspection {
             external_data: external.into_values().collect(),
             lora_target_modules: index.len(),
             lora_targets_skipped: index.skipped().len(),
+            contrib_ops: contrib_ops(g),
         }
     }
 }

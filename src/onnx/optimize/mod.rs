@@ -194,18 +194,6 @@ pub fn open_optimized(path: &Path, opts: &OptimizeOptions) -> Result<(OnnxModel,
     Ok((OnnxModel::from_bytes(path, Bytes::from(bytes))?, report))
 }
 
-/// Count of each contrib (`com.microsoft`) op in a graph: what `inspect` reports as fusions.
-pub fn fused_ops(model: &OnnxModel) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for n in &model.graph().node {
-        if n.domain.as_deref() == Some(MS_DOMAIN) {
-            *out.entry(n.op_type.clone().unwrap_or_default())
-                .or_default() += 1;
-        }
-    }
-    out
-}
-
 /// Whether a graph holds fused ops that take NHWC tensors (`GroupNorm`, `SkipGroupNorm`,
 /// `NhwcConv`): convolutions then run faster in NHWC too (the CUDA provider's `prefer_nhwc`).
 pub fn prefers_nhwc(graph: &super::proto::GraphProto) -> bool {
