@@ -73,16 +73,29 @@ pub(crate) fn to_py(py: Python<'_>, e: lorafuse::Error) -> PyErr {
     err
 }
 
-/// Run `f`, turning a panic into [`lorafuse::Error::Internal`] (no unwinding into Python).
-pub(crate) fn guard<R>(f: impl FnOnce() -> lorafuse::Result<R>) -> lorafuse::Result<R> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+/// Run entry `entry`'s work `f`, turning a panic into [`lorafuse::Error::Internal`] (no unwinding
+/// into Python). Test hook, as the C ABI's `LORAFUSE_FFI_INJECT_PANIC`: when the environment
+/// variable `LORAFUSE_PY_INJECT_PANIC` names the entry, it panics here.
+pub(crate) fn guard<R>(
+    entry: &str,
+    f: impl FnOnce() -> lorafuse::Result<R>,
+) -> lorafuse::Result<R> {
+    catch_unwind(AssertUnwindSafe(|| {
+        if std::env::var_os("LORAFUSE_PY_INJECT_PANIC").is_some_and(|v| v == entry) {
+            panic!("panic injected into `{entry}` by LORAFUSE_PY_INJECT_PANIC");
+        }
+        f()
+    }))
+    .unwrap_or_else(|p| {
         // The payload is a `&str` or `String`, as `panic!` makes them.
         let text = p
             .downcast_ref::<&str>()
             .map(|s| (*s).to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic payload".into());
-        Err(lorafuse::Error::Internal(format!("panic: {text}")))
+        Err(lorafuse::Error::Internal(format!(
+            "panic in `{entry}`: {text}"
+        )))
     })
 }
 

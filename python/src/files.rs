@@ -31,7 +31,7 @@ pub(crate) fn merge(
     let specs = lora_specs(loras).py_err(py)?;
     let opts = merge_options(strict, unet_scale, text_encoder_scale).py_err(py)?;
     py.detach(|| {
-        guard(|| {
+        guard("merge", || {
             let report = lorafuse::api::merge_into_folder(
                 &src,
                 &out,
@@ -50,6 +50,6 @@ pub(crate) fn merge(
 #[pyfunction]
 pub(crate) fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     crate::host::ensure_ort(py, None)?;
-    py.detach(|| guard(|| json(&lorafuse::api::inspect(&path)?)))
+    py.detach(|| guard("inspect", || json(&lorafuse::api::inspect(&path)?)))
         .py_err(py)
 }

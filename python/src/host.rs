@@ -23,8 +23,12 @@ fn python_onnxruntime_capi(py: Python<'_>) -> Option<PathBuf> {
 /// Load ONNX Runtime for this process (once; later calls check `explicit` against it).
 pub(crate) fn ensure_ort(py: Python<'_>, explicit: Option<&Path>) -> PyResult<()> {
     let capi = python_onnxruntime_capi(py);
-    py.detach(|| guard(|| lorafuse::runtime::init_in_host(explicit, capi.as_deref()).map(|_| ())))
-        .py_err(py)
+    py.detach(|| {
+        guard("onnx_runtime", || {
+            lorafuse::runtime::init_in_host(explicit, capi.as_deref()).map(|_| ())
+        })
+    })
+    .py_err(py)
 }
 
 /// `onnx_runtime(ort_lib=None) -> (path, rule)`: load ONNX Runtime as a `Pipeline` would and say

@@ -174,7 +174,7 @@ impl Pipeline {
         let (session, lora_mode) = options;
         let open = py
             .detach(|| {
-                guard(|| {
+                guard("Pipeline", || {
                     if !path.exists() {
                         return Err(Error::io(
                             &path,
@@ -214,7 +214,7 @@ impl Pipeline {
         let specs = lora_specs(loras).py_err(py)?;
         let opts = merge_options(strict, unet_scale, text_encoder_scale).py_err(py)?;
         py.detach(|| {
-            guard(|| {
+            guard("set_loras", || {
                 let reports = self.lock()?.pipe.set_loras(&specs, &opts)?;
                 reports_json(&reports)
             })
@@ -289,7 +289,7 @@ impl Pipeline {
         let mut callback_error: Option<PyErr> = None;
         let mut images: Vec<RawImage> = Vec::with_capacity(req.num_images);
         let done = py.detach(|| {
-            guard(|| {
+            guard("generate", || {
                 let mut open = self.lock()?;
                 self.cancel.store(false, Ordering::SeqCst);
                 let (model_prompt, tags) = match &lora_dir {
