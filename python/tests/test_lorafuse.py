@@ -154,3 +154,30 @@ def test_a_panic_is_an_internal_error(monkeypatch):
     assert e.value.fault == "program"
     monkeypatch.delenv("LORAFUSE_PY_INJECT_PANIC")
     assert lorafuse.inspect(LORAS / "kohya.safetensors")["lora"]
+
+
+def test_the_diffusers_style_host_example(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "host_loop.py"
+    spec = importlib.util.spec_from_file_location("host_loop", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules["host_loop"] = example  # dataclasses look their module up there
+    spec.loader.exec_module(example)
+    written = example.main(
+        [str(TINY), "--lora-dir", str(LORAS), "--device", "cpu", "--steps", "2", "--out", str(tmp_path)]
+    )
+    assert len(written) == 3
+    with Image.open(written[-1]) as img:
+        assert "diffusers: 0.8" in img.info["parameters"]
+    pipe = example.LorafuseDiffusionPipeline.from_pretrained(str(TINY), "cpu")
+    pipe.load_lora_weights(str(LORAS / "kohya.safetensors"), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    out = pipe("a cat", num_inference_steps=2, generator=3, output_type="np")
+    assert out.images[0].shape == (64, 64, 3) and out.nsfw_content_detected is None
+    pipe.unload_lora_weights()
+    assert pipe.pipeline.loras == []
