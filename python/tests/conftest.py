@@ -31,6 +31,7 @@ def cli():
         pytest.fail(f"{exe}: no lorafuse CLI (cargo build --release, or set LORAFUSE_CLI)")
 
     def run(out_dir: Path, *args: str):
+        out_dir.mkdir(parents=True, exist_ok=True)
         pattern = out_dir / "cli-{index}.png"
         subprocess.run(
             [str(exe), "generate", "-m", str(TINY), "--device", "cpu", "-o", str(pattern), *args],

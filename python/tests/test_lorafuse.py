@@ -56,6 +56,12 @@ def test_lora_prompt_tag_equals_the_cli(pipe, cli, tmp_path):
     assert [w for _, w in pipe.loras] == [pytest.approx(0.8)]
     plain = pipe.generate(prompt, steps=4, seed=1, loras=[], output_type="np")
     assert not np.array_equal(plain[0], want), "the LoRA changed nothing"
+    # The CLI's one-shot default, rebuild, against a pipeline opened that way.
+    rebuild = lorafuse.Pipeline(TINY, "cpu", lora_mode="rebuild")
+    images = rebuild.generate(prompt, steps=4, seed=1, lora_dir=LORAS, output_type="np")
+    (want, _), = cli(tmp_path / "rebuild", "-p", prompt, "--steps", "4", "--seed", "1",
+                     "--lora-dir", str(LORAS))
+    assert np.array_equal(images[0], want)
 
 
 def test_set_loras_equals_the_cli(pipe, cli, tmp_path):
