@@ -91,6 +91,13 @@ pub fn prompt_loras(prompt_text: &str, lora_dir: Option<&Path>) -> Result<(Strin
     Ok((tags.text, specs))
 }
 
+/// What the parameters text calls the model of the pipeline folder `dir`: the folder's name.
+pub fn model_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// A scheduler name as users write it (`dpmpp-2m-karras`) in lorafuse's form (`dpmpp_2m_karras`).
 pub fn scheduler_name(name: &str) -> String {
     name.replace('-', "_")

@@ -12,7 +12,7 @@ mod inspect;
 mod merge;
 
 pub use generate::{
-    Image, ImageRequest, ImagesDone, generate_images, prompt_loras, scheduler_name,
+    Image, ImageRequest, ImagesDone, generate_images, model_name, prompt_loras, scheduler_name,
 };
 pub use inspect::{
     DiffusersInspection, Inspection, LoraSummary, ModelInspection, PipelineInspection,

@@ -120,11 +120,7 @@ pub fn run(global: &GlobalArgs, a: GenerateArgs) -> anyhow::Result<()> {
     let stop =
         super::ctrl_c_flag("interrupted: stopping after this step (Ctrl-C again to quit now)");
 
-    let model_name = a
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = api::model_name(&a.model);
     let req = api::ImageRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),

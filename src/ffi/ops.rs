@@ -91,69 +91,16 @@ const _: fn() = || {
     send::<PipelineState>();
 };
 
-/// Load ONNX Runtime for a pipeline. Without an explicit library, the copy already in the process
-/// (the host's) is preferred over the search order, so the process never holds two.
+/// Load ONNX Runtime for a pipeline: the host's copy when it holds one, else the search order
+/// ([`runtime::init_in_host`]).
 pub(crate) fn ensure_ort(explicit: Option<&Path>) -> Result<()> {
-    if explicit.is_none()
-        && runtime::loaded().is_none()
-        && let Some(found) = loaded_ort_in_process()
-    {
-        log::info(&format!(
-            "using the ONNX Runtime already loaded in this process: {}",
-            found.display()
-        ));
-        runtime::init(Some(&found))?;
-        return Ok(());
-    }
-    let lib = runtime::init(explicit)?;
+    let lib = runtime::init_in_host(explicit, None)?;
     log::info(&format!(
         "ONNX Runtime: {} ({})",
         lib.path.display(),
         lib.source
     ));
     Ok(())
-}
-
-/// The path of a `libonnxruntime.so*` already mapped into this process, if any.
-#[cfg(target_os = "linux")]
-pub(crate) fn loaded_ort_in_process() -> Option<PathBuf> {
-    use std::ffi::{CStr, c_int, c_void};
-    use std::os::unix::ffi::OsStrExt;
-    unsafe extern "C" fn visit(
-        info: *mut libc::dl_phdr_info,
-        _size: usize,
-        data: *mut c_void,
-    ) -> c_int {
-        // SAFETY: the loader passes a valid record; `data` is the Option below.
-        let info = unsafe { &*info };
-        if info.dlpi_name.is_null() {
-            return 0;
-        }
-        let name = unsafe { CStr::from_ptr(info.dlpi_name) };
-        let path = Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        if path
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(b"libonnxruntime.so"))
-        {
-            unsafe { *(data as *mut Option<PathBuf>) = Some(path.to_path_buf()) };
-            return 1;
-        }
-        0
-    }
-    let mut found: Option<PathBuf> = None;
-    // SAFETY: `visit` only reads the records and writes `found`, which outlives the call.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(visit),
-            &mut found as *mut Option<PathBuf> as *mut c_void,
-        )
-    };
-    found
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn loaded_ort_in_process() -> Option<PathBuf> {
-    None
 }
 
 pub(crate) fn open_pipeline(cfg: PipelineConfig) -> Result<PipelineState> {
@@ -166,14 +113,9 @@ pub(crate) fn open_pipeline(cfg: PipelineConfig) -> Result<PipelineState> {
     ensure_ort(cfg.ort_library.as_deref())?;
     let mut pipe = Txt2Img::open(&cfg.model_dir, &cfg.session)?;
     pipe.set_lora_mode(cfg.lora_mode)?;
-    let model_name = cfg
-        .model_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     Ok(PipelineState {
         pipe,
-        model_name,
+        model_name: crate::api::model_name(&cfg.model_dir),
         active: Vec::new(),
         report_json: "[]".into(),
     })

@@ -8,6 +8,10 @@
 //! 3. the project-local install made by `scripts/setup.sh` (`.venv/` beside the build),
 //! 4. an `onnxruntime`/`onnxruntime-gpu` package in the active Python (`VIRTUAL_ENV`, then `python3`),
 //! 5. the system library path (`libonnxruntime.so`).
+//!
+//! Front doors living inside a host process (the plugin, the Python package) call [`init_in_host`]
+//! instead: the ONNX Runtime the host already holds comes first, and a Python host's own
+//! `onnxruntime` package comes right after `ORT_DYLIB_PATH`.
 
 pub mod device_io;
 pub mod session;
@@ -63,25 +67,65 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
 /// Load ONNX Runtime once per process (later calls return the first result; a different
 /// `explicit` path after a successful load is an error, since one process holds one ORT).
 pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
+    init_searching(explicit, None)
+}
+
+/// [`init`] for a door inside a host process. Without an explicit library, the copy already
+/// mapped into the process (the host's) is preferred over the search order, so the process never
+/// holds two; `host_python_capi` is the `onnxruntime/capi` folder of the host's own Python
+/// environment (a Python host), searched right after `ORT_DYLIB_PATH`.
+pub fn init_in_host(
+    explicit: Option<&Path>,
+    host_python_capi: Option<&Path>,
+) -> Result<&'static OrtLibrary> {
+    if explicit.is_none()
+        && loaded().is_none()
+        && let Some(found) = loaded_in_process()
+    {
+        return init_with(vec![("already loaded in this process", found)]);
+    }
+    init_searching(explicit, host_python_capi)
+}
+
+fn init_searching(
+    explicit: Option<&Path>,
+    host_python_capi: Option<&Path>,
+) -> Result<&'static OrtLibrary> {
+    if let Some(lib) = loaded() {
+        return check_same(lib, explicit);
+    }
+    init_with(candidates_in_host(explicit, host_python_capi))
+}
+
+fn check_same(lib: &'static OrtLibrary, explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
+    if let Some(p) = explicit
+        && !same_file(p, &lib.path)
+    {
+        return Err(Error::OrtLoad(format!(
+            "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
+            lib.path.display(),
+            p.display()
+        )));
+    }
+    Ok(lib)
+}
+
+fn init_with(candidates: Vec<(&'static str, PathBuf)>) -> Result<&'static OrtLibrary> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     // One thread loads; the others wait and then see its result (ORT allows one environment).
     let _guard = INIT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(lib) = LOADED.get() {
-        if let Some(p) = explicit
-            && !same_file(p, &lib.path)
-        {
-            return Err(Error::OrtLoad(format!(
-                "ONNX Runtime is already loaded from {} in this process; cannot also load {}",
-                lib.path.display(),
-                p.display()
-            )));
-        }
-        return Ok(lib);
+        // Another thread loaded it while this one waited; an explicit choice still must match.
+        let explicit = candidates
+            .first()
+            .filter(|(s, _)| *s == "--ort-lib")
+            .map(|(_, p)| p.as_path());
+        return check_same(lib, explicit);
     }
     let mut tried = Vec::new();
-    for (source, path) in candidates(explicit) {
+    for (source, path) in candidates {
         match try_load(&path) {
             Ok(()) => {
                 let lib = OrtLibrary { path, source };
@@ -141,6 +185,13 @@ fn try_load(path: &Path) -> std::result::Result<(), String> {
 
 /// Every place [`init`] looks, in order, with the rule that produced it.
 pub fn candidates(explicit: Option<&Path>) -> Vec<(&'static str, PathBuf)> {
+    candidates_in_host(explicit, None)
+}
+
+fn candidates_in_host(
+    explicit: Option<&Path>,
+    host_python_capi: Option<&Path>,
+) -> Vec<(&'static str, PathBuf)> {
     let mut out = Vec::new();
     if let Some(p) = explicit {
         out.push(("--ort-lib", p.to_path_buf()));
@@ -148,6 +199,11 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<(&'static str, PathBuf)> {
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
         out.push(("ORT_DYLIB_PATH", PathBuf::from(p)));
+    }
+    if let Some(dir) = host_python_capi {
+        for lib in wheel_libs_in(dir) {
+            out.push(("host Python (onnxruntime package)", lib));
+        }
     }
     // Recorded at build time by scripts/setup.sh (.cargo/config.toml), absolute.
     if let Some(p) = option_env!("LORAFUSE_ORT_LIB") {
@@ -240,4 +296,46 @@ fn python_onnxruntime_capi() -> Option<PathBuf> {
     let s = String::from_utf8(out.stdout).ok()?;
     let s = s.trim();
     (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+/// The path of a `libonnxruntime.so*` already mapped into this process (a host's own copy), if any.
+#[cfg(target_os = "linux")]
+pub fn loaded_in_process() -> Option<PathBuf> {
+    use std::ffi::{CStr, c_int, c_void};
+    use std::os::unix::ffi::OsStrExt;
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader passes a valid record; `data` is the Option below.
+        let info = unsafe { &*info };
+        if info.dlpi_name.is_null() {
+            return 0;
+        }
+        let name = unsafe { CStr::from_ptr(info.dlpi_name) };
+        let path = Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        if path
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"libonnxruntime.so"))
+        {
+            unsafe { *(data as *mut Option<PathBuf>) = Some(path.to_path_buf()) };
+            return 1;
+        }
+        0
+    }
+    let mut found: Option<PathBuf> = None;
+    // SAFETY: `visit` only reads the records and writes `found`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(visit),
+            &mut found as *mut Option<PathBuf> as *mut c_void,
+        )
+    };
+    found
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn loaded_in_process() -> Option<PathBuf> {
+    None
 }
