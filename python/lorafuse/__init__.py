@@ -127,6 +127,7 @@ class Pipeline:
         lora_dir: Optional[PathLike] = None,
         progress: Optional[Progress] = None,
         output_type: str = "pil",
+        model_hash: Optional[str] = None,
     ) -> Images:
         """Generate ``num_images`` images (image k uses ``seed + k``), pixels identical to
         ``lorafuse generate`` with the same arguments.
@@ -137,7 +138,9 @@ class Pipeline:
         ``progress(step, total)`` is called after every step over the whole request; returning
         ``False`` stops with ``Cancelled``, and an exception it raises stops and propagates.
         ``output_type``: "pil" (``PIL.Image.Image``, needs Pillow) or "np" (``uint8`` arrays
-        ``[h, w, 3]``, needs numpy).
+        ``[h, w, 3]``, needs numpy). ``model_hash``: A1111's ``Model hash`` in the parameters
+        text, the checkpoint the pipeline came from (hashed as A1111 does) or its hash (as
+        ``lorafuse generate --model-hash``).
         """
         raw, truncated = self._native.generate(
             prompt,
@@ -153,6 +156,7 @@ class Pipeline:
             loras=None if loras is None else _lora_list(loras),
             lora_dir=None if lora_dir is None else os.fspath(lora_dir),
             progress=progress,
+            model_hash=None if model_hash is None else os.fspath(model_hash),
         )
         return _to_images(raw, truncated, output_type)
 

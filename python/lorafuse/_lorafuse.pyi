@@ -64,6 +64,7 @@ class Pipeline:
         loras: Optional[Sequence[_Lora]] = None,
         lora_dir: Optional[str] = None,
         progress: Optional[Callable[[int, int], Optional[bool]]] = None,
+        model_hash: Optional[str] = None,
     ) -> Tuple[List[_RawImage], bool]: ...
 
 def merge(

@@ -252,7 +252,7 @@ impl Pipeline {
     /// rule without `lora_dir`).
     #[pyo3(signature = (prompt, negative_prompt=None, *, steps=None, guidance_scale=None,
         width=None, height=None, seed=None, scheduler=None, num_images=None, batch_size=None,
-        loras=None, lora_dir=None, progress=None))]
+        loras=None, lora_dir=None, progress=None, model_hash=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -270,8 +270,14 @@ impl Pipeline {
         loras: Option<Bound<'_, PyAny>>,
         lora_dir: Option<PathBuf>,
         progress: Option<Py<PyAny>>,
+        model_hash: Option<String>,
     ) -> PyResult<(Vec<RawImage>, bool)> {
         let d = ImageRequest::default();
+        let model_hash = model_hash
+            .as_deref()
+            .map(lorafuse::hashes::model_hash_arg)
+            .transpose()
+            .py_err(py)?;
         let req = ImageRequest {
             prompt,
             negative_prompt: negative_prompt.unwrap_or(d.negative_prompt),
@@ -284,6 +290,7 @@ impl Pipeline {
             batch_size: batch_size.unwrap_or(d.batch_size),
             scheduler: scheduler.or(d.scheduler),
             init_latents: d.init_latents,
+            model_hash,
         };
         let listed = loras.map(|l| lora_specs(&l)).transpose().py_err(py)?;
         let mut callback_error: Option<PyErr> = None;
