@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""The tiny UNet as ONNX Runtime's own transformer optimizer leaves it: the fixtures of
+tests/packed_lora.rs (LoRAs on packed attention weights, docs/ARCHITECTURE.md §4c).
+
+Runs in its own venv (not models/.venv-*): python 3.11, onnxruntime 1.31.1, onnx 1.19.0,
+numpy 2.2.6, sympy 1.14.0, packaging 26.4:
+
+    python3 -m venv /tmp/ortopt
+    /tmp/ortopt/bin/pip install onnxruntime==1.31.1 onnx==1.19.0 numpy==2.2.6 sympy packaging
+    /tmp/ortopt/bin/python models/scripts/ort_optimize_unet.py
+
+numpy 2.4 breaks the optimizer on torch 2.x exports: fusion_attention_unet.get_num_heads calls
+int() on a shape-[1] array, which numpy 2.4 refuses; 2.2 only warns.
+
+Writes, from tiny/onnx/unet/model.onnx (fp32, optimum export):
+- tiny/onnx-ortopt/unet/model.onnx: enable_packed_qkv + enable_packed_kv. Self-attention Q/K/V
+  become one MatMul `[C, N·3·H]` interleaved per head, cross-attention K/V one `[C_ctx, N·2·H]`,
+  each Reshaped to `[0, 0, N, 3|2, H]` into com.microsoft.MultiHeadAttention. ORT has no CPU
+  kernel for packed QKV, so this graph runs on CUDA only.
+- tiny/onnx-ortopt-attention/unet/model.onnx: packing off. Self-attention becomes
+  com.microsoft.Attention with a stacked `qkv_weight` `[C, 3·C]` (Q | K | V); cross-attention
+  keeps its three MatMuls into MultiHeadAttention. Runs on the CPU provider.
+
+Only the attention fusions matter here: GroupNorm, NhwcConv, BiasAdd and BiasSplitGelu are off
+(GroupNorm has no CPU kernel, NhwcConv would hide the convolution weights). Each packed weight is
+checked against the interleaving tests/packed_lora.rs assumes before anything is written.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.transformers.fusion_options import FusionOptions
+from onnxruntime.transformers.optimizer import optimize_model
+
+TINY = Path(__file__).resolve().parent.parent / "tiny"
+SRC = TINY / "onnx" / "unet" / "model.onnx"
+
+
+def log(msg):
+    print(f"[ort_optimize_unet] {msg}", flush=True)
+
+
+def optimize(out_dir, packed):
+    opts = FusionOptions("unet")
+    opts.enable_packed_qkv = packed
+    opts.enable_packed_kv = packed
+    opts.enable_group_norm = False
+    opts.enable_skip_group_norm = False
+    opts.enable_nhwc_conv = False
+    opts.enable_bias_add = False
+    opts.enable_bias_splitgelu = False
+    # use_gpu=True: the optimizer emits MultiHeadAttention (packed or not) only for GPU targets.
+    m = optimize_model(
+        str(SRC),
+        model_type="unet",
+        num_heads=0,
+        hidden_size=0,
+        opt_level=0,
+        optimization_options=opts,
+        use_gpu=True,
+    )
+    log(f"{out_dir.name}: {m.get_fused_operator_statistics()}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    m.save_model_to_file(str(out))
+    shutil.copy(SRC.parent / "config.json", out_dir / "config.json")
+    return out
+
+
+def weights(path):
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    by_node = {}
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            by_node[n.name] = inits[n.input[1]]
+    return g, inits, by_node
+
+
+def check_packing(src, packed_path):
+    """Every packed weight equals the export's Q/K/V ([in, out] each) interleaved per head."""
+    _, _, plain = weights(src)
+    g, inits, _ = weights(packed_path)
+    prod = {o: n for n in g.node for o in n.output}
+    checked = 0
+    for n in g.node:
+        if n.op_type not in ("MultiHeadAttention", "Attention"):
+            continue
+        heads = next(a.i for a in n.attribute if a.name == "num_heads")
+        out_mm = n
+        # attention path from the to_out.0 MatMul reading the attention output
+        for c in g.node:
+            if n.output[0] in c.input and c.op_type == "MatMul":
+                out_mm = c
+        attn = out_mm.name.rsplit("/to_out.0/", 1)[0]
+        if n.op_type == "Attention":
+            w = inits[n.input[1]]
+            parts = [plain[f"{attn}/to_{p}/MatMul"] for p in "qkv"]
+            want = np.concatenate(parts, axis=1)
+        else:
+            src_in = n.input[0] if len(n.input) == 1 or n.input[1] == "" else n.input[1]
+            names = "qkv" if src_in == n.input[0] else "kv"
+            reshape = prod.get(src_in)
+            if reshape is None or reshape.op_type != "Reshape":
+                continue  # separate Q, K, V
+            w = inits[prod[reshape.input[0]].input[1]]
+            parts = [plain[f"{attn}/to_{p}/MatMul"] for p in names]
+            c, hidden = parts[0].shape
+            hd = hidden // heads
+            want = np.stack([p.reshape(c, heads, hd) for p in parts], axis=2).reshape(c, -1)
+        assert np.array_equal(w, want), f"{n.name}: packing differs from the assumed layout"
+        checked += 1
+    log(f"{packed_path.parent.parent.name}: {checked} packed weights match the assumed layout")
+    assert checked > 0
+
+
+def main():
+    if not SRC.exists():
+        sys.exit(f"{SRC} missing: run make_tiny.py first")
+    for name, packed in (("onnx-ortopt", True), ("onnx-ortopt-attention", False)):
+        out = optimize(TINY / name / "unet", packed)
+        check_packing(SRC, out)
+
+
+if __name__ == "__main__":
+    main()
