@@ -816,6 +816,7 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
                     let (r, c) = (dims[0], dims[1]);
                     (0..r * c).map(|i| v[(i % r) * c + i / r]).collect()
                 }
+                Layout::Packed { .. } => w.unpack(&v).expect("packed slice"),
             }
         };
         let (ours, b) = (find(&merged), find(&base));

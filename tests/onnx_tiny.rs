@@ -104,6 +104,7 @@ fn torch_values(model: &OnnxModel, idx: &WeightIndex, module: &str) -> (Vec<usiz
             }
             (vec![c, r], t)
         }
+        Layout::Packed { .. } => (m.torch_shape.clone(), m.unpack(&vals).unwrap()),
     }
 }
 

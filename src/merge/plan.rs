@@ -86,9 +86,11 @@ fn low_rank_factors(
         return None;
     }
     // Torch layout: W[rows, inner] += A[rows, R]·B[R, inner]; [in, out] storage: Wᵀ += Bᵀ·Aᵀ.
+    // A packed slice's columns are not one product: its update is a full ΔW.
     let (m, n) = match layout {
         Layout::Torch => (rows, inner),
         Layout::Transposed => (inner, rows),
+        Layout::Packed { .. } => return None,
     };
     let mut a = vec![0f32; m * total];
     let mut b = vec![0f32; total * n];
@@ -99,7 +101,7 @@ fn low_rank_factors(
                 let u = alpha * up.data[i * r + k];
                 match layout {
                     Layout::Torch => a[i * total + off + k] = u,
-                    Layout::Transposed => b[(off + k) * n + i] = u,
+                    _ => b[(off + k) * n + i] = u,
                 }
             }
         }
@@ -108,7 +110,7 @@ fn low_rank_factors(
                 let d = down.data[k * inner + j];
                 match layout {
                     Layout::Torch => b[(off + k) * n + j] = d,
-                    Layout::Transposed => a[j * total + off + k] = d,
+                    _ => a[j * total + off + k] = d,
                 }
             }
         }
@@ -123,10 +125,26 @@ fn low_rank_factors(
     })
 }
 
+/// The modules merged into one initializer: one, or several slices of a packed weight.
 struct Target {
+    parts: Vec<Part>,
+}
+
+struct Part {
     mapped: MappedWeight,
     /// (lora index, module index in that adapter, total weight)
     items: Vec<(usize, usize, f32)>,
+}
+
+impl Target {
+    fn first(&self) -> &MappedWeight {
+        // a target is created with its first part
+        &self.parts[0].mapped
+    }
+
+    fn lora_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.parts.iter().flat_map(|p| p.items.iter().map(|i| i.0))
+    }
 }
 
 /// A component model opened and indexed once, shareable between plans (a live pipeline keeps these
@@ -172,11 +190,45 @@ fn to_component(c: Component) -> OnnxComponent {
     }
 }
 
+/// The ΔW layout of a mapped weight; a packed slice is merged unpacked, in torch layout
+/// ([`MappedWeight::unpack`]).
 fn lora_layout(l: Layout) -> lora_merge::Layout {
     match l {
-        Layout::Torch => lora_merge::Layout::Torch,
+        Layout::Torch | Layout::Packed { .. } => lora_merge::Layout::Torch,
         Layout::Transposed => lora_merge::Layout::Transposed,
     }
+}
+
+/// Add the items of `part` to `values`, the stored values of its initializer (a packed slice
+/// is gathered into torch layout, merged and scattered back: the same f32 sums as the plain
+/// export's weight).
+fn merge_part(values: &mut [f32], part: &Part, loras: &[Arc<LoraAdapter>]) -> Result<()> {
+    let items: Vec<(&lora_format::LoraModule, f32)> = part
+        .items
+        .iter()
+        .map(|&(li, mi, w)| (&loras[li].modules[mi], w))
+        .collect();
+    let m = &part.mapped;
+    match m.layout {
+        Layout::Packed { .. } => {
+            let mut w = m
+                .unpack(values)
+                .ok_or_else(|| packed_mismatch(m, values.len()))?;
+            lora_merge::merge_into(&mut w, &m.torch_shape, lora_merge::Layout::Torch, &items)?;
+            if !m.repack(values, &w) {
+                return Err(packed_mismatch(m, values.len()));
+            }
+            Ok(())
+        }
+        l => lora_merge::merge_into(values, &m.torch_shape, lora_layout(l), &items),
+    }
+}
+
+fn packed_mismatch(m: &MappedWeight, len: usize) -> Error {
+    Error::Internal(format!(
+        "`{}`: packed slice {:?} of torch shape {:?} does not fit the {len} values of `{}`",
+        m.module, m.layout, m.torch_shape, m.initializer
+    ))
 }
 
 /// Open the pipeline's UNet and text encoder and index their LoRA-target weights; with
@@ -356,14 +408,22 @@ pub fn plan_indexed_cached(
                 Component::Unet => report.unet_modules += 1,
                 Component::TextEncoder => report.text_encoder_modules += 1,
             }
-            cp.targets
+            let target = cp
+                .targets
                 .entry(mapped.initializer.clone())
-                .or_insert_with(|| Target {
+                .or_insert_with(|| Target { parts: Vec::new() });
+            let item = (li, mi, spec.weight * comp_scale);
+            match target
+                .parts
+                .iter_mut()
+                .find(|p| p.mapped.module == mapped.module)
+            {
+                Some(p) => p.items.push(item),
+                None => target.parts.push(Part {
                     mapped: mapped.clone(),
-                    items: Vec::new(),
-                })
-                .items
-                .push((li, mi, spec.weight * comp_scale));
+                    items: vec![item],
+                }),
+            }
         }
         if opts.strict && !report.unmapped.is_empty() {
             let list: Vec<&str> = report
@@ -418,35 +478,29 @@ impl MergePlan {
             )));
         };
         let (dims, mut values) = cp.model.initializer_f32(name)?;
-        let items: Vec<(&lora_format::LoraModule, f32)> = t
-            .items
-            .iter()
-            .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
-            .collect();
-        lora_merge::merge_into(
-            &mut values,
-            &t.mapped.torch_shape,
-            lora_layout(t.mapped.layout),
-            &items,
-        )?;
-        check_merged(&values, t.mapped.dtype).map_err(|m| {
-            let files: Vec<String> = t
-                .items
-                .iter()
-                .map(|&(li, _, _)| self.loras[li].path.display().to_string())
+        for part in &t.parts {
+            merge_part(&mut values, part, &self.loras)?;
+        }
+        let first = t.first();
+        check_merged(&values, first.dtype).map_err(|m| {
+            let mut files: Vec<String> = t
+                .lora_indices()
+                .map(|li| self.loras[li].path.display().to_string())
                 .collect();
+            files.dedup();
+            let modules: Vec<&str> = t.parts.iter().map(|p| p.mapped.module.as_str()).collect();
             Error::InvalidArgument(format!(
                 "merging {} into `{name}` ({}) of the {component}: {m}; lower the LoRA weights",
                 files.join(", "),
-                t.mapped.module
+                modules.join(", ")
             ))
         })?;
         Ok(MergedWeight {
             initializer: name.to_string(),
-            module: t.mapped.module.clone(),
-            layout: t.mapped.layout,
+            module: first.module.clone(),
+            layout: first.layout,
             dims,
-            dtype: t.mapped.dtype,
+            dtype: first.dtype,
             values,
         })
     }
@@ -470,25 +524,33 @@ impl MergePlan {
         };
         let mut out = Vec::with_capacity(cp.targets.len());
         for (name, t) in &cp.targets {
-            let items: Vec<(&lora_format::LoraModule, f32)> = t
-                .items
-                .iter()
-                .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
-                .collect();
-            let torch_shape = &t.mapped.torch_shape;
-            let numel: usize = torch_shape.iter().product();
-            let rows = torch_shape.first().copied().unwrap_or(0).max(1);
-            let inner = numel / rows;
-            let update = match low_rank_factors(&items, rows, inner, t.mapped.layout) {
-                Some(u) => u,
-                None => {
+            let update = match t.parts.as_slice() {
+                [part] if !matches!(part.mapped.layout, Layout::Packed { .. }) => {
+                    let items: Vec<(&lora_format::LoraModule, f32)> = part
+                        .items
+                        .iter()
+                        .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
+                        .collect();
+                    let torch_shape = &part.mapped.torch_shape;
+                    let numel: usize = torch_shape.iter().product();
+                    let rows = torch_shape.first().copied().unwrap_or(0).max(1);
+                    let inner = numel / rows;
+                    match low_rank_factors(&items, rows, inner, part.mapped.layout) {
+                        Some(u) => u,
+                        None => {
+                            let mut delta = vec![0f32; numel];
+                            merge_part(&mut delta, part, &self.loras)?;
+                            WeightUpdate::Full { delta }
+                        }
+                    }
+                }
+                // Slices of a packed weight: ΔW of each, scattered into one full update.
+                parts => {
+                    let numel: usize = t.first().stored_shape().iter().product();
                     let mut delta = vec![0f32; numel];
-                    lora_merge::merge_into(
-                        &mut delta,
-                        torch_shape,
-                        lora_layout(t.mapped.layout),
-                        &items,
-                    )?;
+                    for part in parts {
+                        merge_part(&mut delta, part, &self.loras)?;
+                    }
                     WeightUpdate::Full { delta }
                 }
             };
@@ -499,12 +561,12 @@ impl MergePlan {
                 WeightUpdate::LowRank { a, b, r, .. } => *r as f32 * max_abs(a) * max_abs(b),
                 WeightUpdate::Full { delta } => max_abs(delta),
             };
-            if bound.is_nan() || bound > dtype_limit(t.mapped.dtype) / 2.0 {
+            if bound.is_nan() || bound > dtype_limit(t.first().dtype) / 2.0 {
                 self.merged_weight(component, name)?;
             }
             out.push(PlannedUpdate {
                 initializer: name.clone(),
-                module: t.mapped.module.clone(),
+                module: t.first().module.clone(),
                 update,
             });
         }

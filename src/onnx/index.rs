@@ -13,6 +13,9 @@
 //!    a Transpose holds the weight as `[in, out]` ([`Layout::Transposed`]);
 //! 3. callers check the LoRA's ΔW shape with [`MappedWeight::check_shape`] and refuse mismatches.
 //!
+//! Attention weights packed by ONNX Runtime's optimizer (one initializer for Q, K and V) are
+//! mapped by structure, one [`Layout::Packed`] slice per projection (`packed.rs`, §4c).
+//!
 //! Dynamo exports of a wrapper module (`self.unet = UNet2DConditionModel(...)`) prefix every
 //! path and initializer name with the wrapper's attribute (`unet.down_blocks.0…`): the prefix is
 //! read from the `pkg.torch.onnx.class_hierarchy` metadata (the scope of the first `diffusers.` or
@@ -32,6 +35,8 @@ use super::proto::tensor_proto::DataType;
 use super::proto::{AttributeProto, NodeProto};
 use crate::{Error, Result};
 
+mod packed;
+
 /// How an initializer stores a weight relative to torch's `nn.Linear`/`nn.Conv2d` `.weight`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,6 +45,17 @@ pub enum Layout {
     Torch,
     /// `[in, out]` (a MatMul's right operand). Add ΔWᵀ.
     Transposed,
+    /// One projection inside a packed `[in, heads·parts·head_dim]` MatMul weight, as ONNX
+    /// Runtime's transformer optimizer packs attention (docs/ARCHITECTURE.md §4c): torch row
+    /// `n·head_dim + h` of projection `part` is column `(n·parts + part)·head_dim + h`. With
+    /// `heads = 1` the projections are stacked (`Attention`'s `qkv_weight`, Q | K | V). Add ΔWᵀ
+    /// into those columns only ([`MappedWeight::unpack`], [`MappedWeight::repack`]).
+    Packed {
+        parts: usize,
+        part: usize,
+        heads: usize,
+        head_dim: usize,
+    },
 }
 
 impl Layout {
@@ -48,7 +64,13 @@ impl Layout {
             (l, 0) => l,
             (Layout::Torch, _) => Layout::Transposed,
             (Layout::Transposed, _) => Layout::Torch,
+            (p @ Layout::Packed { .. }, _) => p,
         }
+    }
+
+    /// The stored column of element `j` (`n·head_dim + h`) of a packed projection.
+    fn packed_column(parts: usize, part: usize, head_dim: usize, j: usize) -> usize {
+        (j / head_dim * parts + part) * head_dim + j % head_dim
     }
 }
 
@@ -64,6 +86,9 @@ pub enum Via {
     NameScope,
     /// Set by hand ([`WeightIndex::set`], e.g. from a `name_map.json`).
     Override,
+    /// A slice of a packed attention weight, found from the structure around a
+    /// `com.microsoft.MultiHeadAttention`/`Attention` node ([`Layout::Packed`]).
+    PackedAttention,
 }
 
 /// Where a module's weight lives in the graph.
@@ -93,7 +118,86 @@ impl MappedWeight {
         match self.layout {
             Layout::Torch => self.torch_shape.clone(),
             Layout::Transposed => self.torch_shape.iter().rev().copied().collect(),
+            Layout::Packed {
+                parts,
+                heads,
+                head_dim,
+                ..
+            } => vec![
+                self.torch_shape.get(1).copied().unwrap_or(0),
+                heads * parts * head_dim,
+            ],
         }
+    }
+
+    /// This projection's weight in torch layout `[out, in]`, read out of the stored values of
+    /// its initializer; for [`Layout::Packed`] only (`None` otherwise or on a size mismatch).
+    pub fn unpack(&self, stored: &[f32]) -> Option<Vec<f32>> {
+        let (cols, out, inner) = self.packed_dims(stored.len())?;
+        let Layout::Packed {
+            parts,
+            part,
+            head_dim,
+            ..
+        } = self.layout
+        else {
+            return None;
+        };
+        let mut w = vec![0f32; out * inner];
+        for j in 0..out {
+            let col = Layout::packed_column(parts, part, head_dim, j);
+            for c in 0..inner {
+                w[j * inner + c] = stored[c * cols + col];
+            }
+        }
+        Some(w)
+    }
+
+    /// Write this projection's torch-layout weight `torch` back into its columns of the stored
+    /// values; the inverse of [`unpack`](Self::unpack). `false` (nothing written) on a mismatch.
+    pub fn repack(&self, stored: &mut [f32], torch: &[f32]) -> bool {
+        let Some((cols, out, inner)) = self.packed_dims(stored.len()) else {
+            return false;
+        };
+        let Layout::Packed {
+            parts,
+            part,
+            head_dim,
+            ..
+        } = self.layout
+        else {
+            return false;
+        };
+        if torch.len() != out * inner {
+            return false;
+        }
+        for j in 0..out {
+            let col = Layout::packed_column(parts, part, head_dim, j);
+            for c in 0..inner {
+                stored[c * cols + col] = torch[j * inner + c];
+            }
+        }
+        true
+    }
+
+    /// (stored columns, out, in) of a packed projection whose initializer has `len` elements.
+    fn packed_dims(&self, len: usize) -> Option<(usize, usize, usize)> {
+        let Layout::Packed {
+            parts,
+            part,
+            heads,
+            head_dim,
+        } = self.layout
+        else {
+            return None;
+        };
+        let (&out, &inner) = (self.torch_shape.first()?, self.torch_shape.get(1)?);
+        let cols = heads.checked_mul(parts)?.checked_mul(head_dim)?;
+        let fits = self.torch_shape.len() == 2
+            && part < parts
+            && heads.checked_mul(head_dim) == Some(out)
+            && cols.checked_mul(inner) == Some(len);
+        fits.then_some((cols, out, inner))
     }
 
     /// Refuse a ΔW (or a replacement weight) whose torch-layout shape differs from this weight's.
@@ -247,6 +351,23 @@ impl WeightIndex {
         let torch_shape = match layout {
             Layout::Torch => t.dims.clone(),
             Layout::Transposed => t.dims.iter().rev().copied().collect(),
+            Layout::Packed {
+                parts,
+                part,
+                heads,
+                head_dim,
+            } => {
+                let cols = heads
+                    .checked_mul(parts)
+                    .and_then(|x| x.checked_mul(head_dim));
+                if t.dims.len() != 2 || cols != Some(t.dims[1]) || part >= parts {
+                    return Err(Error::InvalidArgument(format!(
+                        "`{module}` → `{initializer}`: part {part} of {parts} × {heads} heads × {head_dim} does not fit dims {:?}",
+                        t.dims
+                    )));
+                }
+                vec![heads * head_dim, t.dims[0]]
+            }
         };
         let module = self.canonical(module);
         let m = MappedWeight {
@@ -303,9 +424,13 @@ impl WeightIndex {
     }
 
     /// Check every mapping against `model`: the initializer exists with the recorded dtype and
-    /// stored shape, and no initializer serves two modules.
+    /// stored shape, and no initializer serves two modules (distinct parts of one packed weight
+    /// excepted).
     pub fn validate(&self, model: &OnnxModel) -> Result<()> {
-        let mut seen: HashMap<&str, &str> = HashMap::new();
+        let mut seen: HashMap<(&str, Option<usize>), &str> = HashMap::new();
+        // an initializer's packing (parts, heads, head_dim), `None` when used whole
+        type Packing = Option<(usize, usize, usize)>;
+        let mut packing: HashMap<&str, Packing> = HashMap::new();
         for m in self.iter() {
             let t = model
                 .initializer(&m.initializer)
@@ -332,7 +457,18 @@ impl WeightIndex {
                     got: t.dims.clone(),
                 });
             }
-            if let Some(other) = seen.insert(&m.initializer, &m.module) {
+            let (part, how) = match m.layout {
+                Layout::Packed {
+                    parts,
+                    part,
+                    heads,
+                    head_dim,
+                } => (Some(part), Some((parts, heads, head_dim))),
+                _ => (None, None),
+            };
+            let clash = *packing.entry(&m.initializer).or_insert(how) != how;
+            let other = seen.insert((&m.initializer, part), &m.module);
+            if let Some(other) = other.or(clash.then_some("another module")) {
                 return Err(Error::Onnx {
                     file: model.path().to_path_buf(),
                     msg: format!(
@@ -613,7 +749,8 @@ impl<'a> Builder<'a> {
         }
         let torch_shape = match layout {
             Layout::Torch => t.dims.clone(),
-            Layout::Transposed => vec![t.dims[1], t.dims[0]],
+            // weight_slot gives Torch or Transposed only
+            _ => vec![t.dims[1], t.dims[0]],
         };
         let m = MappedWeight {
             module: module.to_owned(),
@@ -706,6 +843,13 @@ impl<'a> Builder<'a> {
             decided.entry(module).or_default().extend(cands);
         }
 
+        // Slices of attention weights that ONNX Runtime's optimizer packed (packed.rs).
+        let (packed, packed_skipped) = self.packed();
+        skipped.extend(packed_skipped);
+        for m in packed {
+            decided.entry(m.module.clone()).or_default().push(m);
+        }
+
         // One initializer per module, one module per initializer.
         let mut modules = Vec::new();
         for (module, mut cands) in decided {
@@ -721,13 +865,41 @@ impl<'a> Builder<'a> {
                 });
             }
         }
-        let mut owners: HashMap<String, usize> = HashMap::new();
+        // An initializer has one owner, or only packed owners of distinct parts of one packing.
+        let mut owners: HashMap<String, Vec<Layout>> = HashMap::new();
         for m in &modules {
-            *owners.entry(m.initializer.clone()).or_default() += 1;
+            owners
+                .entry(m.initializer.clone())
+                .or_default()
+                .push(m.layout);
         }
+        let sole = |ls: &[Layout]| match ls {
+            [_] => true,
+            [
+                Layout::Packed {
+                    parts,
+                    heads,
+                    head_dim,
+                    ..
+                },
+                ..,
+            ] => {
+                let mut seen = HashSet::new();
+                ls.iter().all(|l| match *l {
+                    Layout::Packed {
+                        parts: p,
+                        part,
+                        heads: h,
+                        head_dim: d,
+                    } => (p, h, d) == (*parts, *heads, *head_dim) && seen.insert(part),
+                    _ => false,
+                })
+            }
+            _ => false,
+        };
         let (modules, dup): (Vec<_>, Vec<_>) = modules
             .into_iter()
-            .partition(|m| owners[&m.initializer] == 1);
+            .partition(|m| sole(&owners[&m.initializer]));
         for m in dup {
             skipped.push(Skipped {
                 reason: format!(

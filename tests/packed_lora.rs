@@ -1,0 +1,422 @@
+//! LoRAs on UNets optimized by ONNX Runtime's own transformer optimizer, which packs attention
+//! weights (docs/ARCHITECTURE.md §4c). Fixtures made by the reference tool
+//! (`models/scripts/ort_optimize_unet.py`, onnxruntime 1.31.1):
+//! - `tiny/onnx-ortopt/unet`: packed QKV (self-attention) and packed KV (cross-attention)
+//!   MultiHeadAttention, interleaved per head (CUDA only: no CPU kernel for packed QKV);
+//! - `tiny/onnx-ortopt-attention/unet`: self-attention as `Attention` with a stacked
+//!   `qkv_weight`, cross-attention K/V separate (runs on the CPU provider).
+//!
+//! The index maps the same module paths as on the export; every LoRA dialect merges into the
+//! packed columns exactly as into the export's separate weights (f32 bit for bit); the merged
+//! `Attention` graph computes the merged export's output on the CPU provider.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use lorafuse::merge::{LoraSpec, MergeOptions, merge_pipeline};
+use lorafuse::onnx::proto::ModelProto;
+use lorafuse::onnx::{Layout, MappedWeight, OnnxModel, Via, WeightIndex};
+use lorafuse::runtime::session::{self, Device, SessionOptions};
+use lorafuse::runtime::tensor::{extract_f32, float_value};
+use prost::Message;
+
+use common::tiny;
+
+const PACKED: &str = "onnx-ortopt";
+const STACKED: &str = "onnx-ortopt-attention";
+const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"];
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read_dir") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy");
+        }
+    }
+}
+
+/// A copy of the tiny pipeline whose UNet is the fixture `variant`.
+fn pipeline_with(work: &Path, variant: &str) -> PathBuf {
+    let dir = work.join(variant);
+    copy_dir(&tiny("onnx"), &dir);
+    std::fs::copy(
+        tiny(&format!("{variant}/unet/model.onnx")),
+        dir.join("unet/model.onnx"),
+    )
+    .expect("swap unet");
+    dir
+}
+
+fn work_dir(name: &str) -> PathBuf {
+    let w = std::env::temp_dir().join(format!("lorafuse-packed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&w);
+    std::fs::create_dir_all(&w).expect("work dir");
+    w
+}
+
+/// The module's weight in torch layout `[out, in]`, from the model's stored values.
+fn torch_weight(model: &OnnxModel, w: &MappedWeight) -> Vec<f32> {
+    let (dims, v) = model.initializer_f32(&w.initializer).expect("values");
+    match w.layout {
+        Layout::Torch => v,
+        Layout::Transposed => {
+            let (r, c) = (dims[0], dims[1]);
+            let mut t = vec![0f32; v.len()];
+            for i in 0..r {
+                for j in 0..c {
+                    t[j * r + i] = v[i * c + j];
+                }
+            }
+            t
+        }
+        Layout::Packed { .. } => w.unpack(&v).expect("unpack"),
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn attention_modules(idx: &WeightIndex) -> Vec<String> {
+    idx.modules()
+        .filter(|m| m.contains(".attn"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn index_maps_packed_slices_to_the_exports_modules() {
+    let plain = OnnxModel::open(tiny("onnx/unet/model.onnx")).expect("export");
+    let pidx = WeightIndex::build(&plain);
+    for (variant, packed_modules) in [(PACKED, 20), (STACKED, 12)] {
+        let model = OnnxModel::open(tiny(&format!("{variant}/unet/model.onnx"))).expect("opt");
+        let idx = WeightIndex::build(&model);
+        idx.validate(&model).expect("valid");
+        // the same module paths as on the export
+        assert_eq!(
+            idx.modules().collect::<Vec<_>>(),
+            pidx.modules().collect::<Vec<_>>(),
+            "{variant}: skipped {:?}",
+            idx.skipped()
+        );
+        let packed: Vec<&MappedWeight> = idx
+            .iter()
+            .filter(|w| w.via == Via::PackedAttention)
+            .collect();
+        // 4 transformer blocks: attn1 q/k/v (+ attn2 k/v when K/V are packed)
+        assert_eq!(packed.len(), packed_modules, "{variant}");
+        for w in &packed {
+            assert!(
+                w.module.contains(".attn1.") || variant == PACKED,
+                "{}",
+                w.module
+            );
+            assert!(!w.module.ends_with("attn2.to_q"), "{}", w.module);
+        }
+        // to_q of attn2 and every to_out.0 stay plain MatMuls
+        for m in attention_modules(&idx) {
+            if m.ends_with(".to_out.0") || m.ends_with("attn2.to_q") {
+                assert_eq!(idx.lookup(&m).expect("m").via, Via::NodeName, "{m}");
+            }
+        }
+        // the slices hold the export's weights, as the reference tool packed them
+        for w in idx.iter() {
+            let e = pidx.lookup(&w.module).expect("export module");
+            assert_eq!(w.torch_shape, e.torch_shape, "{}", w.module);
+            assert_eq!(
+                bits(&torch_weight(&model, w)),
+                bits(&torch_weight(&plain, e)),
+                "{variant} {}: slice differs from the export's weight",
+                w.module
+            );
+        }
+        assert!(
+            !idx.skipped().iter().any(|s| s.reason.contains("Attention")),
+            "{:?}",
+            idx.skipped()
+        );
+        // a cached index round-trips with its packed layouts
+        let back = WeightIndex::from_json(&idx.to_json()).expect("json");
+        back.validate(&model).expect("cached index valid");
+        assert_eq!(back, idx);
+    }
+}
+
+/// Every dialect merged into the packed weights equals the merged export's separate weights,
+/// bit for bit, and the fast switch's update of a packed weight is the same ΔW.
+#[test]
+fn every_dialect_merges_into_packed_columns_like_into_the_export() {
+    let work = work_dir("merge");
+    let none = &mut |_: usize, _: usize, _: &str| {};
+    let src = tiny("onnx");
+    let variants: Vec<(&str, PathBuf)> = [PACKED, STACKED]
+        .into_iter()
+        .map(|v| (v, pipeline_with(&work, v)))
+        .collect();
+    let mut merged_somewhere = 0;
+    for lora in DIALECTS {
+        let file = tiny(&format!("loras/{lora}.safetensors"));
+        assert!(file.is_file(), "{lora}");
+        let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
+        let a = work.join(format!("{lora}-export"));
+        merge_pipeline(
+            &src,
+            &a,
+            std::slice::from_ref(&spec),
+            &MergeOptions::default(),
+            false,
+            none,
+        )
+        .expect("merge into the export");
+        let ma = OnnxModel::open(a.join("unet/model.onnx")).expect("a");
+        let ia = WeightIndex::build(&ma);
+        let base = OnnxModel::open(tiny("onnx/unet/model.onnx")).expect("base");
+        let ibase = WeightIndex::build(&base);
+        for (variant, dir) in &variants {
+            let b = work.join(format!("{lora}-{variant}"));
+            merge_pipeline(
+                dir,
+                &b,
+                std::slice::from_ref(&spec),
+                &MergeOptions::default(),
+                false,
+                none,
+            )
+            .expect("merge into the ORT-optimized copy");
+            let mb = OnnxModel::open(b.join("unet/model.onnx")).expect("b");
+            let ib = WeightIndex::build(&mb);
+            for w in ib.iter() {
+                let e = ia.lookup(&w.module).expect("module");
+                let (x, y) = (torch_weight(&mb, w), torch_weight(&ma, e));
+                assert_eq!(bits(&x), bits(&y), "{lora} {variant} {}", w.module);
+                if matches!(w.layout, Layout::Packed { .. })
+                    && x != torch_weight(&base, ibase.lookup(&w.module).expect("base module"))
+                {
+                    merged_somewhere += 1;
+                }
+            }
+        }
+    }
+    assert!(merged_somewhere > 0, "no LoRA changed a packed slice");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The fast switch's plan: base + the update of a packed initializer = the merged weight.
+#[test]
+fn switch_updates_of_packed_weights_equal_the_merge() {
+    use lorafuse::layout::{OnnxComponent, OnnxPipelineDir};
+    use lorafuse::merge::WeightUpdate;
+    let work = work_dir("switch");
+    for variant in [PACKED, STACKED] {
+        let dir = pipeline_with(&work, variant);
+        let pd = OnnxPipelineDir::open(&dir).expect("pipeline");
+        let spec: LoraSpec = tiny("loras/diffusers.safetensors")
+            .to_str()
+            .expect("utf-8")
+            .parse()
+            .expect("spec");
+        let plan = lorafuse::merge::plan(&pd, &[spec], &MergeOptions::default()).expect("plan");
+        let model = OnnxModel::open(dir.join("unet/model.onnx")).expect("unet");
+        let idx = WeightIndex::build(&model);
+        let packed: std::collections::BTreeSet<&str> = idx
+            .iter()
+            .filter(|w| w.via == Via::PackedAttention)
+            .map(|w| w.initializer.as_str())
+            .collect();
+        let ups = plan.updates(OnnxComponent::Unet).expect("updates");
+        let mut seen = 0;
+        for u in ups
+            .iter()
+            .filter(|u| packed.contains(u.initializer.as_str()))
+        {
+            let WeightUpdate::Full { delta } = &u.update else {
+                panic!("{}: a packed weight's update is a full ΔW", u.initializer);
+            };
+            let (_, mut w) = model.initializer_f32(&u.initializer).expect("base");
+            for (x, d) in w.iter_mut().zip(delta) {
+                *x += d;
+            }
+            let merged = plan
+                .merged_weight(OnnxComponent::Unet, &u.initializer)
+                .expect("merged");
+            let diff = w
+                .iter()
+                .zip(&merged.values)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{variant} {}: {diff}", u.initializer);
+            seen += 1;
+        }
+        assert!(seen > 0, "{variant}: no packed weight updated");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn cpu() -> SessionOptions {
+    SessionOptions {
+        device: Device::Cpu,
+        intra_threads: Some(1),
+        tf32: false,
+        ..Default::default()
+    }
+}
+
+fn fixture(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(tiny("expected/unet_io.safetensors")).expect("unet_io");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let t = st.tensor(name).expect(name);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+fn run_unet(path: &Path) -> Vec<f32> {
+    let mut s = session::open(path, &cpu()).expect("session");
+    let f = ort::value::TensorElementType::Float32;
+    let (ss, sample) = fixture("sample");
+    let (_, t) = fixture("timestep");
+    let (hs, hidden) = fixture("encoder_hidden_states");
+    let out = s
+        .run(ort::inputs![
+            "sample" => float_value(&sample, &ss, f).expect("sample"),
+            "timestep" => float_value(&t, &[], f).expect("t"),
+            "encoder_hidden_states" => float_value(&hidden, &hs, f).expect("hidden"),
+        ])
+        .expect("unet run");
+    extract_f32(&out[0], "out_sample").expect("f32").1
+}
+
+/// The merged `Attention` graph (stacked QKV) computes the merged export's output on the CPU
+/// provider. (The packed-QKV graph has no CPU kernel; its weights are checked above.)
+#[test]
+fn merged_stacked_attention_unet_matches_the_merged_export_on_cpu() {
+    let work = work_dir("run");
+    let none = &mut |_: usize, _: usize, _: &str| {};
+    let dir = pipeline_with(&work, STACKED);
+    let spec: LoraSpec = tiny("loras/kohya.safetensors")
+        .to_str()
+        .expect("utf-8")
+        .parse()
+        .expect("spec");
+    let (a, b) = (work.join("export"), work.join("stacked"));
+    let opts = MergeOptions::default();
+    merge_pipeline(
+        &tiny("onnx"),
+        &a,
+        std::slice::from_ref(&spec),
+        &opts,
+        false,
+        none,
+    )
+    .expect("export merge");
+    merge_pipeline(&dir, &b, &[spec], &opts, false, none).expect("stacked merge");
+    let base = run_unet(&tiny("onnx/unet/model.onnx"));
+    let want = run_unet(&a.join("unet/model.onnx"));
+    let got = run_unet(&b.join("unet/model.onnx"));
+    let diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    };
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1.0);
+    // the LoRA changes the output far beyond the tolerance, the fusion does not
+    assert!(diff(&base, &want) > 1e-3 * scale, "{}", diff(&base, &want));
+    assert!(diff(&got, &want) <= 1e-5 * scale, "{}", diff(&got, &want));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Patterns recognised only in part leave their weights unmapped, with a reason; never a panic.
+#[test]
+fn partial_patterns_are_skipped_with_a_reason() {
+    let path = tiny(&format!("{PACKED}/unet/model.onnx"));
+    let good = OnnxModel::open(&path).expect("model");
+    let edits: [(&str, fn(&mut ModelProto)); 4] = [
+        ("num_heads removed", |m| {
+            for n in graph(m).node.iter_mut() {
+                if n.op_type() == "MultiHeadAttention" {
+                    n.attribute.retain(|a| a.name() != "num_heads");
+                }
+            }
+        }),
+        ("reshape shape wrong", |m| {
+            for t in graph(m).initializer.iter_mut() {
+                if t.name().ends_with("_reshape_shape") {
+                    // [0, 0, N, P, H] → [0, 0, N, P, H + 1]
+                    let mut v: Vec<i64> = match &t.raw_data {
+                        Some(raw) => raw
+                            .chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+                            .collect(),
+                        None => t.int64_data.clone(),
+                    };
+                    assert_eq!(v.len(), 5);
+                    v[4] += 1;
+                    t.raw_data = None;
+                    t.int64_data = v;
+                }
+            }
+        }),
+        ("to_out renamed", |m| {
+            for n in graph(m).node.iter_mut() {
+                if n.name().contains("attn1/to_out.0") {
+                    n.name = Some(format!("renamed_{}", n.op_type()));
+                }
+            }
+        }),
+        ("weight shared", |m| {
+            let g = graph(m);
+            let w = g
+                .node
+                .iter()
+                .find(|n| n.name() == "MatMul_QKV_0")
+                .map(|n| n.input[1].clone())
+                .expect("MatMul_QKV_0");
+            let mut extra = g.node.iter().find(|n| n.name() == "MatMul_QKV_0").cloned();
+            if let Some(e) = extra.as_mut() {
+                e.name = Some("extra".into());
+                e.output = vec!["extra_out".into()];
+                e.input[1] = w;
+            }
+            g.node.extend(extra);
+            g.output.push(lorafuse::onnx::proto::ValueInfoProto {
+                name: Some("extra_out".into()),
+                ..Default::default()
+            });
+        }),
+    ];
+    let full = WeightIndex::build(&good);
+    for (what, edit) in edits {
+        let mut proto = good.proto().clone();
+        edit(&mut proto);
+        let m = OnnxModel::from_bytes(&path, Bytes::from(proto.encode_to_vec())).expect(what);
+        let idx = WeightIndex::build(&m);
+        idx.validate(&m).expect(what);
+        let lost = full.len() - idx.len();
+        assert!(lost > 0, "{what}: nothing unmapped");
+        assert!(
+            idx.iter().all(|w| full.lookup(&w.module) == Some(w)),
+            "{what}: a mapping changed"
+        );
+        assert!(
+            idx.skipped()
+                .iter()
+                .any(|s| s.reason.contains("Attention") || s.reason.contains("consumers")),
+            "{what}: {:?}",
+            idx.skipped()
+        );
+    }
+}
+
+fn graph(m: &mut ModelProto) -> &mut lorafuse::onnx::proto::GraphProto {
+    m.graph.as_mut().expect("graph")
+}
