@@ -340,7 +340,8 @@ fn merged_stacked_attention_unet_matches_the_merged_export_on_cpu() {
 fn partial_patterns_are_skipped_with_a_reason() {
     let path = tiny(&format!("{PACKED}/unet/model.onnx"));
     let good = OnnxModel::open(&path).expect("model");
-    let edits: [(&str, fn(&mut ModelProto)); 4] = [
+    type Edit = (&'static str, fn(&mut ModelProto));
+    let edits: [Edit; 4] = [
         ("num_heads removed", |m| {
             for n in graph(m).node.iter_mut() {
                 if n.op_type() == "MultiHeadAttention" {

@@ -69,7 +69,7 @@ impl<'a> Builder<'a> {
             .ok_or((None, "no positive num_heads attribute".to_owned()))?
             as usize;
         let found = if n.op_type() == "Attention" {
-            self.stacked(n, heads)?
+            self.stacked(n)?
         } else if present(n, 0) && !present(n, 1) && !present(n, 2) {
             self.interleaved(&n.input[0], 3, heads)?
         } else if present(n, 0) && present(n, 1) && !present(n, 2) {
@@ -122,7 +122,6 @@ impl<'a> Builder<'a> {
     fn stacked(
         &self,
         n: &'a NodeProto,
-        heads: usize,
     ) -> std::result::Result<Found<'a>, (Option<String>, String)> {
         let w = n
             .input
@@ -140,9 +139,6 @@ impl<'a> Builder<'a> {
             && !(a.ints.len() == 3 && a.ints.iter().all(|&s| s == a.ints[0]))
         {
             return Err(fail(format!("unequal qkv_hidden_sizes {:?}", a.ints)));
-        }
-        if heads == 0 {
-            return Err(fail("num_heads is 0".into()));
         }
         self.sole_use(init)?;
         Ok(Found {
