@@ -207,7 +207,8 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// The fast switch's plan: base + the update of a packed initializer = the merged weight.
+/// The fast switch: base + the update of a packed initializer = the merged weight, in the plan
+/// and in the switch's live weights.
 #[test]
 fn switch_updates_of_packed_weights_equal_the_merge() {
     use lorafuse::layout::{OnnxComponent, OnnxPipelineDir};
@@ -254,6 +255,26 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
             seen += 1;
         }
         assert!(seen > 0, "{variant}: no packed weight updated");
+        // and the switch's live weights (CPU) take them like any other weight
+        lorafuse::runtime::init(None).expect("ONNX Runtime");
+        let names = plan.target_names(OnnxComponent::Unet);
+        let mut live = lorafuse::runtime::switch::LiveWeights::new(
+            &model,
+            &names,
+            lorafuse::runtime::switch::Placement::Cpu,
+            &cpu(),
+        )
+        .expect("live weights");
+        live.apply(&ups).expect("apply");
+        for m in plan.merged(OnnxComponent::Unet).expect("merged") {
+            let got = live.live_f32(&m.initializer).expect("live");
+            let diff = got
+                .iter()
+                .zip(&m.values)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{variant} live {}: {diff}", m.initializer);
+        }
     }
     let _ = std::fs::remove_dir_all(&work);
 }

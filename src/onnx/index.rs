@@ -950,6 +950,40 @@ mod tests {
         );
     }
 
+    /// Column `(n·parts + part)·head_dim + h` of `[in, N·parts·H]` is row `n·H + h` of the part.
+    #[test]
+    fn packed_slices_round_trip() {
+        let (parts, heads, head_dim, inner) = (3, 2, 2, 3);
+        let cols = parts * heads * head_dim;
+        let stored: Vec<f32> = (0..inner * cols).map(|i| i as f32).collect();
+        let mut rebuilt = vec![-1f32; stored.len()];
+        for part in 0..parts {
+            let m = MappedWeight {
+                module: format!("p{part}"),
+                initializer: "w".into(),
+                layout: Layout::Packed {
+                    parts,
+                    part,
+                    heads,
+                    head_dim,
+                },
+                torch_shape: vec![heads * head_dim, inner],
+                dtype: DataType::Float,
+                node: String::new(),
+                op: String::new(),
+                via: Via::PackedAttention,
+            };
+            assert_eq!(m.stored_shape(), vec![inner, cols]);
+            let w = m.unpack(&stored).unwrap();
+            // row 3 (head 1, h 1), input 2 → column (1·3 + part)·2 + 1
+            assert_eq!(w[3 * inner + 2], stored[2 * cols + (3 + part) * 2 + 1]);
+            assert!(m.repack(&mut rebuilt, &w));
+            assert!(m.unpack(&stored[1..]).is_none());
+            assert!(!m.repack(&mut rebuilt, &w[1..]));
+        }
+        assert_eq!(rebuilt, stored);
+    }
+
     #[test]
     fn py_lists() {
         assert_eq!(
