@@ -974,7 +974,7 @@ mod tests {
                 via: Via::PackedAttention,
             };
             assert_eq!(m.stored_shape(), vec![inner, cols]);
-            let w = m.unpack(&stored).unwrap();
+            let w = m.unpack(&stored).expect("fits");
             // row 3 (head 1, h 1), input 2 → column (1·3 + part)·2 + 1
             assert_eq!(w[3 * inner + 2], stored[2 * cols + (3 + part) * 2 + 1]);
             assert!(m.repack(&mut rebuilt, &w));
