@@ -5,7 +5,9 @@
 #   scripts/setup.sh            ONNX Runtime (CPU): onnxruntime==1.31.1
 #   scripts/setup.sh --train    + torch==2.11.0 (libtorch for tch = 0.24.0, the `train` feature)
 #                               + tensorboard==2.21.0 (`tensorboard --logdir OUTPUT_DIR/logs`) and
-#                               sd-parsers==0.6: the tests read our logs and PNGs with these readers
+#                               the reference tools the tests use: sd-parsers==0.6 (reads our PNGs),
+#                               onnx==1.19.0 + numpy==2.2.6 (ONNX Runtime's transformer optimizer
+#                               makes tests/packed_lora.rs's fixtures; numpy 2.4 breaks it)
 #   scripts/setup.sh --cuda     onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) instead of the CPU build
 #
 # Afterwards `cargo build`, `cargo run` and `cargo test` need no exported variables. A built binary
@@ -15,13 +17,15 @@ ORT_VERSION=1.31.1
 TORCH_VERSION=2.11.0
 TENSORBOARD_VERSION=2.21.0
 SD_PARSERS_VERSION=0.6
+ONNX_VERSION=1.19.0
+NUMPY_VERSION=2.2.6
 root=$(cd "$(dirname "$0")/.." && pwd)
 train=0 cuda=0
 for a in "$@"; do
   case "$a" in
     --train) train=1 ;;
     --cuda) cuda=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +49,8 @@ if [ $train = 1 ]; then
   have torch "$TORCH_VERSION" || { echo "setup: installing torch==$TORCH_VERSION (large download)"; pip install "torch==$TORCH_VERSION"; }
   have tensorboard "$TENSORBOARD_VERSION" || { echo "setup: installing tensorboard==$TENSORBOARD_VERSION"; pip install "tensorboard==$TENSORBOARD_VERSION"; }
   have sd-parsers "$SD_PARSERS_VERSION" || { echo "setup: installing sd-parsers==$SD_PARSERS_VERSION"; pip install "sd-parsers==$SD_PARSERS_VERSION"; }
+  { have onnx "$ONNX_VERSION" && have numpy "$NUMPY_VERSION"; } ||
+    { echo "setup: installing onnx==$ONNX_VERSION numpy==$NUMPY_VERSION sympy"; pip install "onnx==$ONNX_VERSION" "numpy==$NUMPY_VERSION" sympy packaging; }
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -1,9 +1,10 @@
 //! LoRAs on UNets optimized by ONNX Runtime's own transformer optimizer, which packs attention
-//! weights (docs/ARCHITECTURE.md §4c). Fixtures made by the reference tool
-//! (`models/scripts/ort_optimize_unet.py`, onnxruntime 1.31.1):
-//! - `tiny/onnx-ortopt/unet`: packed QKV (self-attention) and packed KV (cross-attention)
+//! weights (docs/ARCHITECTURE.md §4c). Fixtures made at test time by the reference tool
+//! (`models/scripts/ort_optimize_unet.py`, onnxruntime 1.31.1's optimizer in the venv of
+//! `scripts/setup.sh --train`) from the tiny UNet:
+//! - `onnx-ortopt/unet`: packed QKV (self-attention) and packed KV (cross-attention)
 //!   MultiHeadAttention, interleaved per head (CUDA only: no CPU kernel for packed QKV);
-//! - `tiny/onnx-ortopt-attention/unet`: self-attention as `Attention` with a stacked
+//! - `onnx-ortopt-attention/unet`: self-attention as `Attention` with a stacked
 //!   `qkv_weight`, cross-attention K/V separate (runs on the CPU provider).
 //!
 //! The index maps the same module paths as on the export; every LoRA dialect merges into the
@@ -28,6 +29,30 @@ const PACKED: &str = "onnx-ortopt";
 const STACKED: &str = "onnx-ortopt-attention";
 const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"];
 
+/// The UNet of fixture `variant`, made once per test process by ONNX Runtime's optimizer.
+fn ort_fixture(variant: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // target/tmp: remade by every run, never left in /tmp
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ortopt");
+        let _ = std::fs::remove_dir_all(&out);
+        let py = root.join(".venv/bin/python");
+        let o = std::process::Command::new(&py)
+            .arg(root.join("models/scripts/ort_optimize_unet.py"))
+            .arg(&out)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
+        assert!(
+            o.status.success(),
+            "ONNX Runtime's optimizer failed (scripts/setup.sh --train installs onnx and numpy 2.2): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    });
+    dir.join(variant).join("unet/model.onnx")
+}
+
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).expect("mkdir");
     for e in std::fs::read_dir(src).expect("read_dir") {
@@ -45,11 +70,7 @@ fn copy_dir(src: &Path, dst: &Path) {
 fn pipeline_with(work: &Path, variant: &str) -> PathBuf {
     let dir = work.join(variant);
     copy_dir(&tiny("onnx"), &dir);
-    std::fs::copy(
-        tiny(&format!("{variant}/unet/model.onnx")),
-        dir.join("unet/model.onnx"),
-    )
-    .expect("swap unet");
+    std::fs::copy(ort_fixture(variant), dir.join("unet/model.onnx")).expect("swap unet");
     dir
 }
 
@@ -95,7 +116,7 @@ fn index_maps_packed_slices_to_the_exports_modules() {
     let plain = OnnxModel::open(tiny("onnx/unet/model.onnx")).expect("export");
     let pidx = WeightIndex::build(&plain);
     for (variant, packed_modules) in [(PACKED, 20), (STACKED, 12)] {
-        let model = OnnxModel::open(tiny(&format!("{variant}/unet/model.onnx"))).expect("opt");
+        let model = OnnxModel::open(ort_fixture(variant)).expect("opt");
         let idx = WeightIndex::build(&model);
         idx.validate(&model).expect("valid");
         // the same module paths as on the export
@@ -359,7 +380,7 @@ fn merged_stacked_attention_unet_matches_the_merged_export_on_cpu() {
 /// Patterns recognised only in part leave their weights unmapped, with a reason; never a panic.
 #[test]
 fn partial_patterns_are_skipped_with_a_reason() {
-    let path = tiny(&format!("{PACKED}/unet/model.onnx"));
+    let path = ort_fixture(PACKED);
     let good = OnnxModel::open(&path).expect("model");
     type Edit = (&'static str, fn(&mut ModelProto));
     let edits: [Edit; 4] = [

@@ -2,22 +2,21 @@
 """The tiny UNet as ONNX Runtime's own transformer optimizer leaves it: the fixtures of
 tests/packed_lora.rs (LoRAs on packed attention weights, docs/ARCHITECTURE.md §4c).
 
-Runs in its own venv (not models/.venv-*): python 3.11, onnxruntime 1.31.1, onnx 1.19.0,
-numpy 2.2.6, sympy 1.14.0, packaging 26.4:
+tests/packed_lora.rs runs it at test time into a temporary folder (the fixtures are not committed:
+3.3 MB each would grow the tree every GPU-machine call carries), with the project venv that
+`scripts/setup.sh --train` makes (onnxruntime 1.31.1, onnx 1.19.0, numpy 2.2.6, sympy):
 
-    python3 -m venv /tmp/ortopt
-    /tmp/ortopt/bin/pip install onnxruntime==1.31.1 onnx==1.19.0 numpy==2.2.6 sympy packaging
-    /tmp/ortopt/bin/python models/scripts/ort_optimize_unet.py
+    .venv/bin/python models/scripts/ort_optimize_unet.py OUT_DIR
 
 numpy 2.4 breaks the optimizer on torch 2.x exports: fusion_attention_unet.get_num_heads calls
 int() on a shape-[1] array, which numpy 2.4 refuses; 2.2 only warns.
 
 Writes, from tiny/onnx/unet/model.onnx (fp32, optimum export):
-- tiny/onnx-ortopt/unet/model.onnx: enable_packed_qkv + enable_packed_kv. Self-attention Q/K/V
+- OUT_DIR/onnx-ortopt/unet/model.onnx: enable_packed_qkv + enable_packed_kv. Self-attention Q/K/V
   become one MatMul `[C, N·3·H]` interleaved per head, cross-attention K/V one `[C_ctx, N·2·H]`,
   each Reshaped to `[0, 0, N, 3|2, H]` into com.microsoft.MultiHeadAttention. ORT has no CPU
   kernel for packed QKV, so this graph runs on CUDA only.
-- tiny/onnx-ortopt-attention/unet/model.onnx: packing off. Self-attention becomes
+- OUT_DIR/onnx-ortopt-attention/unet/model.onnx: packing off. Self-attention becomes
   com.microsoft.Attention with a stacked `qkv_weight` `[C, 3·C]` (Q | K | V); cross-attention
   keeps its three MatMuls into MultiHeadAttention. Runs on the CPU provider.
 
@@ -119,10 +118,13 @@ def check_packing(src, packed_path):
 
 
 def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: ort_optimize_unet.py OUT_DIR")
     if not SRC.exists():
         sys.exit(f"{SRC} missing: run make_tiny.py first")
+    root = Path(sys.argv[1])
     for name, packed in (("onnx-ortopt", True), ("onnx-ortopt-attention", False)):
-        out = optimize(TINY / name / "unet", packed)
+        out = optimize(root / name / "unet", packed)
         check_packing(SRC, out)
 
 
