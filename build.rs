@@ -2,7 +2,7 @@
 //!
 //! torch-sys links `torch_cuda` when the libtorch it found has it, but the linker's default
 //! `--as-needed` drops it (nothing references its symbols directly), and then
-//! `tch::Cuda::is_available()` is silently false (DESIGN.md section 6). We force it in with
+//! `tch::Cuda::is_available()` is silently false. We force it in with
 //! `--no-as-needed`, and add an rpath to libtorch's folder so binaries run without LD_LIBRARY_PATH.
 //! The default build and the plugin (no `train`) never see libtorch.
 use std::path::PathBuf;

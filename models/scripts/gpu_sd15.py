@@ -48,7 +48,7 @@ TOKENIZER = os.path.join(HERE, "..", "tiny", "diffusers", "tokenizer")
 
 
 def perturb(module, seed):
-    """Random weights with enough spread that no two tensors are equal (DESIGN.md section 4)."""
+    """Random weights with enough spread that no two tensors are equal."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -154,7 +154,7 @@ def make_model(out, seed, tokenizer):
     _randomize(te, seed + 3)
     te_dir = os.path.join(out, "text_encoder")
     os.makedirs(te_dir, exist_ok=True)
-    # transformers 5.x drops `text_model.`; SD 1.5 files (and transformers 4.x) have it (DESIGN.md 5b)
+    # transformers 5.x drops `text_model.`; SD 1.5 files (and transformers 4.x) have it
     sd = {k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in te.state_dict().items() if "position_ids" not in k}
     save_file(sd, os.path.join(te_dir, "model.safetensors"), metadata={"format": "pt"})
     _write_json(os.path.join(te_dir, "config.json"), SD15_TEXT)
