@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(lorafuse_cuda_graph)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     if std::env::var_os("CARGO_FEATURE_TRAIN").is_none() {
@@ -36,5 +37,70 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        cuda_graph_shim(&lib_dir);
     }
+}
+
+/// `src/train/cuda_graph.cpp` (libtorch's `at::cuda::CUDAGraph`, which tch does not wrap),
+/// compiled against the headers of the same torch wheel and CUDA 13's runtime headers (PyPI
+/// `nvidia-cuda-runtime`, a torch dependency, plus `nvidia-cuda-crt` for `crt/`, both installed by
+/// `scripts/setup.sh --train`; or CUDA_HOME). Without them the build goes on without the shim and
+/// `train::cuda_graph` says so at run time (cfg `lorafuse_cuda_graph`).
+fn cuda_graph_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/train/cuda_graph.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let Some(torch) = lib_dir.parent() else {
+        return;
+    };
+    let site = torch.parent().map(PathBuf::from).unwrap_or_default();
+    let cuda_include = [
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/cuda_runtime/include"),
+    ]
+    .into_iter()
+    .chain(std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include")))
+    .chain([PathBuf::from("/usr/local/cuda/include")])
+    .find(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file());
+    let header = torch.join("include/ATen/cuda/CUDAGraph.h");
+    let (Some(cuda_include), true) = (cuda_include, header.is_file()) else {
+        println!(
+            "cargo:warning=CUDA graph shim not built: no CUDA runtime headers or ATen/cuda/CUDAGraph.h"
+        );
+        return;
+    };
+    // c10's inline CUDA helpers (stream guards, events) call the CUDA runtime directly
+    let Some(cudart) = [
+        site.join("nvidia/cu13/lib"),
+        site.join("nvidia/cuda_runtime/lib"),
+    ]
+    .into_iter()
+    .chain(std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("lib64")))
+    .find_map(|d| {
+        ["libcudart.so.13", "libcudart.so.12"]
+            .into_iter()
+            .find(|n| d.join(n).is_file())
+            .map(|n| (d.clone(), n))
+    }) else {
+        println!("cargo:warning=CUDA graph shim not linked: no libcudart.so.13/12 found");
+        return;
+    };
+    let built = cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/train/cuda_graph.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .try_compile("lorafuse_cuda_graph");
+    if let Err(e) = built {
+        println!("cargo:warning=CUDA graph shim not built: {e}");
+        return;
+    }
+    println!("cargo:rustc-link-search=native={}", cudart.0.display());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cudart.0.display());
+    println!("cargo:rustc-link-lib=dylib:+verbatim={}", cudart.1);
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-cfg=lorafuse_cuda_graph");
 }

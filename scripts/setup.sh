@@ -7,7 +7,9 @@
 #                               + tensorboard==2.21.0 (`tensorboard --logdir OUTPUT_DIR/logs`) and
 #                               the reference tools the tests use: sd-parsers==0.6 (reads our PNGs),
 #                               onnx==1.19.0 + numpy==2.2.6 (ONNX Runtime's transformer optimizer
-#                               makes tests/packed_lora.rs's fixtures; numpy 2.4 breaks it)
+#                               makes tests/packed_lora.rs's fixtures; numpy 2.4 breaks it);
+#                               nvidia-cuda-crt==13.0.88 (CUDA headers torch's wheel lacks: build.rs
+#                               compiles the training CUDA graph shim against them)
 #   scripts/setup.sh --cuda     onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) instead of the CPU build
 #
 # Afterwards `cargo build`, `cargo run` and `cargo test` need no exported variables. A built binary
@@ -19,13 +21,14 @@ TENSORBOARD_VERSION=2.21.0
 SD_PARSERS_VERSION=0.6
 ONNX_VERSION=1.19.0
 NUMPY_VERSION=2.2.6
+CUDA_CRT_VERSION=13.0.88
 root=$(cd "$(dirname "$0")/.." && pwd)
 train=0 cuda=0
 for a in "$@"; do
   case "$a" in
     --train) train=1 ;;
     --cuda) cuda=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +52,7 @@ if [ $train = 1 ]; then
   have torch "$TORCH_VERSION" || { echo "setup: installing torch==$TORCH_VERSION (large download)"; pip install "torch==$TORCH_VERSION"; }
   have tensorboard "$TENSORBOARD_VERSION" || { echo "setup: installing tensorboard==$TENSORBOARD_VERSION"; pip install "tensorboard==$TENSORBOARD_VERSION"; }
   have sd-parsers "$SD_PARSERS_VERSION" || { echo "setup: installing sd-parsers==$SD_PARSERS_VERSION"; pip install "sd-parsers==$SD_PARSERS_VERSION"; }
+  have nvidia-cuda-crt "$CUDA_CRT_VERSION" || { echo "setup: installing nvidia-cuda-crt==$CUDA_CRT_VERSION"; pip install "nvidia-cuda-crt==$CUDA_CRT_VERSION"; }
   { have onnx "$ONNX_VERSION" && have numpy "$NUMPY_VERSION"; } ||
     { echo "setup: installing onnx==$ONNX_VERSION numpy==$NUMPY_VERSION sympy"; pip install "onnx==$ONNX_VERSION" "numpy==$NUMPY_VERSION" sympy packaging; }
 fi

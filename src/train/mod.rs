@@ -16,6 +16,7 @@ pub mod attention;
 pub mod buckets;
 pub mod captions;
 pub mod clip;
+pub mod cuda_graph;
 pub mod dataset;
 pub mod embeddings;
 pub mod lora;
