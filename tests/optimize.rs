@@ -11,60 +11,10 @@ use std::path::Path;
 use bytes::Bytes;
 use lorafuse::onnx::optimize::{OptimizeOptions, optimize};
 use lorafuse::onnx::{OnnxModel, WeightIndex};
-use lorafuse::runtime::session::{self, Device, SessionOptions};
-use lorafuse::runtime::tensor::{extract_f32, float_value};
+use lorafuse::runtime::session;
 use ort::session::Session;
 
-use common::tiny;
-
-fn cpu() -> SessionOptions {
-    SessionOptions {
-        device: Device::Cpu,
-        intra_threads: Some(1),
-        tf32: false,
-        ..Default::default()
-    }
-}
-
-fn fixture(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(tiny("expected/unet_io.safetensors")).expect("unet_io");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let t = st.tensor(name).expect(name);
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (t.shape().to_vec(), v)
-}
-
-fn run_unet(s: &mut Session) -> Vec<f32> {
-    let ty = |s: &Session, name: &str| match s
-        .inputs()
-        .iter()
-        .find(|i| i.name() == name)
-        .map(|i| i.dtype().clone())
-    {
-        Some(ort::value::ValueType::Tensor { ty, .. }) => ty,
-        other => panic!("{name}: {other:?}"),
-    };
-    let (sample_ty, t_ty, h_ty) = (
-        ty(s, "sample"),
-        ty(s, "timestep"),
-        ty(s, "encoder_hidden_states"),
-    );
-    let (ss, sample) = fixture("sample");
-    let (_, t) = fixture("timestep");
-    let (hs, hidden) = fixture("encoder_hidden_states");
-    let out = s
-        .run(ort::inputs![
-            "sample" => float_value(&sample, &ss, sample_ty).expect("sample"),
-            "timestep" => float_value(&t, &[], t_ty).expect("t"),
-            "encoder_hidden_states" => float_value(&hidden, &hs, h_ty).expect("hidden"),
-        ])
-        .expect("unet run");
-    extract_f32(&out[0], "out_sample").expect("f32").1
-}
+use common::{cpu, run_unet, tiny, unet_fixture as fixture};
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

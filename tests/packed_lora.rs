@@ -19,11 +19,14 @@ use bytes::Bytes;
 use lorafuse::merge::{LoraSpec, MergeOptions, merge_pipeline};
 use lorafuse::onnx::proto::ModelProto;
 use lorafuse::onnx::{Layout, MappedWeight, OnnxModel, Via, WeightIndex};
-use lorafuse::runtime::session::{self, Device, SessionOptions};
-use lorafuse::runtime::tensor::{extract_f32, float_value};
+use lorafuse::runtime::session;
 use prost::Message;
 
-use common::tiny;
+use common::{cpu, tiny};
+
+fn run_unet(path: &Path) -> Vec<f32> {
+    common::run_unet(&mut session::open(path, &cpu()).expect("session"))
+}
 
 const PACKED: &str = "onnx-ortopt";
 const STACKED: &str = "onnx-ortopt-attention";
@@ -298,43 +301,6 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-}
-
-fn cpu() -> SessionOptions {
-    SessionOptions {
-        device: Device::Cpu,
-        intra_threads: Some(1),
-        tf32: false,
-        ..Default::default()
-    }
-}
-
-fn fixture(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(tiny("expected/unet_io.safetensors")).expect("unet_io");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let t = st.tensor(name).expect(name);
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (t.shape().to_vec(), v)
-}
-
-fn run_unet(path: &Path) -> Vec<f32> {
-    let mut s = session::open(path, &cpu()).expect("session");
-    let f = ort::value::TensorElementType::Float32;
-    let (ss, sample) = fixture("sample");
-    let (_, t) = fixture("timestep");
-    let (hs, hidden) = fixture("encoder_hidden_states");
-    let out = s
-        .run(ort::inputs![
-            "sample" => float_value(&sample, &ss, f).expect("sample"),
-            "timestep" => float_value(&t, &[], f).expect("t"),
-            "encoder_hidden_states" => float_value(&hidden, &hs, f).expect("hidden"),
-        ])
-        .expect("unet run");
-    extract_f32(&out[0], "out_sample").expect("f32").1
 }
 
 /// The merged `Attention` graph (stacked QKV) computes the merged export's output on the CPU
