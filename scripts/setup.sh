@@ -9,7 +9,9 @@
 #                               onnx==1.19.0 + numpy==2.2.6 (ONNX Runtime's transformer optimizer
 #                               makes tests/packed_lora.rs's fixtures; numpy 2.4 breaks it);
 #                               nvidia-cuda-crt==13.0.88 (CUDA headers torch's wheel lacks: build.rs
-#                               compiles the training CUDA graph shim against them)
+#                               compiles the training CUDA graph shim against them);
+#                               diffusers==0.42.1 + transformers==5.24.0 + peft==0.21.2 (the learning
+#                               test checks our LoRA against diffusers' `load_lora_weights`)
 #   scripts/setup.sh --cuda     onnxruntime-gpu==1.31.1 (CUDA 13, cuDNN 9) instead of the CPU build
 #
 # Afterwards `cargo build`, `cargo run` and `cargo test` need no exported variables. A built binary
@@ -22,13 +24,17 @@ SD_PARSERS_VERSION=0.6
 ONNX_VERSION=1.19.0
 NUMPY_VERSION=2.2.6
 CUDA_CRT_VERSION=13.0.88
+DIFFUSERS_VERSION=0.42.1
+TRANSFORMERS_VERSION=5.24.0
+PEFT_VERSION=0.21.2
+HF_HUB_VERSION=2.4.0
 root=$(cd "$(dirname "$0")/.." && pwd)
 train=0 cuda=0
 for a in "$@"; do
   case "$a" in
     --train) train=1 ;;
     --cuda) cuda=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +61,9 @@ if [ $train = 1 ]; then
   have nvidia-cuda-crt "$CUDA_CRT_VERSION" || { echo "setup: installing nvidia-cuda-crt==$CUDA_CRT_VERSION"; pip install "nvidia-cuda-crt==$CUDA_CRT_VERSION"; }
   { have onnx "$ONNX_VERSION" && have numpy "$NUMPY_VERSION"; } ||
     { echo "setup: installing onnx==$ONNX_VERSION numpy==$NUMPY_VERSION sympy"; pip install "onnx==$ONNX_VERSION" "numpy==$NUMPY_VERSION" sympy packaging; }
+  { have diffusers "$DIFFUSERS_VERSION" && have transformers "$TRANSFORMERS_VERSION" && have peft "$PEFT_VERSION"; } ||
+    { echo "setup: installing diffusers==$DIFFUSERS_VERSION transformers==$TRANSFORMERS_VERSION peft==$PEFT_VERSION";
+      pip install "diffusers==$DIFFUSERS_VERSION" "transformers==$TRANSFORMERS_VERSION" "peft==$PEFT_VERSION" "huggingface_hub==$HF_HUB_VERSION" "numpy==$NUMPY_VERSION"; }
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -62,6 +62,8 @@ ONNX_DYN = TINY / "onnx-dynamo"
 EXPECTED = TINY / "expected"
 LORAS = TINY / "loras"
 DATASET = TINY / "dataset"
+CONCEPT = TINY / "concept"
+CONCEPT_HELDOUT = TINY / "concept-heldout"
 EXPORT_PY = MODELS / ".venv-export" / "bin" / "python"
 OPEN_CLIP_VERSION = "3.3.0"
 
@@ -348,17 +350,31 @@ def make_tokenizer():
 # ----------------------------------------------------------------------------- pipeline
 
 
-def make_pipeline():
-    """diffusers/: unet, text_encoder (keys with `text_model.`), vae, scheduler, model_index.json."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def random_modules():
+    """The tiny architecture with the seeded random weights (`randomize_`): the starting point of
+    train_base.py, which trains it into the shipped base model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     unet = randomize_(UNet2DConditionModel(**UNET_CONFIG), SEED_UNET).eval()
     text_encoder = randomize_(CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), SEED_TEXT).eval()
     vae = randomize_(AutoencoderKL(**VAE_CONFIG), SEED_VAE).eval()
+    return unet, text_encoder, vae
+
+
+def save_pipeline(unet, text_encoder, vae, dest=DIFF, tokenizer_dir=None):
+    """dest/: unet, text_encoder (keys with `text_model.`), vae, scheduler, model_index.json, and the
+    hand-written tokenizer folder (from tokenizer_dir, default dest/tokenizer)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    dest = Path(dest)
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else dest / "tokenizer"
+    tok_backup = Path(tempfile.mkdtemp()) / "tokenizer"
+    shutil.copytree(tok_src, tok_backup)
     scheduler = PNDMScheduler.from_config(sd15_scheduler_config())
-    tokenizer = CLIPTokenizer.from_pretrained(str(DIFF / "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_backup))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -369,28 +385,55 @@ def make_pipeline():
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tok_backup = Path(tempfile.mkdtemp()) / "tokenizer"
-    shutil.copytree(DIFF / "tokenizer", tok_backup)
-    for sub in ["unet", "text_encoder", "vae", "scheduler", "model_index.json"]:
-        p = DIFF / sub
+    dest.mkdir(parents=True, exist_ok=True)
+    for sub in ["unet", "text_encoder", "vae", "scheduler", "tokenizer", "model_index.json"]:
+        p = dest / sub
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    pipe.save_pretrained(str(DIFF), safe_serialization=True)
+    pipe.save_pretrained(str(dest), safe_serialization=True)
     # keep the hand-written SD 1.5-style tokenizer folder (save_pretrained adds tokenizer.json etc.)
-    shutil.rmtree(DIFF / "tokenizer")
-    shutil.copytree(tok_backup, DIFF / "tokenizer")
+    shutil.rmtree(dest / "tokenizer")
+    shutil.copytree(tok_backup, dest / "tokenizer")
     shutil.rmtree(tok_backup.parent)
     # scheduler: SD 1.5's file verbatim
-    save_json(DIFF / "scheduler" / "scheduler_config.json", sd15_scheduler_config())
+    save_json(dest / "scheduler" / "scheduler_config.json", sd15_scheduler_config())
     # text encoder: transformers 5 writes keys without `text_model.`; 4.x (export venv) needs them.
-    te_sd = {"text_model." + k: v.contiguous() for k, v in text_encoder.state_dict().items()}
-    save_file(te_sd, str(DIFF / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    te_sd = {("" if k.startswith("text_model.") else "text_model.") + k: v.contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(te_sd, str(dest / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
     # strip volatile fields so re-runs are byte-identical
-    cfg = json.loads((DIFF / "text_encoder" / "config.json").read_text())
+    cfg = json.loads((dest / "text_encoder" / "config.json").read_text())
     cfg.pop("_name_or_path", None)
-    save_json(DIFF / "text_encoder" / "config.json", cfg)
+    save_json(dest / "text_encoder" / "config.json", cfg)
+
+
+def load_text_encoder_(text_encoder, te_sd):
+    """Loads a `text_model.`-keyed state dict into a CLIPTextModel of either transformers layout."""
+    prefixed = next(iter(text_encoder.state_dict())).startswith("text_model.")
+    sd = te_sd if prefixed else {k.removeprefix("text_model."): v for k, v in te_sd.items()}
+    text_encoder.load_state_dict(sd, strict=True)
+
+
+def make_pipeline():
+    """diffusers/: the trained base model. Its weights come from train_base.py (GPU machine, from
+    the seeded random init of `random_modules`; models/README.md); this step re-saves them in the
+    canonical layout (byte-identical when unchanged) and checks that they reload."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    for sub in ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]:
+        if not (DIFF / sub).is_file():
+            sys.exit(f"{DIFF / sub} missing: run models/scripts/train_base.py on the GPU machine first (models/README.md)")
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet.load_state_dict(load_file(str(DIFF / "unet" / "diffusion_pytorch_model.safetensors")))
+    vae = AutoencoderKL(**VAE_CONFIG)
+    vae.load_state_dict(load_file(str(DIFF / "vae" / "diffusion_pytorch_model.safetensors")))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    te_sd = load_file(str(DIFF / "text_encoder" / "model.safetensors"))
+    load_text_encoder_(text_encoder, te_sd)
+    unet, text_encoder, vae = unet.eval(), text_encoder.eval(), vae.eval()
+    save_pipeline(unet, text_encoder, vae, DIFF)
 
     # reload and compare outputs with the in-memory modules
     pipe2 = load_pipe()
@@ -1309,6 +1352,34 @@ def make_dataset():
     log(f"dataset: {len(rows)} images")
 
 
+def make_concept():
+    """concept/ (32 images) and concept-heldout/ (8): stars, the shape the base model never saw
+    (shapes.py; train_base.py draws only circles, squares and triangles), in the tutorial's layout:
+    metadata.csv with `file_name,en_text` (docs/tutorial.md). Different seeds, so no overlap."""
+    import csv
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import shapes
+
+    for folder, seed, n in [(CONCEPT, 7001, 32), (CONCEPT_HELDOUT, 7002, 8)]:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        images, captions, _ = shapes.render_many(seed, n, shapes=(shapes.CONCEPT_SHAPE,))
+        rows = []
+        for i, (img, cap) in enumerate(zip(images, captions)):
+            fname = f"{i:04d}.png"
+            Image.fromarray(img).save(folder / fname, format="PNG", optimize=True)
+            rows.append((fname, cap))
+        with open(folder / "metadata.csv", "w", newline="") as f:
+            wr = csv.writer(f, lineterminator="\n")
+            wr.writerow(["file_name", "en_text"])
+            wr.writerows(rows)
+        log(f"{folder.name}: {n} images")
+
+
 # ----------------------------------------------------------------------------- ORT vs diffusers check
 
 
@@ -1535,6 +1606,7 @@ STEPS = [
     fixture_txt2img,
     fixture_train_step,
     make_dataset,
+    make_concept,
     check_onnx,
     write_versions,
     write_manifest,

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Trains the shipped base model: the tiny SD 1.x architecture of make_tiny.py (UNet 790 k parameters,
+CLIP text encoder with the real tokenizer, AutoencoderKL with scale factor 8), from its seeded random
+init, on generated captioned scenes (shapes.py: "a red circle on a white background"), with diffusers
+on the GPU machine. Reference tooling like make_tiny.py: diffusers' modules, DDPMScheduler and
+StableDiffusionPipeline; nothing of lorafuse.
+
+    python3 models/scripts/train_base.py --out DIR [--device cuda]      # models/README.md
+
+Two phases, as Stable Diffusion was made: (1) the VAE learns to reconstruct the scenes (L1 + MSE + a
+small KL term); its latents are then centred and scaled so that `latents * 0.18215` has unit variance
+(folded into quant_conv / post_quant_conv, so the config's scaling_factor stays SD's); (2) the UNet
+and the text encoder learn epsilon prediction on the frozen VAE's latents (diffusers'
+train_text_to_image.py maths: DDPMScheduler.add_noise, uniform timesteps, MSE), with 10 % empty
+captions for classifier-free guidance and an EMA of the weights, which is what gets saved.
+Writes DIR (a diffusers pipeline folder laid out by make_tiny.save_pipeline), DIR/../train_base.json
+(settings, losses, timings, device, the evaluation) and DIR/../train_base_samples.png.
+
+Determinism: every random draw comes from --seed (data: numpy; training: torch generators on the
+device); torch.use_deterministic_algorithms(warn_only) — a re-run on the same GPU kind and software
+gives the same weights; other GPUs give a model of the same quality, not the same bits.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import make_tiny as mt  # noqa: E402
+import shapes  # noqa: E402
+
+
+def log(msg):
+    print(f"[train_base] {msg}", flush=True)
+
+
+def _render_chunk(args):
+    seed, chunk, n = args
+    imgs, caps, _ = shapes.render_many([seed, chunk], n)
+    return imgs, caps
+
+
+def render_dataset(seed, n, workers):
+    chunk = 1000
+    jobs = [(seed, i, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))]
+    with ProcessPoolExecutor(workers) as ex:
+        parts = list(ex.map(_render_chunk, jobs))
+    images = np.concatenate([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
+    return images, captions
+
+
+def cosine(opt, warmup, total):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def to_pixels(u8):
+    """uint8 [B, H, W, 3] on the device -> float [-1, 1] [B, 3, H, W]."""
+    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(vae, data, args, dev, g, stats):
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = cosine(opt, 200, args.vae_steps)
+    n = data.shape[0]
+    t0 = time.time()
+    for step in range(1, args.vae_steps + 1):
+        idx = torch.randint(n, (args.vae_batch,), device=dev, generator=g)
+        x = to_pixels(data[idx])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, device=dev, generator=g)
+        rec = vae.decode(z).sample
+        err = rec - x
+        kl = post.kl().mean() / z[0].numel()
+        loss = err.abs().mean() + err.square().mean() + args.vae_kl * kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 500 == 0 or step == 1:
+            stats["vae_loss"].append([step, float(loss), float(err.square().mean()), float(kl)])
+            log(f"vae step {step}/{args.vae_steps} loss {float(loss):.5f} mse {float(err.square().mean()):.5f} kl {float(kl):.3f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    stats["vae_seconds"] = time.time() - t0
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, data, dev):
+    """Centre each latent channel and scale so that latents * scaling_factor have unit std, folded
+    into quant_conv (mean half: affine; logvar half: + 2 log k) and post_quant_conv (inverse)."""
+    sf = vae.config.scaling_factor
+    x = to_pixels(data[:4096])
+    mu = torch.cat([vae.encode(x[i : i + 512]).latent_dist.mean for i in range(0, x.shape[0], 512)])
+    m = mu.mean(dim=(0, 2, 3))
+    std = (mu - m[None, :, None, None]).std()
+    k = float(1.0 / sf / std)
+    c = m.numel()
+    qc, pqc = vae.quant_conv, vae.post_quant_conv
+    before = vae.decode(mu[:64]).sample
+    qc.weight[:c] *= k
+    qc.bias[:c] = (qc.bias[:c] - m) * k
+    qc.bias[c:] += 2.0 * math.log(k)
+    # post_quant_conv(z / k + m) = (W / k) z + (W m + b)
+    w = pqc.weight[:, :, 0, 0]
+    pqc.bias += w @ m
+    pqc.weight /= k
+    mu2 = torch.cat([vae.encode(x[i : i + 512]).latent_dist.mean for i in range(0, 512, 512)])
+    after = vae.decode(mu2[:64]).sample
+    drift = float((after - before).abs().max())
+    log(f"latent fold: channel means {m.tolist()}, std {float(std):.4f} -> k {k:.4f}; scaled std {float((mu2 * sf).std()):.3f}; decode drift {drift:.2e}")
+    return {"channel_mean": m.tolist(), "std": float(std), "k": k, "decode_drift": drift}
+
+
+def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(mt.sd15_scheduler_config())
+    sf = vae.config.scaling_factor
+    with torch.no_grad():
+        x = to_pixels(data)
+        params = torch.cat([vae.encode(x[i : i + 1024]).latent_dist.parameters for i in range(0, x.shape[0], 1024)])
+        del x
+    mean, logvar = params.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    uniq = sorted(set(captions))
+    cap_idx = torch.tensor([uniq.index(c) for c in captions], device=dev)
+    ids = tok(uniq + [""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(dev)
+    empty = ids.shape[0] - 1
+    stats["captions"] = len(uniq)
+    unet.train()
+    te.train()
+    params_all = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params_all, lr=args.lr, weight_decay=0.0)
+    sched = cosine(opt, 500, args.unet_steps)
+    ema = [p.detach().clone() for p in params_all]
+    alphas = noise_sched.alphas_cumprod.to(dev)
+    n = data.shape[0]
+    t0 = time.time()
+    done = 0
+    for step in range(1, args.unet_steps + 1):
+        idx = torch.randint(n, (args.batch,), device=dev, generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, device=dev, generator=g)) * sf
+        noise = torch.randn(z.shape, device=dev, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), device=dev, generator=g)
+        a = alphas[t].sqrt()[:, None, None, None]
+        s = (1 - alphas[t]).sqrt()[:, None, None, None]
+        noisy = a * z + s * noise  # DDPMScheduler.add_noise
+        drop = torch.rand(args.batch, device=dev, generator=g) < args.caption_dropout
+        cap = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
+        enc = te(ids[cap])[0]
+        pred = unet(noisy, t, enc).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_all, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params_all], 1.0 - decay)
+        done = step
+        if step % 500 == 0 or step == 1:
+            el = time.time() - t0
+            stats["unet_loss"].append([step, float(loss)])
+            log(f"unet step {step}/{args.unet_steps} loss {float(loss):.5f} lr {sched.get_last_lr()[0]:.2e} ({el:.0f} s, {el / step * 1000:.1f} ms/step)")
+            if args.max_seconds and el > args.max_seconds:
+                log(f"time budget reached at step {step}: stopping (re-run with --unet-steps {step} to reproduce)")
+                break
+    stats["unet_steps_done"] = done
+    stats["unet_seconds"] = time.time() - t0
+    with torch.no_grad():
+        for p, e in zip(params_all, ema):
+            p.copy_(e)
+    unet.eval()
+    te.eval()
+
+
+@torch.no_grad()
+def evaluate(dest, dev, out_png, steps=25, guidance=7.5):
+    """Every caption the data can have, one image each (seed 0 + index), read back by
+    shapes.read_scene; accuracy of background, colour and shape, and a grid PNG."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(dest), local_files_only=True).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [(sh, c, b) for sh in shapes.BASE_SHAPES for c in shapes.COLORS for b in shapes.BACKGROUNDS]
+    hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
+    tiles = []
+    for i in range(0, len(prompts), 24):
+        chunk = prompts[i : i + 24]
+        gens = [torch.Generator(dev).manual_seed(i + j) for j in range(len(chunk))]
+        imgs = pipe([shapes.caption(*p) for p in chunk], num_inference_steps=steps, guidance_scale=guidance, height=64, width=64, generator=gens).images
+        for (sh, c, b), im in zip(chunk, imgs):
+            r = shapes.read_scene(np.asarray(im))
+            ok = [r["background"] == b, r["color"] == c, r["shape"] == sh]
+            for k, v in zip(["background", "color", "shape"], ok):
+                hits[k] += v
+            hits["all"] += all(ok)
+            tiles.append(np.asarray(im))
+    cols = 12
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.zeros((rows * 64, cols * 64, 3), dtype=np.uint8)
+    for k, t in enumerate(tiles):
+        grid[(k // cols) * 64 : (k // cols + 1) * 64, (k % cols) * 64 : (k % cols + 1) * 64] = t
+    Image.fromarray(grid).save(out_png)
+    acc = {k: v / len(prompts) for k, v in hits.items()}
+    log(f"evaluation over {len(prompts)} captions ({steps} PNDM steps, CFG {guidance}): {acc}")
+    return {"prompts": len(prompts), "steps": steps, "guidance": guidance, "accuracy": acc}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="diffusers folder to write")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--images", type=int, default=60000)
+    ap.add_argument("--vae-steps", type=int, default=5000)
+    ap.add_argument("--vae-batch", type=int, default=128)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-4)
+    ap.add_argument("--unet-steps", type=int, default=16000)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop UNet training after this long (logged)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    dev = torch.device(args.device)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # deterministic all the same
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = False
+    torch.set_num_threads(max(1, min(8, args.workers)))
+    dest = Path(args.out).resolve()
+    t_all = time.time()
+    stats = {"settings": vars(args), "vae_loss": [], "unet_loss": []}
+    stats["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    stats["versions"] = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__, "transformers": __import__("transformers").__version__}
+
+    t = time.time()
+    images, captions = render_dataset(args.seed, args.images, args.workers)
+    data = torch.from_numpy(images).to(dev)
+    log(f"data: {len(captions)} scenes, {len(set(captions))} captions ({time.time() - t:.1f} s)")
+
+    unet, te, vae = mt.random_modules()
+    unet, te, vae = unet.to(dev), te.to(dev), vae.to(dev)
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(mt.DIFF / "tokenizer"))
+    g = torch.Generator(dev).manual_seed(args.seed)
+
+    train_vae(vae, data, args, dev, g, stats)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    stats["latent_fold"] = fold_latent_scale(vae, data, dev)
+    train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats)
+
+    mt.save_pipeline(unet.cpu(), te.cpu(), vae.cpu(), dest, tokenizer_dir=mt.DIFF / "tokenizer")
+    log(f"saved {dest}")
+    stats["evaluation"] = evaluate(dest, dev, dest.parent / "train_base_samples.png")
+    stats["total_seconds"] = time.time() - t_all
+    (dest.parent / "train_base.json").write_text(json.dumps(stats, indent=1) + "\n")
+    log(f"done in {stats['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
