@@ -47,17 +47,19 @@ if [ "$MODE" = graphs ]; then
   grep -c "Replaying the captured" "$OUT/tiny_graph_verbose.log"; grep -i "graph capture" "$OUT/tiny_graph_verbose.log" | cut -c1-250 | sort | uniq -c | head
 fi
 echo "== tiny pipeline, CUDA: exported vs optimized"
+# complete pipelines: models/tiny/onnx-fp16 stores no tokenizer/ (the same files as onnx/tokenizer)
+T=/tmp/tiny; rm -rf $T; mkdir -p $T && cp -r models/tiny/onnx models/tiny/onnx-fp16 $T/ && cp -r models/tiny/onnx/tokenizer $T/onnx-fp16/
 for v in onnx onnx-fp16; do
-  $L optimize models/tiny/$v /tmp/tiny-opt-$v | sed 's/^/  /'
-  for m in models/tiny/$v /tmp/tiny-opt-$v; do
+  $L optimize $T/$v /tmp/tiny-opt-$v | sed 's/^/  /'
+  for m in $T/$v /tmp/tiny-opt-$v; do
     tag=$(basename $m)
     $L generate -m $m -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda -o "$OUT/tiny_${tag}.png" 2>&1 | grep -v -i cudnn | tail -1
     $L generate -m $m -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda -o "$OUT/tinylora_${tag}.png" \
       --lora models/tiny/loras/diffusers.safetensors 2>&1 | grep -v -i cudnn | tail -1
   done
-  $L generate -m models/tiny/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch \
+  $L generate -m $T/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch \
     --lora models/tiny/loras/diffusers.safetensors -o "$OUT/tinyswitch_opt-$v.png" 2>&1 | grep -v -i cudnn | tail -1
-  $L generate -m models/tiny/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch --cuda-graphs \
+  $L generate -m $T/$v --optimize -p "a photo of a cat" -n blurry --steps 4 --seed 3 --device cuda --lora-mode switch --cuda-graphs \
     --lora models/tiny/loras/diffusers.safetensors -o "$OUT/tinygraph_opt-$v.png" 2>&1 | grep -v -i cudnn | tail -3
 done
 python3 - "$OUT" <<'PY'

@@ -6,6 +6,8 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# models/tiny/onnx-fp16 stores no tokenizer/ (the same files as onnx/tokenizer, models/README.md)
+[ -d $B/tiny/onnx-fp16/tokenizer ] || cp -r $B/tiny/onnx/tokenizer $B/tiny/onnx-fp16/
 L="--lora $B/tiny/loras/diffusers.safetensors --lora $B/tiny/loras/kohya_wide.safetensors:0.5"
 for m in onnx onnx-fp16; do
   for d in cpu cuda; do

@@ -7,7 +7,8 @@
 #                               + tensorboard==2.21.0 (`tensorboard --logdir OUTPUT_DIR/logs`) and
 #                               the reference tools the tests use: sd-parsers==0.6 (reads our PNGs),
 #                               onnx==1.19.0 + numpy==2.2.6 (ONNX Runtime's transformer optimizer
-#                               makes tests/packed_lora.rs's fixtures; numpy 2.4 breaks it);
+#                               and onnx make the test-time fixtures, models/README.md "Made at
+#                               test time"; numpy 2.4 breaks the optimizer);
 #                               nvidia-cuda-crt==13.0.88 (CUDA headers torch's wheel lacks: build.rs
 #                               compiles the training CUDA graph shim against them);
 #                               diffusers==0.42.1 + transformers==5.24.0 + peft==0.21.2 (the learning

@@ -317,7 +317,7 @@ fn inspect_lora_files_and_models() {
             .is_some_and(|m| m.contains("lora_alpha")),
         "{v}"
     );
-    let p = tiny("onnx-extdata/unet/model.onnx");
+    let p = common::made("onnx-extdata/unet/model.onnx");
     let (ok, stdout, stderr) = lorafuse(&["inspect", "--json", p.to_str().unwrap_or_default()]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");

@@ -73,7 +73,7 @@ fn extdata_pipeline(root: &Path) -> PathBuf {
     let p = root.join("pipe");
     copy_tree(&tiny("onnx"), &p);
     std::fs::remove_dir_all(p.join("unet")).expect("rm");
-    copy_tree(&tiny("onnx-extdata/unet"), &p.join("unet"));
+    copy_tree(&common::made("onnx-extdata/unet"), &p.join("unet"));
     p
 }
 
@@ -404,7 +404,7 @@ fn item6_non_finite_and_non_float_loras_are_refused() {
     let f = tmp.path().join("huge.safetensors");
     kohya_lora(&f, Dtype::F32, &[300.0; 32], &[300.0; 32], 1.0);
     let out = tmp.path().join("out-huge");
-    let e = merge(&tiny("onnx-fp16"), &out, &[spec(f.clone(), 1.0)])
+    let e = merge(&common::made("onnx-fp16"), &out, &[spec(f.clone(), 1.0)])
         .expect_err("fp16 overflow")
         .to_string();
     assert!(

@@ -251,11 +251,11 @@ fn two_loras_with_weights_match_set_adapters() {
 }
 
 /// A pipeline folder like models/tiny/onnx with its UNet taken from another export.
-fn pipeline_with_unet(unet_dir: &str) -> tempfile::TempDir {
+fn pipeline_with_unet(unet_dir: &Path) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&tiny("onnx"), tmp.path());
     std::fs::remove_dir_all(tmp.path().join("unet")).expect("rm unet");
-    copy_dir(&tiny(unet_dir), &tmp.path().join("unet"));
+    copy_dir(unet_dir, &tmp.path().join("unet"));
     tmp
 }
 
@@ -273,7 +273,7 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 #[test]
 fn external_data_unet() {
-    let src = pipeline_with_unet("onnx-extdata/unet");
+    let src = pipeline_with_unet(&common::made("onnx-extdata/unet"));
     for (file, name) in [
         ("diffusers_wide.safetensors", "diffusers_wide"),
         ("kohya.safetensors", "kohya"),
@@ -296,7 +296,7 @@ fn external_data_unet() {
 
 #[test]
 fn dynamo_exported_unet() {
-    let src = pipeline_with_unet("onnx-dynamo/unet");
+    let src = pipeline_with_unet(&tiny("onnx-dynamo/unet"));
     let (_tmp, out) = merge_to_tmp(src.path(), &[("diffusers_wide.safetensors", 1.0)]);
     let exp = read(&tiny("expected/lora_diffusers_wide_s1.0.safetensors"));
     check(
@@ -314,8 +314,9 @@ fn fp16_pipeline_within_fp16_rounding() {
     // LoRA's effect: the merged fp16 output is as close to diffusers' merged output as the unmerged
     // fp16 output is to diffusers' unmerged output (plus fp16 rounding of the larger weights).
     let (_, base_want) = read(&tiny("expected/unet_io.safetensors")).f32("out_sample");
-    let (base_err, _) = diff(&run_unet(&tiny("onnx-fp16")), &base_want);
-    let (_tmp, out) = merge_to_tmp(&tiny("onnx-fp16"), &[("diffusers_wide.safetensors", 1.0)]);
+    let fp16 = common::made("onnx-fp16");
+    let (base_err, _) = diff(&run_unet(&fp16), &base_want);
+    let (_tmp, out) = merge_to_tmp(&fp16, &[("diffusers_wide.safetensors", 1.0)]);
     let exp = read(&tiny("expected/lora_diffusers_wide_s1.0.safetensors"));
     let want = exp.f32("unet_out_sample").1;
     let (merged_err, rel) = diff(&run_unet(&out), &want);
@@ -475,7 +476,7 @@ fn hostile_external_data_location() {
     // Same length as "model.onnx_data", so the protobuf stays valid: one climbs out, one is absolute.
     for hostile in ["../../etc/passw", "/etc/passwd.bin"] {
         assert_eq!(hostile.len(), "model.onnx_data".len());
-        let src = pipeline_with_unet("onnx-extdata/unet");
+        let src = pipeline_with_unet(&common::made("onnx-extdata/unet"));
         let unet = src.path().join("unet/model.onnx");
         let bytes = std::fs::read(&unet).expect("read");
         let needle = b"model.onnx_data";
@@ -771,12 +772,10 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
     // (+ f32 noise) for every merged weight of the UNet and the text encoder.
     use lorafuse::layout::OnnxPipelineDir;
     use lorafuse::onnx::index::Layout;
-    let (_tmp, out) = merge_to_tmp(&tiny("onnx-fp16"), &[("diffusers_wide.safetensors", 1.0)]);
-    let base = lorafuse::merge::index_pipeline(
-        &OnnxPipelineDir::open(&tiny("onnx-fp16")).expect("open"),
-        None,
-    )
-    .expect("index base");
+    let fp16 = common::made("onnx-fp16");
+    let (_tmp, out) = merge_to_tmp(&fp16, &[("diffusers_wide.safetensors", 1.0)]);
+    let base = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&fp16).expect("open"), None)
+        .expect("index base");
     let merged = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&out).expect("open"), None)
         .expect("index merged");
     let fused = read(&tiny("expected/fused_diffusers_wide.safetensors"));

@@ -2,7 +2,8 @@
 //! `models/scripts/make_tiny.py`): every LoRA-target module maps in the optimum fp32, fp16,
 //! external-data and dynamo exports, and the mapped initializer (transposed back where the
 //! layout says so) holds exactly the diffusers safetensors weight of that module. The patch
-//! writer changes exactly the chosen initializers; hostile and truncated files are refused.
+//! writer changes exactly the chosen initializers; hostile and truncated files are refused. The
+//! external-data UNet is made at test time by onnx (`models/scripts/onnx_extdata_unet.py`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,14 @@ use lorafuse::onnx::{
 };
 use prost::Message;
 
+mod common;
+
+/// A fixture of `models/tiny/`; `onnx-extdata/…` (the fp32 UNet re-saved by onnx with external
+/// data) is not committed but made at test time (tests/common `made`).
 fn tiny(rel: &str) -> PathBuf {
+    if rel.starts_with("onnx-extdata/") {
+        return common::made(rel);
+    }
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/tiny")
         .join(rel);

@@ -34,45 +34,13 @@ const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycori
 
 /// The UNet of fixture `variant`, made once per test process by ONNX Runtime's optimizer.
 fn ort_fixture(variant: &str) -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        // target/tmp: remade by every run, never left in /tmp
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ortopt");
-        let _ = std::fs::remove_dir_all(&out);
-        let py = root.join(".venv/bin/python");
-        let o = std::process::Command::new(&py)
-            .arg(root.join("models/scripts/ort_optimize_unet.py"))
-            .arg(&out)
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
-        assert!(
-            o.status.success(),
-            "ONNX Runtime's optimizer failed (scripts/setup.sh --train installs onnx and numpy 2.2): {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    });
-    dir.join(variant).join("unet/model.onnx")
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).expect("mkdir");
-    for e in std::fs::read_dir(src).expect("read_dir") {
-        let e = e.expect("entry");
-        let to = dst.join(e.file_name());
-        if e.file_type().expect("type").is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).expect("copy");
-        }
-    }
+    common::made(&format!("{variant}/unet/model.onnx"))
 }
 
 /// A copy of the tiny pipeline whose UNet is the fixture `variant`.
 fn pipeline_with(work: &Path, variant: &str) -> PathBuf {
     let dir = work.join(variant);
-    copy_dir(&tiny("onnx"), &dir);
+    common::copy_dir(&tiny("onnx"), &dir);
     std::fs::copy(ort_fixture(variant), dir.join("unet/model.onnx")).expect("swap unet");
     dir
 }

@@ -2,9 +2,12 @@
 //! every ONNX component through ONNX Runtime on the CPU, with every input and output described
 //! (name, element type, full shape with symbolic dim names) exactly as onnxruntime's Python API did
 //! when the fixtures were made (`expected/onnx_check.json`), and the diffusers-layout weights
-//! through safetensors.
+//! through safetensors. The external-data UNet is made at test time (tests/common `made`); its
+//! `onnx_check.json` entry names it `test-time/onnx-extdata/unet/model.onnx`.
 
 use std::path::{Path, PathBuf};
+
+mod common;
 
 use lorafuse::runtime::session::{self, Device, IoInfo, SessionOptions};
 
@@ -30,7 +33,7 @@ fn io(path: &Path) -> (Vec<IoInfo>, Vec<IoInfo>) {
 
 /// `onnx_check.json`'s description of one component, recorded by make_tiny.py with onnxruntime's
 /// Python API (`sess.get_inputs()`/`get_outputs()`), mapped to [`IoInfo`]'s spelling.
-fn reference(tag: &str) -> (Vec<IoInfo>, Vec<IoInfo>, PathBuf) {
+fn reference(tag: &str) -> (Vec<IoInfo>, Vec<IoInfo>, String) {
     static CHECK: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     let check = CHECK.get_or_init(|| {
         serde_json::from_slice(&std::fs::read(tiny("expected/onnx_check.json")).expect("read"))
@@ -62,10 +65,7 @@ fn reference(tag: &str) -> (Vec<IoInfo>, Vec<IoInfo>, PathBuf) {
             })
             .collect()
     };
-    let path = entry["path"].as_str().expect("path");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(path);
+    let path = entry["path"].as_str().expect("path").to_string();
     (list("inputs"), list("outputs"), path)
 }
 
@@ -125,11 +125,17 @@ fn assert_spec(what: &str, got: &[IoInfo], spec: Spec, float: &str) {
 
 /// ORT (through our session code) describes component `tag` exactly as onnxruntime's Python API
 /// did when the fixture was made, symbolic dim names included, and both match the pinned spec.
+/// `file` is in `models/tiny/` (`tiny/<file>` in onnx_check.json) or, for `onnx-extdata/`, made
+/// at test time (`test-time/<file>`).
 fn check(tag: &str, file: &str, (inputs, outputs): (Spec, Spec), float: &str) {
-    let (want_i, want_o, path) = reference(tag);
+    let (want_i, want_o, recorded) = reference(tag);
+    let (path, name) = if file.starts_with("onnx-extdata/") {
+        (common::made(file), format!("test-time/{file}"))
+    } else {
+        (tiny(file), format!("tiny/{file}"))
+    };
     assert_eq!(
-        path,
-        tiny(file),
+        recorded, name,
         "onnx_check.json: {tag} describes another file"
     );
     let (i, o) = io(&path);
@@ -164,7 +170,7 @@ fn fp16_pipeline_opens_in_ort() {
 #[test]
 fn external_data_and_dynamo_unets_open_in_ort() {
     check("extdata/unet", "onnx-extdata/unet/model.onnx", UNET, "f32");
-    assert!(tiny("onnx-extdata/unet/model.onnx_data").is_file());
+    assert!(common::made("onnx-extdata/unet/model.onnx_data").is_file());
     // The dynamo exporter names its own symbols (`s53`, `2*s62`), checked against the reference.
     check("dynamo/unet", "onnx-dynamo/unet/model.onnx", UNET, "f32");
 }

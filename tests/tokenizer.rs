@@ -23,12 +23,12 @@ fn expected_dir() -> PathBuf {
 
 /// Tokenizer folders of the tiny pipelines that exist (diffusers layout first), plus
 /// `LORAFUSE_EXTRA_TOKENIZER_DIR` (e.g. a transformers `save_pretrained` folder with a
-/// tokenizer.json) when set.
+/// tokenizer.json) when set. The fp16 export's tokenizer is not stored: optimum writes the same
+/// bytes as `onnx/tokenizer` (make_tiny.py `export_onnx_fp16` checks that before dropping it).
 fn tokenizer_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = [
         "models/tiny/diffusers/tokenizer",
         "models/tiny/onnx/tokenizer",
-        "models/tiny/onnx-fp16/tokenizer",
     ]
     .iter()
     .map(|d| root().join(d))

@@ -3,7 +3,6 @@
 transformers 4.57.6, diffusers 0.38.0, torch 2.11.0); make_tiny.py calls it through subprocess.
 
     export_onnx.py optimum SRC_DIFFUSERS OUT_DIR [fp32|fp16]
-    export_onnx.py extdata SRC_UNET_ONNX OUT_UNET_DIR
     export_onnx.py dynamo SRC_DIFFUSERS OUT_UNET_DIR
 """
 
@@ -60,29 +59,6 @@ def optimum(src, out, dtype):
             log("  " + line.strip())
 
 
-def extdata(src, out_dir):
-    """Re-save an ONNX model with all weights in one external file (optimum's >2 GB layout)."""
-    import onnx
-
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    model = onnx.load(str(src))
-    onnx.save(
-        model,
-        str(out_dir / "model.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx_data",
-        size_threshold=100,
-    )
-    cfg = Path(src).parent / "config.json"
-    if cfg.exists():
-        shutil.copy(cfg, out_dir / "config.json")
-    log(f"external data: {out_dir}")
-
-
 def dynamo(src, out_dir):
     """UNet through torch 2.11's dynamo exporter, opset 18, optimum's I/O names."""
     import torch
@@ -134,8 +110,6 @@ def main():
     what = sys.argv[1]
     if what == "optimum":
         optimum(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "fp32")
-    elif what == "extdata":
-        extdata(sys.argv[2], sys.argv[3])
     elif what == "dynamo":
         dynamo(sys.argv[2], sys.argv[3])
     else:

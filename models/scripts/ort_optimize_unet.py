@@ -2,9 +2,10 @@
 """The tiny UNet as ONNX Runtime's own transformer optimizer leaves it: the fixtures of
 tests/packed_lora.rs (LoRAs on packed attention weights, docs/ARCHITECTURE.md §4c).
 
-tests/packed_lora.rs runs it at test time into a temporary folder (the fixtures are not committed:
-3.3 MB each would grow the tree every GPU-machine call carries), with the project venv that
-`scripts/setup.sh --train` makes (onnxruntime 1.31.1, onnx 1.19.0, numpy 2.2.6, sympy):
+tests/packed_lora.rs runs it at test time (tests/common `made`, once per test process) into a
+temporary folder (the fixtures are not committed: 3.3 MB each would grow the tree every
+GPU-machine call carries), with the project venv that `scripts/setup.sh --train` makes
+(onnxruntime 1.31.1, onnx 1.19.0, numpy 2.2.6, sympy):
 
     .venv/bin/python models/scripts/ort_optimize_unet.py OUT_DIR
 

@@ -14,6 +14,100 @@ pub fn tiny(rel: &str) -> PathBuf {
     root().join("models/tiny").join(rel)
 }
 
+/// A file or folder of the fixtures made at test time instead of committed (models/README.md,
+/// "Made at test time"), in a folder that mirrors `models/tiny/`:
+/// - `onnx-extdata/unet/`: the fp32 UNet with its weights in `model.onnx_data`, by onnx
+///   (`models/scripts/onnx_extdata_unet.py`);
+/// - `onnx-ortopt/unet/`, `onnx-ortopt-attention/unet/`: the fp32 UNet after ONNX Runtime's
+///   transformer optimizer (`models/scripts/ort_optimize_unet.py`);
+/// - `onnx-fp16/`: the complete fp16 pipeline, `models/tiny/onnx-fp16/` plus the tokenizer it
+///   does not store (optimum writes the same bytes as `onnx/tokenizer/`; make_tiny.py checks).
+///
+/// The scripts run with the project venv (`scripts/setup.sh --train`: onnx, onnxruntime). Each
+/// group is made once per test process (the first test to ask makes it, the others wait) into
+/// `CARGO_TARGET_TMPDIR/made-<pid>/`, so concurrent test binaries never share or remove each
+/// other's files; folders of processes that have exited are removed.
+pub fn made(rel: &str) -> PathBuf {
+    use std::collections::BTreeSet;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    static DONE: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let group: &'static str = match rel.split('/').next() {
+        Some("onnx-extdata") => "onnx_extdata_unet.py",
+        Some("onnx-ortopt" | "onnx-ortopt-attention") => "ort_optimize_unet.py",
+        Some("onnx-fp16") => "onnx-fp16",
+        _ => panic!("made({rel}): no such test-time fixture"),
+    };
+    let root = ROOT.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_exited(tmp);
+        let root = tmp.join(format!("made-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("made: mkdir");
+        root
+    });
+    // Held while making: a test asking for the same group waits for it instead of racing.
+    let mut done = DONE.lock().unwrap_or_else(PoisonError::into_inner);
+    if !done.contains(group) {
+        if group == "onnx-fp16" {
+            let dir = root.join("onnx-fp16");
+            copy_dir(&tiny("onnx-fp16"), &dir);
+            copy_dir(&tiny("onnx/tokenizer"), &dir.join("tokenizer"));
+        } else {
+            reference_script(group, root);
+        }
+        done.insert(group);
+    }
+    root.join(rel)
+}
+
+/// Runs `models/scripts/<script> OUT` with the project venv's python.
+fn reference_script(script: &str, out: &Path) {
+    let py = root().join(".venv/bin/python");
+    let o = std::process::Command::new(&py)
+        .arg(root().join("models/scripts").join(script))
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
+    assert!(
+        o.status.success(),
+        "models/scripts/{script} failed (scripts/setup.sh --train installs onnx, onnxruntime and numpy 2.2): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Removes the `made-<pid>` folders of processes that no longer run (Linux: `/proc/<pid>`).
+fn remove_exited(tmp: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("made-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Copies a folder tree (regular files and folders).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap_or_else(|e| panic!("{}: {e}", dst.display()));
+    for e in std::fs::read_dir(src).unwrap_or_else(|e| panic!("{}: {e}", src.display())) {
+        let e = e.expect("read_dir entry");
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to)
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+        }
+    }
+}
+
 /// The cdylib this `cargo test` run built. `cargo test` compiles the package's lib as rlib +
 /// cdylib into `deps/`, beside the test binary, on every run (it copies it up to
 /// `target/<profile>/` only on `cargo build`).
