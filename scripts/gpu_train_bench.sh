@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # lorafuse train on the H200: random SD 1.5-architecture model + shapes data set, the tutorial's
-# settings (512 px, bf16, batch 1 x accumulation 4) and batch 8; samples/s and device memory
+# settings (512 px, bf16, batch 1 x accumulation 4) and batch 8, each eager (--cuda_graphs off) and
+# captured (--cuda_graphs on); samples/s, device memory and the phase breakdown of --profile_steps
 # (docs/benchmarks.md). Carry .train-gpu/ (git-ignored): lorafuse.xz (release build with
 # `--features train`, stripped, xz) and tokenizer/ (models/tiny/diffusers/tokenizer); .whl/ holds
-# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations. Writes $OUT/<name>.csv.
+# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them).
+# CHECK=1 (the default) first runs the CUDA-graph check: CHECK_STEPS steps eager, eager again (the
+# noise floor: cuDNN's benchmark may pick other kernels per process), captured, and emulated (the
+# graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences.
+# Writes $OUT/<name>.csv.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 site=/opt/torch/.venv/lib/python3.12/site-packages
@@ -17,9 +22,55 @@ t=$(date +%s)
 [ -d /tmp/sd15 ] || python3 models/scripts/make_sd15_random.py model /tmp/sd15 --tokenizer $T/tokenizer || exit 1
 [ -d /tmp/data ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data --n ${NDATA:-64} || exit 1
 echo "model+data: $(( $(date +%s) - t )) s"
-common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --checkpointing_steps 500 --seed 1337 --plain_log --device cuda"
-run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 3'; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
-IFS=';' read -ra specs <<< "${RUNS:-tut:--train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 100 --mixed_precision bf16;b8:--train_batch_size 8 --max_train_steps 60 --mixed_precision bf16}"
+common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --plain_log --device cuda"
+tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16"
+run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
+
+if [ "${CHECK:-1}" = 1 ]; then
+  n=${CHECK_STEPS:-12}
+  for m in off off2 on emulate; do
+    run check-$m $tut --max_train_steps $n --checkpointing_steps 4 --cuda_graphs ${m%2}
+  done
+  # checkpoint-4: 3 eager warm-up steps + 1 captured step; the final LoRA: n steps
+  python3 - /tmp/check-off /tmp/check-off2 /tmp/check-on /tmp/check-emulate <<'EOF'
+import csv, os, sys
+from safetensors.torch import load_file
+def lora(d, sub=""):
+    return load_file(os.path.join(d, sub, "pytorch_lora_weights.safetensors"))
+def losses(d):
+    with open(os.path.join(d, "logs", "train_log.csv")) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+base = sys.argv[1]
+for d in sys.argv[2:]:
+    if not os.path.exists(os.path.join(d, "pytorch_lora_weights.safetensors")):
+        print(f"{os.path.basename(d)}: no LoRA written (the run failed)"); continue
+    out = []
+    for sub in ["checkpoint-4", ""]:
+        a, b = lora(base, sub), lora(d, sub)
+        if a.keys() != b.keys():
+            out.append(f"{sub or 'final'}: keys differ"); continue
+        diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        up = max((a[k].float().abs().max().item() for k in a if "lora_B" in k or ".up." in k), default=0.0)
+        out.append(f"{sub or 'final'} max|dW| {diff:.3e} (max|up| {up:.3e})")
+    la, lb = losses(base), losses(d)
+    dl = [abs(x - y) for x, y in zip(la, lb)]
+    out.append("|dloss| per step " + " ".join(f"{x:.1e}" for x in dl))
+    print(f"{os.path.basename(d)} vs check-off: " + "; ".join(out))
+EOF
+fi
+
+IFS=';' read -ra specs <<< "${RUNS-tut-eager:$tut --max_train_steps 100 --cuda_graphs off --profile_steps 20;tut-graph:$tut --max_train_steps 100 --cuda_graphs on --profile_steps 20;b8-eager:--train_batch_size 8 --max_train_steps 60 --mixed_precision bf16 --cuda_graphs off --profile_steps 20;b8-graph:--train_batch_size 8 --max_train_steps 60 --mixed_precision bf16 --cuda_graphs on --profile_steps 20}"
 for spec in "${specs[@]}"; do
-  run ${spec%%:*} ${spec#*:}
+  run ${spec%%:*} --checkpointing_steps 500 ${spec#*:}
 done
+# samples/s: median of the steps after the first 25 (warm-up, capture and the profiled steps,
+# which synchronise at every phase boundary); peak device memory
+python3 - $OUT/*.csv <<'EOF'
+import csv, os, statistics, sys
+for p in sys.argv[1:]:
+    rows = list(csv.DictReader(open(p)))
+    sps = [float(r["samples_per_s"]) for r in rows[25:]]
+    mem = [int(r["device_mem"]) for r in rows if r["device_mem"]]
+    if sps:
+        print(f"{os.path.basename(p)[:-4]:<14} median {statistics.median(sps):7.1f} samples/s over {len(sps)} steps, peak {max(mem, default=0) / 2**30:.1f} GiB")
+EOF

@@ -79,7 +79,8 @@ fn cli_default(cmd: &str, arg: &str) -> String {
     let mut inside = false;
     for line in help.lines() {
         let t = line.trim_start();
-        if t.starts_with('-') {
+        // a flag's first line (`--flag`, `-f, --flag`); not a "- value: …" line of a value list
+        if t.starts_with('-') && !t.starts_with("- ") {
             inside = t
                 .split([' ', ','])
                 .any(|w| w == flag || w.starts_with(&format!("{flag}=")));
@@ -132,6 +133,10 @@ fn train_flags_default_to_the_train_config() {
     assert_eq!(d("rank"), c.lora.rank.to_string());
     assert_eq!(d("save_precision"), c.save_dtype);
     assert_eq!(d("device"), c.device);
+    assert_eq!(
+        serde_json::json!(d("cuda_graphs")),
+        serde_json::to_value(c.cuda_graphs).expect("json")
+    );
     // kohya sd-scripts' options
     assert_eq!(d("min_bucket_reso"), c.bucket.min_bucket_reso.to_string());
     assert_eq!(d("max_bucket_reso"), c.bucket.max_bucket_reso.to_string());

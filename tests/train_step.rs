@@ -1,6 +1,9 @@
 //! One LoRA training step against peft + torch (models/tiny/expected/train_step.safetensors):
 //! noisy latents, the prediction, the loss, every LoRA gradient (before clipping), the clip norm
 //! and the tensors after `clip_grad_norm_(1.0)` + one `AdamW(lr 1e-4)` step. Bar: relative ≤ 1e-4.
+//! The device-resident update (the CUDA graph's: learning rate and step count in device tensors,
+//! no host read in the clipping) meets the same bars and equals the host-scalar update bit for
+//! bit on the CPU over several steps.
 #![cfg(feature = "train")]
 
 use std::collections::BTreeMap;
@@ -8,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use lorafuse::pipeline::scheduler::SchedulerConfig;
 use lorafuse::train::noise::{NoiseSchedule, Prediction};
-use lorafuse::train::optim::{AdamW, AdamWConfig, FlatParams, clip_grad_norm};
+use lorafuse::train::optim::{
+    AdamW, AdamWConfig, FlatParams, clip_grad_norm, clip_grad_norm_device,
+};
 use lorafuse::train::{self, LoraConfig};
 use lorafuse::weights::WeightFile;
 use tch::{Device, Kind, Tensor};
@@ -103,7 +108,20 @@ fn one_step_matches_peft_and_torch_adamw() {
         }
     }
     let mut g = flat.flat_grad();
+    // the device-resident path, on a second copy of the initial LoRA and the same gradient
+    let init: BTreeMap<String, Tensor> = vars
+        .keys()
+        .map(|n| (n.clone(), t(&format!("init.{n}"))))
+        .collect();
+    let mut dev = FlatParams::adopt(&init);
+    let mut g_dev = g.copy();
+    let norm_dev = clip_grad_norm_device(&mut g_dev, 1.0);
+    let mut opt_dev = AdamW::new(&dev, AdamWConfig::default());
+    opt_dev.set_lr(1e-4);
+    opt_dev.step_on_device(&mut dev, &g_dev);
     let norm = clip_grad_norm(&mut g, 1.0);
+    assert_eq!(norm_dev.size(), Vec::<i64>::new(), "a 0-d tensor");
+    assert_eq!(norm_dev.double_value(&[]), norm);
     let r_norm = (norm - t("grad_norm").double_value(&[])).abs() / t("grad_norm").double_value(&[]);
     let mut opt = AdamW::new(&flat, AdamWConfig::default());
     opt.step(&mut flat, &g, 1e-4);
@@ -131,6 +149,73 @@ fn one_step_matches_peft_and_torch_adamw() {
     assert!(worst_grad.0 <= 1e-4, "gradient {worst_grad:?}");
     assert!(worst_after.0 <= 1e-5, "after {worst_after:?}");
     assert!(worst_update.0 <= 1e-3, "update {worst_update:?}");
+    for (name, p) in dev.by_name() {
+        let host = &flat.by_name()[&name];
+        assert!(
+            p.equal(host),
+            "{name}: the device-resident step differs from the host step"
+        );
+    }
+}
+
+/// Deterministic values in about [-scale, scale] (no RNG: identical on every machine).
+fn wave(n: i64, phase: f64, scale: f64) -> Tensor {
+    let v: Vec<f32> = (0..n)
+        .map(|i| (scale * ((i as f64 * 0.731 + phase).sin())) as f32)
+        .collect();
+    Tensor::from_slice(&v)
+}
+
+/// `AdamW::step_on_device` (learning rate and step count in 0-d tensors, written and advanced on
+/// the device) with `clip_grad_norm_device` equals the host-scalar `AdamW::step` with
+/// `clip_grad_norm` over several steps, with a learning rate that changes every step and
+/// gradients both under and over `max_grad_norm`: parameters, moments and norms bit for bit,
+/// in f32 and with bf16 compute copies.
+#[test]
+fn device_resident_update_equals_the_host_update_over_steps() {
+    for compute in [Kind::Float, Kind::BFloat16] {
+        let make = || {
+            let mut vars = BTreeMap::new();
+            vars.insert(
+                "a".to_string(),
+                wave(15, 0.3, 0.5).reshape([3, 5]).set_requires_grad(true),
+            );
+            vars.insert("b".to_string(), wave(7, 1.1, 0.2).set_requires_grad(true));
+            FlatParams::adopt_as(&vars, compute)
+        };
+        let (mut host, mut dev) = (make(), make());
+        let cfg = AdamWConfig {
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        };
+        let (mut oh, mut od) = (AdamW::new(&host, cfg), AdamW::new(&dev, cfg));
+        for step in 0..8 {
+            let lr = 1e-3 * (1.0 + (step as f64 * 0.7).cos());
+            // every other step the gradient's norm is above max_grad_norm and gets clipped
+            let g = wave(22, step as f64, if step % 2 == 0 { 2.0 } else { 0.05 });
+            let (mut gh, mut gd) = (g.copy(), g.copy());
+            let nh = clip_grad_norm(&mut gh, 1.0);
+            let nd = clip_grad_norm_device(&mut gd, 1.0);
+            oh.step(&mut host, &gh, lr);
+            od.set_lr(lr);
+            od.step_on_device(&mut dev, &gd);
+            od.step += 1;
+            let at = format!("{compute:?} step {}", step + 1);
+            assert_eq!(nd.double_value(&[]), nh, "{at}: norm");
+            assert!(host.flat.equal(&dev.flat), "{at}: parameters");
+            assert!(oh.exp_avg.equal(&od.exp_avg), "{at}: exp_avg");
+            assert!(oh.exp_avg_sq.equal(&od.exp_avg_sq), "{at}: exp_avg_sq");
+            for (n, p) in dev.by_name() {
+                assert_eq!(p.kind(), compute, "{at}: {n} is a compute-dtype view");
+                assert!(p.equal(&host.by_name()[&n]), "{at}: compute copy of {n}");
+            }
+            assert_eq!(od.state_step.double_value(&[]), (step + 1) as f64);
+            assert_eq!(oh.state_step.double_value(&[]), oh.step as f64);
+        }
+        // a restored step count reaches both counters
+        od.set_step(41);
+        assert_eq!((od.step, od.state_step.double_value(&[])), (41, 41.0));
+    }
 }
 
 #[test]

@@ -5,8 +5,11 @@
 //!
 //! The rules are torch's: tensors a graph reads or writes keep their addresses (copy new inputs
 //! into them before a replay), no host synchronisation and no CPU tensors inside a capture, and
-//! warm-up iterations run eagerly on a side stream before capturing. [`CudaGraph::new`] fails
-//! with a clear error where CUDA is unavailable (a CPU build or machine), so callers run eagerly.
+//! warm-up iterations run eagerly on the graph's side stream ([`CudaGraph::on_side_stream`])
+//! before capturing. [`CudaGraph::new`] fails with a clear error where CUDA is unavailable (a CPU
+//! build or machine), so callers run eagerly. A capture whose closure fails or panics (tch
+//! panics on a libtorch error, e.g. an operation CUDA forbids during capture) ends the capture
+//! and returns an error, so the caller can go on eagerly.
 
 use crate::{Error, Result};
 
@@ -14,7 +17,9 @@ use crate::{Error, Result};
 mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
     unsafe extern "C" {
-        pub fn lf_graph_new(err: *mut *mut c_char) -> *mut c_void;
+        pub fn lf_graph_new(device: c_int, err: *mut *mut c_char) -> *mut c_void;
+        pub fn lf_graph_side_begin(g: *mut c_void, err: *mut *mut c_char) -> c_int;
+        pub fn lf_graph_side_end(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_capture_begin(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_capture_end(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_replay(g: *mut c_void, err: *mut *mut c_char) -> c_int;
@@ -28,6 +33,8 @@ pub struct CudaGraph {
     #[cfg(lorafuse_cuda_graph)]
     handle: *mut std::os::raw::c_void,
     capturing: bool,
+    /// A capture was attempted (a graph is captured once; a failed one is not retried).
+    attempted: bool,
     captured: bool,
 }
 
@@ -57,8 +64,9 @@ fn call(what: &str, f: impl FnOnce(*mut *mut std::os::raw::c_char) -> i32) -> Re
 }
 
 impl CudaGraph {
-    /// A new, empty graph; an error where CUDA graphs are unavailable.
-    pub fn new() -> Result<Self> {
+    /// A new, empty graph for CUDA device `device` (with its own side stream); an error where
+    /// CUDA graphs are unavailable.
+    pub fn new(device: usize) -> Result<Self> {
         if !available() {
             return Err(Error::InvalidArgument(
                 "CUDA graphs need a CUDA device and a libtorch with CUDA (this build or machine has none)"
@@ -69,26 +77,65 @@ impl CudaGraph {
         {
             let mut handle = std::ptr::null_mut();
             // SAFETY: the shim allocates the graph or reports why not.
+            let device = i32::try_from(device)
+                .map_err(|_| Error::InvalidArgument(format!("CUDA device {device}")))?;
             call("create", |e| {
-                handle = unsafe { ffi::lf_graph_new(e) };
+                handle = unsafe { ffi::lf_graph_new(device, e) };
                 if handle.is_null() { -1 } else { 0 }
             })?;
             Ok(CudaGraph {
                 handle,
                 capturing: false,
+                attempted: false,
                 captured: false,
             })
         }
         #[cfg(not(lorafuse_cuda_graph))]
-        unreachable!("available() is false without the shim")
+        {
+            let _ = device;
+            Err(Error::Internal("no CUDA graph shim in this build".into()))
+        }
     }
 
-    /// Record the kernels `f` launches (on a side stream) into the graph; `f` runs once while
-    /// recording, its work is not executed until [`replay`](Self::replay).
+    /// Run `f` with the graph's side stream current (the device synchronised before and after,
+    /// as `make_graphed_callables` brackets its warm-up): the eager warm-up iterations before
+    /// [`capture`](Self::capture).
+    pub fn on_side_stream<T>(&mut self, f: impl FnOnce() -> T) -> Result<T> {
+        if self.capturing {
+            return Err(Error::Internal(
+                "side stream entered during a capture".into(),
+            ));
+        }
+        #[cfg(lorafuse_cuda_graph)]
+        {
+            let h = self.handle;
+            // SAFETY: `h` is a live graph owned by self.
+            call("side stream", |e| unsafe { ffi::lf_graph_side_begin(h, e) })?;
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            // SAFETY: as above; restores the previous stream even when `f` panicked.
+            let end = call("side stream end", |e| unsafe {
+                ffi::lf_graph_side_end(h, e)
+            });
+            let out = out.map_err(|p| Error::Internal(format!("warm-up: {}", panic_text(&p))))?;
+            end?;
+            Ok(out)
+        }
+        #[cfg(not(lorafuse_cuda_graph))]
+        {
+            let _ = f;
+            Err(Error::Internal("no CUDA graph shim in this build".into()))
+        }
+    }
+
+    /// Record the kernels `f` launches (on the side stream) into the graph; `f` runs once while
+    /// recording, its work is not executed until [`replay`](Self::replay). Tensors `f` creates
+    /// live in the graph's private memory pool: those it returns are the graph's outputs,
+    /// rewritten in place by every replay.
     pub fn capture<T>(&mut self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        if self.capturing || self.captured {
+        if self.capturing || self.attempted {
             return Err(Error::Internal("CUDA graph captured twice".into()));
         }
+        self.attempted = true;
         #[cfg(lorafuse_cuda_graph)]
         {
             let h = self.handle;
@@ -97,7 +144,13 @@ impl CudaGraph {
                 ffi::lf_graph_capture_begin(h, e)
             })?;
             self.capturing = true;
-            let out = f();
+            let out =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+                    Err(Error::Internal(format!(
+                        "during capture: {}",
+                        panic_text(&p)
+                    )))
+                });
             // SAFETY: as above; ends the capture even when `f` failed.
             let end = call("capture_end", |e| unsafe {
                 ffi::lf_graph_capture_end(h, e)
@@ -131,6 +184,15 @@ impl CudaGraph {
     }
 }
 
+/// The text of a caught panic (tch's `unwrap` of a libtorch error carries it).
+#[cfg(lorafuse_cuda_graph)]
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 impl Drop for CudaGraph {
     fn drop(&mut self) {
         #[cfg(lorafuse_cuda_graph)]
@@ -151,7 +213,13 @@ mod tests {
             // on a GPU machine: a captured add replays onto the same buffers
             let x = tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0)));
             let y = x.zeros_like();
-            let mut g = CudaGraph::new().expect("graph");
+            let mut g = CudaGraph::new(0).expect("graph");
+            // warm-up on the side stream, as the trainer does
+            g.on_side_stream(|| {
+                let _ = y.shallow_clone().g_add_(&x);
+            })
+            .expect("warm-up");
+            let _ = y.shallow_clone().zero_();
             g.capture(|| {
                 let _ = y.shallow_clone().g_add_(&x);
                 Ok(())
@@ -161,7 +229,7 @@ mod tests {
             g.replay().expect("replay");
             assert_eq!(y.sum(tch::Kind::Float).double_value(&[]), 8.0);
         } else {
-            let e = CudaGraph::new().err().expect("no CUDA here");
+            let e = CudaGraph::new(0).err().expect("no CUDA here");
             assert!(e.to_string().contains("CUDA"), "{e}");
         }
     }

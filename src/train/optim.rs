@@ -3,9 +3,17 @@
 //!
 //! - AdamW: PyTorch's `torch/optim/adamw.py` / `adam.py` `_single_tensor_adam` with decoupled
 //!   weight decay: `p ← p·(1 − lr·wd)`, `m ← lerp(m, g, 1 − β1)`, `v ← β2·v + (1 − β2)·g²`,
-//!   `p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)`.
+//!   `p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)`. Two forms of one update:
+//!   [`AdamW::step`] takes the learning rate and step count from the host (torch's default), and
+//!   [`AdamW::step_on_device`] reads them from 0-d device tensors ([`AdamW::lr`],
+//!   [`AdamW::state_step`]), as `capturable=True` does (`_single_tensor_adam`'s
+//!   `if capturable` branch: `step_t += 1`, bias corrections `1 − β^step_t` on the device), so a
+//!   captured CUDA graph replays it with each step's learning rate written in before the replay.
+//!   Both compute the per-step scalars in f64 and round them to f32 once, so they agree to the
+//!   last bit on the CPU (tests/train_step.rs).
 //! - `clip_grad_norm_` (`torch/nn/utils/clip_grad.py`): total 2-norm, `coef = max/(norm + 1e-6)`,
-//!   clamped to 1, gradients multiplied by it.
+//!   clamped to 1, gradients multiplied by it, on the device; [`clip_grad_norm_device`] returns
+//!   the norm as a 0-d device tensor (no host read), [`clip_grad_norm`] reads it.
 //! - Loss scaling for fp16: `torch/amp/grad_scaler.py` defaults (scale 2¹⁶, growth ×2 every 2000
 //!   finite steps, backoff ×0.5 and a skipped step on inf/NaN).
 //! - LR schedules: diffusers `src/diffusers/optimization.py` (`get_scheduler`: constant,
@@ -158,6 +166,12 @@ impl FlatParams {
         }
     }
 
+    /// The flat gradient buffer, once the gradients live in it (after the first
+    /// [`FlatParams::flat_grad`] that found every gradient).
+    pub fn grad_buffer(&self) -> Option<&Tensor> {
+        self.grad.as_ref()
+    }
+
     pub fn zero_grad(&mut self) {
         match &mut self.grad {
             Some(g) => {
@@ -245,22 +259,44 @@ pub struct AdamW {
     pub config: AdamWConfig,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
-    /// Completed optimiser steps.
+    /// Completed optimiser steps (the host's count; checkpoints record it).
     pub step: i64,
+    /// The same count as a 0-d f64 tensor on the parameters' device, advanced by the update
+    /// itself (torch's capturable `state_steps`), so a replayed CUDA graph counts its steps.
+    pub state_step: Tensor,
+    /// The learning rate [`AdamW::step_on_device`] uses: a 0-d f64 tensor on the parameters'
+    /// device, written with [`AdamW::set_lr`] before each step (or each graph replay).
+    pub lr: Tensor,
 }
 
 impl AdamW {
     pub fn new(params: &FlatParams, config: AdamWConfig) -> Self {
-        let opts = (Kind::Float, params.flat.device());
+        let device = params.flat.device();
+        let opts = (Kind::Float, device);
         Self {
             config,
             exp_avg: Tensor::zeros([params.numel()], opts),
             exp_avg_sq: Tensor::zeros([params.numel()], opts),
             step: 0,
+            state_step: Tensor::zeros([], (Kind::Double, device)),
+            lr: Tensor::zeros([], (Kind::Double, device)),
         }
     }
 
-    /// One update of `params.flat` with the flat gradient `grad` at learning rate `lr`.
+    /// Set the completed-step count (a restored checkpoint's), on the host and the device.
+    pub fn set_step(&mut self, step: i64) {
+        self.step = step;
+        let _ = self.state_step.fill_(step as f64);
+    }
+
+    /// Write the learning rate of the next [`AdamW::step_on_device`] into [`AdamW::lr`] (a
+    /// kernel on the device's current stream, as torch's schedulers `fill_` a tensor lr).
+    pub fn set_lr(&mut self, lr: f64) {
+        let _ = self.lr.fill_(lr);
+    }
+
+    /// One update of `params.flat` with the flat gradient `grad` at learning rate `lr`, with
+    /// the step count and learning rate from the host.
     pub fn step(&mut self, params: &mut FlatParams, grad: &Tensor, lr: f64) {
         let c = self.config;
         tch::no_grad(|| {
@@ -270,11 +306,45 @@ impl AdamW {
             let _ = self.exp_avg.lerp_(grad, 1.0 - c.beta1);
             let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2);
             let _ = self.exp_avg_sq.addcmul_(&(grad * (1.0 - c.beta2)), grad);
-            let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-            let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+            // `beta ** step` as torch computes it (C `pow`, what libtorch's pow kernel calls too)
+            let bc1 = 1.0 - c.beta1.powf(self.step as f64);
+            let bc2 = 1.0 - c.beta2.powf(self.step as f64);
             let step_size = lr / bc1;
             let denom = self.exp_avg_sq.sqrt() / bc2.sqrt() + c.eps;
             let _ = p.g_add_(&(self.exp_avg.divide(&denom) * (-step_size)));
+        });
+        let _ = self.state_step.fill_(self.step as f64);
+        params.sync_compute();
+    }
+
+    /// The same update with the step count ([`AdamW::state_step`], incremented here) and the
+    /// learning rate ([`AdamW::lr`]) read on the device: no host value changes between steps,
+    /// so a CUDA graph can capture it. The caller records the step on the host (`self.step +=
+    /// 1`) once the update has run: after the call when eager, after each replay when captured.
+    ///
+    /// torch/optim/adam.py `_single_tensor_adam`, `capturable` branch (`step_t += 1`,
+    /// `bias_correction = 1 − beta ** step`, `step_size = lr / bias_correction1`), with the
+    /// 0-d scalars in f64 and rounded to f32 once, as [`AdamW::step`] rounds its host scalars.
+    pub fn step_on_device(&self, params: &mut FlatParams, grad: &Tensor) {
+        let c = self.config;
+        tch::no_grad(|| {
+            let f32 = |t: Tensor| t.to_kind(Kind::Float);
+            let step = self.state_step.shallow_clone().g_add_scalar_(1.0);
+            let p = &mut params.flat;
+            // 1 − lr·wd, exactly as the host computes it in f64
+            let _ = p.g_mul_(&f32(&self.lr * (-c.weight_decay) + 1.0));
+            let (mut m, mut v) = (
+                self.exp_avg.shallow_clone(),
+                self.exp_avg_sq.shallow_clone(),
+            );
+            let _ = m.lerp_(grad, 1.0 - c.beta1);
+            let _ = v.g_mul_scalar_(c.beta2);
+            let _ = v.addcmul_(&(grad * (1.0 - c.beta2)), grad);
+            let bc1 = Tensor::pow_scalar(c.beta1, &step).neg() + 1.0;
+            let bc2 = Tensor::pow_scalar(c.beta2, &step).neg() + 1.0;
+            let neg_step_size = f32((&self.lr / bc1).neg());
+            let denom = v.sqrt() / f32(bc2.sqrt()) + c.eps;
+            let _ = p.g_add_(&(m.divide(&denom) * neg_step_size));
         });
         params.sync_compute();
     }
@@ -282,11 +352,18 @@ impl AdamW {
 
 /// `clip_grad_norm_(params, max_norm)` on a flat gradient: returns the total norm before clipping.
 pub fn clip_grad_norm(grad: &mut Tensor, max_norm: f64) -> f64 {
+    clip_grad_norm_device(grad, max_norm).double_value(&[])
+}
+
+/// [`clip_grad_norm`] without the host read: the total norm before clipping stays a 0-d tensor on
+/// the gradient's device (torch/nn/utils/clip_grad.py `_clip_grads_with_norm_`: the clamped
+/// coefficient is multiplied in on the device, no `.item()`).
+pub fn clip_grad_norm_device(grad: &mut Tensor, max_norm: f64) -> Tensor {
     tch::no_grad(|| {
         let total = grad.norm();
         let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
         let _ = grad.g_mul_(&coef);
-        total.double_value(&[])
+        total
     })
 }
 

@@ -200,7 +200,7 @@ pub(super) fn restore(
         &pick("exp_avg_sq."),
         "optimizer.safetensors",
     )?;
-    opt.step = st.adam_step;
+    opt.set_step(st.adam_step);
     on_event(Event::Info(format!(
         "Resuming from checkpoint {} (step {})",
         dir.display(),

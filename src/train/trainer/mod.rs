@@ -34,15 +34,19 @@
 mod batches;
 mod cache;
 mod checkpoint;
+mod graph;
 mod logs;
 mod meta;
+mod profile;
 mod run;
 mod step;
 
 pub use self::batches::bucket_epoch_batches;
 pub use self::checkpoint::{TrainingState, list_checkpoints};
+pub use self::graph::{CudaGraphs, WARMUP_STEPS as CUDA_GRAPH_WARMUP_STEPS};
 pub use self::logs::{ReportTo, TENSORBOARD_RUN};
 use self::meta::lora_modules_of;
+pub use self::profile::PhaseTimes;
 use self::run::Trainer;
 
 use std::collections::BTreeMap;
@@ -236,6 +240,17 @@ pub struct TrainConfig {
     #[serde(default = "default_logging_dir")]
     #[arg(long = "logging_dir", default_value_os_t = defaults().logging_dir.clone())]
     pub logging_dir: PathBuf,
+    /// CUDA graphs over the training step: auto (when the device, the build and the settings
+    /// allow a capture, else eagerly, saying why), on (a capture, or an error naming what
+    /// prevents it), off. docs/training.md.
+    #[serde(default)]
+    #[arg(long = "cuda_graphs", value_enum, default_value_t = defaults().cuda_graphs)]
+    pub cuda_graphs: CudaGraphs,
+    /// Time the phases of N steps after the warm-up (data, forward+backward, optimizer or graph
+    /// replay, logging; the device synchronised at each boundary) and report the means at the end.
+    #[serde(default)]
+    #[arg(long = "profile_steps", value_name = "N")]
+    pub profile_steps: Option<usize>,
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
     pub abort_after_step: Option<i64>,
@@ -310,6 +325,8 @@ impl TrainConfig {
             device: "auto".into(),
             report_to: ReportTo::Tensorboard,
             logging_dir: default_logging_dir(),
+            cuda_graphs: CudaGraphs::default(),
+            profile_steps: None,
             abort_after_step: None,
         }
     }
@@ -369,6 +386,8 @@ pub struct TrainReport {
     pub mean_samples_per_s: f64,
     pub peak_device_mem: Option<u64>,
     pub seed: u64,
+    /// `--profile_steps`: the phases' mean times.
+    pub phases: Option<PhaseTimes>,
 }
 
 /// splitmix64 over the words: a seed for one stream of randomness.

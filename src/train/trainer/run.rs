@@ -15,9 +15,11 @@ use tch::{Device, Kind, Tensor};
 use super::batches::{batches_per_epoch, check_resume_batches, epoch_batches, record};
 use super::cache::build_cache;
 use super::checkpoint::{find_resume, fingerprint, restore, save_checkpoint, write_json};
+use super::graph::{self, StepGraph, StepOut};
 use super::logs::RunLog;
 use super::meta::write_lora;
-use super::step::{StepCtx, run_group};
+use super::profile::{Phase, PhaseClock};
+use super::step::{StepCtx, apply_gradients, forward_backward, step_inputs};
 use super::{
     Cache, Event, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig, TrainReport,
     TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
@@ -27,7 +29,7 @@ use crate::pipeline::tokenizer::ClipTokenizer;
 use crate::train::dataset::{Dataset, DatasetOptions};
 use crate::train::lora::init_lora;
 use crate::train::noise::{NoiseSchedule, Prediction};
-use crate::train::optim::{AdamW, FlatParams, LossScaler, LrScheduler, clip_grad_norm};
+use crate::train::optim::{AdamW, FlatParams, LossScaler, LrScheduler};
 use crate::train::validation::Validator;
 use crate::{Error, Result};
 
@@ -118,6 +120,10 @@ pub(super) struct Trainer<'a> {
     logs: RunLog,
     validator: Option<Validator>,
     stats: Stats,
+    /// `--cuda_graphs`: the captured step, when the run uses one.
+    graph: Option<StepGraph>,
+    /// `--profile_steps`.
+    clock: PhaseClock,
 }
 
 impl<'a> Trainer<'a> {
@@ -129,6 +135,7 @@ impl<'a> Trainer<'a> {
         save_dtype(&cfg.save_dtype)?;
         let kind = cfg.mixed_precision.kind();
         check_settings(cfg, device, kind, on_event)?;
+        graph::check_settings(cfg, device)?;
         let source =
             crate::train::ModelSource::open(&cfg.pretrained_model, cfg.tokenizer.as_deref())?;
         std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
@@ -210,6 +217,7 @@ impl<'a> Trainer<'a> {
                 sched_step: st.scheduler_step,
             };
         }
+        let graph = graph::setup(cfg, device, &cache, on_event)?;
         let logs = RunLog::open(cfg, resumed.is_some(), pos.global_step)?;
         write_json(&cfg.output_dir.join("train_config.json"), cfg)?;
         on_event(Event::Started {
@@ -250,6 +258,8 @@ impl<'a> Trainer<'a> {
                 sps_n: 0,
                 peak_mem: None,
             },
+            graph,
+            clock: PhaseClock::new(cfg.profile_steps, device),
         })
     }
 
@@ -283,7 +293,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimiser step over the micro-batches from batch `b` (accumulated), its CSV log line
-    /// and event; returns the next batch.
+    /// and event; returns the next batch. A full-shaped step goes through the CUDA graph when
+    /// the run has one; the loss and gradient norm are read on the host once, after the step.
     fn step(
         &mut self,
         epoch: i64,
@@ -293,11 +304,13 @@ impl<'a> Trainer<'a> {
     ) -> Result<usize> {
         let (cfg, plan) = (self.cfg, &self.plan);
         let t0 = Instant::now();
+        self.clock.begin_step();
         let group_end = (b + plan.accum).min(plan.batches_per_epoch);
         let micro: Vec<(usize, Vec<usize>)> =
             (b..group_end).map(|bi| (bi, batches[bi].clone())).collect();
         let samples: usize = micro.iter().map(|(_, m)| m.len()).sum();
-        let loss_scale = self.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let full =
+            micro.len() == plan.accum && micro.iter().all(|(_, m)| m.len() == cfg.train_batch_size);
         let ctx = StepCtx {
             cfg,
             cache: &self.cache,
@@ -310,21 +323,52 @@ impl<'a> Trainer<'a> {
             kind: self.kind,
             train_text: self.train_text,
         };
-        let loss = run_group(&ctx, &self.models, &self.ds, epoch, &micro, loss_scale)?;
-        let mut g = self.flat.flat_grad();
-        let finite = match self.scaler.as_mut() {
-            Some(s) => s.unscale_and_update(&mut g),
-            None => true,
-        };
-        let mut grad_norm = f64::NAN;
         let lr_now = self.lr_sched.lr(self.pos.sched_step);
+        self.opt.set_lr(lr_now);
+        let inputs = step_inputs(&ctx, &self.models, &self.ds, epoch, &micro)?;
+        self.clock.mark(Phase::Data);
+        let out = match (&mut self.graph, self.scaler.as_mut()) {
+            (Some(g), None) if full => {
+                let out = g.step(
+                    &ctx,
+                    &self.models,
+                    &mut self.flat,
+                    &self.opt,
+                    inputs,
+                    on_event,
+                )?;
+                self.clock.mark(if out.replayed {
+                    Phase::Replay
+                } else {
+                    Phase::ForwardBackward
+                });
+                out
+            }
+            (g, scaler) => {
+                if let Some(g) = g {
+                    g.eager_step_of_other_shape(self.pos.global_step + 1, on_event);
+                }
+                let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+                let loss = forward_backward(&ctx, &self.models, &inputs, loss_scale)?;
+                self.clock.mark(Phase::ForwardBackward);
+                let norm = apply_gradients(&mut self.flat, &self.opt, cfg.max_grad_norm, scaler);
+                self.clock.mark(Phase::Optimizer);
+                StepOut {
+                    loss,
+                    norm,
+                    replayed: false,
+                    captured: false,
+                }
+            }
+        };
+        let finite = out.norm.is_some();
         if finite {
-            grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm);
-            self.opt.step(&mut self.flat, &g, lr_now);
+            // the update ran on the device (or in the replay): count it on the host
+            self.opt.step += 1;
             self.pos.sched_step += 1;
         }
-        self.flat.zero_grad();
         self.pos.global_step += 1;
+        let (loss, grad_norm) = read_on_host(&out)?;
         let dt = t0.elapsed().as_secs_f64();
         let mem = if matches!(self.device, Device::Cuda(_)) {
             cuda_mem_used()
@@ -351,6 +395,8 @@ impl<'a> Trainer<'a> {
         self.logs.step(&line)?;
         self.stats.losses.push(loss);
         on_event(Event::Step(&line));
+        self.clock.mark(Phase::Log);
+        self.clock.end_step(out.replayed, out.captured);
         Ok(group_end)
     }
 
@@ -449,6 +495,10 @@ impl<'a> Trainer<'a> {
         if self.cfg.validation.is_some() {
             self.validate("final", true, on_event)?;
         }
+        let phases = self.clock.report();
+        if let Some(p) = &phases {
+            on_event(Event::Info(p.to_string()));
+        }
         let s = &self.stats;
         Ok(TrainReport {
             output: out,
@@ -461,7 +511,22 @@ impl<'a> Trainer<'a> {
             },
             peak_device_mem: s.peak_mem,
             seed: self.seed,
+            phases,
         })
+    }
+}
+
+/// A step's loss and gradient norm (NaN for a skipped step) on the host: its one
+/// synchronising read, after the step (after the replay, for a captured one).
+fn read_on_host(out: &StepOut) -> Result<(f64, f64)> {
+    let loss = out.loss.to_kind(Kind::Double);
+    let Some(norm) = &out.norm else {
+        return Ok((loss.double_value(&[]), f64::NAN));
+    };
+    let both = Tensor::stack(&[loss, norm.to_kind(Kind::Double)], 0).to_device(Device::Cpu);
+    match Vec::<f64>::try_from(both)?.as_slice() {
+        &[l, n] => Ok((l, n)),
+        v => Err(Error::Internal(format!("loss and norm read as {v:?}"))),
     }
 }
 

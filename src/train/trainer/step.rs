@@ -1,7 +1,9 @@
-//! One optimiser step's forward and backward over its micro-batches.
+//! One optimiser step: its inputs (drawn on the host), the forward and backward over its
+//! micro-batches, and the update (clip, AdamW, zeroed gradients), all on the device.
 
 #[allow(unused_imports)]
 use super::*;
+use crate::train::optim::clip_grad_norm_device;
 
 pub(super) struct StepCtx<'a> {
     pub(super) cfg: &'a TrainConfig,
@@ -16,17 +18,75 @@ pub(super) struct StepCtx<'a> {
     pub(super) train_text: bool,
 }
 
-/// The inputs of one micro-batch.
+/// The text side of a micro-batch: hidden states (cached), or token ids `[b, 77]` that the text
+/// encoder runs on inside the step (with gradients when it carries a LoRA).
+pub(super) enum TextInput {
+    States(Tensor),
+    Ids(Tensor),
+}
+
+/// The inputs of one micro-batch, on the training device: what the host decides (examples,
+/// flips, captions, timesteps, the Gaussian draws) and nothing computed from it yet, so the
+/// device half of the step ([`forward_backward`]) is the same code whether it runs eagerly or is
+/// replayed from a CUDA graph whose static copies of these tensors are refilled every step.
 pub(super) struct MicroInputs {
-    latents: Tensor,
-    ehs: Tensor,
+    /// Latent distribution parameters mean ‖ logvar `[b, 2c, h, w]`, f32.
+    params: Tensor,
+    /// The draw that samples the latents from `params` `[b, c, h, w]`.
+    eps: Tensor,
+    /// The noise `[b, c, h, w]`, and with `--noise_offset` the offset's draw `[b, c, 1, 1]`.
     noise: Tensor,
+    offset: Option<Tensor>,
+    text: TextInput,
     timesteps: Tensor,
     /// Per-sample loss weights `1 / (micro size · accumulation)`.
     weights: Tensor,
 }
 
-pub(super) fn micro_inputs(
+impl MicroInputs {
+    /// Every tensor, in a fixed order (the static copies of a CUDA graph pair up with these).
+    pub(super) fn tensors(&self) -> Vec<&Tensor> {
+        let text = match &self.text {
+            TextInput::States(t) | TextInput::Ids(t) => t,
+        };
+        let mut v = vec![&self.params, &self.eps, &self.noise, text, &self.timesteps];
+        v.extend(&self.offset);
+        v.push(&self.weights);
+        v
+    }
+
+    /// A copy in new memory (the static inputs of a CUDA graph).
+    pub(super) fn deep_copy(&self) -> Self {
+        Self {
+            params: self.params.copy(),
+            eps: self.eps.copy(),
+            noise: self.noise.copy(),
+            offset: self.offset.as_ref().map(Tensor::copy),
+            text: match &self.text {
+                TextInput::States(t) => TextInput::States(t.copy()),
+                TextInput::Ids(t) => TextInput::Ids(t.copy()),
+            },
+            timesteps: self.timesteps.copy(),
+            weights: self.weights.copy(),
+        }
+    }
+}
+
+/// The inputs of the micro-batches `micro` (`(batch index, examples)`) of one optimiser step.
+pub(super) fn step_inputs(
+    ctx: &StepCtx,
+    models: &Models,
+    ds: &Dataset,
+    epoch: i64,
+    micro: &[(usize, Vec<usize>)],
+) -> Result<Vec<MicroInputs>> {
+    micro
+        .iter()
+        .map(|(bi, ids)| micro_inputs(ctx, models, ds, epoch, *bi, ids))
+        .collect()
+}
+
+fn micro_inputs(
     ctx: &StepCtx,
     models: &Models,
     ds: &Dataset,
@@ -78,21 +138,25 @@ pub(super) fn micro_inputs(
     };
 
     let params = latent_params(ctx, models, ds, ids, &flips, &mut rng)?;
-    let parts = params.chunk(2, 1);
-    let (mean, logvar) = (&parts[0], &parts[1]);
-    let eps = randn(&mean.size());
-    let latents = (mean + (logvar * 0.5).exp() * eps) * ctx.scaling_factor;
-    let mut noise = randn(&latents.size());
-    if cfg.noise_offset != 0.0 {
-        noise += randn(&[b, ctx.latent_c, 1, 1]) * cfg.noise_offset;
+    let mut latent_shape = params.size();
+    if latent_shape.len() != 4 || latent_shape[1] % 2 != 0 {
+        return Err(Error::Internal(format!(
+            "latent parameters of shape {latent_shape:?}"
+        )));
     }
-    let ehs = encoder_states(ctx, models, epoch, batch, &caps)?;
+    latent_shape[1] /= 2;
+    let eps = randn(&latent_shape);
+    let noise = randn(&latent_shape);
+    let offset = (cfg.noise_offset != 0.0).then(|| randn(&[b, ctx.latent_c, 1, 1]));
+    let text = encoder_input(ctx, epoch, batch, &caps)?;
     let w = 1.0 / (b as f64 * cfg.gradient_accumulation_steps as f64);
     let weights = Tensor::full([b], w, (Kind::Float, ctx.device));
     Ok(MicroInputs {
-        latents,
-        ehs,
+        params,
+        eps,
         noise,
+        offset,
+        text,
         timesteps,
         weights,
     })
@@ -147,17 +211,10 @@ fn latent_params(
     Ok(Tensor::cat(&[m, lv], 1).to_kind(Kind::Float))
 }
 
-/// The text encoder's hidden states for the captions `caps` (indices into the caption table)
-/// after the caption controls: cached embeddings, or the text encoder run now (with gradients
-/// when it carries a LoRA). Each example's caption randomness is seeded by
-/// `(seed, epoch, batch, slot)`.
-fn encoder_states(
-    ctx: &StepCtx,
-    models: &Models,
-    epoch: i64,
-    batch: usize,
-    caps: &[usize],
-) -> Result<Tensor> {
+/// The text input for the captions `caps` (indices into the caption table) after the caption
+/// controls: cached hidden states, or token ids for the text encoder. Each example's caption
+/// randomness is seeded by `(seed, epoch, batch, slot)`.
+fn encoder_input(ctx: &StepCtx, epoch: i64, batch: usize, caps: &[usize]) -> Result<TextInput> {
     let (cache, controls) = (ctx.cache, &ctx.cfg.captions);
     let caption_rng = |j: usize| {
         ChaCha20Rng::seed_from_u64(derive(&[
@@ -189,63 +246,95 @@ fn encoder_states(
                 .collect();
             let rows = Tensor::from_slice(&rows);
             if let (Some(e), false) = (&cache.embeddings, ctx.train_text) {
-                return Ok(e
-                    .index_select(0, &rows.to_device(e.device()))
-                    .to_device(ctx.device));
+                return Ok(TextInput::States(
+                    e.index_select(0, &rows.to_device(e.device()))
+                        .to_device(ctx.device),
+                ));
             }
             cache.ids.index_select(0, &rows)
         }
     };
-    let text = models
-        .text
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("text encoder not loaded".into()))?;
-    let ids_t = ids_t.to_device(ctx.device);
-    if ctx.train_text {
-        Ok(text.model.forward(&ids_t)?.0)
-    } else {
-        tch::no_grad(|| text.model.forward(&ids_t)).map(|o| o.0)
-    }
+    Ok(TextInput::Ids(ids_t.to_device(ctx.device)))
 }
 
-/// Forward + backward over one optimiser step's micro-batches; returns the step's loss.
-pub(super) fn run_group(
+/// A micro-batch's tensors for the UNet: latents sampled from their parameters, the noise (with
+/// its offset) and the text encoder's hidden states.
+struct Prepared {
+    latents: Tensor,
+    noise: Tensor,
+    ehs: Tensor,
+}
+
+fn prepare(ctx: &StepCtx, models: &Models, m: &MicroInputs) -> Result<Prepared> {
+    let parts = m.params.chunk(2, 1);
+    let (mean, logvar) = (&parts[0], &parts[1]);
+    let latents = (mean + (logvar * 0.5).exp() * &m.eps) * ctx.scaling_factor;
+    let noise = match &m.offset {
+        None => m.noise.shallow_clone(),
+        Some(o) => &m.noise + o * ctx.cfg.noise_offset,
+    };
+    let ehs = match &m.text {
+        TextInput::States(e) => e.shallow_clone(),
+        TextInput::Ids(ids) => {
+            let text = models
+                .text
+                .as_ref()
+                .ok_or_else(|| Error::InvalidArgument("text encoder not loaded".into()))?;
+            if ctx.train_text {
+                text.model.forward(ids)?.0
+            } else {
+                tch::no_grad(|| text.model.forward(ids))?.0
+            }
+        }
+    };
+    Ok(Prepared {
+        latents,
+        noise,
+        ehs,
+    })
+}
+
+/// The device half of one optimiser step's forward and backward: each micro-batch's latents,
+/// noise and text states, then per group of equal-shaped micro-batches (all of them when fused)
+/// the UNet's prediction, the weighted loss and its backward (gradients accumulate into the flat
+/// buffer). Returns the step's loss as a 0-d f32 tensor on the device (read it when logging).
+/// No host reads and no host tensors: a CUDA graph captures exactly this (`graph.rs`).
+pub(super) fn forward_backward(
     ctx: &StepCtx,
     models: &Models,
-    ds: &Dataset,
-    epoch: i64,
-    micro: &[(usize, Vec<usize>)],
+    inputs: &[MicroInputs],
     loss_scale: f64,
-) -> Result<f64> {
-    let inputs: Vec<MicroInputs> = micro
+) -> Result<Tensor> {
+    let inputs: Vec<(&MicroInputs, Prepared)> = inputs
         .iter()
-        .map(|(bi, ids)| micro_inputs(ctx, models, ds, epoch, *bi, ids))
+        .map(|m| prepare(ctx, models, m).map(|p| (m, p)))
         .collect::<Result<_>>()?;
     // Fused: one batch per latent shape (micro-batches of different buckets cannot be
     // concatenated; the per-sample weights make the summed losses the same gradient).
-    let groups: Vec<Vec<&MicroInputs>> = if ctx.cfg.fuse_accumulation {
-        let mut by_shape: Vec<(Vec<i64>, Vec<&MicroInputs>)> = Vec::new();
-        for m in &inputs {
-            let shape = m.latents.size()[1..].to_vec();
+    let groups: Vec<Vec<usize>> = if ctx.cfg.fuse_accumulation {
+        let mut by_shape: Vec<(Vec<i64>, Vec<usize>)> = Vec::new();
+        for (i, (_, p)) in inputs.iter().enumerate() {
+            let shape = p.latents.size()[1..].to_vec();
             match by_shape.iter_mut().find(|(s, _)| *s == shape) {
-                Some((_, g)) => g.push(m),
-                None => by_shape.push((shape, vec![m])),
+                Some((_, g)) => g.push(i),
+                None => by_shape.push((shape, vec![i])),
             }
         }
         by_shape.into_iter().map(|(_, g)| g).collect()
     } else {
-        inputs.iter().map(|m| vec![m]).collect()
+        (0..inputs.len()).map(|i| vec![i]).collect()
     };
     let mut total = Tensor::zeros([], (Kind::Float, ctx.device));
     for g in groups {
-        let cat = |f: &dyn Fn(&MicroInputs) -> &Tensor| {
-            Tensor::cat(&g.iter().map(|m| f(m)).collect::<Vec<_>>(), 0)
+        let cat = |f: &dyn Fn(&MicroInputs, &Prepared) -> Tensor| {
+            let parts: Vec<Tensor> = g.iter().map(|&i| f(inputs[i].0, &inputs[i].1)).collect();
+            Tensor::cat(&parts, 0)
         };
-        let latents = cat(&|m| &m.latents);
-        let noise = cat(&|m| &m.noise);
-        let ts = cat(&|m| &m.timesteps);
-        let ehs = cat(&|m| &m.ehs);
-        let w = cat(&|m| &m.weights);
+        let latents = cat(&|_, p| p.latents.shallow_clone());
+        let noise = cat(&|_, p| p.noise.shallow_clone());
+        let ts = cat(&|m, _| m.timesteps.shallow_clone());
+        let ehs = cat(&|_, p| p.ehs.shallow_clone());
+        let w = cat(&|m, _| m.weights.shallow_clone());
         let noisy = ctx.noise.add_noise(&latents, &noise, &ts);
         let target = ctx.noise.target(ctx.prediction, &latents, &noise, &ts);
         let pred = models
@@ -273,5 +362,28 @@ pub(super) fn run_group(
         (&loss * loss_scale).backward();
         total += loss.detach();
     }
-    Ok(total.double_value(&[]))
+    Ok(total)
+}
+
+/// After the backward: with fp16, unscale the gradients and skip the update on inf/NaN (a host
+/// read: why fp16 is not captured); then clip, AdamW at the learning rate already in
+/// [`AdamW::lr`], and zero the gradients in place, all on the device. Returns the total gradient
+/// norm (a 0-d device tensor), or `None` for a skipped step. The caller counts the update on
+/// the host (`opt.step`) once it has run. The CUDA graph captures this, without a scaler, after
+/// [`forward_backward`].
+pub(super) fn apply_gradients(
+    flat: &mut FlatParams,
+    opt: &AdamW,
+    max_grad_norm: f64,
+    scaler: Option<&mut LossScaler>,
+) -> Option<Tensor> {
+    let mut g = flat.flat_grad();
+    let finite = scaler.is_none_or(|s| s.unscale_and_update(&mut g));
+    let norm = finite.then(|| {
+        let norm = clip_grad_norm_device(&mut g, max_grad_norm);
+        opt.step_on_device(flat, &g);
+        norm
+    });
+    flat.zero_grad();
+    norm
 }

@@ -1,0 +1,278 @@
+//! `--cuda_graphs` on the CPU: the graph path's step flow (static input buffers refilled every
+//! step, warm-up, capture, replays, eager steps for other shapes) with the captured function run
+//! eagerly at each "replay" (`--cuda_graphs emulate`) gives the eager run's losses, gradient
+//! norms and LoRA bit for bit; the configurations that cannot be captured are named; `on`
+//! without CUDA is an error naming why; `--profile_steps` reports the phases. The capture and
+//! replay themselves need a GPU (`scripts/gpu_train_bench.sh`'s check run).
+#![cfg(feature = "train")]
+
+use std::path::{Path, PathBuf};
+
+use lorafuse::train::trainer::{
+    CUDA_GRAPH_WARMUP_STEPS, CudaGraphs, Event, MixedPrecision, TrainConfig, TrainReport, train,
+};
+use lorafuse::weights::WeightFile;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
+/// tests/train_loop.rs's settings: 12 images, 64 px, CPU.
+fn config(out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new(tiny().join("diffusers"), tiny().join("dataset"));
+    c.caption_column = "caption".into();
+    c.image_column = "file_name".into();
+    c.output_dir = out.to_path_buf();
+    c.resolution = 64;
+    c.center_crop = true;
+    c.random_flip = true;
+    c.train_batch_size = 4;
+    c.lr_warmup_steps = 0;
+    c.learning_rate = 1e-3;
+    c.checkpointing_steps = 1000;
+    c.seed = Some(11);
+    c.device = "cpu".into();
+    c.report_to = lorafuse::train::trainer::ReportTo::Csv;
+    c
+}
+
+/// A run's report, its info lines, and its CSV rows (`grad_norm` included).
+fn run(c: &TrainConfig) -> (TrainReport, Vec<String>, Vec<Vec<String>>) {
+    let mut info = Vec::new();
+    let r = train(c, None, &mut |e| {
+        if let Event::Info(s) | Event::Warning(s) = e {
+            info.push(s)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{:?}: {e}", c.cuda_graphs));
+    let csv = std::fs::read_to_string(c.output_dir.join("logs/train_log.csv")).expect("csv");
+    let rows = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    (r, info, rows)
+}
+
+fn lora_bytes(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let f = WeightFile::open(path).expect("lora");
+    let mut names: Vec<String> = f.names().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| (n.clone(), f.tensor_f32(&n).expect("f32").1))
+        .collect()
+}
+
+/// The same run with `--cuda_graphs off` and `emulate`: identical losses, norms (CSV columns
+/// loss, lr, grad_norm) and LoRA; returns the emulated run's info lines.
+fn emulate_equals_eager(name: &str, edit: impl Fn(&mut TrainConfig)) -> Vec<String> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tmp.path().join("eager"));
+    edit(&mut c);
+    c.cuda_graphs = CudaGraphs::Off;
+    let (eager, _, eager_rows) = run(&c);
+    c.cuda_graphs = CudaGraphs::Emulate;
+    c.output_dir = tmp.path().join("graph");
+    let (graph, info, graph_rows) = run(&c);
+    assert_eq!(eager.losses, graph.losses, "{name}: losses");
+    let cols = |rows: &[Vec<String>]| -> Vec<Vec<String>> {
+        rows.iter().map(|r| r[2..5].to_vec()).collect()
+    };
+    assert_eq!(
+        cols(&eager_rows),
+        cols(&graph_rows),
+        "{name}: loss, lr, grad_norm"
+    );
+    assert!(
+        lora_bytes(&eager.output) == lora_bytes(&graph.output),
+        "{name}: the LoRA differs"
+    );
+    println!(
+        "{name}: {} steps, losses and LoRA identical",
+        graph.losses.len()
+    );
+    info
+}
+
+#[test]
+fn emulated_graph_steps_equal_eager_steps() {
+    // batch 5 of 12 images: batches of 5, 5 and 2, so every epoch ends with a partial batch that
+    // runs eagerly between replays; min-SNR and the noise offset are inside the captured step
+    let info = emulate_equals_eager("fused, partial batches", |c| {
+        c.train_batch_size = 5;
+        c.max_train_steps = Some(12);
+        c.snr_gamma = Some(5.0);
+        c.noise_offset = 0.1;
+        c.lr_scheduler = lorafuse::train::optim::LrSchedule::Cosine;
+    });
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("CUDA graphs on (--cuda_graphs emulate)")),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.iter()
+            .filter(|l| l.contains("is not a full batch"))
+            .count(),
+        1,
+        "said once: {info:?}"
+    );
+    // accumulation run as separate micro-batches, with a text encoder LoRA: token ids are the
+    // static input and the text encoder runs (with gradients) inside the step
+    emulate_equals_eager("micro-batches, text encoder LoRA", |c| {
+        c.train_batch_size = 2;
+        c.gradient_accumulation_steps = 3;
+        c.fuse_accumulation = false;
+        c.max_train_steps = Some(6);
+        c.text_encoder_lora = Some(lorafuse::train::LoraConfig {
+            targets: ["q_proj", "v_proj"].map(String::from).to_vec(),
+            ..c.lora.clone()
+        });
+    });
+    // fused accumulation in bf16 (f32 master weights, bf16 compute copies and gradients),
+    // with short accumulation groups at the end of each epoch
+    emulate_equals_eager("bf16, fused accumulation", |c| {
+        c.train_batch_size = 2;
+        c.gradient_accumulation_steps = 4;
+        c.mixed_precision = MixedPrecision::Bf16;
+        c.max_train_steps = Some(8);
+    });
+}
+
+#[test]
+fn uncapturable_settings_are_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let err = |edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = config(&tmp.path().join("out"));
+        c.max_train_steps = Some(1);
+        edit(&mut c);
+        let mut cached = false;
+        let r = train(&c, None, &mut |e| {
+            cached |= matches!(e, Event::Caching { .. });
+        });
+        match r {
+            Ok(_) => panic!("{:?} trained", c.cuda_graphs),
+            // the settings are refused before anything is loaded or cached
+            Err(e) => {
+                assert!(!cached, "refused after caching: {e}");
+                e.to_string()
+            }
+        }
+    };
+    // `on` needs CUDA: the error says so, before anything loads
+    let e = err(&|c| c.cuda_graphs = CudaGraphs::On);
+    assert!(e.contains("--cuda_graphs on") && e.contains("CUDA"), "{e}");
+    // the settings a graph cannot capture, each named by its flag (emulate skips the CUDA
+    // checks, so the settings' own rule is what fails)
+    for (flag, edit) in [
+        (
+            "--mixed_precision fp16",
+            &(|c: &mut TrainConfig| c.mixed_precision = MixedPrecision::Fp16)
+                as &dyn Fn(&mut TrainConfig),
+        ),
+        ("--no_cache_latents", &|c: &mut TrainConfig| {
+            c.cache_latents = false
+        }),
+    ] {
+        let e = err(&|c: &mut TrainConfig| {
+            c.cuda_graphs = CudaGraphs::Emulate;
+            edit(c);
+        });
+        assert!(e.contains(flag), "{flag}: {e}");
+    }
+    // auto on the CPU: eager, and nothing said about graphs
+    let mut c = config(&tmp.path().join("auto"));
+    c.max_train_steps = Some(1);
+    let (r, info, _) = run(&c);
+    assert_eq!(r.losses.len(), 1);
+    assert!(!info.iter().any(|l| l.contains("CUDA graph")), "{info:?}");
+}
+
+#[test]
+fn several_aspect_ratio_buckets_cannot_be_captured() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    // a kohya folder with a square and a wide image: two buckets
+    for (i, (w, h)) in [(64u32, 64u32), (128, 64)].into_iter().enumerate() {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
+        img.save(data.join(format!("{i}.png"))).expect("png");
+        std::fs::write(data.join(format!("{i}.txt")), "a shape").expect("caption");
+    }
+    let mut c = config(&tmp.path().join("out"));
+    c.train_data_dir = data;
+    c.enable_bucket = true;
+    c.bucket.min_bucket_reso = 32;
+    c.bucket.max_bucket_reso = 128;
+    c.bucket.bucket_reso_steps = 16;
+    c.train_batch_size = 1;
+    c.max_train_steps = Some(1);
+    c.cuda_graphs = CudaGraphs::Emulate;
+    let e = match train(&c, None, &mut |_| {}) {
+        Ok(_) => panic!("two buckets captured"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("--enable_bucket") && e.contains("2 aspect-ratio buckets"),
+        "{e}"
+    );
+}
+
+#[test]
+fn profile_steps_reports_the_phases() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let steps = CUDA_GRAPH_WARMUP_STEPS + 1 + 3;
+    for mode in [CudaGraphs::Off, CudaGraphs::Emulate] {
+        let mut c = config(&tmp.path().join(format!("{mode:?}")));
+        c.train_batch_size = 3; // 12 images: every batch full
+        c.max_train_steps = Some(steps as i64 + 2);
+        c.profile_steps = Some(3);
+        c.cuda_graphs = mode;
+        let (r, info, _) = run(&c);
+        let p = r.phases.expect("phases");
+        // the first steps (warm-up and capture) are not profiled, then 3 steps
+        assert_eq!(p.steps, 3, "{mode:?}");
+        assert!(p.data_ms > 0.0 && p.log_ms > 0.0, "{p:?}");
+        if mode == CudaGraphs::Emulate {
+            assert_eq!(p.replays, 3);
+            assert!(p.replay_ms > 0.0 && p.forward_backward_ms == 0.0, "{p:?}");
+        } else {
+            assert_eq!(p.replays, 0);
+            assert!(p.forward_backward_ms > 0.0 && p.optimizer_ms > 0.0, "{p:?}");
+        }
+        assert!(
+            info.iter().any(|l| l.starts_with("phases over 3 steps")),
+            "{info:?}"
+        );
+    }
+    // batches of 5, 5 and 2: warm-up at steps 1, 2 and 4, the capture at step 5 (not profiled,
+    // though past the first four), then the partial step 6 eager and replays at 7 and 8
+    let mut c = config(&tmp.path().join("late"));
+    c.train_batch_size = 5;
+    c.max_train_steps = Some(8);
+    c.profile_steps = Some(3);
+    c.cuda_graphs = CudaGraphs::Emulate;
+    let p = run(&c).0.phases.expect("phases");
+    assert_eq!((p.steps, p.replays), (3, 2), "{p:?}");
+}
+
+#[test]
+fn a_graph_run_resumes_exactly() {
+    // checkpoint at step 5 (after the capture), resume: warm-up and capture again, same result
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tmp.path().join("full"));
+    c.train_batch_size = 3;
+    c.max_train_steps = Some(9);
+    c.cuda_graphs = CudaGraphs::Emulate;
+    let (full, _, _) = run(&c);
+    c.output_dir = tmp.path().join("split");
+    c.checkpointing_steps = 5;
+    c.max_train_steps = Some(5);
+    run(&c);
+    c.max_train_steps = Some(9);
+    c.resume_from_checkpoint = Some("latest".into());
+    let (resumed, _, _) = run(&c);
+    assert_eq!(&full.losses[5..], &resumed.losses[..]);
+    assert!(lora_bytes(&full.output) == lora_bytes(&resumed.output));
+}
