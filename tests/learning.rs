@@ -167,6 +167,7 @@ fn star_stats(scenes: &Value) -> (usize, f64, usize) {
 }
 
 #[test]
+#[ignore = "needs the trained base model (issue 12): models/scripts/train_base.py on the GPU machine has not run yet"]
 fn a_lora_trained_on_stars_learns_stars() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
