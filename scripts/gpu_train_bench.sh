@@ -28,11 +28,11 @@ run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train
 
 if [ "${CHECK:-1}" = 1 ]; then
   n=${CHECK_STEPS:-12}
-  for m in off off2 on emulate; do
+  for m in ${CHECK_MODES:-off off2 on emulate}; do
     run check-$m $tut --max_train_steps $n --checkpointing_steps 4 --cuda_graphs ${m%2}
   done
   # checkpoint-4: 3 eager warm-up steps + 1 captured step; the final LoRA: n steps
-  python3 - /tmp/check-off /tmp/check-off2 /tmp/check-on /tmp/check-emulate <<'EOF'
+  python3 - /tmp/check-off $(for m in ${CHECK_MODES:-off off2 on emulate}; do [ $m = off ] || echo /tmp/check-$m; done) <<'EOF'
 import csv, os, sys
 from safetensors.torch import load_file
 def lora(d, sub=""):

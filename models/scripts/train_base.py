@@ -240,6 +240,7 @@ def main():
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--max-seconds", type=float, default=None, help="stop UNet training after this long (logged)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--eval-guidance", type=float, nargs="+", default=[7.5])
     args = ap.parse_args()
 
     dev = torch.device(args.device)
@@ -274,7 +275,18 @@ def main():
 
     mt.save_pipeline(unet.cpu(), te.cpu(), vae.cpu(), dest, tokenizer_dir=mt.DIFF / "tokenizer")
     log(f"saved {dest}")
-    stats["evaluation"] = evaluate(dest, dev, dest.parent / "train_base_samples.png")
+    # the saved folder must give the trained modules back (transformers versions differ in layout)
+    from transformers import CLIPTextModel
+
+    te2 = CLIPTextModel.from_pretrained(str(dest / "text_encoder")).to(dev).eval()
+    probe = tok(["a red circle on a white background"], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(dev)
+    with torch.no_grad():
+        gap = float((te2(probe)[0] - te.to(dev)(probe)[0]).abs().max())
+    log(f"text encoder reloaded from {dest.name}: max difference {gap:.2e}")
+    assert gap < 1e-4, "the saved text encoder does not reload as trained"
+    stats["evaluation"] = [
+        evaluate(dest, dev, dest.parent / f"train_base_samples_cfg{g:g}.png", guidance=g) for g in args.eval_guidance
+    ]
     stats["total_seconds"] = time.time() - t_all
     (dest.parent / "train_base.json").write_text(json.dumps(stats, indent=1) + "\n")
     log(f"done in {stats['total_seconds']:.0f} s")
