@@ -1594,6 +1594,8 @@ MANIFEST_RULES = [
     ("expected/txt2img", "fixture_txt2img"),
     ("expected/train_step", "fixture_train_step"),
     ("dataset/", "make_dataset"),
+    ("concept/", "make_concept"),
+    ("concept-heldout/", "make_concept"),
     ("expected/onnx_check.json", "check_onnx"),
     ("VERSIONS.json", "write_versions"),
 ]
