@@ -184,6 +184,7 @@ def main(argv):
         print(f"usage: {argv[0]} LIBLORAFUSE MODEL_DIR LORA_A LORA_B WEIGHT_B OUT_DIR", file=sys.stderr)
         return 2
     lib, model, lora_a, lora_b, weight_b, out_dir = argv[1:]
+    os.makedirs(out_dir, exist_ok=True)
     plugin = Plugin(lib)
     api = plugin.api
     print(f"lorafuse {plugin.version}")
