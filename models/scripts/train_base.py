@@ -161,8 +161,9 @@ def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
         noisy = a * z + s * noise  # DDPMScheduler.add_noise
         drop = torch.rand(args.batch, device=dev, generator=g) < args.caption_dropout
         cap = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
-        enc = te(ids[cap])[0]
-        pred = unet(noisy, t, enc).sample
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            enc = te(ids[cap])[0]
+            pred = unet(noisy, t, enc).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_all, 1.0)
@@ -240,10 +241,14 @@ def main():
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--max-seconds", type=float, default=None, help="stop UNet training after this long (logged)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast for the UNet and text encoder forward passes (weights, optimizer, EMA and the VAE stay fp32); default: on for CUDA")
     ap.add_argument("--eval-guidance", type=float, nargs="+", default=[7.5])
     args = ap.parse_args()
 
     dev = torch.device(args.device)
+    if args.bf16 is None:
+        args.bf16 = dev.type == "cuda"
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = True  # deterministic all the same
     torch.backends.cudnn.allow_tf32 = True
