@@ -22,7 +22,6 @@ fn lorafuse(args: &[&str]) -> (bool, String, String) {
 /// A third-party reader of A1111 infotext (PyPI `sd-parsers` 0.6, installed by
 /// `scripts/setup.sh --train`) reads the PNG's model hash, sampler and seed.
 fn sd_parsers_read(png: &Path, model_hash: &str, seed: u64) {
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let script = r#"
 import json, sys
 from sd_parsers import ParserManager
@@ -31,17 +30,15 @@ s = info.samplers[0]
 print(json.dumps({"generator": str(info.generator), "sampler": s.name, "hash": s.model.hash,
                   "model": s.model.name, "seed": s.parameters.get("seed")}))
 "#;
-    let o = Command::new(&py)
-        .args(["-c", script])
-        .arg(png)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
-    assert!(
-        o.status.success(),
-        "sd-parsers: {}",
-        String::from_utf8_lossy(&o.stderr)
+    let out = common::venv_python(
+        &[
+            std::ffi::OsStr::new("-c"),
+            std::ffi::OsStr::new(script),
+            png.as_os_str(),
+        ],
+        "sd-parsers (scripts/setup.sh --train installs it)",
     );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(v["hash"], model_hash, "{v}");
     assert_eq!(v["model"], "onnx", "{v}");
     assert_eq!(v["sampler"], "Euler a", "{v}");

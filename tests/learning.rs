@@ -50,17 +50,15 @@ fn lorafuse(args: &[&str]) -> String {
 }
 
 fn python(args: &[&str]) {
-    let py = root().join(".venv/bin/python");
-    let out = Command::new(&py)
-        .arg(root().join("tests/learning/check.py"))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
-    assert!(
-        out.status.success(),
-        "tests/learning/check.py {} (scripts/setup.sh --train installs diffusers):\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
+    let script = root().join("tests/learning/check.py");
+    let mut all = vec![s(&script)];
+    all.extend_from_slice(args);
+    common::venv_python(
+        &all,
+        &format!(
+            "tests/learning/check.py {} (scripts/setup.sh --train installs diffusers)",
+            args.join(" ")
+        ),
     );
 }
 

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use lorafuse::merge::{LoraSpec, MergeOptions, merge_pipeline};
-use lorafuse::runtime::session::{self, Device, SessionOptions};
-use lorafuse::runtime::tensor::{extract_f32, float_value, ids_value};
+use lorafuse::runtime::session;
+use lorafuse::runtime::tensor::{extract_f32, ids_value};
 use ort::value::TensorElementType;
 
 mod common;
-use common::tiny;
+use common::{cpu, tiny};
 
 fn read(path: &Path) -> safetensors_owned::Owned {
     safetensors_owned::Owned::open(path)
@@ -49,40 +49,10 @@ mod safetensors_owned {
     }
 }
 
-fn cpu() -> SessionOptions {
-    SessionOptions {
-        device: Device::Cpu,
-        intra_threads: Some(1),
-        tf32: false,
-        ..Default::default()
-    }
-}
-
 /// The pipeline's UNet on the fixture inputs of `unet_io.safetensors`.
 fn run_unet(pipeline: &Path) -> Vec<f32> {
-    let io = read(&tiny("expected/unet_io.safetensors"));
     let mut s = session::open(&pipeline.join("unet/model.onnx"), &cpu()).expect("unet session");
-    let ty = |name: &str| match s
-        .inputs()
-        .iter()
-        .find(|i| i.name() == name)
-        .map(|i| i.dtype().clone())
-    {
-        Some(ort::value::ValueType::Tensor { ty, .. }) => ty,
-        other => panic!("{name}: {other:?}"),
-    };
-    let (sample_ty, t_ty, h_ty) = (ty("sample"), ty("timestep"), ty("encoder_hidden_states"));
-    let (ss, sample) = io.f32("sample");
-    let (_, t) = io.f32("timestep");
-    let (hs, hidden) = io.f32("encoder_hidden_states");
-    let out = s
-        .run(ort::inputs![
-            "sample" => float_value(&sample, &ss, sample_ty).expect("sample"),
-            "timestep" => float_value(&t, &[], t_ty).expect("t"),
-            "encoder_hidden_states" => float_value(&hidden, &hs, h_ty).expect("hidden"),
-        ])
-        .expect("unet run");
-    extract_f32(&out[0], "out_sample").expect("f32").1
+    common::run_unet(&mut s)
 }
 
 fn run_text_encoder(pipeline: &Path) -> Vec<f32> {

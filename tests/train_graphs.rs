@@ -6,32 +6,19 @@
 //! replay themselves need a GPU (`scripts/gpu_train_bench.sh`'s check run).
 #![cfg(feature = "train")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use lorafuse::train::trainer::{
     CUDA_GRAPH_WARMUP_STEPS, CudaGraphs, Event, MixedPrecision, TrainConfig, TrainReport, train,
 };
 use lorafuse::weights::WeightFile;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
-}
-
 /// tests/train_loop.rs's settings: 12 images, 64 px, CPU.
 fn config(out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::new(tiny().join("diffusers"), tiny().join("dataset"));
-    c.caption_column = "caption".into();
-    c.image_column = "file_name".into();
-    c.output_dir = out.to_path_buf();
-    c.resolution = 64;
-    c.center_crop = true;
-    c.random_flip = true;
-    c.train_batch_size = 4;
-    c.lr_warmup_steps = 0;
+    let mut c = common::tiny_train_config(&common::tiny("dataset"), out, 11);
     c.learning_rate = 1e-3;
-    c.checkpointing_steps = 1000;
-    c.seed = Some(11);
-    c.device = "cpu".into();
     c.report_to = lorafuse::train::trainer::ReportTo::Csv;
     c
 }

@@ -3,6 +3,8 @@
 //! micro-batch accumulation, the LR schedules match diffusers, and bad data sets fail by name.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,26 +22,13 @@ fn tiny() -> PathBuf {
 }
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::new(tiny().join("diffusers"), data.to_path_buf());
-    c.caption_column = "caption".into();
-    c.image_column = "file_name".into();
-    c.output_dir = out.to_path_buf();
-    c.resolution = 64;
-    c.center_crop = true;
-    c.random_flip = true;
-    c.train_batch_size = 4;
-    c.lr_warmup_steps = 0;
-    c.checkpointing_steps = 1000;
-    c.seed = Some(7);
-    c.device = "cpu".into();
-    c
+    common::tiny_train_config(data, out, 7)
 }
 
 /// A run's TensorBoard logs as TensorBoard's own reader (`EventAccumulator`, PyPI `tensorboard`,
 /// installed by `scripts/setup.sh --train`) sees them: `{"scalars": {tag: [[step, value]]},
 /// "images": {tag: [[step, width, height, png bytes]]}}`.
 fn read_tensorboard(dir: &Path) -> serde_json::Value {
-    let py = root().join(".venv/bin/python");
     let script = r#"
 import json, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, IMAGES, SCALARS
@@ -52,17 +41,15 @@ print(json.dumps({
                for t in tags["images"]},
 }))
 "#;
-    let o = Command::new(&py)
-        .args(["-c", script])
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
-    assert!(
-        o.status.success(),
-        "TensorBoard's reader failed (scripts/setup.sh --train installs it): {}",
-        String::from_utf8_lossy(&o.stderr)
+    let out = common::venv_python(
+        &[
+            std::ffi::OsStr::new("-c"),
+            std::ffi::OsStr::new(script),
+            dir.as_os_str(),
+        ],
+        "TensorBoard's reader (scripts/setup.sh --train installs it)",
     );
-    serde_json::from_slice(&o.stdout).expect("reader json")
+    serde_json::from_slice(&out).expect("reader json")
 }
 
 /// The steps of a scalar tag.

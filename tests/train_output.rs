@@ -7,6 +7,8 @@
 //! - our reader and `lorafuse merge` accept each.
 #![cfg(feature = "train")]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -24,19 +26,10 @@ fn tiny() -> PathBuf {
 }
 
 fn config(out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::new(tiny().join("diffusers"), tiny().join("dataset"));
-    c.caption_column = "caption".into();
-    c.image_column = "file_name".into();
-    c.output_dir = out.to_path_buf();
-    c.resolution = 64;
-    c.center_crop = true;
-    c.train_batch_size = 4;
+    let mut c = common::tiny_train_config(&tiny().join("dataset"), out, 5);
+    c.random_flip = false;
     c.max_train_steps = Some(2);
-    c.lr_warmup_steps = 0;
     c.learning_rate = 1e-3;
-    c.checkpointing_steps = 1000;
-    c.seed = Some(5);
-    c.device = "cpu".into();
     c
 }
 

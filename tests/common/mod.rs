@@ -64,17 +64,53 @@ pub fn made(rel: &str) -> PathBuf {
 
 /// Runs `models/scripts/<script> OUT` with the project venv's python.
 fn reference_script(script: &str, out: &Path) {
+    let path = root().join("models/scripts").join(script);
+    venv_python(
+        &[path.as_os_str(), out.as_os_str()],
+        &format!(
+            "models/scripts/{script} (scripts/setup.sh --train installs onnx, onnxruntime and numpy 2.2)"
+        ),
+    );
+}
+
+/// Runs the project venv's python (`.venv`, made by `scripts/setup.sh --train`) with `args` and
+/// returns its stdout; panics naming `what` and python's stderr unless it succeeds.
+pub fn venv_python<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Vec<u8> {
     let py = root().join(".venv/bin/python");
     let o = std::process::Command::new(&py)
-        .arg(root().join("models/scripts").join(script))
-        .arg(out)
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh --train)", py.display()));
     assert!(
         o.status.success(),
-        "models/scripts/{script} failed (scripts/setup.sh --train installs onnx, onnxruntime and numpy 2.2): {}",
+        "{what} failed:\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    o.stdout
+}
+
+/// The training settings the CPU training tests share: the tiny pipeline, the data set `data`
+/// (`models/tiny/dataset` in most), its `file_name` / `caption` columns, 64 px centre-cropped and
+/// flipped, batch 4, no warm-up, no checkpoints before step 1000, `seed`, output to `out`, CPU.
+#[cfg(feature = "train")]
+pub fn tiny_train_config(
+    data: &Path,
+    out: &Path,
+    seed: u64,
+) -> lorafuse::train::trainer::TrainConfig {
+    let mut c = lorafuse::train::trainer::TrainConfig::new(tiny("diffusers"), data.to_path_buf());
+    c.caption_column = "caption".into();
+    c.image_column = "file_name".into();
+    c.output_dir = out.to_path_buf();
+    c.resolution = 64;
+    c.center_crop = true;
+    c.random_flip = true;
+    c.train_batch_size = 4;
+    c.lr_warmup_steps = 0;
+    c.checkpointing_steps = 1000;
+    c.seed = Some(seed);
+    c.device = "cpu".into();
+    c
 }
 
 /// Removes the `made-<pid>` folders of processes that no longer run (Linux: `/proc/<pid>`).
