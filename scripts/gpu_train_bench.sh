@@ -5,6 +5,12 @@
 # (docs/benchmarks.md). Carry .train-gpu/ (git-ignored): lorafuse.xz (release build with
 # `--features train`, stripped, xz) and tokenizer/ (models/tiny/diffusers/tokenizer); .whl/ holds
 # the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them).
+# PEER=1 (the default) also runs diffusers' examples/text_to_image/train_text_to_image_lora.py (carried
+# as .whl/train_text_to_image_lora.py, with the datasets, dill and multiprocess wheels) on the same
+# model and data, PEER_RUNS="name:samples_per_step:flags;..." (default: the tutorial recipe and batch
+# 8); scripts/peer_shims/timing times its optimizer steps (tqdm's "Steps" bar) and reads torch's
+# peak memory; if the carried `datasets` does not import there, scripts/peer_shims/datasets reads the
+# image folder instead (said in the output).
 # CHECK=1 (the default) first runs the CUDA-graph check: CHECK_STEPS steps eager, eager again (the
 # noise floor: cuDNN's benchmark may pick other kernels per process), captured, and emulated (the
 # graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences.
@@ -63,6 +69,43 @@ IFS=';' read -ra specs <<< "${RUNS-tut-eager:$tut --max_train_steps 100 --cuda_g
 for spec in "${specs[@]}"; do
   run ${spec%%:*} --checkpointing_steps 500 ${spec#*:}
 done
+if [ "${PEER:-1}" = 1 ]; then
+  pp=${PYTHONPATH:-}
+  if python3 -c "import datasets" 2>/dev/null; then
+    echo "peer data loading: datasets $(python3 -c 'import datasets; print(datasets.__version__)'), pyarrow $(python3 -c 'import pyarrow; print(pyarrow.__version__)')"
+  else
+    echo "peer data loading: the carried datasets does not import here ($(python3 -c 'import datasets' 2>&1 | tail -1)); using scripts/peer_shims/datasets"
+    pp=$PWD/scripts/peer_shims:$pp
+  fi
+  peer() {
+    name=$1; spb=$2; shift 2; echo "== $name (diffusers' script, $spb samples per step): $*"; s=$(date +%s.%N)
+    echo $spb > $OUT/$name.spb
+    PEER_TIMING=$OUT/$name.json PYTHONPATH=$PWD/scripts/peer_shims/timing:$pp python3 .whl/train_text_to_image_lora.py \
+      --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip \
+      --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --rank 4 \
+      --output_dir /tmp/$name "$@" > /tmp/$name.log 2>&1
+    echo "exit $?; wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"
+    tr '\r' '\n' < /tmp/$name.log | grep -v -i "warn\|^Steps:\|^ *$" | tail -8
+  }
+  IFS=';' read -ra pspecs <<< "${PEER_RUNS-peer-tut:4:--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16 --max_train_steps 60;peer-b8:8:--train_batch_size 8 --mixed_precision bf16 --max_train_steps 60}"
+  for spec in "${pspecs[@]}"; do
+    IFS=: read -r pname pspb pflags <<< "$spec"
+    peer $pname $pspb $pflags
+  done
+  python3 - $OUT/peer*.json <<'EOF'
+import json, os, statistics, sys
+for p in sys.argv[1:]:
+    d = json.load(open(p))
+    spb = int(open(p[:-5] + ".spb").read())
+    t = d["step_times"]
+    dt = [b - a for a, b in zip(t, t[1:])][5:]  # after the first 6 steps (warm-up)
+    if dt:
+        print(f"{os.path.basename(p)[:-5]:<14} median {spb / statistics.median(dt):7.1f} samples/s over {len(dt)} steps, peak {d.get('max_memory_reserved', 0) / 2**30:.1f} GiB reserved ({d.get('max_memory_allocated', 0) / 2**30:.1f} allocated)")
+    else:
+        print(f"{os.path.basename(p)[:-5]:<14} no steps timed")
+EOF
+fi
+
 # samples/s: median of the steps after the first 25 (warm-up, capture and the profiled steps,
 # which synchronise at every phase boundary); peak device memory
 python3 - $OUT/*.csv <<'EOF'
