@@ -11,7 +11,8 @@ Two phases, as Stable Diffusion was made: (1) the VAE learns to reconstruct the 
 small KL term); its latents are then centred and scaled so that `latents * 0.18215` has unit variance
 (folded into quant_conv / post_quant_conv, so the config's scaling_factor stays SD's); (2) the UNet
 and the text encoder learn epsilon prediction on the frozen VAE's latents (diffusers'
-train_text_to_image.py maths: DDPMScheduler.add_noise, uniform timesteps, MSE), with 10 % empty
+train_text_to_image.py maths: DDPMScheduler.add_noise, uniform timesteps, MSE with its --snr_gamma
+Min-SNR weighting, 5 by default), with 10 % empty
 captions for classifier-free guidance and an EMA of the weights, which is what gets saved.
 Writes DIR (a diffusers pipeline folder laid out by make_tiny.save_pipeline), DIR/../train_base.json
 (settings, losses, timings, device, the evaluation) and DIR/../train_base_samples.png.
@@ -64,6 +65,28 @@ def cosine(opt, warmup, total):
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     return get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+
+
+class FittedCosine:
+    """diffusers' get_cosine_schedule_with_warmup (linear warm-up, half cosine to 0) whose step count
+    may be fixed after training started: `fit(total)` once the time per step is known, so a run given
+    --unet-seconds still ends its schedule; the fixed count is logged and --unet-steps N reproduces it."""
+
+    def __init__(self, opt, warmup, total):
+        self.warmup, self.total = warmup, total
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
+
+    def factor(self, step):
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    def step(self):
+        self.sched.step()
+
+    def get_last_lr(self):
+        return self.sched.get_last_lr()
 
 
 def to_pixels(u8):
@@ -145,13 +168,16 @@ def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
     te.train()
     params_all = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params_all, lr=args.lr, weight_decay=0.0)
-    sched = cosine(opt, 500, args.unet_steps)
+    total = args.unet_steps
+    sched = FittedCosine(opt, 500, total)
     ema = [p.detach().clone() for p in params_all]
     alphas = noise_sched.alphas_cumprod.to(dev)
     n = data.shape[0]
     t0 = time.time()
     done = 0
-    for step in range(1, args.unet_steps + 1):
+    step = 0
+    while step < total:
+        step += 1
         idx = torch.randint(n, (args.batch,), device=dev, generator=g)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, device=dev, generator=g)) * sf
         noise = torch.randn(z.shape, device=dev, generator=g)
@@ -162,9 +188,16 @@ def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
         drop = torch.rand(args.batch, device=dev, generator=g) < args.caption_dropout
         cap = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            enc = te(ids[cap])[0]
+            # the text encoder runs once per distinct caption (73 rows, not a batch of 512)
+            enc = te(ids)[0][cap]
             pred = unet(noisy, t, enc).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        err = (pred.float() - noise.float()).square().mean(dim=(1, 2, 3))
+        if args.snr_gamma:
+            # Min-SNR weighting (Hang et al. 2023), as train_text_to_image.py's --snr_gamma for epsilon
+            # prediction: weight = min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar)
+            snr = alphas[t] / (1 - alphas[t])
+            err = err * torch.clamp(snr, max=args.snr_gamma) / snr
+        loss = err.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params_all, 1.0)
         opt.step()
@@ -174,13 +207,17 @@ def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params_all], 1.0 - decay)
         done = step
+        if args.unet_seconds and step == 300:
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            per = (time.time() - t0) / step
+            total = max(step + 1, int(args.unet_seconds / per))
+            sched.total = total
+            stats["unet_steps_fitted"] = total
+            log(f"{per * 1000:.1f} ms/step: {total} steps fit --unet-seconds {args.unet_seconds:g} (re-run with --unet-steps {total} to reproduce)")
         if step % 500 == 0 or step == 1:
             el = time.time() - t0
             stats["unet_loss"].append([step, float(loss)])
-            log(f"unet step {step}/{args.unet_steps} loss {float(loss):.5f} lr {sched.get_last_lr()[0]:.2e} ({el:.0f} s, {el / step * 1000:.1f} ms/step)")
-            if args.max_seconds and el > args.max_seconds:
-                log(f"time budget reached at step {step}: stopping (re-run with --unet-steps {step} to reproduce)")
-                break
+            log(f"unet step {step}/{total} loss {float(loss):.5f} lr {sched.get_last_lr()[0]:.2e} ({el:.0f} s, {el / step * 1000:.1f} ms/step)")
     stats["unet_steps_done"] = done
     stats["unet_seconds"] = time.time() - t0
     with torch.no_grad():
@@ -188,6 +225,31 @@ def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
             p.copy_(e)
     unet.eval()
     te.eval()
+    stats["text_effect"] = text_effect(unet, te, ids, mean, std, cap_idx, alphas, sf, dev)
+
+
+@torch.no_grad()
+def text_effect(unet, te, ids, mean, std, cap_idx, alphas, sf, dev):
+    """Does the UNet use the caption? Epsilon MSE on 2048 held draws at t = 200, 500, 800 with the
+    scene's own caption, a wrong caption (shuffled) and the empty one: a model that ignores the text
+    scores the same three times."""
+    g = torch.Generator(dev).manual_seed(7)
+    n = mean.shape[0]
+    idx = torch.randint(n, (2048,), device=dev, generator=g)
+    z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, device=dev, generator=g)) * sf
+    noise = torch.randn(z.shape, device=dev, generator=g)
+    enc_all = te(ids)[0]
+    own = cap_idx[idx]
+    wrong = own[torch.randperm(own.shape[0], device=dev, generator=g)]
+    empty = torch.full_like(own, ids.shape[0] - 1)
+    out = {}
+    for tv in (200, 500, 800):
+        t = torch.full((2048,), tv, device=dev)
+        noisy = alphas[t].sqrt()[:, None, None, None] * z + (1 - alphas[t]).sqrt()[:, None, None, None] * noise
+        out[str(tv)] = {k: float(torch.cat([(unet(noisy[i : i + 512], t[i : i + 512], enc_all[c[i : i + 512]]).sample - noise[i : i + 512]).square().mean().reshape(1) for i in range(0, 2048, 512)]).mean())
+                        for k, c in (("own", own), ("wrong", wrong), ("empty", empty))}
+    log(f"text effect (epsilon MSE own / wrong / empty caption): " + "; ".join(f"t={k}: {v['own']:.4f} / {v['wrong']:.4f} / {v['empty']:.4f}" for k, v in out.items()))
+    return out
 
 
 @torch.no_grad()
@@ -230,7 +292,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--images", type=int, default=60000)
-    ap.add_argument("--vae-steps", type=int, default=5000)
+    ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--vae-batch", type=int, default=128)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
@@ -239,11 +301,13 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
-    ap.add_argument("--max-seconds", type=float, default=None, help="stop UNet training after this long (logged)")
+    ap.add_argument("--unet-seconds", type=float, default=None,
+                    help="fit the UNet step count to this many seconds after 300 timed steps (the schedule still ends; the count is logged)")
+    ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast for the UNet and text encoder forward passes (weights, optimizer, EMA and the VAE stay fp32); default: on for CUDA")
-    ap.add_argument("--eval-guidance", type=float, nargs="+", default=[7.5])
+    ap.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5])
     args = ap.parse_args()
 
     dev = torch.device(args.device)
