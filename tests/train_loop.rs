@@ -70,8 +70,11 @@ fn mean(v: &[f64]) -> f64 {
 fn a_short_run_lowers_the_loss() {
     // Every random draw depends only on (seed, epoch, batch), so a run with learning rate 0 sees
     // exactly the same noise and timesteps: its losses are the untrained baseline, step by step.
+    // The data is the concept set (stars), a shape the trained base model never saw: on its own
+    // training scenes (`tiny/dataset` is mostly those) the base model is already at its floor.
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = config(&tiny().join("dataset"), &tmp.path().join("base"));
+    let mut c = config(&tiny().join("concept"), &tmp.path().join("base"));
+    c.caption_column = "en_text".into();
     c.max_train_steps = Some(30);
     c.learning_rate = 0.0;
     let base = train(&c, None, &mut |_| {}).expect("baseline").losses;
@@ -677,7 +680,14 @@ fn bf16_and_fp16_follow_the_f32_run() {
         c.output_dir = tmp.path().join(format!("{mp:?}"));
         let r = train(&c, None, &mut |_| {}).expect("mixed");
         for (i, (a, b)) in r.losses.iter().zip(&f32_losses).enumerate() {
-            assert!((a - b).abs() <= 0.02 * b, "{mp:?} step {i}: {a} vs f32 {b}");
+            // 2 % of the loss, plus 2e-3 absolute: bf16 keeps 8 significant bits, so the UNet's
+            // prediction (values ~1) carries rounding noise of a few 1e-2 after its ~20 layers,
+            // whose square adds ~1e-3 to an MSE that the trained base model brings down to ~0.015
+            // (observed: bf16 up to 9e-4, fp16 up to 2e-4).
+            assert!(
+                (a - b).abs() <= 0.02 * b + 2e-3,
+                "{mp:?} step {i}: {a} vs f32 {b}"
+            );
         }
         let f = WeightFile::open(&r.output).expect("lora");
         assert!(
