@@ -7,8 +7,8 @@ StableDiffusionPipeline; nothing of lorafuse.
 
     python3 models/scripts/train_base.py --out DIR [--device cuda]      # models/README.md
 
-Two phases, as Stable Diffusion was made: (1) the VAE learns to reconstruct the scenes (L1 + MSE + a
-small KL term); its latents are then centred and scaled so that `latents * 0.18215` has unit variance
+Two phases, as Stable Diffusion was made: (1) the VAE learns to reconstruct the scenes, stars included (L1 + MSE + a
+small KL term; the UNet never sees a star); its latents are then centred and scaled so that `latents * 0.18215` has unit variance
 (folded into quant_conv / post_quant_conv, so the config's scaling_factor stays SD's); (2) the UNet
 and the text encoder learn epsilon prediction on the frozen VAE's latents (diffusers'
 train_text_to_image.py maths: DDPMScheduler.add_noise, uniform timesteps, MSE with its --snr_gamma
@@ -46,14 +46,14 @@ def log(msg):
 
 
 def _render_chunk(args):
-    seed, chunk, n = args
-    imgs, caps, _ = shapes.render_many([seed, chunk], n)
+    seed, chunk, n, kinds = args
+    imgs, caps, _ = shapes.render_many([seed, chunk], n, kinds)
     return imgs, caps
 
 
-def render_dataset(seed, n, workers):
+def render_dataset(seed, n, workers, kinds=shapes.BASE_SHAPES):
     chunk = 1000
-    jobs = [(seed, i, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed, i, min(chunk, n - i * chunk), kinds) for i in range(math.ceil(n / chunk))]
     with ProcessPoolExecutor(workers) as ex:
         parts = list(ex.map(_render_chunk, jobs))
     images = np.concatenate([p[0] for p in parts])
@@ -119,6 +119,22 @@ def train_vae(vae, data, args, dev, g, stats):
             log(f"vae step {step}/{args.vae_steps} loss {float(loss):.5f} mse {float(err.square().mean()):.5f} kl {float(kl):.3f} ({time.time() - t0:.0f} s)")
     vae.eval()
     stats["vae_seconds"] = time.time() - t0
+
+
+@torch.no_grad()
+def vae_check(vae, dev):
+    """Reconstruction of 64 held-out scenes of each shape: MSE and how often shapes.read_scene reads
+    the reconstruction as the shape drawn."""
+    out = {}
+    for kind in (*shapes.BASE_SHAPES, shapes.CONCEPT_SHAPE):
+        imgs, _, _ = shapes.render_many(99, 64, (kind,))
+        x = to_pixels(torch.from_numpy(imgs).to(dev))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        u8 = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        read = sum(shapes.read_scene(im)["shape"] == kind for im in u8) / len(u8)
+        out[kind] = {"mse": float((rec - x).square().mean()), "read_as_drawn": read}
+    log("VAE reconstruction (MSE, read back as drawn): " + "; ".join(f"{k} {v['mse']:.4f} {v['read_as_drawn']:.0%}" for k, v in out.items()))
+    return out
 
 
 @torch.no_grad()
@@ -286,6 +302,54 @@ def evaluate(dest, dev, out_png, steps=25, guidance=7.5):
     return {"prompts": len(prompts), "steps": steps, "guidance": guidance, "accuracy": acc}
 
 
+def finetune_decoder(args, dev):
+    """Phase 3, on a trained folder (--out): the VAE decoder (and post_quant_conv) learns to draw
+    stars as well — the encoder, hence the latent space the UNet learned, stays as it is. Run by the
+    shipped model after its GPU run (the first GPU run's VAE saw only circles, squares and
+    triangles); cheap enough for a CPU. Writes the VAE back and DIR/../train_base_decoder.json."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    dest = Path(args.out).resolve()
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(str(dest / "vae")).to(dev).eval()
+    stats = {"settings": vars(args), "before": vae_check(vae, dev), "loss": []}
+    kinds = (*shapes.BASE_SHAPES, shapes.CONCEPT_SHAPE)
+    images, _ = render_dataset(args.seed + 2, args.decoder_images, args.workers, kinds)
+    x_all = to_pixels(torch.from_numpy(images).to(dev))
+    with torch.no_grad():
+        post = torch.cat([vae.encode(x_all[i : i + 500]).latent_dist.parameters for i in range(0, x_all.shape[0], 500)])
+    mean, logvar = post.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    sched = cosine(opt, 0, args.decoder_finetune)
+    g = torch.Generator(dev).manual_seed(args.seed + 2)
+    vae.decoder.train()
+    for step in range(1, args.decoder_finetune + 1):
+        idx = torch.randint(x_all.shape[0], (args.decoder_batch,), device=dev, generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, device=dev, generator=g)
+        err = vae.decode(z).sample - x_all[idx]
+        loss = err.abs().mean() + err.square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == 1:
+            stats["loss"].append([step, float(loss)])
+            log(f"decoder step {step}/{args.decoder_finetune} loss {float(loss):.5f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    stats["after"] = vae_check(vae, dev)
+    unet = UNet2DConditionModel.from_pretrained(str(dest / "unet"))
+    te = CLIPTextModel.from_pretrained(str(dest / "text_encoder"))
+    mt.save_pipeline(unet, te, vae.cpu(), dest, tokenizer_dir=mt.DIFF / "tokenizer")
+    stats["evaluation"] = [evaluate(dest, dev, dest.parent / f"train_base_samples_cfg{g:g}.png", guidance=g) for g in args.eval_guidance]
+    stats["seconds"] = time.time() - t0
+    (dest.parent / "train_base_decoder.json").write_text(json.dumps(stats, indent=1) + "\n")
+    log(f"decoder fine-tuned and saved in {stats['seconds']:.0f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="diffusers folder to write")
@@ -296,6 +360,8 @@ def main():
     ap.add_argument("--vae-batch", type=int, default=128)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
+    ap.add_argument("--vae-stars", action=argparse.BooleanOptionalAction, default=True,
+                    help="the VAE also learns stars (the tutorial's concept); the UNet never sees one")
     ap.add_argument("--unet-steps", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -308,6 +374,11 @@ def main():
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast for the UNet and text encoder forward passes (weights, optimizer, EMA and the VAE stay fp32); default: on for CUDA")
     ap.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5])
+    ap.add_argument("--decoder-finetune", type=int, default=0, metavar="STEPS",
+                    help="instead of training: fine-tune the VAE decoder of the folder --out on all four shapes, stars included (phase 3)")
+    ap.add_argument("--decoder-images", type=int, default=8000)
+    ap.add_argument("--decoder-batch", type=int, default=32)
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     args = ap.parse_args()
 
     dev = torch.device(args.device)
@@ -318,6 +389,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = False
     torch.set_num_threads(max(1, min(8, args.workers)))
+    if args.decoder_finetune:
+        return finetune_decoder(args, dev)
     dest = Path(args.out).resolve()
     t_all = time.time()
     stats = {"settings": vars(args), "vae_loss": [], "unet_loss": []}
@@ -327,7 +400,12 @@ def main():
     t = time.time()
     images, captions = render_dataset(args.seed, args.images, args.workers)
     data = torch.from_numpy(images).to(dev)
-    log(f"data: {len(captions)} scenes, {len(set(captions))} captions ({time.time() - t:.1f} s)")
+    # the VAE is a general image codec (SD's saw every kind of picture): it also learns stars, the
+    # tutorial's concept, so that a LoRA can draw them; the UNet and text encoder never see one
+    # (--no-vae-stars: the VAE trains on the UNet's own scenes, as the shipped model's GPU run did)
+    vae_kinds = (*shapes.BASE_SHAPES, shapes.CONCEPT_SHAPE) if args.vae_stars else shapes.BASE_SHAPES
+    vae_data = torch.from_numpy(render_dataset(args.seed + 1, args.images, args.workers, vae_kinds)[0]).to(dev) if args.vae_stars else data
+    log(f"data: {len(captions)} scenes, {len(set(captions))} captions; VAE: {vae_data.shape[0]} scenes of {', '.join(vae_kinds)} ({time.time() - t:.1f} s)")
 
     unet, te, vae = mt.random_modules()
     unet, te, vae = unet.to(dev), te.to(dev), vae.to(dev)
@@ -336,7 +414,9 @@ def main():
     tok = CLIPTokenizer.from_pretrained(str(mt.DIFF / "tokenizer"))
     g = torch.Generator(dev).manual_seed(args.seed)
 
-    train_vae(vae, data, args, dev, g, stats)
+    train_vae(vae, vae_data, args, dev, g, stats)
+    del vae_data
+    stats["vae_reconstruction"] = vae_check(vae, dev)
     for p in vae.parameters():
         p.requires_grad_(False)
     stats["latent_fold"] = fold_latent_scale(vae, data, dev)

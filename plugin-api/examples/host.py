@@ -6,8 +6,8 @@
 
 Opens the pipeline, applies the first LoRA, generates, switches to the second LoRA at the given
 weight on the live pipeline, generates again, and writes out/a.png and out/b.png (with the A1111
-`parameters` text chunk). Settings: prompt "a photo of a cat", negative "blurry", 4 steps,
-guidance 7.5, seed 42, CPU, 1 thread. The structs mirror plugin-api/include/lorafuse.h field for
+`parameters` text chunk). Settings: prompt "a photo of a cat" (or the optional PROMPT argument),
+negative "blurry", 4 steps (25 with PROMPT), guidance 7.5 (or GUIDANCE), seed 42, CPU, 1 thread. The structs mirror plugin-api/include/lorafuse.h field for
 field; the table's entries must stay in the header's order.
 """
 import ctypes as C
@@ -150,17 +150,17 @@ def write_png(path, width, height, rgb, parameters):
         f.write(png)
 
 
-def generate_to(plugin, pipeline, out_dir, name):
+def generate_to(plugin, pipeline, out_dir, name, prompt=None, guidance=7.5):
     api = plugin.api
     steps_seen = []
     # Keep the callback object alive for the whole call (ctypes does not).
     progress = ProgressFn(lambda _ud, step, total: steps_seen.append((step, total)) or True)
     gp = GenerateParams()
     plugin.check(api.init_generate_params(C.byref(gp)))
-    gp.prompt = b"a photo of a cat"
+    gp.prompt = (prompt or "a photo of a cat").encode()
     gp.negative_prompt = b"blurry"
-    gp.steps = 4
-    gp.guidance_scale = 7.5
+    gp.steps = 25 if prompt else 4
+    gp.guidance_scale = guidance
     gp.seed = 42
     gp.progress = progress
     image = Handle_p()
@@ -180,10 +180,12 @@ def generate_to(plugin, pipeline, out_dir, name):
 
 
 def main(argv):
-    if len(argv) != 7:
-        print(f"usage: {argv[0]} LIBLORAFUSE MODEL_DIR LORA_A LORA_B WEIGHT_B OUT_DIR", file=sys.stderr)
+    if len(argv) not in (7, 8, 9):
+        print(f"usage: {argv[0]} LIBLORAFUSE MODEL_DIR LORA_A LORA_B WEIGHT_B OUT_DIR [PROMPT [GUIDANCE]]", file=sys.stderr)
         return 2
-    lib, model, lora_a, lora_b, weight_b, out_dir = argv[1:]
+    lib, model, lora_a, lora_b, weight_b, out_dir = argv[1:7]
+    prompt = argv[7] if len(argv) > 7 else None
+    guidance = float(argv[8]) if len(argv) > 8 else 7.5
     os.makedirs(out_dir, exist_ok=True)
     plugin = Plugin(lib)
     api = plugin.api
@@ -204,13 +206,13 @@ def main(argv):
         plugin.check(api.load_lora(lora_b.encode(), C.byref(b)))
 
         plugin.check(api.set_loras(pipeline, (Handle_p * 1)(a), (C.c_float * 1)(1.0), 1, None))
-        generate_to(plugin, pipeline, out_dir, "a")
+        generate_to(plugin, pipeline, out_dir, "a", prompt, guidance)
 
         # Hot swap on the live pipeline; the pipeline keeps its own reference to b.
         plugin.check(api.set_loras(pipeline, (Handle_p * 1)(b), (C.c_float * 1)(float(weight_b)), 1, None))
         api.release_lora(a)
         api.release_lora(b)
-        generate_to(plugin, pipeline, out_dir, "b")
+        generate_to(plugin, pipeline, out_dir, "b", prompt, guidance)
 
         # Errors come back as exceptions with stable codes; a NULL prompt is INVALID_ARGUMENT.
         gp = GenerateParams()

@@ -4,12 +4,12 @@ installs diffusers, transformers and peft there). Everything here is diffusers /
 metric is models/scripts/shapes.py `read_scene` (docs/tutorial.md).
 
     check.py latents DIR N SEED                     # DIR/{i}.npy: initial noise [1, 4, 8, 8], float32
-    check.py report MODEL LORA HELDOUT LATENTS_DIR PROMPTS OUT.json NAME=PNG_DIR...
+    check.py report GUIDANCE MODEL LORA HELDOUT LATENTS_DIR PROMPTS OUT.json NAME=PNG_DIR...
 
 `report` writes JSON: the held-out diffusion loss (diffusers' UNet, peft's LoRA from
 `load_lora_weights`) without and with the LoRA at fixed noise and timesteps; for every PNG folder the
-scene read from each image; and diffusers' own pictures (same initial latents, PNDM, 25 steps, CFG
-7.5) without and with the LoRA, with their largest difference in 1/255 from the folders named
+scene read from each image; and diffusers' own pictures (same initial latents, PNDM, 25 steps, the
+test's GUIDANCE: 1, i.e. no CFG, for the shipped model) without and with the LoRA, with their largest difference in 1/255 from the folders named
 `base` and `lora`.
 """
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "models" / "scripts"))
 import shapes  # noqa: E402
 
-STEPS, GUIDANCE = 25, 7.5
+STEPS = 25
 HELDOUT_DRAWS = 16  # (timestep, noise) pairs per held-out image
 
 
@@ -66,12 +66,12 @@ def heldout_loss(pipe, folder):
     return total / HELDOUT_DRAWS
 
 
-def diffusers_images(pipe, prompts, init):
+def diffusers_images(pipe, prompts, init, guidance):
     import torch
 
     out = []
     for p, lat in zip(prompts, init):
-        img = pipe(p, latents=torch.from_numpy(lat[None]), num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64, output_type="np").images[0]
+        img = pipe(p, latents=torch.from_numpy(lat[None]), num_inference_steps=STEPS, guidance_scale=guidance, height=64, width=64, output_type="np").images[0]
         out.append(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
     return out
 
@@ -82,11 +82,12 @@ def read_png(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def report(model, lora, heldout, latents_file, prompts_file, out, *dirs):
+def report(guidance, model, lora, heldout, latents_file, prompts_file, out, *dirs):
     import torch
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(2)
+    guidance = float(guidance)
     prompts = [l for l in Path(prompts_file).read_text().splitlines() if l.strip()]
     init = [np.load(Path(latents_file) / f"{i}.npy")[0] for i in range(len(prompts))]
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None)
@@ -96,10 +97,10 @@ def report(model, lora, heldout, latents_file, prompts_file, out, *dirs):
     for name, folder in folders.items():
         rep["scenes"][name] = [shapes.read_scene(read_png(Path(folder) / f"{i}.png")) for i in range(len(prompts))]
     rep["heldout_loss"]["base"] = heldout_loss(pipe, heldout)
-    base = diffusers_images(pipe, prompts, init)
+    base = diffusers_images(pipe, prompts, init, guidance)
     pipe.load_lora_weights(lora)
     rep["heldout_loss"]["lora"] = heldout_loss(pipe, heldout)
-    with_lora = diffusers_images(pipe, prompts, init)
+    with_lora = diffusers_images(pipe, prompts, init, guidance)
     rep["scenes"]["diffusers_lora"] = [shapes.read_scene(im) for im in with_lora]
     for name, imgs in [("base", base), ("lora", with_lora)]:
         if name in folders:
