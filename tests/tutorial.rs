@@ -114,7 +114,7 @@ fn every_command_of_the_tutorial_runs() {
     for f in [
         "before.png",
         "stars/pytorch_lora_weights.safetensors",
-        "stars/checkpoint-300/pytorch_lora_weights.safetensors",
+        "stars/checkpoint-1500/pytorch_lora_weights.safetensors",
         "stars/logs/train_log.csv",
         "after.png",
         "tag.png",
