@@ -42,6 +42,15 @@ const LORA_TARGETS: &str =
 /// The shipped base model's guidance: 1, no classifier-free guidance (models/README.md: the tiny
 /// model follows its prompts at 1 and overshoots at 7.5).
 const GUIDANCE: &str = "1";
+/// The flags every CLI `generate` of this test passes: the model's guidance, one CPU thread.
+const CPU_GENERATE: [&str; 6] = [
+    "--guidance-scale",
+    GUIDANCE,
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+];
 
 fn lorafuse(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
@@ -88,14 +97,7 @@ fn generate_all(model: &Path, latents: &Path, dir: &Path, extra: &[&str]) {
             "--init-latents",
             s(&lat),
         ];
-        args.extend([
-            "--guidance-scale",
-            GUIDANCE,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ]);
+        args.extend(CPU_GENERATE);
         args.extend(["-o", s(&out)]);
         args.extend(extra);
         lorafuse(&args);
@@ -275,25 +277,10 @@ fn a_lora_trained_on_stars_learns_stars() {
     // The plugin (C ABI, switch mode) against the CLI with the same seed.
     let seeded = t.join("seeded");
     std::fs::create_dir_all(&seeded).expect("mkdir");
-    lorafuse(&[
-        "generate",
-        "-m",
-        s(&onnx),
-        "-p",
-        PROMPTS[0],
-        "--seed",
-        "5",
-        "--guidance-scale",
-        GUIDANCE,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--lora",
-        s(&lora),
-        "-o",
-        s(&seeded.join("cli.png")),
-    ]);
+    let mut args = vec!["generate", "-m", s(&onnx), "-p", PROMPTS[0], "--seed", "5"];
+    args.extend(CPU_GENERATE);
+    args.extend(["--lora", s(&lora), "-o", s(&seeded.join("cli.png"))]);
+    lorafuse(&args);
     let plugin = Plugin::open(cdylib()).expect("plugin");
     let opts = PipelineOptions {
         device: LORAFUSE_DEVICE_CPU,

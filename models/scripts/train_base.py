@@ -164,17 +164,21 @@ def fold_latent_scale(vae, data, dev):
     return {"channel_mean": m.tolist(), "std": float(std), "k": k, "decode_drift": drift}
 
 
+@torch.no_grad()
+def latent_posterior(vae, x, chunk):
+    """Mean and std of the VAE's latent distribution for pixels x, encoded `chunk` images at a
+    time (diffusers' DiagonalGaussianDistribution: logvar clamped to [-30, 20])."""
+    params = torch.cat([vae.encode(x[i : i + chunk]).latent_dist.parameters for i in range(0, x.shape[0], chunk)])
+    mean, logvar = params.chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
 def train_unet(unet, te, vae, tok, data, captions, args, dev, g, stats):
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(mt.sd15_scheduler_config())
     sf = vae.config.scaling_factor
-    with torch.no_grad():
-        x = to_pixels(data)
-        params = torch.cat([vae.encode(x[i : i + 1024]).latent_dist.parameters for i in range(0, x.shape[0], 1024)])
-        del x
-    mean, logvar = params.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    mean, std = latent_posterior(vae, to_pixels(data), 1024)
     uniq = sorted(set(captions))
     cap_idx = torch.tensor([uniq.index(c) for c in captions], device=dev)
     ids = tok(uniq + [""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(dev)
@@ -317,10 +321,7 @@ def finetune_decoder(args, dev):
     kinds = (*shapes.BASE_SHAPES, shapes.CONCEPT_SHAPE)
     images, _ = render_dataset(args.seed + 2, args.decoder_images, args.workers, kinds)
     x_all = to_pixels(torch.from_numpy(images).to(dev))
-    with torch.no_grad():
-        post = torch.cat([vae.encode(x_all[i : i + 500]).latent_dist.parameters for i in range(0, x_all.shape[0], 500)])
-    mean, logvar = post.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    mean, std = latent_posterior(vae, x_all, 500)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     sched = cosine(opt, 0, args.decoder_finetune)
