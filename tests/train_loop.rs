@@ -699,6 +699,68 @@ fn bf16_and_fp16_follow_the_f32_run() {
 }
 
 #[test]
+fn channels_last_weights_train_like_contiguous_ones() {
+    // --memory_format channels_last only moves the frozen convolution weights' strides (NHWC);
+    // the values and the maths stay. Other convolution kernels run (here oneDNN's NHWC ones), so
+    // the runs agree to f32 rounding, not bit for bit. LoCon-style targets put LoRAs on the
+    // convolutions too (contiguous adapters on NHWC activations).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(&tiny().join("dataset"), &tmp.path().join("nchw"));
+    c.max_train_steps = Some(4);
+    c.learning_rate = 1e-3;
+    c.lora.targets = [
+        "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in",
+    ]
+    .map(String::from)
+    .to_vec();
+    let nchw = train(&c, None, &mut |_| {}).expect("contiguous");
+    c.memory_format = lorafuse::train::trainer::MemoryFormat::ChannelsLast;
+    c.output_dir = tmp.path().join("nhwc");
+    let mut info = Vec::new();
+    let nhwc = train(&c, None, &mut |e| {
+        if let Event::Info(s) = e {
+            info.push(s)
+        }
+    })
+    .expect("channels_last");
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("--memory_format channels_last: ") && !l.contains(": 0 ")),
+        "no weights moved: {info:?}"
+    );
+    for (i, (a, b)) in nhwc.losses.iter().zip(&nchw.losses).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * b + 1e-6, "step {i}: {a} vs {b}");
+    }
+    let (a, b) = (lora_tensors(&nhwc.output), lora_tensors(&nchw.output));
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        let scale = vb.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = va
+            .iter()
+            .zip(vb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // Adam divides by sqrt(v): where a gradient is near zero, rounding-level differences
+        // move that element's update by a fraction of lr (observed: ≤ 1e-3 of max |w|)
+        worst = worst.max(diff / scale.max(1e-12));
+        assert!(
+            diff <= 1e-2 * scale + 1e-7,
+            "{ka}: max diff {diff} (max |w| {scale})"
+        );
+    }
+    let dl = nhwc
+        .losses
+        .iter()
+        .zip(&nchw.losses)
+        .map(|(a, b)| (a - b).abs());
+    println!(
+        "channels_last vs contiguous: max |dloss| {:.2e}, max |dW|/max|W| {worst:.2e}",
+        dl.fold(0.0, f64::max)
+    );
+}
+
+#[test]
 fn uncached_random_crops_v_prediction_and_text_encoder_lora_run() {
     // Re-encode every step (new random crop and flip each time), v-prediction with min-SNR,
     // noise offset, and a text-encoder LoRA trained alongside (embeddings computed with grad).

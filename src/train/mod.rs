@@ -77,6 +77,31 @@ pub fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
     ))
 }
 
+/// Store every 4-D tensor of `vs` (the frozen convolution weights) in channels-last order, in
+/// place: `model.to(memory_format=torch.channels_last)` for frozen weights (torch's
+/// docs "Channels Last Memory Format"). cuDNN then runs NHWC convolutions and keeps their outputs
+/// NHWC; values are unchanged, only strides move. Returns how many tensors moved.
+pub fn to_channels_last(vs: &nn::VarStore) -> Result<usize> {
+    let _guard = tch::no_grad_guard();
+    let mut n = 0;
+    for (name, mut t) in vs.variables() {
+        let size = t.size();
+        let &[_, c, h, w] = size.as_slice() else {
+            continue;
+        };
+        let strides = [c * h * w, 1, w * c, c];
+        if t.stride() == strides {
+            continue;
+        }
+        let moved = tch::Tensor::f_empty_strided(size.as_slice(), strides, (t.kind(), t.device()))
+            .and_then(|mut cl| cl.f_copy_(&t).map(|()| cl))
+            .and_then(|cl| t.f_set_source_tensor_(&cl).map(drop));
+        moved.map_err(|e| Error::Internal(format!("{name}: channels-last copy: {e}")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn build<M>(
     source: &dyn WeightSource,
     kind: Kind,

@@ -246,6 +246,12 @@ pub struct TrainConfig {
     #[serde(default)]
     #[arg(long = "cuda_graphs", value_enum, default_value_t = defaults().cuda_graphs)]
     pub cuda_graphs: CudaGraphs,
+    /// The frozen UNet's convolution weights in memory: contiguous (NCHW, the script's layout)
+    /// or channels_last (NHWC; cuDNN's tensor-core convolutions then need no transposes, but
+    /// torch's CUDA GroupNorm works on NCHW and transposes back). docs/training.md.
+    #[serde(default)]
+    #[arg(long = "memory_format", value_enum, default_value_t = defaults().memory_format)]
+    pub memory_format: MemoryFormat,
     /// Time the phases of N steps after the warm-up (data, forward+backward, optimizer or graph
     /// replay, logging; the device synchronised at each boundary) and report the means at the end.
     #[serde(default)]
@@ -254,6 +260,28 @@ pub struct TrainConfig {
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
     pub abort_after_step: Option<i64>,
+}
+
+/// `--memory_format`: how the frozen UNet's convolution weights are laid out.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum MemoryFormat {
+    /// NCHW, as loaded (`torch.contiguous_format`).
+    #[default]
+    Contiguous,
+    /// NHWC (`torch.channels_last`).
+    ChannelsLast,
 }
 
 /// [`TrainConfig::new`]'s values, which clap shows and uses as the flags' defaults.
@@ -326,6 +354,7 @@ impl TrainConfig {
             report_to: ReportTo::Tensorboard,
             logging_dir: default_logging_dir(),
             cuda_graphs: CudaGraphs::default(),
+            memory_format: MemoryFormat::default(),
             profile_steps: None,
             abort_after_step: None,
         }

@@ -21,8 +21,8 @@ use super::meta::write_lora;
 use super::profile::{Phase, PhaseClock};
 use super::step::{StepCtx, apply_gradients, forward_backward, step_inputs};
 use super::{
-    Cache, Event, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig, TrainReport,
-    TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
+    Cache, Event, MemoryFormat, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig,
+    TrainReport, TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
 };
 use crate::pipeline::scheduler::SchedulerConfig;
 use crate::pipeline::tokenizer::ClipTokenizer;
@@ -574,6 +574,12 @@ fn load_models(
     for k in &unet.unused_keys {
         on_event(Event::Warning(format!(
             "UNet weight `{k}` is not used by the model"
+        )));
+    }
+    if cfg.memory_format == MemoryFormat::ChannelsLast {
+        let n = crate::train::to_channels_last(&unet.base)?;
+        on_event(Event::Info(format!(
+            "--memory_format channels_last: {n} UNet weights stored NHWC"
         )));
     }
     let text = source.text_encoder(device, kind, cfg.text_encoder_lora.clone())?;
