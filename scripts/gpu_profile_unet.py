@@ -78,12 +78,12 @@ def main():
         per = {}
         kernels = []
         for e in prof.key_averages():
-            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            # self time: a kernel's own; operator and autograd rows (aten::conv2d,
+            # ConvolutionBackward0) have none of their own, so nothing counts twice
+            us = e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total
             if us <= 0 or e.key.startswith("ProfilerStep"):
                 continue
             kernels.append((us, e.count, e.key))
-        # device events only (kernels and memcpy/memset); operator rows would count twice
-        kernels = [k for k in kernels if not k[2].startswith("aten::")]
         total = sum(us for us, _, _ in kernels) / args.steps / 1e3
         for us, _, name in kernels:
             c = category(name)
