@@ -277,9 +277,10 @@ fn a_lora_trained_on_stars_learns_stars() {
     // The plugin (C ABI, switch mode) against the CLI with the same seed.
     let seeded = t.join("seeded");
     std::fs::create_dir_all(&seeded).expect("mkdir");
+    let cli_png = seeded.join("cli.png");
     let mut args = vec!["generate", "-m", s(&onnx), "-p", PROMPTS[0], "--seed", "5"];
     args.extend(CPU_GENERATE);
-    args.extend(["--lora", s(&lora), "-o", s(&seeded.join("cli.png"))]);
+    args.extend(["--lora", s(&lora), "-o", s(&cli_png)]);
     lorafuse(&args);
     let plugin = Plugin::open(cdylib()).expect("plugin");
     let opts = PipelineOptions {
@@ -302,7 +303,7 @@ fn a_lora_trained_on_stars_learns_stars() {
         )
         .expect("plugin generate");
     let img = images.get(0).expect("image");
-    let plugin_d = max_diff(img.rgb, &rgb(&seeded.join("cli.png")));
+    let plugin_d = max_diff(img.rgb, &rgb(&cli_png));
     assert!(
         plugin_d <= 2,
         "the plugin differs from the CLI by {plugin_d}/255"
