@@ -741,7 +741,6 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
     // r(r(W) + ΔW), diffusers fuses W + ΔW in fp32. So |ours − diffusers| ≤ ½ulp(r(W)) + ½ulp(ours)
     // (+ f32 noise) for every merged weight of the UNet and the text encoder.
     use lorafuse::layout::OnnxPipelineDir;
-    use lorafuse::onnx::index::Layout;
     let fp16 = common::made("onnx-fp16");
     let (_tmp, out) = merge_to_tmp(&fp16, &[("diffusers_wide.safetensors", 1.0)]);
     let base = lorafuse::merge::index_pipeline(&OnnxPipelineDir::open(&fp16).expect("open"), None)
@@ -777,16 +776,8 @@ fn fp16_merged_weights_are_diffusers_fused_weights_rounded() {
                 .lookup(module)
                 .unwrap_or_else(|| panic!("{module} not in the {comp} index"))
                 .clone();
-            let (dims, v) = im.model.initializer_f32(&w.initializer).expect("read");
-            // back to torch layout [out, in]
-            match w.layout {
-                Layout::Torch => v,
-                Layout::Transposed => {
-                    let (r, c) = (dims[0], dims[1]);
-                    (0..r * c).map(|i| v[(i % r) * c + i / r]).collect()
-                }
-                Layout::Packed { .. } => w.unpack(&v).expect("packed slice"),
-            }
+            let (_, v) = im.model.initializer_f32(&w.initializer).expect("read");
+            w.to_torch(&v).expect("torch layout")
         };
         let (ours, b) = (find(&merged), find(&base));
         let (_, want) = fused.f32(&name);

@@ -99,21 +99,8 @@ const TE_LEAVES: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "f
 /// The mapped initializer as f32 in torch layout.
 fn torch_values(model: &OnnxModel, idx: &WeightIndex, module: &str) -> (Vec<usize>, Vec<f32>) {
     let m = idx.lookup(module).unwrap();
-    let (dims, vals) = model.initializer_f32(&m.initializer).unwrap();
-    match m.layout {
-        Layout::Torch => (dims, vals),
-        Layout::Transposed => {
-            let (r, c) = (dims[0], dims[1]);
-            let mut t = vec![0f32; vals.len()];
-            for i in 0..r {
-                for j in 0..c {
-                    t[j * r + i] = vals[i * c + j];
-                }
-            }
-            (vec![c, r], t)
-        }
-        Layout::Packed { .. } => (m.torch_shape.clone(), m.unpack(&vals).unwrap()),
-    }
+    let (_, vals) = model.initializer_f32(&m.initializer).unwrap();
+    (m.torch_shape.clone(), m.to_torch(&vals).unwrap())
 }
 
 /// Every LoRA target maps, and every mapped module (targets or not) holds the diffusers weight:

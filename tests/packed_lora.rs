@@ -5,7 +5,9 @@
 //! - `onnx-ortopt/unet`: packed QKV (self-attention) and packed KV (cross-attention)
 //!   MultiHeadAttention, interleaved per head (CUDA only: no CPU kernel for packed QKV);
 //! - `onnx-ortopt-attention/unet`: self-attention as `Attention` with a stacked
-//!   `qkv_weight`, cross-attention K/V separate (runs on the CPU provider).
+//!   `qkv_weight`, cross-attention K/V separate (runs on the CPU provider);
+//! - `onnx-ortopt-nhwc/unet`: the same plus every convolution as `com.microsoft.NhwcConv` with
+//!   its weight stored `[O, kH, kW, I]` (what the optimizer does for SD on CUDA; CUDA only).
 //!
 //! The index maps the same module paths as on the export; every LoRA dialect merges into the
 //! packed columns exactly as into the export's separate weights (f32 bit for bit); the merged
@@ -30,6 +32,7 @@ fn run_unet(path: &Path) -> Vec<f32> {
 
 const PACKED: &str = "onnx-ortopt";
 const STACKED: &str = "onnx-ortopt-attention";
+const NHWC: &str = "onnx-ortopt-nhwc";
 const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"];
 
 /// The UNet of fixture `variant`, made once per test process by ONNX Runtime's optimizer.
@@ -54,21 +57,8 @@ fn work_dir(name: &str) -> PathBuf {
 
 /// The module's weight in torch layout `[out, in]`, from the model's stored values.
 fn torch_weight(model: &OnnxModel, w: &MappedWeight) -> Vec<f32> {
-    let (dims, v) = model.initializer_f32(&w.initializer).expect("values");
-    match w.layout {
-        Layout::Torch => v,
-        Layout::Transposed => {
-            let (r, c) = (dims[0], dims[1]);
-            let mut t = vec![0f32; v.len()];
-            for i in 0..r {
-                for j in 0..c {
-                    t[j * r + i] = v[i * c + j];
-                }
-            }
-            t
-        }
-        Layout::Packed { .. } => w.unpack(&v).expect("unpack"),
-    }
+    let (_, v) = model.initializer_f32(&w.initializer).expect("values");
+    w.to_torch(&v).expect("torch layout")
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -86,7 +76,12 @@ fn attention_modules(idx: &WeightIndex) -> Vec<String> {
 fn index_maps_packed_slices_to_the_exports_modules() {
     let plain = OnnxModel::open(tiny("onnx/unet/model.onnx")).expect("export");
     let pidx = WeightIndex::build(&plain);
-    for (variant, packed_modules) in [(PACKED, 20), (STACKED, 12)] {
+    let export_convs = pidx.iter().filter(|w| w.op == "Conv").count();
+    assert!(
+        export_convs > 20,
+        "{export_convs} convolutions on the export"
+    );
+    for (variant, packed_modules) in [(PACKED, 20), (STACKED, 12), (NHWC, 12)] {
         let model = OnnxModel::open(ort_fixture(variant)).expect("opt");
         let idx = WeightIndex::build(&model);
         idx.validate(&model).expect("valid");
@@ -110,6 +105,22 @@ fn index_maps_packed_slices_to_the_exports_modules() {
                 w.module
             );
             assert!(!w.module.ends_with("attn2.to_q"), "{}", w.module);
+        }
+        // every convolution of the NHWC variant is an NhwcConv weight, found by the node's name
+        let nhwc: Vec<&MappedWeight> = idx.iter().filter(|w| w.layout == Layout::Nhwc).collect();
+        if variant == NHWC {
+            assert_eq!(nhwc.len(), export_convs, "{variant}");
+            for w in &nhwc {
+                assert_eq!(
+                    (w.op.as_str(), w.via),
+                    ("NhwcConv", Via::NodeName),
+                    "{}",
+                    w.module
+                );
+                assert_eq!(w.torch_shape.len(), 4, "{}", w.module);
+            }
+        } else {
+            assert!(nhwc.is_empty(), "{variant}");
         }
         // to_q of attn2 and every to_out.0 stay plain MatMuls
         for m in attention_modules(&idx) {
@@ -147,11 +158,11 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
     let work = work_dir("merge");
     let none = &mut |_: usize, _: usize, _: &str| {};
     let src = tiny("onnx");
-    let variants: Vec<(&str, PathBuf)> = [PACKED, STACKED]
+    let variants: Vec<(&str, PathBuf)> = [PACKED, STACKED, NHWC]
         .into_iter()
         .map(|v| (v, pipeline_with(&work, v)))
         .collect();
-    let mut merged_somewhere = 0;
+    let (mut merged_somewhere, mut merged_nhwc) = (0, 0);
     for lora in DIALECTS {
         let file = tiny(&format!("loras/{lora}.safetensors"));
         assert!(file.is_file(), "{lora}");
@@ -187,15 +198,21 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
                 let e = ia.lookup(&w.module).expect("module");
                 let (x, y) = (torch_weight(&mb, w), torch_weight(&ma, e));
                 assert_eq!(bits(&x), bits(&y), "{lora} {variant} {}", w.module);
-                if matches!(w.layout, Layout::Packed { .. })
-                    && x != torch_weight(&base, ibase.lookup(&w.module).expect("base module"))
-                {
-                    merged_somewhere += 1;
+                let changed =
+                    x != torch_weight(&base, ibase.lookup(&w.module).expect("base module"));
+                match w.layout {
+                    Layout::Packed { .. } if changed => merged_somewhere += 1,
+                    Layout::Nhwc if changed => merged_nhwc += 1,
+                    _ => {}
                 }
             }
         }
     }
     assert!(merged_somewhere > 0, "no LoRA changed a packed slice");
+    assert!(
+        merged_nhwc > 0,
+        "no LoRA changed an NHWC convolution weight"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -206,7 +223,7 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
     use lorafuse::layout::{OnnxComponent, OnnxPipelineDir};
     use lorafuse::merge::WeightUpdate;
     let work = work_dir("switch");
-    for variant in [PACKED, STACKED] {
+    for variant in [PACKED, STACKED, NHWC] {
         let dir = pipeline_with(&work, variant);
         let pd = OnnxPipelineDir::open(&dir).expect("pipeline");
         let spec: LoraSpec = tiny("loras/diffusers.safetensors")
@@ -217,9 +234,10 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
         let plan = lorafuse::merge::plan(&pd, &[spec], &MergeOptions::default()).expect("plan");
         let model = OnnxModel::open(dir.join("unet/model.onnx")).expect("unet");
         let idx = WeightIndex::build(&model);
+        // packed attention slices and NHWC convolution weights: full ΔW updates
         let packed: std::collections::BTreeSet<&str> = idx
             .iter()
-            .filter(|w| w.via == Via::PackedAttention)
+            .filter(|w| w.via == Via::PackedAttention || w.layout == Layout::Nhwc)
             .map(|w| w.initializer.as_str())
             .collect();
         let ups = plan.updates(OnnxComponent::Unet).expect("updates");

@@ -21,9 +21,14 @@ Writes, from tiny/onnx/unet/model.onnx (fp32, optimum export):
   com.microsoft.Attention with a stacked `qkv_weight` `[C, 3·C]` (Q | K | V); cross-attention
   keeps its three MatMuls into MultiHeadAttention. Runs on the CPU provider.
 
-Only the attention fusions matter here: GroupNorm, NhwcConv, BiasAdd and BiasSplitGelu are off
-(GroupNorm has no CPU kernel, NhwcConv would hide the convolution weights). Each packed weight is
-checked against the interleaving tests/packed_lora.rs assumes before anything is written.
+- OUT_DIR/onnx-ortopt-nhwc/unet/model.onnx: as onnx-ortopt-attention, plus enable_nhwc_conv
+  (what the optimizer does for SD UNets on CUDA, onnx_model_unet.py `FusionNhwcConv(update_weight=True)`):
+  every 4-D Conv becomes com.microsoft.NhwcConv `NhwcConv_<k>-<conv name>` between Transposes,
+  its weight a new initializer `NhwcConv_<k>_weight_NHWC` `[O, kH, kW, I]` (CUDA only).
+
+GroupNorm, BiasAdd and BiasSplitGelu stay off (no CPU kernels; they touch no LoRA weight). Each
+packed or NHWC weight is checked against the layout tests/packed_lora.rs assumes before anything
+is written.
 """
 
 import shutil
@@ -44,13 +49,13 @@ def log(msg):
     print(f"[ort_optimize_unet] {msg}", flush=True)
 
 
-def optimize(out_dir, packed):
+def optimize(out_dir, packed, nhwc=False):
     opts = FusionOptions("unet")
     opts.enable_packed_qkv = packed
     opts.enable_packed_kv = packed
     opts.enable_group_norm = False
     opts.enable_skip_group_norm = False
-    opts.enable_nhwc_conv = False
+    opts.enable_nhwc_conv = nhwc
     opts.enable_bias_add = False
     opts.enable_bias_splitgelu = False
     # use_gpu=True: the optimizer emits MultiHeadAttention (packed or not) only for GPU targets.
@@ -118,15 +123,40 @@ def check_packing(src, packed_path):
     assert checked > 0
 
 
+def check_nhwc(src, nhwc_path):
+    """Every NhwcConv weight is the export's Conv weight (the node named after `-`) as [O, kH, kW, I]."""
+    g = onnx.load(str(src)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    plain = {n.name: inits[n.input[1]] for n in g.node if n.op_type == "Conv" and n.input[1] in inits}
+    g = onnx.load(str(nhwc_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    checked = 0
+    for n in g.node:
+        if n.op_type != "NhwcConv":
+            continue
+        conv = n.name.split("-", 1)[1]
+        want = plain[conv].transpose(0, 2, 3, 1)
+        assert np.array_equal(inits[n.input[1]], want), f"{n.name}: weight is not the export's in NHWC"
+        checked += 1
+    log(f"{nhwc_path.parent.parent.name}: {checked} NhwcConv weights match the export's, NHWC")
+    assert checked > 0
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: ort_optimize_unet.py OUT_DIR")
     if not SRC.exists():
         sys.exit(f"{SRC} missing: run make_tiny.py first")
     root = Path(sys.argv[1])
-    for name, packed in (("onnx-ortopt", True), ("onnx-ortopt-attention", False)):
-        out = optimize(root / name / "unet", packed)
+    for name, packed, nhwc in (
+        ("onnx-ortopt", True, False),
+        ("onnx-ortopt-attention", False, False),
+        ("onnx-ortopt-nhwc", False, True),
+    ):
+        out = optimize(root / name / "unet", packed, nhwc)
         check_packing(SRC, out)
+        if nhwc:
+            check_nhwc(SRC, out)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,12 @@ fn low_rank_factors(
         return None;
     }
     // Torch layout: W[rows, inner] += A[rows, R]·B[R, inner]; [in, out] storage: Wᵀ += Bᵀ·Aᵀ.
-    // A packed slice's columns are not one product: its update is a full ΔW.
+    // A packed slice's columns or an NHWC weight's permuted elements are not one product of
+    // the stored factors: their update is a full ΔW.
     let (m, n) = match layout {
         Layout::Torch => (rows, inner),
         Layout::Transposed => (inner, rows),
-        Layout::Packed { .. } => return None,
+        Layout::Packed { .. } | Layout::Nhwc => return None,
     };
     let mut a = vec![0f32; m * total];
     let mut b = vec![0f32; total * n];
@@ -190,18 +191,18 @@ fn to_component(c: Component) -> OnnxComponent {
     }
 }
 
-/// The ΔW layout of a mapped weight; a packed slice is merged unpacked, in torch layout
-/// ([`MappedWeight::unpack`]).
+/// The ΔW layout of a mapped weight; a packed slice or an NHWC weight is merged unpacked, in
+/// torch layout ([`MappedWeight::unpack`]).
 fn lora_layout(l: Layout) -> lora_merge::Layout {
     match l {
-        Layout::Torch | Layout::Packed { .. } => lora_merge::Layout::Torch,
+        Layout::Torch | Layout::Packed { .. } | Layout::Nhwc => lora_merge::Layout::Torch,
         Layout::Transposed => lora_merge::Layout::Transposed,
     }
 }
 
-/// Add the items of `part` to `values`, the stored values of its initializer (a packed slice
-/// is gathered into torch layout, merged and scattered back: the same f32 sums as the plain
-/// export's weight).
+/// Add the items of `part` to `values`, the stored values of its initializer (a packed slice or
+/// an NHWC weight is gathered into torch layout, merged and scattered back: the same f32 sums as
+/// the plain export's weight).
 fn merge_part(values: &mut [f32], part: &Part, loras: &[Arc<LoraAdapter>]) -> Result<()> {
     let items: Vec<(&lora_format::LoraModule, f32)> = part
         .items
@@ -210,7 +211,7 @@ fn merge_part(values: &mut [f32], part: &Part, loras: &[Arc<LoraAdapter>]) -> Re
         .collect();
     let m = &part.mapped;
     match m.layout {
-        Layout::Packed { .. } => {
+        Layout::Packed { .. } | Layout::Nhwc => {
             let mut w = m
                 .unpack(values)
                 .ok_or_else(|| packed_mismatch(m, values.len()))?;
@@ -226,7 +227,7 @@ fn merge_part(values: &mut [f32], part: &Part, loras: &[Arc<LoraAdapter>]) -> Re
 
 fn packed_mismatch(m: &MappedWeight, len: usize) -> Error {
     Error::Internal(format!(
-        "`{}`: packed slice {:?} of torch shape {:?} does not fit the {len} values of `{}`",
+        "`{}`: {:?} weight of torch shape {:?} does not fit the {len} values of `{}`",
         m.module, m.layout, m.torch_shape, m.initializer
     ))
 }

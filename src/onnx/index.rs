@@ -56,6 +56,11 @@ pub enum Layout {
         heads: usize,
         head_dim: usize,
     },
+    /// A convolution weight stored `[out, kh, kw, in]`, as ONNX Runtime's optimizer stores the
+    /// weights of the `com.microsoft.NhwcConv` nodes it makes (fusion_nhwc_conv.py,
+    /// `update_weight=True`): torch element `[o, i, y, x]` is stored at `[o, y, x, i]`. Merged
+    /// unpacked, in torch layout ([`MappedWeight::unpack`], [`MappedWeight::repack`]).
+    Nhwc,
 }
 
 impl Layout {
@@ -64,7 +69,7 @@ impl Layout {
             (l, 0) => l,
             (Layout::Torch, _) => Layout::Transposed,
             (Layout::Transposed, _) => Layout::Torch,
-            (p @ Layout::Packed { .. }, _) => p,
+            (p @ (Layout::Packed { .. } | Layout::Nhwc), _) => p,
         }
     }
 
@@ -117,6 +122,10 @@ impl MappedWeight {
     pub fn stored_shape(&self) -> Vec<usize> {
         match self.layout {
             Layout::Torch => self.torch_shape.clone(),
+            Layout::Nhwc => match self.torch_shape[..] {
+                [o, i, y, x] => vec![o, y, x, i],
+                _ => self.torch_shape.clone(),
+            },
             Layout::Transposed => self.torch_shape.iter().rev().copied().collect(),
             Layout::Packed {
                 parts,
@@ -130,9 +139,36 @@ impl MappedWeight {
         }
     }
 
-    /// This projection's weight in torch layout `[out, in]`, read out of the stored values of
-    /// its initializer; for [`Layout::Packed`] only (`None` otherwise or on a size mismatch).
+    /// This weight in torch layout (`[out, in]`, `[out, in, kh, kw]`) from the stored values of
+    /// its initializer, whatever the layout (`None` on a size mismatch).
+    pub fn to_torch(&self, stored: &[f32]) -> Option<Vec<f32>> {
+        match self.layout {
+            Layout::Torch => Some(stored.to_vec()),
+            Layout::Transposed => {
+                let &[out, inner] = self.torch_shape.as_slice() else {
+                    return None;
+                };
+                (out.checked_mul(inner) == Some(stored.len())).then(|| {
+                    (0..out * inner)
+                        .map(|t| stored[(t % inner) * out + t / inner])
+                        .collect()
+                })
+            }
+            Layout::Packed { .. } | Layout::Nhwc => self.unpack(stored),
+        }
+    }
+
+    /// This weight in torch layout (`[out, in]`, `[out, in, kh, kw]`), read out of the stored
+    /// values of its initializer; for [`Layout::Packed`] and [`Layout::Nhwc`] only (`None`
+    /// otherwise or on a size mismatch).
     pub fn unpack(&self, stored: &[f32]) -> Option<Vec<f32>> {
+        if self.layout == Layout::Nhwc {
+            let mut w = vec![0f32; stored.len()];
+            for (t, s) in self.nhwc_positions(stored.len())? {
+                w[t] = stored[s];
+            }
+            return Some(w);
+        }
         let (cols, out, inner) = self.packed_dims(stored.len())?;
         let Layout::Packed {
             parts,
@@ -153,9 +189,22 @@ impl MappedWeight {
         Some(w)
     }
 
-    /// Write this projection's torch-layout weight `torch` back into its columns of the stored
-    /// values; the inverse of [`unpack`](Self::unpack). `false` (nothing written) on a mismatch.
+    /// Write this weight's torch-layout values `torch` back into the stored values (a packed
+    /// projection: its columns only); the inverse of [`unpack`](Self::unpack). `false` (nothing
+    /// written) on a mismatch.
     pub fn repack(&self, stored: &mut [f32], torch: &[f32]) -> bool {
+        if self.layout == Layout::Nhwc {
+            let Some(pos) = self.nhwc_positions(stored.len()) else {
+                return false;
+            };
+            if torch.len() != stored.len() {
+                return false;
+            }
+            for (t, s) in pos {
+                stored[s] = torch[t];
+            }
+            return true;
+        }
         let Some((cols, out, inner)) = self.packed_dims(stored.len()) else {
             return false;
         };
@@ -178,6 +227,23 @@ impl MappedWeight {
             }
         }
         true
+    }
+
+    /// (torch index, stored index) of every element of an [`Layout::Nhwc`] weight whose
+    /// initializer has `len` elements.
+    fn nhwc_positions(&self, len: usize) -> Option<impl Iterator<Item = (usize, usize)>> {
+        let &[o, i, y, x] = self.torch_shape.as_slice() else {
+            return None;
+        };
+        let n = o.checked_mul(i)?.checked_mul(y)?.checked_mul(x)?;
+        (self.layout == Layout::Nhwc && n == len).then(|| {
+            (0..n).map(move |t| {
+                let (oo, r) = (t / (i * y * x), t % (i * y * x));
+                let (ii, r) = (r / (y * x), r % (y * x));
+                let (yy, xx) = (r / x, r % x);
+                (t, ((oo * y + yy) * x + xx) * i + ii)
+            })
+        })
     }
 
     /// (stored columns, out, in) of a packed projection whose initializer has `len` elements.
@@ -351,6 +417,15 @@ impl WeightIndex {
         let torch_shape = match layout {
             Layout::Torch => t.dims.clone(),
             Layout::Transposed => t.dims.iter().rev().copied().collect(),
+            Layout::Nhwc => match t.dims[..] {
+                [o, y, x, i] => vec![o, i, y, x],
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "`{module}` → `{initializer}`: an NHWC layout needs a 4-D initializer, it has dims {:?}",
+                        t.dims
+                    )));
+                }
+            },
             Layout::Packed {
                 parts,
                 part,
@@ -516,6 +591,25 @@ fn is_onnx_domain(n: &NodeProto) -> bool {
     matches!(n.domain(), "" | "ai.onnx")
 }
 
+/// ONNX Runtime's `com.microsoft.NhwcConv` (contrib_defs.cc): a Conv on NHWC tensors whose weight
+/// is `[O, kH, kW, I]`.
+fn is_nhwc_conv(n: &NodeProto) -> bool {
+    n.domain() == "com.microsoft" && n.op_type() == "NhwcConv"
+}
+
+/// The module path of an `NhwcConv` that ONNX Runtime's optimizer made from a Conv: it names the
+/// node `NhwcConv_<k>-<the Conv's name>` (fusion_nhwc_conv.py), so the exporter's name follows.
+fn path_from_nhwc_conv_name(name: &str) -> Option<String> {
+    let (head, conv) = name.split_once('-')?;
+    let k = head.strip_prefix("NhwcConv")?;
+    let numbered = k.is_empty()
+        || k.strip_prefix('_')
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    numbered
+        .then(|| path_from_node_name(conv, "Conv"))
+        .flatten()
+}
+
 /// Identity, Cast, and a 2-D Transpose pass a weight through unchanged (up to layout and dtype).
 /// Returns `Some(toggles)` for those, `None` otherwise.
 fn pass_through(n: &NodeProto, rank: usize) -> Option<usize> {
@@ -536,6 +630,9 @@ fn pass_through(n: &NodeProto, rank: usize) -> Option<usize> {
 
 /// The layout a node expects at input `slot` when that slot is a LoRA-able weight.
 fn weight_slot(n: &NodeProto, slot: usize) -> Option<Layout> {
+    if is_nhwc_conv(n) && slot == 1 {
+        return Some(Layout::Nhwc);
+    }
     if !is_onnx_domain(n) || slot != 1 {
         return None;
     }
@@ -738,6 +835,7 @@ impl<'a> Builder<'a> {
         let op = n.op_type();
         let ok = match op {
             "Conv" => rank >= 3 && layout == Layout::Torch,
+            "NhwcConv" => rank == 4 && layout == Layout::Nhwc,
             _ => rank == 2,
         };
         if !ok {
@@ -747,9 +845,10 @@ impl<'a> Builder<'a> {
                 n.name()
             ));
         }
-        let torch_shape = match layout {
-            Layout::Torch => t.dims.clone(),
-            // weight_slot gives Torch or Transposed only
+        let torch_shape = match (layout, &t.dims[..]) {
+            (Layout::Torch, _) => t.dims.clone(),
+            (Layout::Nhwc, &[o, y, x, i]) => vec![o, i, y, x],
+            // weight_slot gives Torch, Transposed (2-D, checked above) or Nhwc (4-D) only
             _ => vec![t.dims[1], t.dims[0]],
         };
         let m = MappedWeight {
@@ -808,10 +907,14 @@ impl<'a> Builder<'a> {
         let mut rule2: BTreeMap<String, Vec<MappedWeight>> = BTreeMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let op = n.op_type();
-            if !matches!(op, "MatMul" | "Gemm" | "Conv") || !is_onnx_domain(n) {
+            let named = if is_nhwc_conv(n) {
+                path_from_nhwc_conv_name(n.name())
+            } else if matches!(op, "MatMul" | "Gemm" | "Conv") && is_onnx_domain(n) {
+                path_from_node_name(n.name(), op)
+            } else {
                 continue;
-            }
-            let (path, via) = match path_from_node_name(n.name(), op) {
+            };
+            let (path, via) = match named {
                 Some(p) => (p, Via::NodeName),
                 None => match scope_path(n) {
                     Some(p) => (p, Via::NameScope),
