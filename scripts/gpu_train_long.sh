@@ -10,8 +10,12 @@
 # When the run is complete, the final LoRA is loaded into diffusers' StableDiffusionPipeline
 # (load_lora_weights) and its keys are checked against the UNet's LoRA layers.
 # Carry .train-gpu (see scripts/gpu_train_bench.sh), .whl (diffusers wheel) and, after the first
-# part, .long. EXTRA adds flags (e.g. --memory_format channels_last).
+# part, .long. EXTRA adds flags. COMPARE=1 (first part only) first trains 80 steps of the recipe
+# with CUDA graphs in each --memory_format on 64 images and runs the whole run in the faster one
+# (recorded in the run's folder, so later parts keep it). A part ends by DEADLINE seconds (default
+# 560) after the script starts, leaving time for the checkpoint, the tar and the diffusers check.
 set -uo pipefail
+start=$(date +%s)
 export PYTHONUNBUFFERED=1
 site=/opt/torch/.venv/lib/python3.12/site-packages
 export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:$site/torch/lib:${LD_LIBRARY_PATH:-}
@@ -28,8 +32,27 @@ run=/tmp/long
 if [ ! -d $run ] && [ -f .long/run.tar ]; then
   mkdir -p $run && tar -xf .long/run.tar -C $run && echo "resuming from the carried run: $(ls $run | tr '\n' ' ')"
 fi
+mkdir -p $run
+if [ "${COMPARE:-0}" = 1 ] && [ ! -f $run/memory_format ]; then
+  [ -d /tmp/data64 ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data64 --n 64 || exit 1
+  best=contiguous; bsps=0
+  for f in contiguous channels_last; do
+    $T/lorafuse train --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data64 --resolution 512 --center_crop --random_flip \
+      --train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 80 --learning_rate 1e-04 --max_grad_norm 1 \
+      --lr_scheduler cosine --lr_warmup_steps 0 --mixed_precision bf16 --seed 1337 --checkpointing_steps 1000 \
+      --output_dir /tmp/cmp-$f --plain_log --device cuda --cuda_graphs on --profile_steps 20 --memory_format $f 2>&1 | grep -E "^phases|memory_format|^done|error" 
+    sps=$(python3 -c "import csv,statistics,sys; r=list(csv.DictReader(open(sys.argv[1])))[25:]; print(statistics.median(float(x['samples_per_s']) for x in r)); print(max(int(x['device_mem'] or 0) for x in r) / 2**30, file=sys.stderr)" /tmp/cmp-$f/logs/train_log.csv 2>/tmp/cmp-$f.mem)
+    echo "compare $f: median $sps samples/s over steps 26-80, peak $(cut -c1-4 /tmp/cmp-$f.mem) GiB"
+    cp /tmp/cmp-$f/logs/train_log.csv $OUT/compare-$f.csv
+    if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$sps" "$bsps"; then best=$f; bsps=$sps; fi
+  done
+  echo $best > $run/memory_format
+fi
+fmt=$(cat $run/memory_format 2>/dev/null || echo contiguous)
+left=$(( ${DEADLINE:-560} - ($(date +%s) - start) - 45 ))
+echo "this part: --memory_format $fmt, at most $left s of training"
 s=$(date +%s.%N)
-timeout -s INT --kill-after 120 ${SECONDS_PER_PART:-500} $T/lorafuse train \
+timeout -s INT --kill-after 60 $left $T/lorafuse train --memory_format $fmt \
   --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip \
   --train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 15000 --learning_rate 1e-04 \
   --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --mixed_precision bf16 --seed 1337 \
@@ -40,7 +63,7 @@ ls $run
 # what the next part resumes from: the newest checkpoint's LoRA, AdamW state and data order (not
 # its copy of the LoRA in diffusers' format, which resuming does not read), the config and logs
 last=$(cd $run && ls -d checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-[ -n "$last" ] && tar -cf $OUT/run.tar -C $run --exclude "$last/pytorch_lora_weights.safetensors" "$last" logs train_config.json && du -h $OUT/run.tar
+[ -n "$last" ] && tar -cf $OUT/run.tar -C $run --exclude "$last/pytorch_lora_weights.safetensors" "$last" logs train_config.json memory_format && du -h $OUT/run.tar
 cp $run/logs/train_log.csv $OUT/train_log.csv 2>/dev/null
 python3 - $run/logs/train_log.csv <<'EOF'
 import csv, statistics, sys

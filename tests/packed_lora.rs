@@ -35,6 +35,21 @@ const STACKED: &str = "onnx-ortopt-attention";
 const NHWC: &str = "onnx-ortopt-nhwc";
 const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"];
 
+/// The LoRA files merged into every variant: the tiny fixtures of each dialect, plus the shipped
+/// stars LoRA (diffusers format, LoCon-style: conv1/conv2/proj_in/proj_out carry LoRAs too, so
+/// NHWC convolution weights get standard low-rank updates).
+fn lora_files() -> Vec<(String, PathBuf)> {
+    let mut v: Vec<(String, PathBuf)> = DIALECTS
+        .iter()
+        .map(|d| (d.to_string(), tiny(&format!("loras/{d}.safetensors"))))
+        .collect();
+    v.push((
+        "stars".into(),
+        common::root().join("models/loras/stars.safetensors"),
+    ));
+    v
+}
+
 /// The UNet of fixture `variant`, made once per test process by ONNX Runtime's optimizer.
 fn ort_fixture(variant: &str) -> PathBuf {
     common::made(&format!("{variant}/unet/model.onnx"))
@@ -163,8 +178,7 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
         .map(|v| (v, pipeline_with(&work, v)))
         .collect();
     let (mut merged_somewhere, mut merged_nhwc) = (0, 0);
-    for lora in DIALECTS {
-        let file = tiny(&format!("loras/{lora}.safetensors"));
+    for (lora, file) in lora_files() {
         assert!(file.is_file(), "{lora}");
         let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
         let a = work.join(format!("{lora}-export"));
@@ -226,32 +240,55 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
     for variant in [PACKED, STACKED, NHWC] {
         let dir = pipeline_with(&work, variant);
         let pd = OnnxPipelineDir::open(&dir).expect("pipeline");
-        let spec: LoraSpec = tiny("loras/diffusers.safetensors")
-            .to_str()
-            .expect("utf-8")
-            .parse()
-            .expect("spec");
-        let plan = lorafuse::merge::plan(&pd, &[spec], &MergeOptions::default()).expect("plan");
+        let specs: Vec<LoraSpec> = [
+            tiny("loras/diffusers.safetensors"),
+            common::root().join("models/loras/stars.safetensors:0.7"),
+        ]
+        .iter()
+        .map(|f| f.to_str().expect("utf-8").parse().expect("spec"))
+        .collect();
+        let plan = lorafuse::merge::plan(&pd, &specs, &MergeOptions::default()).expect("plan");
         let model = OnnxModel::open(dir.join("unet/model.onnx")).expect("unet");
         let idx = WeightIndex::build(&model);
-        // packed attention slices and NHWC convolution weights: full ΔW updates
+        // packed attention slices (full ΔW updates) and NHWC convolution weights (low-rank
+        // factors with B's columns in the stored order)
         let packed: std::collections::BTreeSet<&str> = idx
             .iter()
-            .filter(|w| w.via == Via::PackedAttention || w.layout == Layout::Nhwc)
+            .filter(|w| w.via == Via::PackedAttention)
+            .map(|w| w.initializer.as_str())
+            .collect();
+        let nhwc: std::collections::BTreeSet<&str> = idx
+            .iter()
+            .filter(|w| w.layout == Layout::Nhwc)
             .map(|w| w.initializer.as_str())
             .collect();
         let ups = plan.updates(OnnxComponent::Unet).expect("updates");
-        let mut seen = 0;
-        for u in ups
-            .iter()
-            .filter(|u| packed.contains(u.initializer.as_str()))
-        {
-            let WeightUpdate::Full { delta } = &u.update else {
-                panic!("{}: a packed weight's update is a full ΔW", u.initializer);
-            };
+        let (mut seen, mut low_rank_nhwc) = (0, 0);
+        for u in ups.iter().filter(|u| {
+            packed.contains(u.initializer.as_str()) || nhwc.contains(u.initializer.as_str())
+        }) {
             let (_, mut w) = model.initializer_f32(&u.initializer).expect("base");
-            for (x, d) in w.iter_mut().zip(delta) {
-                *x += d;
+            match &u.update {
+                WeightUpdate::Full { delta } => {
+                    for (x, d) in w.iter_mut().zip(delta) {
+                        *x += d;
+                    }
+                }
+                WeightUpdate::LowRank { a, b, m, r, n } => {
+                    assert!(
+                        nhwc.contains(u.initializer.as_str()),
+                        "{}: a packed weight's update is a full ΔW",
+                        u.initializer
+                    );
+                    assert_eq!(m * n, w.len(), "{}", u.initializer);
+                    low_rank_nhwc += 1;
+                    for i in 0..*m {
+                        for j in 0..*n {
+                            w[i * n + j] +=
+                                (0..*r).map(|k| a[i * r + k] * b[k * n + j]).sum::<f32>();
+                        }
+                    }
+                }
             }
             let merged = plan
                 .merged_weight(OnnxComponent::Unet, &u.initializer)
@@ -264,7 +301,12 @@ fn switch_updates_of_packed_weights_equal_the_merge() {
             assert!(diff <= 1e-6, "{variant} {}: {diff}", u.initializer);
             seen += 1;
         }
-        assert!(seen > 0, "{variant}: no packed weight updated");
+        assert!(seen > 0, "{variant}: no packed or NHWC weight updated");
+        assert_eq!(
+            low_rank_nhwc > 0,
+            variant == NHWC,
+            "{variant}: low-rank NHWC updates"
+        );
         // and the switch's live weights (CPU) take them like any other weight
         lorafuse::runtime::init(None).expect("ONNX Runtime");
         let names = plan.target_names(OnnxComponent::Unet);

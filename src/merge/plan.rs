@@ -86,8 +86,8 @@ fn low_rank_factors(
         return None;
     }
     // Torch layout: W[rows, inner] += A[rows, R]·B[R, inner]; [in, out] storage: Wᵀ += Bᵀ·Aᵀ.
-    // A packed slice's columns or an NHWC weight's permuted elements are not one product of
-    // the stored factors: their update is a full ΔW.
+    // A packed slice's columns are not one product: its update is a full ΔW. An NHWC weight's
+    // rows are torch's rows with the columns reordered ([`nhwc_columns`]).
     let (m, n) = match layout {
         Layout::Torch => (rows, inner),
         Layout::Transposed => (inner, rows),
@@ -122,6 +122,31 @@ fn low_rank_factors(
         b,
         m,
         r: total,
+        n,
+    })
+}
+
+/// A torch-layout low-rank update `A·B` of an [`Layout::Nhwc`] weight in its stored order: B's
+/// column `(i, y, x)` moves to `(y, x, i)` (ΔW's rows are the output channels either way).
+fn nhwc_columns(update: WeightUpdate, mapped: &MappedWeight) -> Option<WeightUpdate> {
+    let WeightUpdate::LowRank { a, b, m, r, n } = update else {
+        return Some(update);
+    };
+    let order = mapped.nhwc_inner_order()?;
+    if order.len() != n {
+        return None;
+    }
+    let mut stored = vec![0f32; b.len()];
+    for k in 0..r {
+        for (j, &s) in order.iter().enumerate() {
+            stored[k * n + s] = b[k * n + j];
+        }
+    }
+    Some(WeightUpdate::LowRank {
+        a,
+        b: stored,
+        m,
+        r,
         n,
     })
 }
@@ -536,7 +561,12 @@ impl MergePlan {
                     let numel: usize = torch_shape.iter().product();
                     let rows = torch_shape.first().copied().unwrap_or(0).max(1);
                     let inner = numel / rows;
-                    match low_rank_factors(&items, rows, inner, part.mapped.layout) {
+                    let low_rank = match part.mapped.layout {
+                        Layout::Nhwc => low_rank_factors(&items, rows, inner, Layout::Torch)
+                            .and_then(|u| nhwc_columns(u, &part.mapped)),
+                        l => low_rank_factors(&items, rows, inner, l),
+                    };
+                    match low_rank {
                         Some(u) => u,
                         None => {
                             let mut delta = vec![0f32; numel];

@@ -229,6 +229,23 @@ impl MappedWeight {
         true
     }
 
+    /// For an [`Layout::Nhwc`] weight `[o, i, y, x]`: the stored position (within a row of
+    /// `y·x·i`) of each torch inner index `(i, y, x)`, so a row-wise update `A·B` in torch order
+    /// becomes the stored one by moving B's columns. `None` for other layouts.
+    pub fn nhwc_inner_order(&self) -> Option<Vec<usize>> {
+        let &[o, i, y, x] = self.torch_shape.as_slice() else {
+            return None;
+        };
+        let inner = i.checked_mul(y)?.checked_mul(x)?;
+        let n = o.checked_mul(inner)?;
+        Some(
+            self.nhwc_positions(n)?
+                .take(inner)
+                .map(|(_, s)| s)
+                .collect(),
+        )
+    }
+
     /// (torch index, stored index) of every element of an [`Layout::Nhwc`] weight whose
     /// initializer has `len` elements.
     fn nhwc_positions(&self, len: usize) -> Option<impl Iterator<Item = (usize, usize)>> {
