@@ -229,6 +229,79 @@ fn resume_after_kill_is_bit_identical() {
 }
 
 #[test]
+fn an_interrupt_delivered_twice_checkpoints_and_resumes() {
+    // GNU `timeout -s INT` (without --foreground) signals the command and then its process group:
+    // one interrupt arrives twice within microseconds. It must still mean "checkpoint after this
+    // step and stop" (a 15,000-step GPU run once crashed in "quit now" instead), and the run
+    // resumes from that checkpoint.
+    use std::io::{BufRead, BufReader};
+    let exe = env!("CARGO_BIN_EXE_lorafuse");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("run");
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--pretrained_model_name_or_path".into(),
+        tiny().join("diffusers").display().to_string(),
+        "--train_data_dir".into(),
+        tiny().join("dataset").display().to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ];
+    args.extend(
+        "--caption_column caption --resolution 256 --train_batch_size 2 --max_train_steps 12 \
+         --checkpointing_steps 1000 --seed 3 --device cpu --plain_log --report_to csv"
+            .split_whitespace()
+            .map(String::from),
+    );
+    let mut child = Command::new(exe)
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // the plain log's step lines are on stdout, messages on stderr
+    let errors = child.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || std::io::read_to_string(errors).expect("stderr"));
+    let mut steps = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for l in steps.by_ref() {
+        if l.expect("line").starts_with("step 2 ") {
+            break;
+        }
+    }
+    // 100 ms apart, so the kernel does not merge them into one pending signal
+    for i in 0..2 {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    }
+    steps.for_each(drop);
+    let status = child.wait().expect("wait");
+    let err = errors.join().expect("stderr thread");
+    assert!(!status.success(), "an interrupted run reports it: {err}");
+    assert!(err.contains("interrupt: saving a checkpoint"), "{err}");
+    assert!(
+        !err.contains("quitting now"),
+        "one interrupt, delivered twice: {err}"
+    );
+    let saved = lorafuse::train::trainer::list_checkpoints(&out);
+    let &[(step, _)] = saved.as_slice() else {
+        panic!("one checkpoint, at the interrupted step: {saved:?}\n{err}");
+    };
+    assert!((2..12).contains(&step), "checkpoint-{step}: {err}");
+    let st = Command::new(exe)
+        .args(&args)
+        .args(["--resume_from_checkpoint", "latest"])
+        .output()
+        .expect("resume");
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{err}");
+    assert!(err.contains(&format!("checkpoint-{step}")), "{err}");
+    assert!(out.join("pytorch_lora_weights.safetensors").is_file());
+}
+
+#[test]
 fn tensorboard_logs_and_validation_grids() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");

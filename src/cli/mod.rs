@@ -184,13 +184,40 @@ fn ctrl_c_flag(message: &'static str) -> std::sync::Arc<std::sync::atomic::Atomi
     use std::sync::atomic::{AtomicBool, Ordering};
     let flag = std::sync::Arc::new(AtomicBool::new(false));
     let f = flag.clone();
+    let mut first: Option<std::time::Instant> = None;
     let _ = ctrlc::set_handler(move || {
-        if f.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+        let now = std::time::Instant::now();
+        match first {
+            None => {
+                first = Some(now);
+                f.store(true, Ordering::SeqCst);
+                eprintln!("\n{message}");
+            }
+            // GNU `timeout` (without --foreground) signals the command and then its whole
+            // process group, so one interrupt arrives twice: the same interrupt, not a second one.
+            Some(t) if now.duration_since(t) < SECOND_INTERRUPT_AFTER => {}
+            Some(_) => quit_now(),
         }
-        eprintln!("\n{message}");
     });
     flag
+}
+
+/// How long after a first interrupt another one means "quit now".
+const SECOND_INTERRUPT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A second Ctrl-C: leave at once. `_exit` skips the exit handlers, which would tear down the
+/// CUDA runtime and libtorch's allocator under a thread still running kernels (a crash with
+/// "driver shutting down" instead of a quiet exit); files being written are temporary ones that
+/// the next run removes or ignores.
+fn quit_now() -> ! {
+    eprintln!("\ninterrupted again: quitting now");
+    #[cfg(unix)]
+    // SAFETY: _exit only ends the process; nothing runs after it.
+    unsafe {
+        libc::_exit(130)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(130)
 }
 
 /// The outcome of a command that writes a new folder at `out` and stops on Ctrl-C (`cancel`):
