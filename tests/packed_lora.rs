@@ -7,7 +7,9 @@
 //! - `onnx-ortopt-attention/unet`: self-attention as `Attention` with a stacked
 //!   `qkv_weight`, cross-attention K/V separate (runs on the CPU provider);
 //! - `onnx-ortopt-nhwc/unet`: the same plus every convolution as `com.microsoft.NhwcConv` with
-//!   its weight stored `[O, kH, kW, I]` (what the optimizer does for SD on CUDA; CUDA only).
+//!   its weight stored `[O, kH, kW, I]` (what the optimizer does for SD on CUDA; CUDA only);
+//! - `onnx-olive/unet`, `onnx-olive-cuda/unet`: Olive's SD recipe (the optimizer, then fp16), with
+//!   its "optimize" and "optimize_cuda" fusion options (CUDA only).
 //!
 //! The index maps the same module paths as on the export; every LoRA dialect merges into the
 //! packed columns exactly as into the export's separate weights (f32 bit for bit); the merged
@@ -227,6 +229,88 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
         merged_nhwc > 0,
         "no LoRA changed an NHWC convolution weight"
     );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Olive-style fp16 graphs (Olive's SD recipe: ORT's optimizer, then fp16; `onnx-olive`: packed
+/// QKV/KV and GroupNorm; `onnx-olive-cuda`: the optimizer's defaults, NhwcConv included) map the
+/// fp16 export's modules with the same fp16 values, and every LoRA merges into them bit for bit as
+/// into the fp16 export (both read fp16, add ΔW in f32, round back once).
+#[test]
+fn olive_style_fp16_graphs_merge_like_the_fp16_export() {
+    let work = work_dir("olive");
+    let none = &mut |_: usize, _: usize, _: &str| {};
+    let export = common::made("onnx-fp16");
+    let read = |dir: &Path| -> (OnnxModel, WeightIndex) {
+        let m = OnnxModel::open(dir.join("unet/model.onnx")).expect("unet");
+        let i = WeightIndex::build(&m);
+        (m, i)
+    };
+    let (base, ibase) = read(&export);
+    let mut variants = Vec::new();
+    for variant in ["onnx-olive", "onnx-olive-cuda"] {
+        let dir = work.join(variant);
+        common::copy_dir(&export, &dir);
+        std::fs::copy(ort_fixture(variant), dir.join("unet/model.onnx")).expect("swap unet");
+        let (m, idx) = read(&dir);
+        idx.validate(&m).expect("valid");
+        assert_eq!(
+            idx.modules().collect::<Vec<_>>(),
+            ibase.modules().collect::<Vec<_>>(),
+            "{variant}: skipped {:?}",
+            idx.skipped()
+        );
+        assert!(
+            idx.iter().any(|w| w.via == Via::PackedAttention),
+            "{variant}"
+        );
+        for w in idx.iter() {
+            let e = ibase.lookup(&w.module).expect("module");
+            assert_eq!(w.dtype, e.dtype, "{variant} {}", w.module);
+            assert_eq!(
+                bits(&torch_weight(&m, w)),
+                bits(&torch_weight(&base, e)),
+                "{variant} {}: not the fp16 export's weight",
+                w.module
+            );
+        }
+        variants.push((variant, dir));
+    }
+    let mut changed = 0;
+    for (lora, file) in lora_files() {
+        let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
+        let mut merge = |src: &Path, name: &str| -> (OnnxModel, WeightIndex) {
+            let out = work.join(format!("{lora}-{name}"));
+            merge_pipeline(
+                src,
+                &out,
+                std::slice::from_ref(&spec),
+                &MergeOptions::default(),
+                false,
+                none,
+            )
+            .unwrap_or_else(|e| panic!("{lora} into {name}: {e}"));
+            read(&out)
+        };
+        let (ma, ia) = merge(&export, "export");
+        for (variant, dir) in &variants {
+            let (mb, ib) = merge(dir, variant);
+            for w in ib.iter() {
+                let e = ia.lookup(&w.module).expect("module");
+                let x = torch_weight(&mb, w);
+                assert_eq!(
+                    bits(&x),
+                    bits(&torch_weight(&ma, e)),
+                    "{lora} {variant} {}",
+                    w.module
+                );
+                if x != torch_weight(&base, ibase.lookup(&w.module).expect("base")) {
+                    changed += 1;
+                }
+            }
+        }
+    }
+    assert!(changed > 0, "no LoRA changed a weight");
     let _ = std::fs::remove_dir_all(&work);
 }
 

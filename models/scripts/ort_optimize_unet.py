@@ -26,7 +26,17 @@ Writes, from tiny/onnx/unet/model.onnx (fp32, optimum export):
   every 4-D Conv becomes com.microsoft.NhwcConv `NhwcConv_<k>-<conv name>` between Transposes,
   its weight a new initializer `NhwcConv_<k>_weight_NHWC` `[O, kH, kW, I]` (CUDA only).
 
-GroupNorm, BiasAdd and BiasSplitGelu stay off (no CPU kernels; they touch no LoRA weight). Each
+Olive-style (fp16, CUDA only: GroupNorm has no CPU kernel), as Olive's OrtTransformersOptimization
+pass makes them (microsoft/Olive examples/stable_diffusion/config_unet.json: the optimizer, then
+`convert_float_to_float16` with `op_block_list=["RandomNormalLike"]`,
+`force_fp16_inputs={"GroupNorm": [0, 1, 2]}`, `keep_io_types=False`):
+- OUT_DIR/onnx-olive/unet/model.onnx: the "optimize" pass's fusion options (packed QKV and KV,
+  GroupNorm, no NHWC convolutions);
+- OUT_DIR/onnx-olive-cuda/unet/model.onnx: the "optimize_cuda" pass (the optimizer's defaults for
+  unet: also NhwcConv, SkipGroupNorm, BiasSplitGelu, BiasAdd).
+
+In the first three, GroupNorm, BiasAdd and BiasSplitGelu stay off (no CPU kernels; they touch no
+LoRA weight). Each
 packed or NHWC weight is checked against the layout tests/packed_lora.rs assumes before anything
 is written.
 """
@@ -49,15 +59,43 @@ def log(msg):
     print(f"[ort_optimize_unet] {msg}", flush=True)
 
 
-def optimize(out_dir, packed, nhwc=False):
+# Olive's "optimize" pass for the SD UNet (examples/stable_diffusion/config_unet.json)
+OLIVE_OPTIONS = dict(
+    enable_gelu=True,
+    enable_layer_norm=True,
+    enable_attention=True,
+    use_multi_head_attention=True,
+    enable_skip_layer_norm=False,
+    enable_embed_layer_norm=True,
+    enable_bias_skip_layer_norm=False,
+    enable_bias_gelu=True,
+    enable_gelu_approximation=False,
+    enable_qordered_matmul=False,
+    enable_shape_inference=True,
+    enable_gemm_fast_gelu=False,
+    enable_nhwc_conv=False,
+    enable_group_norm=True,
+    enable_bias_splitgelu=False,
+    enable_packed_qkv=True,
+    enable_packed_kv=True,
+    enable_bias_add=False,
+    group_norm_channels_last=False,
+)
+
+
+def optimize(out_dir, packed, nhwc=False, olive=None):
     opts = FusionOptions("unet")
-    opts.enable_packed_qkv = packed
-    opts.enable_packed_kv = packed
-    opts.enable_group_norm = False
-    opts.enable_skip_group_norm = False
-    opts.enable_nhwc_conv = nhwc
-    opts.enable_bias_add = False
-    opts.enable_bias_splitgelu = False
+    if olive is None:
+        opts.enable_packed_qkv = packed
+        opts.enable_packed_kv = packed
+        opts.enable_group_norm = False
+        opts.enable_skip_group_norm = False
+        opts.enable_nhwc_conv = nhwc
+        opts.enable_bias_add = False
+        opts.enable_bias_splitgelu = False
+    else:
+        for k, v in olive.items():
+            setattr(opts, k, v)
     # use_gpu=True: the optimizer emits MultiHeadAttention (packed or not) only for GPU targets.
     m = optimize_model(
         str(SRC),
@@ -68,7 +106,9 @@ def optimize(out_dir, packed, nhwc=False):
         optimization_options=opts,
         use_gpu=True,
     )
-    log(f"{out_dir.name}: {m.get_fused_operator_statistics()}")
+    if olive is not None:
+        m.convert_float_to_float16(keep_io_types=False, op_block_list=["RandomNormalLike"], force_fp16_inputs={"GroupNorm": [0, 1, 2]})
+    log(f"{out_dir.parent.name}: {m.get_fused_operator_statistics()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
     m.save_model_to_file(str(out))
@@ -157,6 +197,11 @@ def main():
         check_packing(SRC, out)
         if nhwc:
             check_nhwc(SRC, out)
+    # Olive-style fp16 graphs ("optimize_cuda": the optimizer's own defaults)
+    for name, olive in (("onnx-olive", OLIVE_OPTIONS), ("onnx-olive-cuda", {})):
+        out = optimize(root / name / "unet", True, olive=olive)
+        stats = onnx.load(str(out)).graph.initializer
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in stats), f"{name}: not fp16"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ pub fn tiny(rel: &str) -> PathBuf {
 /// "Made at test time"), in a folder that mirrors `models/tiny/`:
 /// - `onnx-extdata/unet/`: the fp32 UNet with its weights in `model.onnx_data`, by onnx
 ///   (`models/scripts/onnx_extdata_unet.py`);
-/// - `onnx-ortopt/unet/`, `onnx-ortopt-attention/unet/`, `onnx-ortopt-nhwc/unet/`: the fp32 UNet after ONNX Runtime's
+/// - `onnx-ortopt{,-attention,-nhwc}/unet/` (fp32) and `onnx-olive{,-cuda}/unet/` (fp16, Olive's
+///   recipe): the UNet after ONNX Runtime's
 ///   transformer optimizer (`models/scripts/ort_optimize_unet.py`);
 /// - `onnx-fp16/`: the complete fp16 pipeline, `models/tiny/onnx-fp16/` plus the tokenizer it
 ///   does not store (optimum writes the same bytes as `onnx/tokenizer/`; make_tiny.py checks).
@@ -35,9 +36,13 @@ pub fn made(rel: &str) -> PathBuf {
     static DONE: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
     let group: &'static str = match rel.split('/').next() {
         Some("onnx-extdata") => "onnx_extdata_unet.py",
-        Some("onnx-ortopt" | "onnx-ortopt-attention" | "onnx-ortopt-nhwc") => {
-            "ort_optimize_unet.py"
-        }
+        Some(
+            "onnx-ortopt"
+            | "onnx-ortopt-attention"
+            | "onnx-ortopt-nhwc"
+            | "onnx-olive"
+            | "onnx-olive-cuda",
+        ) => "ort_optimize_unet.py",
         Some("onnx-fp16") => "onnx-fp16",
         _ => panic!("made({rel}): no such test-time fixture"),
     };
