@@ -162,14 +162,37 @@ impl MappedWeight {
     /// values of its initializer; for [`Layout::Packed`] and [`Layout::Nhwc`] only (`None`
     /// otherwise or on a size mismatch).
     pub fn unpack(&self, stored: &[f32]) -> Option<Vec<f32>> {
-        if self.layout == Layout::Nhwc {
-            let mut w = vec![0f32; stored.len()];
-            for (t, s) in self.nhwc_positions(stored.len())? {
-                w[t] = stored[s];
-            }
-            return Some(w);
+        let (numel, positions) = self.positions(stored.len())?;
+        let mut w = vec![0f32; numel];
+        for (t, s) in positions {
+            w[t] = stored[s];
         }
-        let (cols, out, inner) = self.packed_dims(stored.len())?;
+        Some(w)
+    }
+
+    /// Write this weight's torch-layout values `torch` back into the stored values (a packed
+    /// projection: its columns only); the inverse of [`unpack`](Self::unpack). `false` (nothing
+    /// written) on a mismatch.
+    pub fn repack(&self, stored: &mut [f32], torch: &[f32]) -> bool {
+        let Some((numel, positions)) = self.positions(stored.len()) else {
+            return false;
+        };
+        if torch.len() != numel {
+            return false;
+        }
+        for (t, s) in positions {
+            stored[s] = torch[t];
+        }
+        true
+    }
+
+    /// For [`Layout::Packed`] and [`Layout::Nhwc`] weights whose initializer has `len` elements:
+    /// the torch-layout element count and (torch index, stored index) of each of those elements.
+    fn positions(&self, len: usize) -> Option<(usize, Positions<'_>)> {
+        if self.layout == Layout::Nhwc {
+            return Some((len, Box::new(self.nhwc_positions(len)?)));
+        }
+        let (cols, out, inner) = self.packed_dims(len)?;
         let Layout::Packed {
             parts,
             part,
@@ -179,54 +202,14 @@ impl MappedWeight {
         else {
             return None;
         };
-        let mut w = vec![0f32; out * inner];
-        for j in 0..out {
-            let col = Layout::packed_column(parts, part, head_dim, j);
-            for c in 0..inner {
-                w[j * inner + c] = stored[c * cols + col];
-            }
-        }
-        Some(w)
-    }
-
-    /// Write this weight's torch-layout values `torch` back into the stored values (a packed
-    /// projection: its columns only); the inverse of [`unpack`](Self::unpack). `false` (nothing
-    /// written) on a mismatch.
-    pub fn repack(&self, stored: &mut [f32], torch: &[f32]) -> bool {
-        if self.layout == Layout::Nhwc {
-            let Some(pos) = self.nhwc_positions(stored.len()) else {
-                return false;
-            };
-            if torch.len() != stored.len() {
-                return false;
-            }
-            for (t, s) in pos {
-                stored[s] = torch[t];
-            }
-            return true;
-        }
-        let Some((cols, out, inner)) = self.packed_dims(stored.len()) else {
-            return false;
-        };
-        let Layout::Packed {
-            parts,
-            part,
-            head_dim,
-            ..
-        } = self.layout
-        else {
-            return false;
-        };
-        if torch.len() != out * inner {
-            return false;
-        }
-        for j in 0..out {
-            let col = Layout::packed_column(parts, part, head_dim, j);
-            for c in 0..inner {
-                stored[c * cols + col] = torch[j * inner + c];
-            }
-        }
-        true
+        let walk = (0..out * inner).map(move |t| {
+            let (j, c) = (t / inner, t % inner);
+            (
+                t,
+                c * cols + Layout::packed_column(parts, part, head_dim, j),
+            )
+        });
+        Some((out * inner, Box::new(walk)))
     }
 
     /// For an [`Layout::Nhwc`] weight `[o, i, y, x]`: the stored position (within a row of
@@ -305,6 +288,9 @@ impl MappedWeight {
         }
     }
 }
+
+/// (torch index, stored index) pairs of a weight's elements ([`MappedWeight::unpack`]).
+type Positions<'a> = Box<dyn Iterator<Item = (usize, usize)> + 'a>;
 
 /// Something that looked like a LoRA target but was not mapped, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
