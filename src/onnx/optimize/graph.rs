@@ -280,18 +280,41 @@ impl<'a> Graph<'a> {
         let mut alive = self.dead.iter().map(|d| !d);
         g.node.retain(|_| alive.next().unwrap_or(true));
         topological_order(&mut g.node);
+        // Live nodes: those a graph output needs, found from the outputs back through producers
+        // (a worklist, so a graph stored out of order — ONNX Runtime's optimizer leaves some —
+        // loses nothing); nodes without outputs are kept.
+        let producer: HashMap<&str, usize> = g
+            .node
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+            .filter(|(o, _)| !o.is_empty())
+            .collect();
         let mut used: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
         let mut keep = vec![false; g.node.len()];
-        for i in (0..g.node.len()).rev() {
-            let n = &g.node[i];
-            let needed = n.output.is_empty() || n.output.iter().any(|o| used.contains(o));
-            if !needed {
+        let mut work: Vec<usize> = (0..g.node.len())
+            .filter(|&i| {
+                let n = &g.node[i];
+                n.output.is_empty() || n.output.iter().any(|o| used.contains(o))
+            })
+            .collect();
+        while let Some(i) = work.pop() {
+            if std::mem::replace(&mut keep[i], true) {
                 continue;
             }
-            keep[i] = true;
-            used.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+            let n = &g.node[i];
+            let mut reads: HashSet<String> =
+                n.input.iter().filter(|x| !x.is_empty()).cloned().collect();
             for a in &n.attribute {
-                subgraph_inputs(a, &mut used);
+                subgraph_inputs(a, &mut reads);
+            }
+            for x in reads {
+                if let Some(&p) = producer.get(x.as_str())
+                    && !keep[p]
+                {
+                    work.push(p);
+                }
+                used.insert(x);
             }
         }
         let before = g.node.len();
@@ -321,16 +344,19 @@ impl<'a> Graph<'a> {
 /// order wherever it already is one (nodes appended by a rewrite move up to where they are
 /// first needed).
 fn topological_order(nodes: &mut Vec<NodeProto>) {
+    // "" names an absent optional input or output (ONNX IR): never a dependency
     let producer: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
         .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .filter(|(o, _)| !o.is_empty())
         .collect();
     let deps: Vec<Vec<usize>> = nodes
         .iter()
         .map(|n| {
             n.input
                 .iter()
+                .filter(|x| !x.is_empty())
                 .filter_map(|x| producer.get(x.as_str()).copied())
                 .collect()
         })
