@@ -121,9 +121,37 @@ impl Error {
     }
 }
 
+/// The message of a panic payload (`&str` or `String`, as `panic!` and tch's `unwrap`s make
+/// them); `None` for other payloads. Pass the payload itself (`p.as_ref()` of a caught
+/// `Box<dyn Any + Send>`), not a reference to the box.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> Option<&str> {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+}
+
+/// [`panic_message`], or a placeholder for other payloads.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    panic_message(p)
+        .unwrap_or("unknown panic payload")
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panic_messages_of_caught_panics() {
+        let n = 3;
+        let formatted = std::panic::catch_unwind(|| panic!("out of {n}")).unwrap_err();
+        let literal = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(formatted.as_ref()), Some("out of 3"));
+        assert_eq!(panic_message(literal.as_ref()), Some("plain"));
+        // the box itself is an `Any` too: a reference to it finds no message
+        assert_eq!(panic_message(&formatted), None);
+        assert_eq!(panic_text(&7u8), "unknown panic payload");
+    }
 
     #[test]
     fn faults() {

@@ -302,6 +302,70 @@ fn an_interrupt_delivered_twice_checkpoints_and_resumes() {
 }
 
 #[test]
+fn out_of_memory_in_a_step_names_the_flags_to_lower() {
+    // libtorch's allocation failures reach Rust as tch panics; the trainer turns them into an
+    // error that names what to lower (the panic text is injected here: a real CUDA OOM needs a
+    // GPU, and a real CPU one would take the machine's memory). Other panics stay panics.
+    let exe = env!("CARGO_BIN_EXE_lorafuse");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |text: &str, extra: &[&str]| {
+        let mut c = Command::new(exe);
+        c.args(["train", "--pretrained_model_name_or_path"])
+            .arg(tiny().join("diffusers"))
+            .arg("--train_data_dir")
+            .arg(tiny().join("dataset"))
+            .arg("--output_dir")
+            .arg(tmp.path().join("out"))
+            .args(
+                "--caption_column caption --resolution 64 --max_train_steps 2 --device cpu --plain_log --report_to csv"
+                    .split_whitespace(),
+            )
+            .args(extra)
+            .args(["--debug_panic_in_step", text]);
+        c.output().expect("run")
+    };
+    let oom = "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB of which 3.06 MiB is free.";
+    let o = run(
+        oom,
+        &[
+            "--train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("out of memory in a training step with a batch of 4 (2 × 2 accumulated micro-batches, fused into one) at 64 px: lower --train_batch_size, or --no_fuse_accumulation"),
+        "{err}"
+    );
+    assert!(
+        err.contains("libtorch said: CUDA out of memory. Tried to allocate 20.00 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "no panic message: {err}");
+    let o = run(
+        "DefaultCPUAllocator: not enough memory: you tried to allocate 137438953472 bytes.",
+        &["--train_batch_size", "3", "--no_fuse_accumulation"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "with a batch of 3 at 64 px: lower --train_batch_size, or --resolution (now 64)"
+        ),
+        "{err}"
+    );
+    // anything else is not dressed up as a memory problem
+    let o = run("some other libtorch failure", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("panicked") && !err.contains("out of memory"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tensorboard_logs_and_validation_grids() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");

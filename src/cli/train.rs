@@ -112,6 +112,15 @@ pub fn run(_global: &GlobalArgs, a: TrainArgs) -> anyhow::Result<()> {
             eprintln!("note: {flag} is accepted and ignored");
         }
     }
+    // The trainer turns libtorch's out-of-memory panics into an error naming the flags to lower;
+    // the default hook would print them (with torch's C++ backtrace) first.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = lorafuse::error::panic_message(info.payload());
+        if !text.is_some_and(lorafuse::train::trainer::is_out_of_memory) {
+            default_hook(info)
+        }
+    }));
     let cancel = super::ctrl_c_flag(
         "interrupt: saving a checkpoint after this step (press Ctrl-C again to quit now)",
     );

@@ -21,7 +21,6 @@ mod handles;
 mod log;
 mod ops;
 
-use std::any::Any;
 use std::ffi::{CStr, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -36,16 +35,7 @@ use crate::pipeline::txt2img::LoraMode;
 use crate::runtime::session::{ConvAlgo, CudaOptions, Device, SessionOptions};
 use crate::{Error, Result};
 
-/// The text of a panic payload (`&str` or `String`, as `panic!` makes them).
-pub(crate) fn panic_text(p: &(dyn Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".to_string()
-    }
-}
+pub(crate) use crate::error::panic_text;
 
 fn new_status(code: u32, message: String) -> *mut LorafuseStatus {
     handles::register(Object::Status(Arc::new(StatusObj {

@@ -116,7 +116,8 @@ impl CudaGraph {
             let end = call("side stream end", |e| unsafe {
                 ffi::lf_graph_side_end(h, e)
             });
-            let out = out.map_err(|p| Error::Internal(format!("warm-up: {}", panic_text(&p))))?;
+            let out =
+                out.map_err(|p| Error::Internal(format!("warm-up: {}", panic_text(p.as_ref()))))?;
             end?;
             Ok(out)
         }
@@ -148,7 +149,7 @@ impl CudaGraph {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
                     Err(Error::Internal(format!(
                         "during capture: {}",
-                        panic_text(&p)
+                        panic_text(p.as_ref())
                     )))
                 });
             // SAFETY: as above; ends the capture even when `f` failed.
@@ -186,12 +187,7 @@ impl CudaGraph {
 
 /// The text of a caught panic (tch's `unwrap` of a libtorch error carries it).
 #[cfg(lorafuse_cuda_graph)]
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
+use crate::error::panic_text;
 
 impl Drop for CudaGraph {
     fn drop(&mut self) {

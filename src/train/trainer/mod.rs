@@ -48,6 +48,7 @@ pub use self::logs::{ReportTo, TENSORBOARD_RUN};
 use self::meta::lora_modules_of;
 pub use self::profile::PhaseTimes;
 use self::run::Trainer;
+pub use self::run::is_out_of_memory;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,6 +261,11 @@ pub struct TrainConfig {
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
     pub abort_after_step: Option<i64>,
+    /// Testing: panic with this text inside the first optimiser step, as libtorch errors surface
+    /// through tch (e.g. torch's "CUDA out of memory. Tried to allocate …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "debug_panic_in_step", hide = true)]
+    pub panic_in_step: Option<String>,
 }
 
 /// `--memory_format`: how the frozen UNet's convolution weights are laid out.
@@ -357,6 +363,7 @@ impl TrainConfig {
             memory_format: MemoryFormat::default(),
             profile_steps: None,
             abort_after_step: None,
+            panic_in_step: None,
         }
     }
 }

@@ -277,7 +277,18 @@ impl<'a> Trainer<'a> {
                 if self.pos.global_step >= self.plan.max_steps {
                     return Ok(());
                 }
-                b = self.step(epoch, &batches, b, on_event)?;
+                // tch panics on libtorch errors: an out-of-memory becomes an error naming the
+                // flags to lower, anything else goes on unwinding
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.step(epoch, &batches, b, on_event)
+                }));
+                b = match stepped {
+                    Ok(r) => r?,
+                    Err(p) => match out_of_memory(self.cfg, &self.plan, p.as_ref()) {
+                        Some(e) => return Err(e),
+                        None => std::panic::resume_unwind(p),
+                    },
+                };
                 self.after_step(epoch, &batches, b, cancel, on_event)?;
             }
             if let Some(v) = &self.cfg.validation
@@ -303,6 +314,9 @@ impl<'a> Trainer<'a> {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<usize> {
         let (cfg, plan) = (self.cfg, &self.plan);
+        if let Some(text) = &cfg.panic_in_step {
+            panic!("{text}");
+        }
         let t0 = Instant::now();
         self.clock.begin_step();
         let group_end = (b + plan.accum).min(plan.batches_per_epoch);
@@ -631,4 +645,55 @@ fn load_models(
         },
         flat,
     ))
+}
+
+/// Whether a panic's text is an allocation failure of libtorch: CUDA's caching allocator
+/// ("CUDA out of memory. Tried to allocate …", c10/cuda/CUDACachingAllocator.cpp) or the CPU
+/// allocator ("DefaultCPUAllocator: not enough memory" / "can't allocate memory",
+/// c10/core/impl/alloc_cpu.cpp).
+pub fn is_out_of_memory(text: &str) -> bool {
+    [
+        "out of memory",
+        "not enough memory",
+        "can't allocate memory",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// A step that ran out of memory, as an error that says which flags lower the step's memory;
+/// `None` for any other panic.
+fn out_of_memory(cfg: &TrainConfig, plan: &Plan, p: &(dyn std::any::Any + Send)) -> Option<Error> {
+    let text = crate::error::panic_message(p)?;
+    if !is_out_of_memory(text) {
+        return None;
+    }
+    let fused = cfg.fuse_accumulation && plan.accum > 1;
+    let batch = if fused {
+        format!(
+            "a batch of {} ({} × {} accumulated micro-batches, fused into one)",
+            cfg.train_batch_size * plan.accum,
+            cfg.train_batch_size,
+            plan.accum
+        )
+    } else {
+        format!("a batch of {}", cfg.train_batch_size)
+    };
+    let mut lower = vec!["--train_batch_size".to_string()];
+    if fused {
+        lower.push(
+            "--no_fuse_accumulation (micro-batches one at a time: the memory of one, slower)"
+                .into(),
+        );
+    }
+    lower.push(format!("--resolution (now {})", cfg.resolution));
+    if !cfg.cache_latents {
+        lower.push("caching latents (drop --no_cache_latents)".into());
+    }
+    let first = text.lines().next().unwrap_or_default();
+    Some(Error::InvalidArgument(format!(
+        "out of memory in a training step with {batch} at {} px: lower {}. libtorch said: {first}",
+        cfg.resolution,
+        lower.join(", or ")
+    )))
 }
