@@ -257,23 +257,12 @@ fn bucketed_run_with_caption_controls_resumes_bit_identically() {
     let data = tmp.path().join("data");
     bucket_dataset(&data);
     let args = |out: &Path, extra: &str| -> Vec<String> {
-        let mut v: Vec<String> = vec![
-            "train".into(),
-            "--pretrained_model_name_or_path".into(),
-            tiny_model().display().to_string(),
-            "--train_data_dir".into(),
-            data.display().to_string(),
-            "--output_dir".into(),
-            out.display().to_string(),
-        ];
         let common = "--resolution 64 --enable_bucket --min_bucket_reso 32 --max_bucket_reso 128 --bucket_reso_steps 16 \
                       --caption_extension .caption --shuffle_caption --keep_tokens 1 --caption_tag_dropout_rate 0.2 \
                       --caption_dropout_rate 0.1 --random_flip --train_batch_size 2 --gradient_accumulation_steps 3 \
                       --max_train_steps 6 --checkpointing_steps 2 --seed 5 --learning_rate 1e-3 --lr_warmup_steps 0 \
                       --device cpu --plain_log";
-        v.extend(common.split_whitespace().map(String::from));
-        v.extend(extra.split_whitespace().map(String::from));
-        v
+        common::train_cli(&tiny_model(), &data, out, &format!("{common} {extra}"))
     };
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let st = Command::new(exe)

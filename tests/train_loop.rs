@@ -145,25 +145,14 @@ fn resume_after_kill_is_bit_identical() {
     let model = tiny().join("diffusers");
     let data = tiny().join("dataset");
     let args = |out: &Path| -> Vec<String> {
-        let mut v: Vec<String> = vec![
-            "train".into(),
-            "--pretrained_model_name_or_path".into(),
-            model.display().to_string(),
-        ];
-        v.extend([
-            "--train_data_dir".into(),
-            data.display().to_string(),
-            "--output_dir".into(),
-            out.display().to_string(),
-        ]);
-        for a in "--caption_column caption --resolution 64 --random_flip --train_batch_size 3 --gradient_accumulation_steps 2 \
+        common::train_cli(
+            &model,
+            &data,
+            out,
+            "--caption_column caption --resolution 64 --random_flip --train_batch_size 3 --gradient_accumulation_steps 2 \
                   --max_train_steps 8 --checkpointing_steps 3 --checkpoints_total_limit 2 --seed 11 --lr_scheduler cosine \
-                  --lr_warmup_steps 2 --learning_rate 1e-3 --snr_gamma 5 --noise_offset 0.1 --device cpu --plain_log"
-            .split_whitespace()
-        {
-            v.push(a.into());
-        }
-        v
+                  --lr_warmup_steps 2 --learning_rate 1e-3 --snr_gamma 5 --noise_offset 0.1 --device cpu --plain_log",
+        )
     };
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let st = Command::new(exe).args(args(&a)).output().expect("run a");
@@ -238,20 +227,12 @@ fn an_interrupt_delivered_twice_checkpoints_and_resumes() {
     let exe = env!("CARGO_BIN_EXE_lorafuse");
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");
-    let mut args: Vec<String> = vec![
-        "train".into(),
-        "--pretrained_model_name_or_path".into(),
-        tiny().join("diffusers").display().to_string(),
-        "--train_data_dir".into(),
-        tiny().join("dataset").display().to_string(),
-        "--output_dir".into(),
-        out.display().to_string(),
-    ];
-    args.extend(
+    let args = common::train_cli(
+        &tiny().join("diffusers"),
+        &tiny().join("dataset"),
+        &out,
         "--caption_column caption --resolution 256 --train_batch_size 2 --max_train_steps 12 \
-         --checkpointing_steps 1000 --seed 3 --device cpu --plain_log --report_to csv"
-            .split_whitespace()
-            .map(String::from),
+         --checkpointing_steps 1000 --seed 3 --device cpu --plain_log --report_to csv",
     );
     let mut child = Command::new(exe)
         .args(&args)
@@ -309,20 +290,17 @@ fn out_of_memory_in_a_step_names_the_flags_to_lower() {
     let exe = env!("CARGO_BIN_EXE_lorafuse");
     let tmp = tempfile::tempdir().expect("tmp");
     let run = |text: &str, extra: &[&str]| {
-        let mut c = Command::new(exe);
-        c.args(["train", "--pretrained_model_name_or_path"])
-            .arg(tiny().join("diffusers"))
-            .arg("--train_data_dir")
-            .arg(tiny().join("dataset"))
-            .arg("--output_dir")
-            .arg(tmp.path().join("out"))
-            .args(
-                "--caption_column caption --resolution 64 --max_train_steps 2 --device cpu --plain_log --report_to csv"
-                    .split_whitespace(),
-            )
+        Command::new(exe)
+            .args(common::train_cli(
+                &tiny().join("diffusers"),
+                &tiny().join("dataset"),
+                &tmp.path().join("out"),
+                "--caption_column caption --resolution 64 --max_train_steps 2 --device cpu --plain_log --report_to csv",
+            ))
             .args(extra)
-            .args(["--debug_panic_in_step", text]);
-        c.output().expect("run")
+            .args(["--debug_panic_in_step", text])
+            .output()
+            .expect("run")
     };
     let oom = "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.19 GiB of which 3.06 MiB is free.";
     let o = run(

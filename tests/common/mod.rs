@@ -96,6 +96,21 @@ pub fn venv_python<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Vec<u8>
     o.stdout
 }
 
+/// A `lorafuse train` command line: `model`, `data`, `out`, then `flags` (whitespace-separated).
+pub fn train_cli(model: &Path, data: &Path, out: &Path, flags: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "train".into(),
+        "--pretrained_model_name_or_path".into(),
+        model.display().to_string(),
+        "--train_data_dir".into(),
+        data.display().to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ];
+    v.extend(flags.split_whitespace().map(String::from));
+    v
+}
+
 /// The training settings the CPU training tests share: the tiny pipeline, the data set `data`
 /// (`models/tiny/dataset` in most), its `file_name` / `caption` columns, 64 px centre-cropped and
 /// flipped, batch 4, no warm-up, no checkpoints before step 1000, `seed`, output to `out`, CPU.
