@@ -246,7 +246,7 @@ fn cpu_optimization_runs_on_the_cpu_provider() {
 /// the LoRA-target initializers come out byte for byte the same.
 #[test]
 fn loras_merge_into_optimized_pipelines_like_into_exports() {
-    use lorafuse::merge::{LoraSpec, MergeOptions, merge_pipeline, optimize_pipeline};
+    use lorafuse::merge::{MergeOptions, optimize_pipeline};
     let work = std::env::temp_dir().join(format!("lorafuse-optimize-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).expect("work dir");
@@ -302,27 +302,13 @@ fn loras_merge_into_optimized_pipelines_like_into_exports() {
             .to_string()
             .contains("exists")
     );
-    for lora in ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"] {
-        let file = tiny(&format!("loras/{lora}.safetensors"));
-        if !file.is_file() {
-            continue;
-        }
-        let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
+    for (lora, file) in common::lora_fixtures() {
         let (a, b) = (
             work.join(format!("{lora}-export")),
             work.join(format!("{lora}-opt")),
         );
-        merge_pipeline(
-            &src,
-            &a,
-            std::slice::from_ref(&spec),
-            &MergeOptions::default(),
-            false,
-            none,
-        )
-        .expect("merge into the export");
-        merge_pipeline(&opt, &b, &[spec], &MergeOptions::default(), false, none)
-            .expect("merge into the optimized copy");
+        common::merge_one(&src, &file, &a);
+        common::merge_one(&opt, &file, &b);
         for c in ["unet", "text_encoder"] {
             let ma = OnnxModel::open(a.join(c).join("model.onnx")).expect("a");
             let mb = OnnxModel::open(b.join(c).join("model.onnx")).expect("b");

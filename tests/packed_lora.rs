@@ -35,22 +35,6 @@ fn run_unet(path: &Path) -> Vec<f32> {
 const PACKED: &str = "onnx-ortopt";
 const STACKED: &str = "onnx-ortopt-attention";
 const NHWC: &str = "onnx-ortopt-nhwc";
-const DIALECTS: [&str; 5] = ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"];
-
-/// The LoRA files merged into every variant: the tiny fixtures of each dialect, plus the shipped
-/// stars LoRA (diffusers format, LoCon-style: conv1/conv2/proj_in/proj_out carry LoRAs too, so
-/// NHWC convolution weights get standard low-rank updates).
-fn lora_files() -> Vec<(String, PathBuf)> {
-    let mut v: Vec<(String, PathBuf)> = DIALECTS
-        .iter()
-        .map(|d| (d.to_string(), tiny(&format!("loras/{d}.safetensors"))))
-        .collect();
-    v.push((
-        "stars".into(),
-        common::root().join("models/loras/stars.safetensors"),
-    ));
-    v
-}
 
 /// The UNet of fixture `variant`, made once per test process by ONNX Runtime's optimizer.
 fn ort_fixture(variant: &str) -> PathBuf {
@@ -173,41 +157,23 @@ fn index_maps_packed_slices_to_the_exports_modules() {
 #[test]
 fn every_dialect_merges_into_packed_columns_like_into_the_export() {
     let work = work_dir("merge");
-    let none = &mut |_: usize, _: usize, _: &str| {};
     let src = tiny("onnx");
     let variants: Vec<(&str, PathBuf)> = [PACKED, STACKED, NHWC]
         .into_iter()
         .map(|v| (v, pipeline_with(&work, v)))
         .collect();
     let (mut merged_somewhere, mut merged_nhwc) = (0, 0);
-    for (lora, file) in lora_files() {
+    for (lora, file) in common::lora_fixtures() {
         assert!(file.is_file(), "{lora}");
-        let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
         let a = work.join(format!("{lora}-export"));
-        merge_pipeline(
-            &src,
-            &a,
-            std::slice::from_ref(&spec),
-            &MergeOptions::default(),
-            false,
-            none,
-        )
-        .expect("merge into the export");
+        common::merge_one(&src, &file, &a);
         let ma = OnnxModel::open(a.join("unet/model.onnx")).expect("a");
         let ia = WeightIndex::build(&ma);
         let base = OnnxModel::open(tiny("onnx/unet/model.onnx")).expect("base");
         let ibase = WeightIndex::build(&base);
         for (variant, dir) in &variants {
             let b = work.join(format!("{lora}-{variant}"));
-            merge_pipeline(
-                dir,
-                &b,
-                std::slice::from_ref(&spec),
-                &MergeOptions::default(),
-                false,
-                none,
-            )
-            .expect("merge into the ORT-optimized copy");
+            common::merge_one(dir, &file, &b);
             let mb = OnnxModel::open(b.join("unet/model.onnx")).expect("b");
             let ib = WeightIndex::build(&mb);
             for w in ib.iter() {
@@ -239,7 +205,6 @@ fn every_dialect_merges_into_packed_columns_like_into_the_export() {
 #[test]
 fn olive_style_fp16_graphs_merge_like_the_fp16_export() {
     let work = work_dir("olive");
-    let none = &mut |_: usize, _: usize, _: &str| {};
     let export = common::made("onnx-fp16");
     let read = |dir: &Path| -> (OnnxModel, WeightIndex) {
         let m = OnnxModel::open(dir.join("unet/model.onnx")).expect("unet");
@@ -277,19 +242,10 @@ fn olive_style_fp16_graphs_merge_like_the_fp16_export() {
         variants.push((variant, dir));
     }
     let mut changed = 0;
-    for (lora, file) in lora_files() {
-        let spec: LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
-        let mut merge = |src: &Path, name: &str| -> (OnnxModel, WeightIndex) {
+    for (lora, file) in common::lora_fixtures() {
+        let merge = |src: &Path, name: &str| -> (OnnxModel, WeightIndex) {
             let out = work.join(format!("{lora}-{name}"));
-            merge_pipeline(
-                src,
-                &out,
-                std::slice::from_ref(&spec),
-                &MergeOptions::default(),
-                false,
-                none,
-            )
-            .unwrap_or_else(|e| panic!("{lora} into {name}: {e}"));
+            common::merge_one(src, &file, &out);
             read(&out)
         };
         let (ma, ia) = merge(&export, "export");

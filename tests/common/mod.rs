@@ -96,6 +96,36 @@ pub fn venv_python<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Vec<u8>
     o.stdout
 }
 
+/// The LoRA files the merge tests apply to every graph form: the tiny fixtures of each dialect
+/// (`models/tiny/loras/`), plus the shipped stars LoRA (diffusers format, LoCon-style: conv1,
+/// conv2, proj_in and proj_out carry LoRAs too).
+pub fn lora_fixtures() -> Vec<(String, PathBuf)> {
+    let mut v: Vec<(String, PathBuf)> =
+        ["diffusers", "kohya", "attn_procs", "peft", "lycoris_loha"]
+            .iter()
+            .map(|d| (d.to_string(), tiny(&format!("loras/{d}.safetensors"))))
+            .collect();
+    v.push((
+        "stars".into(),
+        root().join("models/loras/stars.safetensors"),
+    ));
+    v
+}
+
+/// `merge_pipeline(src → out)` of the one LoRA `file` at weight 1, default options.
+pub fn merge_one(src: &Path, file: &Path, out: &Path) {
+    let spec: lorafuse::merge::LoraSpec = file.to_str().expect("utf-8").parse().expect("spec");
+    lorafuse::merge::merge_pipeline(
+        src,
+        out,
+        &[spec],
+        &lorafuse::merge::MergeOptions::default(),
+        false,
+        &mut |_, _, _| {},
+    )
+    .unwrap_or_else(|e| panic!("merge {} into {}: {e}", file.display(), src.display()));
+}
+
 /// A `lorafuse train` command line: `model`, `data`, `out`, then `flags` (whitespace-separated).
 pub fn train_cli(model: &Path, data: &Path, out: &Path, flags: &str) -> Vec<String> {
     let mut v: Vec<String> = vec![
