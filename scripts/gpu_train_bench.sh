@@ -16,19 +16,9 @@
 # graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences.
 # Writes $OUT/<name>.csv.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-site=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:$site/torch/lib:${LD_LIBRARY_PATH:-}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-T=.train-gpu
-[ -f $T/lorafuse ] || xz -dk $T/lorafuse.xz
-chmod +x $T/lorafuse
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-t=$(date +%s)
-[ -d /tmp/sd15 ] || python3 models/scripts/make_sd15_random.py model /tmp/sd15 --tokenizer $T/tokenizer || exit 1
-[ -d /tmp/data ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data --n ${NDATA:-64} || exit 1
-echo "model+data: $(( $(date +%s) - t )) s"
-common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --plain_log --device cuda"
+NDATA=${NDATA:-64}
+source scripts/gpu_train_prologue.sh
+common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --plain_log --device cuda"
 tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16"
 run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
 
@@ -81,7 +71,7 @@ if [ "${PEER:-1}" = 1 ]; then
     name=$1; spb=$2; shift 2; echo "== $name (diffusers' script, $spb samples per step): $*"; s=$(date +%s.%N)
     echo $spb > $OUT/$name.spb
     PEER_TIMING=$OUT/$name.json PYTHONPATH=$PWD/scripts/peer_shims/timing:$pp python3 .whl/train_text_to_image_lora.py \
-      --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip \
+      --pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip \
       --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --rank 4 \
       --output_dir /tmp/$name "$@" > /tmp/$name.log 2>&1
     echo "exit $?; wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"

@@ -16,28 +16,18 @@
 # 560) after the script starts, leaving time for the checkpoint, the tar and the diffusers check.
 set -uo pipefail
 start=$(date +%s)
-export PYTHONUNBUFFERED=1
-site=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:$site/torch/lib:${LD_LIBRARY_PATH:-}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-T=.train-gpu
-[ -f $T/lorafuse ] || xz -dk $T/lorafuse.xz
-chmod +x $T/lorafuse
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-t=$(date +%s)
-[ -d /tmp/sd15 ] || python3 models/scripts/make_sd15_random.py model /tmp/sd15 --tokenizer $T/tokenizer || exit 1
-[ -d /tmp/data ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data --n ${NDATA:-833} || exit 1
-echo "model+data: $(( $(date +%s) - t )) s"
+NDATA=${NDATA:-833}
+source scripts/gpu_train_prologue.sh
 run=/tmp/long
 if [ ! -d $run ] && [ -f .long/run.tar ]; then
   mkdir -p $run && tar -xf .long/run.tar -C $run && echo "resuming from the carried run: $(ls $run | tr '\n' ' ')"
 fi
 mkdir -p $run
 if [ "${COMPARE:-0}" = 1 ] && [ ! -f $run/memory_format ]; then
-  [ -d /tmp/data64 ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data64 --n 64 || exit 1
+  [ -d /tmp/data-64 ] || python3 models/scripts/make_sd15_random.py dataset /tmp/data-64 --n 64 || exit 1
   best=contiguous; bsps=0
   for f in contiguous channels_last; do
-    $T/lorafuse train --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data64 --resolution 512 --center_crop --random_flip \
+    $T/lorafuse train --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data-64 --resolution 512 --center_crop --random_flip \
       --train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 80 --learning_rate 1e-04 --max_grad_norm 1 \
       --lr_scheduler cosine --lr_warmup_steps 0 --mixed_precision bf16 --seed 1337 --checkpointing_steps 1000 \
       --output_dir /tmp/cmp-$f --plain_log --device cuda --cuda_graphs on --profile_steps 20 --memory_format $f 2>&1 | grep -E "^phases|memory_format|^done|error" 
@@ -53,7 +43,7 @@ left=$(( ${DEADLINE:-560} - ($(date +%s) - start) - 45 ))
 echo "this part: --memory_format $fmt, at most $left s of training"
 s=$(date +%s.%N)
 timeout -s INT --kill-after 60 $left $T/lorafuse train --memory_format $fmt \
-  --pretrained_model_name_or_path /tmp/sd15 --train_data_dir /tmp/data --resolution 512 --center_crop --random_flip \
+  --pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip \
   --train_batch_size 1 --gradient_accumulation_steps 4 --max_train_steps 15000 --learning_rate 1e-04 \
   --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --mixed_precision bf16 --seed 1337 \
   --checkpointing_steps 500 --checkpoints_total_limit 2 --resume_from_checkpoint latest \

@@ -66,6 +66,30 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Every module mapped in `idx` holds the `reference` model's weight: same torch shape and dtype, the
+/// same values bit for bit once read into torch layout.
+fn assert_same_weights(
+    what: &str,
+    (model, idx): (&OnnxModel, &WeightIndex),
+    (reference, ridx): (&OnnxModel, &WeightIndex),
+) {
+    for w in idx.iter() {
+        let e = ridx.lookup(&w.module).expect("reference module");
+        assert_eq!(
+            (&w.torch_shape, w.dtype),
+            (&e.torch_shape, e.dtype),
+            "{what} {}",
+            w.module
+        );
+        assert_eq!(
+            bits(&torch_weight(model, w)),
+            bits(&torch_weight(reference, e)),
+            "{what} {}: not the reference's weight",
+            w.module
+        );
+    }
+}
+
 fn attention_modules(idx: &WeightIndex) -> Vec<String> {
     idx.modules()
         .filter(|m| m.contains(".attn"))
@@ -130,16 +154,7 @@ fn index_maps_packed_slices_to_the_exports_modules() {
             }
         }
         // the slices hold the export's weights, as the reference tool packed them
-        for w in idx.iter() {
-            let e = pidx.lookup(&w.module).expect("export module");
-            assert_eq!(w.torch_shape, e.torch_shape, "{}", w.module);
-            assert_eq!(
-                bits(&torch_weight(&model, w)),
-                bits(&torch_weight(&plain, e)),
-                "{variant} {}: slice differs from the export's weight",
-                w.module
-            );
-        }
+        assert_same_weights(variant, (&model, &idx), (&plain, &pidx));
         assert!(
             !idx.skipped().iter().any(|s| s.reason.contains("Attention")),
             "{:?}",
@@ -229,16 +244,7 @@ fn olive_style_fp16_graphs_merge_like_the_fp16_export() {
             idx.iter().any(|w| w.via == Via::PackedAttention),
             "{variant}"
         );
-        for w in idx.iter() {
-            let e = ibase.lookup(&w.module).expect("module");
-            assert_eq!(w.dtype, e.dtype, "{variant} {}", w.module);
-            assert_eq!(
-                bits(&torch_weight(&m, w)),
-                bits(&torch_weight(&base, e)),
-                "{variant} {}: not the fp16 export's weight",
-                w.module
-            );
-        }
+        assert_same_weights(variant, (&m, &idx), (&base, &ibase));
         variants.push((variant, dir));
     }
     let mut changed = 0;
