@@ -176,6 +176,11 @@ pub struct CudaArgs {
     /// graph per resolution and batch).
     #[arg(long = "cuda-graphs")]
     pub cuda_graphs: bool,
+    /// How the CUDA provider spends GPU memory: lean (arenas grow by what is asked, weights
+    /// outside them, cuDNN without its largest workspaces, the VAE's arena handed back after
+    /// each image) or roomy (ONNX Runtime's defaults).
+    #[arg(long = "cuda-memory", default_value_t = lorafuse::runtime::session::CudaMemory::default())]
+    pub cuda_memory: lorafuse::runtime::session::CudaMemory,
 }
 
 /// A flag Ctrl-C sets, for long commands that stop at their next safe point: the first Ctrl-C
@@ -281,6 +286,7 @@ impl CudaArgs {
             layout: self.cuda_conv_layout,
             io_binding: self.cuda_io_binding,
             graphs: self.cuda_graphs,
+            memory: self.cuda_memory,
         }
     }
 }

@@ -458,6 +458,7 @@ unsafe extern "C" fn create_pipeline(
             layout: Default::default(),
             io_binding: false,
             graphs: o.cuda_graphs,
+            memory: Default::default(),
         };
         let state = ops::open_pipeline(PipelineConfig {
             model_dir,

@@ -163,7 +163,9 @@ pub struct Txt2Img {
     tokenizer: ClipTokenizer,
     scheduler_config: SchedulerConfig,
     text_encoder: Session,
-    unet: Session,
+    /// `None` between dropping a UNet session and building its replacement ([`graphs`]: one
+    /// UNet session in device memory at a time); [`Txt2Img::unet_session`] builds it again.
+    unet: Option<Session>,
     vae_decoder: Session,
     unet_sig: UnetSignature,
     ids_ty: TensorElementType,
@@ -201,7 +203,6 @@ impl Txt2Img {
         let scheduler_config = SchedulerConfig::from_file(dir.scheduler_config())?;
         let once = opts.without_graphs();
         let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), &once)?;
-        // with CUDA graphs, the UNet is built again with fixed shapes at the first image
         let unet = session::open(&dir.model_path(OnnxComponent::Unet), &once)?;
         let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), &once)?;
         let mut p = Self::from_parts(
@@ -213,6 +214,13 @@ impl Txt2Img {
             vae_decoder,
         )?;
         p.opts = opts.clone();
+        if p.opts.cuda.graphs
+            && session::placement(&p.opts) != crate::runtime::switch::Placement::Cpu
+        {
+            // built again with the first request's fixed shapes ([`graphs`]); dropped now so
+            // that two UNet sessions never hold device memory together
+            p.unet = None;
+        }
         Ok(p)
     }
 
@@ -304,7 +312,7 @@ impl Txt2Img {
             tokenizer,
             scheduler_config,
             text_encoder,
-            unet,
+            unet: Some(unet),
             vae_decoder,
             unet_sig,
             ids_ty,
@@ -345,7 +353,7 @@ impl Txt2Img {
 
     /// Replace the UNet session (LoRA switch at run time).
     pub fn replace_unet(&mut self, unet: Session) {
-        self.unet = unet;
+        self.unet = Some(unet);
         self.loras.unet_live = None;
         self.unet_io = None;
         self.graph_dims = None;
@@ -431,16 +439,22 @@ impl Txt2Img {
                 ),
                 (port(&sig.hidden_name, hidden_shape, sig.hidden_ty), hidden),
             ];
-            if self.unet_io.is_none() {
+            self.unet_session()?;
+            if self.unet_io.is_none()
+                && let Some(unet) = self.unet.as_ref()
+            {
                 let graphs = self.graph_dims.is_some();
-                self.unet_io = Some(DeviceIo::new(&self.unet, device_id, graphs)?);
+                self.unet_io = Some(DeviceIo::new(unet, device_id, graphs)?);
             }
             let io = self
                 .unet_io
                 .as_mut()
                 .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
+            let Some(unet) = self.unet.as_mut() else {
+                return Err(Error::Internal("no UNet session".into()));
+            };
             return io.run(
-                &mut self.unet,
+                unet,
                 self.loras.unet_live.as_mut().map(|l| &mut l.binding),
                 &inputs,
                 &out,
@@ -460,12 +474,12 @@ impl Txt2Img {
                 float_value(hidden, hidden_shape, sig.hidden_ty)?,
             ),
         ];
-        let (_, data) = run_first_output(
-            &mut self.unet,
-            self.loras.unet_live.as_mut(),
-            inputs,
-            "UNet output",
-        )?;
+        self.unet_session()?;
+        let Some(unet) = self.unet.as_mut() else {
+            return Err(Error::Internal("no UNet session".into()));
+        };
+        let (_, data) =
+            run_first_output(unet, self.loras.unet_live.as_mut(), inputs, "UNet output")?;
         Ok(data)
     }
 
@@ -641,15 +655,21 @@ impl Txt2Img {
         let inv = 1.0 / self.vae_scaling_factor;
         let per = c * lh * lw;
         let mut pixels = Vec::with_capacity(b * h * w * 3);
+        let shrink = self.opts.once_per_image_run_options()?;
         for k in 0..b {
             let z: Vec<f32> = latents[k * per..(k + 1) * per]
                 .iter()
                 .map(|v| v * inv)
                 .collect();
             let input = float_value(&z, &[1, c, lh, lw], self.latent_ty)?;
-            let outputs = self
-                .vae_decoder
-                .run(ort::inputs!["latent_sample" => input])?;
+            let outputs = match &shrink {
+                Some(ro) => self
+                    .vae_decoder
+                    .run_with_options(ort::inputs!["latent_sample" => input], ro)?,
+                None => self
+                    .vae_decoder
+                    .run(ort::inputs!["latent_sample" => input])?,
+            };
             let (shape, data) = extract_f32(&outputs[0], "VAE decoder output")?;
             if shape != [1, 3, h, w] {
                 return Err(Error::Shape {
