@@ -43,10 +43,25 @@ impl Txt2Img {
         r
     }
 
-    /// Build the UNet session again with the current options, keeping its LoRA state.
-    fn reopen_unet(&mut self) -> Result<()> {
+    /// The UNet session, built first if it was dropped (CUDA graphs' first request, or a
+    /// rebuild that failed after dropping the previous one).
+    pub(super) fn unet_session(&mut self) -> Result<&mut ort::session::Session> {
+        if self.unet.is_none() {
+            self.reopen_unet()?;
+        }
+        self.unet
+            .as_mut()
+            .ok_or_else(|| crate::Error::Internal("the UNet session was not built".into()))
+    }
+
+    /// Build the UNet session again with the current options, keeping its LoRA state. The old
+    /// session is dropped first, so two UNets never hold device memory together; if the build
+    /// fails, the next request tries again.
+    pub(super) fn reopen_unet(&mut self) -> Result<()> {
         let c = OnnxComponent::Unet;
         let opts = self.component_opts(c);
+        self.unet = None;
+        self.unet_io = None;
         if let Some(live) = self.loras.unet_live.as_mut() {
             let indexed = self.loras.indexed.as_deref().unwrap_or_default();
             let im = indexed
@@ -59,14 +74,14 @@ impl Txt2Img {
             let mut binding = s.create_binding()?;
             live.weights.bind_all(&mut binding)?;
             live.binding = binding;
-            self.unet = s;
+            self.unet = Some(s);
         } else if self.loras.patched.contains(&c) {
             let merge = self.loras.last_merge.clone().unwrap_or_default();
             let active = self.loras.active.clone();
             self.loras.patched.retain(|&p| p != c);
             self.set_loras(&active, &merge)?;
         } else {
-            self.unet = session::open(&self.dir.model_path(c), &opts)?;
+            self.unet = Some(session::open(&self.dir.model_path(c), &opts)?);
         }
         self.unet_io = None;
         Ok(())

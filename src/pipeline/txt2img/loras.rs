@@ -182,6 +182,12 @@ impl Txt2Img {
                 );
                 let names: Vec<String> = names.into_iter().collect();
                 let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
+                if c == OnnxComponent::Unet {
+                    // one UNet in device memory at a time: the old one goes first (if the
+                    // build fails, the next request builds it again with the old LoRA state)
+                    self.unet = None;
+                    self.unet_io = None;
+                }
                 let session = session::open_from_memory(
                     &self.dir.model_path(c),
                     &self.component_opts(c),
@@ -207,7 +213,7 @@ impl Txt2Img {
             match fresh {
                 Some((session, live)) => match c {
                     OnnxComponent::Unet => {
-                        self.unet = session;
+                        self.unet = Some(session);
                         self.loras.unet_live = Some(live);
                         self.unet_io = None;
                     }
@@ -248,7 +254,9 @@ impl Txt2Img {
     /// Rebuild mode: the merged weights go into patched in-memory models whose sessions replace
     /// the current ones. Only the sessions whose weights change are rebuilt.
     fn set_loras_rebuild(&mut self, plan: &crate::merge::MergePlan) -> Result<()> {
-        // Build every new session before replacing any, so an error leaves the pipeline as it was.
+        // Build every new session before replacing any, so an error leaves the pipeline as it
+        // was; only the old UNet goes before its replacement is built (one UNet in device
+        // memory at a time), and after an error the next request builds it again as it was.
         let mut rebuilt = Vec::new();
         let mut now_patched = Vec::new();
         for c in [OnnxComponent::TextEncoder, OnnxComponent::Unet] {
@@ -262,6 +270,10 @@ impl Txt2Img {
             // The merged weights go into a patched in-memory copy of the model rather than through
             // ORT's AddInitializer overrides: on the CUDA provider those gave wrong images (seen on
             // an H200 with ORT 1.31.1, at every graph optimisation level), on the CPU right ones.
+            if c == OnnxComponent::Unet {
+                self.unet = None;
+                self.unet_io = None;
+            }
             let session = if merged.is_empty() {
                 session::open(&self.dir.model_path(c), &self.component_opts(c))?
             } else {
@@ -293,7 +305,7 @@ impl Txt2Img {
         for (c, s) in rebuilt {
             match c {
                 OnnxComponent::Unet => {
-                    self.unet = s;
+                    self.unet = Some(s);
                     self.unet_io = None;
                 }
                 _ => self.text_encoder = s,
