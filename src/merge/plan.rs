@@ -151,6 +151,70 @@ fn nhwc_columns(update: WeightUpdate, mapped: &MappedWeight) -> Option<WeightUpd
     })
 }
 
+/// The update of a packed `[in, cols]` weight ([`Layout::Packed`]) from standard LoRAs on its
+/// projections, as one product: each part's `[in, r]`·`[r, out]` factors (transposed storage)
+/// stacked along the rank, B's column `j` of part `p` moved to the packed column of `(p, j)`
+/// and zero elsewhere. `None` when a part is not a packed projection or not plain LoRAs.
+fn packed_low_rank(parts: &[Part], loras: &[Arc<LoraAdapter>]) -> Option<WeightUpdate> {
+    let mut stacked = Vec::with_capacity(parts.len());
+    let (mut inner, mut cols) = (None, None);
+    for part in parts {
+        let Layout::Packed {
+            parts: n_parts,
+            part: p,
+            heads,
+            head_dim,
+        } = part.mapped.layout
+        else {
+            return None;
+        };
+        let &[rows, c_in] = part.mapped.torch_shape.as_slice() else {
+            return None;
+        };
+        let width = heads.checked_mul(n_parts)?.checked_mul(head_dim)?;
+        if *inner.get_or_insert(c_in) != c_in || *cols.get_or_insert(width) != width {
+            return None;
+        }
+        let items: Vec<(&lora_format::LoraModule, f32)> = part
+            .items
+            .iter()
+            .map(|&(li, mi, w)| (&loras[li].modules[mi], w))
+            .collect();
+        let WeightUpdate::LowRank { a, b, r, n, .. } =
+            low_rank_factors(&items, rows, c_in, Layout::Transposed)?
+        else {
+            return None;
+        };
+        let columns: Vec<usize> = (0..n)
+            .map(|j| Layout::packed_column(n_parts, p, head_dim, j))
+            .collect();
+        stacked.push((a, b, r, columns));
+    }
+    let (m, n) = (inner?, cols?);
+    let total: usize = stacked.iter().map(|s| s.2).sum();
+    let mut a = vec![0f32; m * total];
+    let mut b = vec![0f32; total * n];
+    let mut off = 0;
+    for (pa, pb, r, columns) in stacked {
+        for i in 0..m {
+            a[i * total + off..i * total + off + r].copy_from_slice(&pa[i * r..(i + 1) * r]);
+        }
+        for k in 0..r {
+            for (j, &c) in columns.iter().enumerate() {
+                b[(off + k) * n + c] = pb[k * columns.len() + j];
+            }
+        }
+        off += r;
+    }
+    Some(WeightUpdate::LowRank {
+        a,
+        b,
+        m,
+        r: total,
+        n,
+    })
+}
+
 /// The modules merged into one initializer: one, or several slices of a packed weight.
 struct Target {
     parts: Vec<Part>,
@@ -575,15 +639,19 @@ impl MergePlan {
                         }
                     }
                 }
-                // Slices of a packed weight: ΔW of each, scattered into one full update.
-                parts => {
-                    let numel: usize = t.first().stored_shape().iter().product();
-                    let mut delta = vec![0f32; numel];
-                    for part in parts {
-                        merge_part(&mut delta, part, &self.loras)?;
+                // Slices of a packed weight: the parts' factors stacked, each part's columns
+                // moved to its packed columns; else ΔW of each, scattered into one full update.
+                parts => match packed_low_rank(parts, &self.loras) {
+                    Some(u) => u,
+                    None => {
+                        let numel: usize = t.first().stored_shape().iter().product();
+                        let mut delta = vec![0f32; numel];
+                        for part in parts {
+                            merge_part(&mut delta, part, &self.loras)?;
+                        }
+                        WeightUpdate::Full { delta }
                     }
-                    WeightUpdate::Full { delta }
-                }
+                },
             };
             // The device adds the update to W itself; a cheap bound on |ΔW| says whether the sum
             // can leave the dtype's range, and only then is the weight merged here to check it.

@@ -74,7 +74,7 @@ impl Layout {
     }
 
     /// The stored column of element `j` (`n·head_dim + h`) of a packed projection.
-    fn packed_column(parts: usize, part: usize, head_dim: usize, j: usize) -> usize {
+    pub(crate) fn packed_column(parts: usize, part: usize, head_dim: usize, j: usize) -> usize {
         (j / head_dim * parts + part) * head_dim + j % head_dim
     }
 }
