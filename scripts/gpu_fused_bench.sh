@@ -16,28 +16,114 @@ L=$B/lorafuse
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 steps=${STEPS:-25}; images=${IMAGES:-3}
 
-MODE=${1:-all}   # all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA graphs; memory: peak GPU memory only
+# MODE all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA
+# graphs; memory: peak GPU memory only; peer: ONNX Runtime's own optimized pipeline against ours
+# (PEER_STAGE=prepare: only make it, for a second call on the same warm machine)
+MODE=${1:-all}
+sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
+  [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
+    python3 models/scripts/gpu_sd15.py build /tmp/sd15 models/tiny/onnx/tokenizer >/dev/null 2>&1 && \
+    python3 models/scripts/gpu_sd15.py loras /tmp/sd15 /tmp/loras >/dev/null 2>&1 && \
+    python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-onnx >/dev/null 2>&1; } || return 1
+  [ -f /tmp/sd15-opt/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-opt >/dev/null
+}
+bench() { # label, then lorafuse bench arguments
+  local label=$1; shift
+  echo "-- $label"
+  $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@" 2>/dev/null > "$OUT/bench_$label.json"
+  python3 - "$OUT/bench_$label.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("   no result:", e); sys.exit()
+keep = {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+print("  ", json.dumps(keep))
+PY
+}
 if [ "$MODE" = memory ]; then
-  python3 models/scripts/gpu_sd15.py build /tmp/sd15 models/tiny/onnx/tokenizer >/dev/null 2>&1 && \
-  python3 models/scripts/gpu_sd15.py loras /tmp/sd15 /tmp/loras >/dev/null 2>&1 && \
-  python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-onnx >/dev/null 2>&1 || exit 1
-  $L optimize /tmp/sd15-onnx /tmp/sd15-opt >/dev/null
-  peak() { # label, then lorafuse bench arguments: the process's peak GPU memory (nvidia-smi, 100 ms)
-    local label=$1; shift
+  # Peak GPU memory of one process (nvidia-smi every 100 ms, minus the idle reading): lorafuse
+  # with --cuda-memory roomy (ONNX Runtime's defaults) and lean, and diffusers fp16.
+  sd15 || exit 1
+  sample() { # label, file for the command's stdout, then a command: its peak over idle while it runs
+    local label=$1 log=$2; shift 2
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
-    $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda --json "$@" > "$OUT/bench_$label.json" 2>/dev/null
-    kill $smi; wait $smi 2>/dev/null
-    python3 -c "import json,sys; v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; r=json.load(open('$OUT/bench_$label.json')); print(f'$label: peak {max(v)-min(v)} MiB over idle ({min(v)} MiB idle), {r[\"median_seconds_per_image\"]:.3f} s/image')"
+    "$@" > "$log" 2>> "$OUT/stderr_$label.log"; kill $smi; wait $smi 2>/dev/null
+    python3 -c "v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle ({min(v)} MiB idle)')"
   }
-  peak exported -m /tmp/sd15-onnx
-  peak fused_graphs -m /tmp/sd15-opt --cuda-graphs
-  # one pipeline with a live-switchable LoRA (bench with LoRAs also opens a second pipeline)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_lora.txt" & smi=$!
-  $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 --steps 25 --device cuda --cuda-graphs \
-    --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png" >/dev/null 2>&1
-  kill $smi; wait $smi 2>/dev/null
-  python3 -c "v=[int(x) for x in open('$OUT/mem_lora.txt') if x.strip().isdigit()]; print(f'fused_graphs_switch_lora (generate): peak {max(v)-min(v)} MiB over idle')"
-  peak fused_graphs_capped -m /tmp/sd15-opt --cuda-graphs --cuda-mem-limit 3GiB
+  peak() { # label, then lorafuse bench arguments
+    local label=$1; shift
+    sample $label "$OUT/bench_$label.json" $L bench -W 512 -H 512 --steps 25 --images 2 --device cuda --json "$@"
+    python3 -c "import json; r=json.load(open('$OUT/bench_$label.json')); print(f'   {r[\"median_seconds_per_image\"]:.3f} s/image, step {r[\"median_step_ms\"]:.2f} ms, text+first {r[\"median_first_step_ms\"]:.1f} ms, decode {r[\"median_decode_ms\"]:.1f} ms, open {r[\"pipeline_open_s\"]:.1f} s')"
+  }
+  sample diffusers_fp16 "$OUT/diffusers_memory.log" python3 models/scripts/gpu_sd15.py memory /tmp/sd15; grep "^{" "$OUT/diffusers_memory.log"
+  peak graphs_roomy -m /tmp/sd15-opt --cuda-graphs --cuda-memory roomy
+  peak graphs_lean -m /tmp/sd15-opt --cuda-graphs --cuda-memory lean
+  peak exported_lean -m /tmp/sd15-onnx --cuda-memory lean
+  for k in roomy lean; do
+    # one pipeline generating with a live-switchable LoRA (bench with LoRAs also opens a second pipeline)
+    sample "switch_lora_$k" /dev/null $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 --cuda-memory $k \
+      --steps 25 --device cuda --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png"
+  done
+  # the same call's diffusers speed, for the ratio
+  [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+  exit 0
+fi
+if [ "$MODE" = vaeprof ]; then
+  # Where the ~100 ms after the last step goes: ORT's node placement (verbose log) and per-node
+  # profile of each session (scripts/ort_profile_summary.py), tiny fp16 and SD 1.5 at 512².
+  T=/tmp/tiny; rm -rf $T; mkdir -p $T && cp -r models/tiny/onnx-fp16 $T/ && cp -r models/tiny/onnx/tokenizer $T/onnx-fp16/
+  ORT_LOG=verbose $L generate -m $T/onnx-fp16 -p "a cat" -W 512 -H 512 --steps 2 --device cuda -o "$OUT/tiny512.png" > "$OUT/tiny_verbose.log" 2>&1
+  grep -i -E "placed on|fall ?back|CPUExecutionProvider\]" "$OUT/tiny_verbose.log" | cut -c1-300 | sort | uniq -c | head -20
+  bench tiny_fp16_512 -m $T/onnx-fp16
+  sd15 || exit 1
+  for m in sd15-opt sd15-onnx; do
+    mkdir -p "$OUT/prof_$m"
+    LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --device cuda -o "$OUT/prof_$m.png" 2>&1 | tail -1
+    python3 scripts/ort_profile_summary.py "$OUT"/prof_$m/*.json
+  done
+  ORT_LOG=verbose $L generate -m /tmp/sd15-opt -p "a cat" -W 512 -H 512 --steps 2 --device cuda -o "$OUT/sd15v.png" > "$OUT/sd15_verbose.log" 2>&1
+  grep -i -E "placed on|fall ?back" "$OUT/sd15_verbose.log" | cut -c1-300 | sort | uniq -c | head -20
+  exit 0
+fi
+if [ "$MODE" = peer ]; then
+  # ONNX Runtime's own SD optimizer (optimize_pipeline.py --float16 on the fp32 export, the way
+  # its authors run it) as the peer graph: lorafuse runs it, merges into it and switches LoRAs on
+  # it, against lorafuse's own optimized graph, same call.
+  sd15 || exit 1
+  t=$(date +%s)
+  [ -f /tmp/sd15-fp32/unet/model.onnx ] || SD15_EXPORT=fp32 python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-fp32 >/dev/null 2>&1 || exit 1
+  echo "fp32 export: $(( $(date +%s) - t )) s"; t=$(date +%s)
+  [ -f /tmp/sd15-ortopt/unet/model.onnx ] || python3 models/scripts/ort_sd_pipeline.py /tmp/sd15-fp32 /tmp/sd15-ortopt > "$OUT/ort_optimizer.log" 2>&1 || { tail -20 "$OUT/ort_optimizer.log"; exit 1; }
+  echo "ONNX Runtime's optimize_pipeline.py --float16: $(( $(date +%s) - t )) s"
+  grep -E "Optimized operators|is optimized" "$OUT/ort_optimizer.log" | cut -c1-300
+  $L inspect /tmp/sd15-ortopt 2>&1 | grep -E "^  [a-z_]+: |fused|mapped" | head -12
+  [ "${PEER_STAGE:-all}" = prepare ] && exit 0
+  bench ortopt -m /tmp/sd15-ortopt
+  bench ortopt_graphs -m /tmp/sd15-ortopt --cuda-graphs
+  bench fused_graphs -m /tmp/sd15-opt --cuda-graphs
+  bench ortopt_graphs_lora_switch -m /tmp/sd15-ortopt --cuda-graphs --lora /tmp/loras/a.safetensors --lora /tmp/loras/b.safetensors
+  # a LoRA merged into ORT's packed-QKV / NhwcConv graph vs the same LoRA on the plain export, on CUDA
+  t=$EPOCHREALTIME; $L merge -m /tmp/sd15-ortopt --lora /tmp/loras/a.safetensors -o /tmp/sd15-ortopt-a 2>&1 | tail -2
+  python3 -c "print(f'merge into the ORT-optimized pipeline: {$EPOCHREALTIME - $t:.2f} s')"
+  g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
+  g -m /tmp/sd15-onnx -o "$OUT/peer_exported.png"
+  g -m /tmp/sd15-ortopt -o "$OUT/peer_ortopt.png"
+  g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/peer_exported_a.png"
+  g -m /tmp/sd15-ortopt-a -o "$OUT/peer_ortopt_merged_a.png"
+  g -m /tmp/sd15-ortopt --lora /tmp/loras/a.safetensors -o "$OUT/peer_ortopt_rebuild_a.png"
+  g -m /tmp/sd15-ortopt --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/peer_ortopt_switch_a.png"
+  python3 - "$OUT" <<'PY'
+import sys, numpy as np
+from PIL import Image
+o = sys.argv[1]
+img = lambda n: np.asarray(Image.open(f"{o}/peer_{n}.png"), dtype=np.int16)
+for a, b in [("exported", "ortopt"), ("exported_a", "ortopt_merged_a"), ("ortopt_merged_a", "ortopt_rebuild_a"),
+             ("ortopt_merged_a", "ortopt_switch_a"), ("ortopt", "ortopt_merged_a")]:
+    d = np.abs(img(a) - img(b))
+    print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
+PY
+  [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
 fi
 if [ "$MODE" = graphs ]; then
@@ -76,27 +162,10 @@ PY
 
 echo "== random SD 1.5"
 t=$(date +%s)
-python3 models/scripts/gpu_sd15.py build /tmp/sd15 models/tiny/onnx/tokenizer >/dev/null && \
-python3 models/scripts/gpu_sd15.py loras /tmp/sd15 /tmp/loras >/dev/null && \
-python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-onnx >/dev/null || exit 1
-echo "build+loras+export: $(( $(date +%s) - t )) s"
-t=$EPOCHREALTIME; $L optimize /tmp/sd15-onnx /tmp/sd15-opt; python3 -c "print(f'optimize (attention + GroupNorm): {$EPOCHREALTIME - $t:.2f} s')"
+rm -rf /tmp/sd15-opt; sd15 || exit 1
+echo "build+loras+export+optimize: $(( $(date +%s) - t )) s"
 $L optimize --no-group-norm /tmp/sd15-onnx /tmp/sd15-mha >/dev/null
 
-bench() { # label, then lorafuse bench arguments
-  local label=$1; shift
-  echo "-- $label"
-  $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@" 2>/dev/null > "$OUT/bench_$label.json"
-  python3 - "$OUT/bench_$label.json" <<'PY'
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-except Exception as e:
-    print("   no result:", e); sys.exit()
-keep = {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-print("  ", json.dumps(keep))
-PY
-}
 if [ "$MODE" = graphs ]; then
   bench fused -m /tmp/sd15-opt
   bench fused_iobinding -m /tmp/sd15-opt --cuda-io-binding

@@ -9,6 +9,7 @@ diffusers 0.42.1 wheel. Steps (each a subcommand, so one device call can run the
                            diffusers' save_lora_weights (the dialect train_text_to_image_lora.py writes)
   export  DIR ONNX         fp16 ONNX pipeline in optimum's layout and I/O names (legacy exporter,
                            opset 17, rank-0 fp16 timestep) for unet, text_encoder, vae_decoder
+  memory  DIR              diffusers fp16's peak GPU memory generating one image (the caller samples nvidia-smi)
   bench   DIR LORA_A LORA_B   diffusers side of docs/benchmarks.md: 512x512, 25 DPM-Solver++ steps,
                            CFG 7.5, fp16 and bf16, seconds/image, UNet ms/step, LoRA load+fuse and switch
 """
@@ -133,9 +134,11 @@ def export(d, out):
     from transformers import CLIPTextModel
 
     # SD15_EXPORT=cpu-fp32 exports on a machine without a GPU (fp32; the UNet then exceeds 2 GB
-    # and goes to external data) for CPU-side measurements.
-    cpu = os.environ.get("SD15_EXPORT") == "cpu-fp32"
-    dev, dt = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
+    # and goes to external data) for CPU-side measurements; SD15_EXPORT=fp32 the same on the GPU
+    # (the input of ONNX Runtime's own optimizer, models/scripts/ort_sd_pipeline.py).
+    mode = os.environ.get("SD15_EXPORT", "")
+    dev = "cpu" if mode == "cpu-fp32" else "cuda"
+    dt = torch.float32 if mode in ("cpu-fp32", "fp32") else torch.float16
     os.makedirs(out, exist_ok=True)
     jobs = []
     unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "unet"), torch_dtype=dt).to(dev).eval()
@@ -206,6 +209,17 @@ def _time_images(pipe, n, steps=25):
     return sorted(clean)[len(clean) // 2], sorted(unet_ms)[len(unet_ms) // 2]
 
 
+def memory(d):
+    """One diffusers fp16 process generating one image after a warm-up (512², 25 steps, CFG): the
+    caching allocator's peaks (the caller samples nvidia-smi for the whole process)."""
+    pipe = load_pipe(d, torch.float16)
+    torch.cuda.reset_peak_memory_stats()
+    _time_images(pipe, 1)
+    mib = 1 << 20
+    print(json.dumps({"diffusers_fp16_max_allocated_mib": torch.cuda.max_memory_allocated() // mib,
+                      "diffusers_fp16_max_reserved_mib": torch.cuda.max_memory_reserved() // mib}), flush=True)
+
+
 def bench(d, lora_a, lora_b, images=3):
     import diffusers
 
@@ -243,4 +257,4 @@ def bench(d, lora_a, lora_b, images=3):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"build": build, "loras": loras, "export": export, "bench": bench}[cmd](*args)
+    {"build": build, "loras": loras, "export": export, "memory": memory, "bench": bench}[cmd](*args)

@@ -52,6 +52,10 @@ struct BenchReport {
     median_seconds_per_image: f64,
     /// Median wall time between progress callbacks (one UNet step incl. CFG, scheduler, copies).
     median_step_ms: f64,
+    /// Median time from the call to the first callback: text encoding and the first step.
+    median_first_step_ms: f64,
+    /// Median time from the last callback to the image: VAE decoding and the pixel conversion.
+    median_decode_ms: f64,
     lora_mode: String,
     /// The first LoRA set on the live pipeline (switch mode: the one session rebuild).
     first_lora_s: Option<f64>,
@@ -92,6 +96,8 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut step_ms = Vec::new();
+    let mut first_ms = Vec::new();
+    let mut decode_ms = Vec::new();
     let mut per_image = Vec::new();
     for i in 0..=a.images {
         let mut last = Instant::now();
@@ -107,7 +113,9 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
             eprintln!("warm-up image {}x{}: {dt:.3} s", out.width, out.height);
             continue;
         }
+        decode_ms.push(last.elapsed().as_secs_f64() * 1e3);
         // The first callback also holds the text encoding; keep the UNet steps.
+        first_ms.extend(steps.first().copied());
         step_ms.extend(steps.into_iter().skip(1));
         per_image.push(dt);
     }
@@ -161,6 +169,8 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
         median_seconds_per_image: median(&per_image),
         seconds_per_image: per_image,
         median_step_ms: median(&step_ms),
+        median_first_step_ms: median(&first_ms),
+        median_decode_ms: median(&decode_ms),
         lora_mode: a.lora_mode.to_string(),
         first_lora_s,
         lora_switch_s,
@@ -186,6 +196,10 @@ pub fn run(global: &GlobalArgs, a: BenchArgs) -> anyhow::Result<()> {
             r.seconds_per_image.len()
         );
         println!("  step                 {:.2} ms (median)", r.median_step_ms);
+        println!(
+            "  text + first step    {:.2} ms, decode {:.2} ms (medians)",
+            r.median_first_step_ms, r.median_decode_ms
+        );
         if let Some(f) = r.first_lora_s {
             println!("  first LoRA ({})  {f:.3} s", r.lora_mode);
         }

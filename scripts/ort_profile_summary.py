@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Summarise ONNX Runtime profiles (`LORAFUSE_ORT_PROFILE=PREFIX`, src/runtime/session.rs): for each
+session's JSON trace, the runs' wall time and the node time by provider and op type (CUDA nodes are
+timed as ORT sees them: launch plus any wait). Usage: ort_profile_summary.py FILE.json..."""
+
+import json
+import sys
+from collections import defaultdict
+
+
+def summary(path):
+    events = json.load(open(path))
+    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    by_op = defaultdict(lambda: [0, 0])
+    providers = defaultdict(int)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        a = e.get("args", {})
+        key = (a.get("provider", "?"), a.get("op_name", "?"))
+        by_op[key][0] += e["dur"]
+        by_op[key][1] += 1
+        providers[a.get("provider", "?")] += 1
+    n = max(len(runs), 1)
+    print(f"{path}: {len(runs)} runs, median run {sorted(runs)[len(runs) // 2] / 1e3 if runs else 0:.2f} ms; nodes by provider {dict(providers)}")
+    for (prov, op), (dur, cnt) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"   {prov:28s} {op:28s} {dur / n / 1e3:9.2f} ms/run  ({cnt // n} nodes)")
+
+
+for p in sys.argv[1:]:
+    summary(p)
