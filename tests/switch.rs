@@ -149,29 +149,56 @@ fn full_delta_and_unknown_weights() {
     );
 }
 
-/// The rewritten model declares the chosen initializers as inputs, keeps their values as defaults
-/// (ORT lists them as overridable initializers), and runs unchanged when they are not bound.
+/// The rewritten model declares the chosen initializers as inputs of the same type and shape and
+/// no longer stores them (the session holds no copy: the switch binds its live buffers).
 #[test]
-fn overridable_inputs_keep_the_model_valid() {
+fn weights_as_inputs_keep_the_model_valid() {
     lorafuse::runtime::init(None).expect("ONNX Runtime");
     let dir = OnnxPipelineDir::open(&tiny("onnx")).expect("pipeline");
     let path = dir.model_path(OnnxComponent::TextEncoder);
     let model = OnnxModel::open(&path).expect("model");
     let plan = merge::plan(&dir, &loras(), &MergeOptions::default()).expect("plan");
     let names = plan.target_names(OnnxComponent::TextEncoder);
-    let patched = lorafuse::onnx::graphs::with_overridable_inputs(&model, &names).expect("rewrite");
+    assert!(!names.is_empty());
+    let patched = lorafuse::onnx::graphs::with_weights_as_inputs(&model, &names).expect("rewrite");
+    let decoded = <lorafuse::onnx::proto::ModelProto as prost::Message>::decode(&patched.model[..])
+        .expect("decodes");
+    let graph = decoded.graph.expect("graph");
     let session = lorafuse::runtime::session::open_from_memory(&path, &cpu(), patched)
         .expect("ORT accepts the rewritten model");
-    let overridable: Vec<String> = session
-        .overridable_initializers()
+    let inputs: Vec<String> = session
+        .inputs()
         .iter()
         .map(|o| o.name().to_string())
         .collect();
+    assert!(session.overridable_initializers().is_empty());
     for n in &names {
-        assert!(overridable.contains(n), "{n} is not overridable");
+        assert!(inputs.contains(n), "{n} is not an input");
+        assert!(
+            !graph
+                .initializer
+                .iter()
+                .any(|t| t.name.as_deref() == Some(n.as_str())),
+            "{n} is still stored"
+        );
+        let info = model.require(n).expect("info");
+        let input = graph
+            .input
+            .iter()
+            .find(|i| i.name.as_deref() == Some(n.as_str()))
+            .expect("declared");
+        assert!(
+            format!("{input:?}").contains(&format!("{:?}", info.dims[0])),
+            "{n}"
+        );
     }
+    // every other initializer is kept
+    assert_eq!(
+        graph.initializer.len() + names.len(),
+        model.graph().initializer.len()
+    );
     // A name that is not an initializer is refused, naming it.
-    let err = lorafuse::onnx::graphs::with_overridable_inputs(&model, &["nope".into()])
+    let err = lorafuse::onnx::graphs::with_weights_as_inputs(&model, &["nope".into()])
         .err()
         .expect("unknown initializer");
     assert!(err.to_string().contains("nope"), "{err}");

@@ -1,11 +1,9 @@
 //! Small ONNX graphs built in code, and the one rewrite the fast LoRA switch needs.
 //!
-//! - [`with_overridable_inputs`]: a model whose chosen initializers are also graph *inputs*. In
-//!   ONNX IR ≥ 4 an initializer listed in `graph.input` is a default that a run may override
-//!   (ORT: "overridable initializers"; `onnx.proto` `GraphProto.initializer` doc). The model bytes
-//!   are not re-encoded: a second serialized `ModelProto { graph { input: [...] } }` is appended,
-//!   and protobuf parsers merge a repeated embedded message field by appending its elements
-//!   (protobuf encoding guide, "Last One Wins" / merging of embedded messages).
+//! - [`with_weights_as_inputs`]: a model whose chosen initializers become graph *inputs* that
+//!   every run binds. (Kept as initializers listed among the inputs, ONNX IR ≥ 4's "overridable
+//!   initializers", the session would hold a device copy of each beside the switch's own base
+//!   and live buffers.)
 //! - [`weight_update_graph`]: `out = cast(cast(base, f32) + reshape(a @ b, shape(base)), T)`, the
 //!   per-weight kernel that recomputes a LoRA-target weight on the session's own device
 //!   (W' = W + Σ wᵢ·ΔWᵢ with the sum handed over as stacked low-rank factors or as a full ΔW).
@@ -61,19 +59,13 @@ fn value_info(name: &str, ty: TypeProto) -> ValueInfoProto {
     }
 }
 
-/// The in-memory model (and its external data) with `names` declared as graph inputs as well as
-/// initializers, so that a run can bind other values to them. Every name must be an initializer
-/// of the main graph; names already among the inputs are left alone.
-pub fn with_overridable_inputs(model: &OnnxModel, names: &[String]) -> Result<PatchedInMemory> {
-    let ir = model.proto().ir_version.unwrap_or(0);
-    if ir < 4 {
-        return Err(Error::Onnx {
-            file: model.path().to_path_buf(),
-            msg: format!(
-                "IR version {ir} has no overridable initializers (needs 4 or later); merge the LoRA instead (`lorafuse merge`)"
-            ),
-        });
-    }
+/// The in-memory model (and its external data) with the initializers `names` turned into graph
+/// inputs of the same type and shape, so that every run binds them (the fast switch's live
+/// buffers) and the session holds no copy of its own: the graph is re-encoded without those
+/// initializers (their `raw_data` are views of the file, so the decoded model is not copied
+/// twice). Every name must be an initializer of the main graph.
+pub fn with_weights_as_inputs(model: &OnnxModel, names: &[String]) -> Result<PatchedInMemory> {
+    let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
     let existing: std::collections::HashSet<&str> = model
         .graph()
         .input
@@ -82,27 +74,26 @@ pub fn with_overridable_inputs(model: &OnnxModel, names: &[String]) -> Result<Pa
         .collect();
     let mut inputs = Vec::with_capacity(names.len());
     for name in names {
+        let info = model.require(name)?;
         if existing.contains(name.as_str()) {
             continue;
         }
-        let info = model.require(name)?;
         let dims: Vec<Dim> = info.dims.iter().map(|&d| Dim::Fixed(d)).collect();
         inputs.push(value_info(name, tensor_type(info.dtype, Some(&dims))));
     }
+    let mut proto = model.proto().clone();
+    let graph = proto.graph.as_mut().ok_or_else(|| Error::Onnx {
+        file: model.path().to_path_buf(),
+        msg: "the model has no graph".into(),
+    })?;
+    graph
+        .initializer
+        .retain(|t| !t.name.as_deref().is_some_and(|n| wanted.contains(n)));
+    graph.input.extend(inputs);
+    // the external data files as they are (patched_in_memory with nothing to replace), the
+    // model bytes re-encoded
     let mut patched = patched_in_memory(model, &Default::default())?;
-    if !inputs.is_empty() {
-        let extra = ModelProto {
-            graph: Some(GraphProto {
-                input: inputs,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        extra.encode(&mut patched.model).map_err(|e| Error::Onnx {
-            file: model.path().to_path_buf(),
-            msg: format!("encoding the extra graph inputs: {e}"),
-        })?;
-    }
+    patched.model = proto.encode_to_vec();
     Ok(patched)
 }
 

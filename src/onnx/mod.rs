@@ -10,7 +10,7 @@
 //! - [`index`]: [`WeightIndex`], module path → initializer (name, layout, dtype), following
 //!   docs/ARCHITECTURE.md §4's recipe, with a JSON cache form.
 //! - [`write`]: [`write_patched`], a patched copy of a model by byte-range patching (no re-encode).
-//! - [`graphs`]: overridable-initializer inputs appended to a model (fast LoRA switch) and the
+//! - [`graphs`]: weights turned into graph inputs (fast LoRA switch) and the
 //!   weight-update kernel graph.
 //! - [`Inspection`]: the summary `lorafuse inspect` prints (serde + `Display`).
 //!

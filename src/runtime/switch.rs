@@ -1,7 +1,7 @@
 //! Fast LoRA switching on a live session (docs/ARCHITECTURE.md §4 "Fast switch").
 //!
-//! The session is built once from a model whose LoRA-target initializers are also graph inputs
-//! ([`crate::onnx::graphs::with_overridable_inputs`]). [`LiveWeights`] keeps, for each such
+//! The session is built once from a model whose LoRA-target initializers are graph inputs instead
+//! ([`crate::onnx::graphs::with_weights_as_inputs`]: the session keeps no copy of them). [`LiveWeights`] keeps, for each such
 //! weight, an untouched base copy and a live buffer, both on the session's device, and binds the
 //! live buffers to the session with IO binding. A LoRA change recomputes only the touched live
 //! buffers from their bases with a small ORT kernel on that same device

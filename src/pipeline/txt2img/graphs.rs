@@ -69,7 +69,7 @@ impl Txt2Img {
                 .find(|m| m.component == c)
                 .ok_or_else(|| crate::Error::Internal("no indexed UNet model".into()))?;
             let names: Vec<String> = live.weights.names().map(String::from).collect();
-            let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
+            let model = crate::onnx::graphs::with_weights_as_inputs(&im.model, &names)?;
             let s = session::open_from_memory(&self.dir.model_path(c), &opts, model)?;
             let mut binding = s.create_binding()?;
             live.weights.bind_all(&mut binding)?;

@@ -181,7 +181,7 @@ impl Txt2Img {
                         .map(|w| w.initializer.clone()),
                 );
                 let names: Vec<String> = names.into_iter().collect();
-                let model = crate::onnx::graphs::with_overridable_inputs(&im.model, &names)?;
+                let model = crate::onnx::graphs::with_weights_as_inputs(&im.model, &names)?;
                 if c == OnnxComponent::Unet {
                     // one UNet in device memory at a time: the old one goes first (if the
                     // build fails, the next request builds it again with the old LoRA state)
