@@ -69,6 +69,25 @@ if [ "$MODE" = memory ]; then
   [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
 fi
+if [ "$MODE" = short ]; then
+  # one short call: the VAE profile on the tiny fp16 pipeline, then SD 1.5's peaks with a
+  # live-switchable LoRA and without, and the VAE profile of the optimized SD 1.5
+  TINY_ONLY=1 bash "$0" vaeprof
+  sd15 || exit 1
+  sample() { local label=$1 log=$2; shift 2
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
+    "$@" > "$log" 2>> "$OUT/stderr_$label.log"; kill $smi; wait $smi 2>/dev/null
+    python3 -c "v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"; }
+  sample switch_lora_lean /dev/null $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 \
+    --steps 25 --device cuda --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png"
+  sample graphs_lean "$OUT/bench_graphs_lean.json" $L bench -W 512 -H 512 --steps 25 --images 2 --device cuda --json -m /tmp/sd15-opt --cuda-graphs \
+    --lora /tmp/loras/a.safetensors --lora /tmp/loras/b.safetensors
+  python3 -c "import json; r=json.load(open('$OUT/bench_graphs_lean.json')); print({k: v for k, v in r.items() if not isinstance(v, dict)})"
+  mkdir -p "$OUT/prof_sd15"
+  CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_sd15/p" $L generate -m /tmp/sd15-opt -p "a photo" -W 512 -H 512 --steps 2 --num-images 3 --device cuda -o "$OUT/prof_sd15_{index}.png" 2>&1 | tail -1
+  python3 scripts/ort_profile_summary.py "$OUT"/prof_sd15/*.json
+  exit 0
+fi
 if [ "$MODE" = vaeprof ]; then
   # Where the ~100 ms after the last step goes: ORT's node placement (verbose log) and per-node
   # profile of each session (scripts/ort_profile_summary.py), tiny fp16 and SD 1.5 at 512².
@@ -76,10 +95,15 @@ if [ "$MODE" = vaeprof ]; then
   ORT_LOG=verbose $L generate -m $T/onnx-fp16 -p "a cat" -W 512 -H 512 --steps 2 --device cuda -o "$OUT/tiny512.png" > "$OUT/tiny_verbose.log" 2>&1
   grep -i -E "placed on|fall ?back|CPUExecutionProvider\]" "$OUT/tiny_verbose.log" | cut -c1-300 | sort | uniq -c | head -20
   bench tiny_fp16_512 -m $T/onnx-fp16
+  mkdir -p "$OUT/prof_tiny"
+  CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_tiny/p" $L generate -m $T/onnx-fp16 -p "a cat" -W 512 -H 512 --steps 3 --num-images 3 --device cuda -o "$OUT/prof_tiny_{index}.png" 2>&1 | tail -1
+  python3 scripts/ort_profile_summary.py "$OUT"/prof_tiny/*.json
+  [ -n "${TINY_ONLY:-}" ] && exit 0
   sd15 || exit 1
   for m in sd15-opt sd15-onnx; do
     mkdir -p "$OUT/prof_$m"
-    LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --device cuda -o "$OUT/prof_$m.png" 2>&1 | tail -1
+    # launch-blocking: each CUDA node's profiled time then includes its kernels
+    CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --num-images 3 --device cuda -o "$OUT/prof_${m}_{index}.png" 2>&1 | tail -1
     python3 scripts/ort_profile_summary.py "$OUT"/prof_$m/*.json
   done
   ORT_LOG=verbose $L generate -m /tmp/sd15-opt -p "a cat" -W 512 -H 512 --steps 2 --device cuda -o "$OUT/sd15v.png" > "$OUT/sd15_verbose.log" 2>&1

@@ -10,11 +10,14 @@ from collections import defaultdict
 
 def summary(path):
     events = json.load(open(path))
-    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    all_runs = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    # the first run tunes kernels (cuDNN's algorithm search): left out when there are others
+    warm_from = all_runs[0][0] + all_runs[0][1] if len(all_runs) > 1 else 0
+    runs = [d for ts, d in all_runs if ts >= warm_from]
     by_op = defaultdict(lambda: [0, 0])
     providers = defaultdict(int)
     for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e.get("ts", 0) < warm_from:
             continue
         a = e.get("args", {})
         key = (a.get("provider", "?"), a.get("op_name", "?"))
@@ -22,7 +25,7 @@ def summary(path):
         by_op[key][1] += 1
         providers[a.get("provider", "?")] += 1
     n = max(len(runs), 1)
-    print(f"{path}: {len(runs)} runs, median run {sorted(runs)[len(runs) // 2] / 1e3 if runs else 0:.2f} ms; nodes by provider {dict(providers)}")
+    print(f"{path}: {len(runs)} warm runs of {len(all_runs)}, median run {sorted(runs)[len(runs) // 2] / 1e3 if runs else 0:.2f} ms; nodes by provider {dict(providers)}")
     for (prov, op), (dur, cnt) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:12]:
         print(f"   {prov:28s} {op:28s} {dur / n / 1e3:9.2f} ms/run  ({cnt // n} nodes)")
 
