@@ -18,7 +18,9 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 
 # MODE all: everything below; graphs: only the tiny check and the SD 1.5 rows of IO binding / CUDA
 # graphs; memory: peak GPU memory only; peer: ONNX Runtime's own optimized pipeline against ours
-# (PEER_STAGE=prepare: only make it, for a second call on the same warm machine)
+# (PEER_STAGE=prepare: only make it, for a second call on the same warm machine); vaeprof: node
+# placement and per-node profiles (TINY_ONLY=1: the tiny pipeline only); short: vaeprof's tiny part,
+# SD 1.5's peak memory with a switchable LoRA and its VAE profile, for a call with little time left
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
   [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
@@ -41,16 +43,16 @@ keep = {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
 print("  ", json.dumps(keep))
 PY
 }
+sample() { # label, file for the command's stdout, then a command: its peak over idle while it runs
+  local label=$1 log=$2; shift 2
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
+  "$@" > "$log" 2>> "$OUT/stderr_$label.log"; kill $smi; wait $smi 2>/dev/null
+  python3 -c "v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle ({min(v)} MiB idle)')"
+}
 if [ "$MODE" = memory ]; then
   # Peak GPU memory of one process (nvidia-smi every 100 ms, minus the idle reading): lorafuse
   # with --cuda-memory roomy (ONNX Runtime's defaults) and lean, and diffusers fp16.
   sd15 || exit 1
-  sample() { # label, file for the command's stdout, then a command: its peak over idle while it runs
-    local label=$1 log=$2; shift 2
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
-    "$@" > "$log" 2>> "$OUT/stderr_$label.log"; kill $smi; wait $smi 2>/dev/null
-    python3 -c "v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle ({min(v)} MiB idle)')"
-  }
   peak() { # label, then lorafuse bench arguments
     local label=$1; shift
     sample $label "$OUT/bench_$label.json" $L bench -W 512 -H 512 --steps 25 --images 2 --device cuda --json "$@"
@@ -74,10 +76,6 @@ if [ "$MODE" = short ]; then
   # live-switchable LoRA and without, and the VAE profile of the optimized SD 1.5
   TINY_ONLY=1 bash "$0" vaeprof
   sd15 || exit 1
-  sample() { local label=$1 log=$2; shift 2
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem_$label.txt" & local smi=$!
-    "$@" > "$log" 2>> "$OUT/stderr_$label.log"; kill $smi; wait $smi 2>/dev/null
-    python3 -c "v=[int(x) for x in open('$OUT/mem_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"; }
   sample switch_lora_lean /dev/null $L generate -m /tmp/sd15-opt -p "a photo of an astronaut" -W 512 -H 512 \
     --steps 25 --device cuda --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png"
   sample graphs_lean "$OUT/bench_graphs_lean.json" $L bench -W 512 -H 512 --steps 25 --images 2 --device cuda --json -m /tmp/sd15-opt --cuda-graphs \
