@@ -19,7 +19,7 @@ use super::proto::{
     TypeProto, ValueInfoProto, attribute_proto::AttributeType,
 };
 use super::write::PatchedInMemory;
-use super::{OnnxModel, write::patched_in_memory};
+use super::{OnnxModel, write::external_data_in_memory};
 use crate::{Error, Result};
 
 fn tensor_type(elem: DataType, dims: Option<&[Dim]>) -> TypeProto {
@@ -90,11 +90,10 @@ pub fn with_weights_as_inputs(model: &OnnxModel, names: &[String]) -> Result<Pat
         .initializer
         .retain(|t| !t.name.as_deref().is_some_and(|n| wanted.contains(n)));
     graph.input.extend(inputs);
-    // the external data files as they are (patched_in_memory with nothing to replace), the
-    // model bytes re-encoded
-    let mut patched = patched_in_memory(model, &Default::default())?;
-    patched.model = proto.encode_to_vec();
-    Ok(patched)
+    Ok(PatchedInMemory {
+        model: proto.encode_to_vec(),
+        data_files: external_data_in_memory(model)?,
+    })
 }
 
 /// What a [`weight_update_graph`] adds to the base weight.

@@ -500,6 +500,23 @@ pub fn patched_in_memory(
         }
         v
     };
+    Ok(PatchedInMemory {
+        model: model_bytes,
+        data_files: patched_data_files(model, external)?,
+    })
+}
+
+/// The model's external data files as they are on disk, read into memory (for a session built
+/// from re-encoded model bytes, [`crate::onnx::graphs::with_weights_as_inputs`]).
+pub fn external_data_in_memory(model: &OnnxModel) -> Result<Vec<(String, Vec<u8>)>> {
+    patched_data_files(model, BTreeMap::new())
+}
+
+/// Every external data file of `model`, read and with `external`'s patches (per location) applied.
+fn patched_data_files(
+    model: &OnnxModel,
+    mut external: BTreeMap<&str, Vec<BytePatch<'_>>>,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let mut data_files = Vec::new();
     for location in model.external_locations() {
         let src = model.dir().join(&location);
@@ -519,10 +536,7 @@ pub fn patched_in_memory(
         }
         data_files.push((location, v));
     }
-    Ok(PatchedInMemory {
-        model: model_bytes,
-        data_files,
-    })
+    Ok(data_files)
 }
 
 /// (offset, replacement bytes, initializer name).
