@@ -43,15 +43,13 @@ impl Txt2Img {
         r
     }
 
-    /// The UNet session, built first if it was dropped (CUDA graphs' first request, or a
-    /// rebuild that failed after dropping the previous one).
-    pub(super) fn unet_session(&mut self) -> Result<&mut ort::session::Session> {
+    /// Build the UNet session if it was dropped (CUDA graphs' first request, or a rebuild that
+    /// failed after dropping the previous one); [`super::built_unet`] then borrows it.
+    pub(super) fn ensure_unet(&mut self) -> Result<()> {
         if self.unet.is_none() {
             self.reopen_unet()?;
         }
-        self.unet
-            .as_mut()
-            .ok_or_else(|| crate::Error::Internal("the UNet session was not built".into()))
+        Ok(())
     }
 
     /// Build the UNet session again with the current options, keeping its LoRA state. The old

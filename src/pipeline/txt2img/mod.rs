@@ -157,6 +157,13 @@ fn run_first_output(
     }
 }
 
+/// The UNet session after [`Txt2Img::ensure_unet`] (a field borrow, so the IO buffers and the
+/// LoRA binding can be borrowed beside it).
+fn built_unet(slot: &mut Option<Session>) -> Result<&mut Session> {
+    slot.as_mut()
+        .ok_or_else(|| Error::Internal("the UNet session was not built".into()))
+}
+
 /// An opened ONNX SD pipeline, ready to generate.
 pub struct Txt2Img {
     pub dir: OnnxPipelineDir,
@@ -164,7 +171,7 @@ pub struct Txt2Img {
     scheduler_config: SchedulerConfig,
     text_encoder: Session,
     /// `None` between dropping a UNet session and building its replacement ([`graphs`]: one
-    /// UNet session in device memory at a time); [`Txt2Img::unet_session`] builds it again.
+    /// UNet session in device memory at a time); [`Txt2Img::ensure_unet`] builds it again.
     unet: Option<Session>,
     vae_decoder: Session,
     unet_sig: UnetSignature,
@@ -439,20 +446,20 @@ impl Txt2Img {
                 ),
                 (port(&sig.hidden_name, hidden_shape, sig.hidden_ty), hidden),
             ];
-            self.unet_session()?;
-            if self.unet_io.is_none()
-                && let Some(unet) = self.unet.as_ref()
-            {
+            self.ensure_unet()?;
+            if self.unet_io.is_none() {
                 let graphs = self.graph_dims.is_some();
-                self.unet_io = Some(DeviceIo::new(unet, device_id, graphs)?);
+                self.unet_io = Some(DeviceIo::new(
+                    built_unet(&mut self.unet)?,
+                    device_id,
+                    graphs,
+                )?);
             }
             let io = self
                 .unet_io
                 .as_mut()
                 .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
-            let Some(unet) = self.unet.as_mut() else {
-                return Err(Error::Internal("no UNet session".into()));
-            };
+            let unet = built_unet(&mut self.unet)?;
             return io.run(
                 unet,
                 self.loras.unet_live.as_mut().map(|l| &mut l.binding),
@@ -474,10 +481,8 @@ impl Txt2Img {
                 float_value(hidden, hidden_shape, sig.hidden_ty)?,
             ),
         ];
-        self.unet_session()?;
-        let Some(unet) = self.unet.as_mut() else {
-            return Err(Error::Internal("no UNet session".into()));
-        };
+        self.ensure_unet()?;
+        let unet = built_unet(&mut self.unet)?;
         let (_, data) =
             run_first_output(unet, self.loras.unet_live.as_mut(), inputs, "UNet output")?;
         Ok(data)
