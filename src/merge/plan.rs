@@ -86,8 +86,8 @@ fn low_rank_factors(
         return None;
     }
     // Torch layout: W[rows, inner] += A[rows, R]·B[R, inner]; [in, out] storage: Wᵀ += Bᵀ·Aᵀ.
-    // A packed slice's columns are not one product: its update is a full ΔW. An NHWC weight's
-    // rows are torch's rows with the columns reordered ([`nhwc_columns`]).
+    // Packed slices and NHWC weights are one product once B's columns move to their stored
+    // places ([`packed_low_rank`], [`nhwc_columns`]).
     let (m, n) = match layout {
         Layout::Torch => (rows, inner),
         Layout::Transposed => (inner, rows),
@@ -136,19 +136,26 @@ fn nhwc_columns(update: WeightUpdate, mapped: &MappedWeight) -> Option<WeightUpd
     if order.len() != n {
         return None;
     }
-    let mut stored = vec![0f32; b.len()];
-    for k in 0..r {
-        for (j, &s) in order.iter().enumerate() {
-            stored[k * n + s] = b[k * n + j];
-        }
-    }
     Some(WeightUpdate::LowRank {
         a,
-        b: stored,
+        b: scatter_columns(&b, r, &order, n),
         m,
         r,
         n,
     })
+}
+
+/// B `[r, columns.len()]` with its column `j` moved to column `columns[j]` of a `[r, width]`
+/// matrix, zero elsewhere.
+fn scatter_columns(b: &[f32], r: usize, columns: &[usize], width: usize) -> Vec<f32> {
+    let n = columns.len();
+    let mut out = vec![0f32; r * width];
+    for k in 0..r {
+        for (j, &c) in columns.iter().enumerate() {
+            out[k * width + c] = b[k * n + j];
+        }
+    }
+    out
 }
 
 /// The update of a packed `[in, cols]` weight ([`Layout::Packed`]) from standard LoRAs on its
@@ -175,11 +182,7 @@ fn packed_low_rank(parts: &[Part], loras: &[Arc<LoraAdapter>]) -> Option<WeightU
         if *inner.get_or_insert(c_in) != c_in || *cols.get_or_insert(width) != width {
             return None;
         }
-        let items: Vec<(&lora_format::LoraModule, f32)> = part
-            .items
-            .iter()
-            .map(|&(li, mi, w)| (&loras[li].modules[mi], w))
-            .collect();
+        let items = part.modules(loras);
         let WeightUpdate::LowRank { a, b, r, n, .. } =
             low_rank_factors(&items, rows, c_in, Layout::Transposed)?
         else {
@@ -188,22 +191,19 @@ fn packed_low_rank(parts: &[Part], loras: &[Arc<LoraAdapter>]) -> Option<WeightU
         let columns: Vec<usize> = (0..n)
             .map(|j| Layout::packed_column(n_parts, p, head_dim, j))
             .collect();
-        stacked.push((a, b, r, columns));
+        stacked.push((a, scatter_columns(&b, r, &columns, width), r));
     }
     let (m, n) = (inner?, cols?);
     let total: usize = stacked.iter().map(|s| s.2).sum();
+    // A's columns side by side, B's rows one under the other
     let mut a = vec![0f32; m * total];
-    let mut b = vec![0f32; total * n];
+    let mut b = Vec::with_capacity(total * n);
     let mut off = 0;
-    for (pa, pb, r, columns) in stacked {
+    for (pa, pb, r) in stacked {
         for i in 0..m {
             a[i * total + off..i * total + off + r].copy_from_slice(&pa[i * r..(i + 1) * r]);
         }
-        for k in 0..r {
-            for (j, &c) in columns.iter().enumerate() {
-                b[(off + k) * n + c] = pb[k * columns.len() + j];
-            }
-        }
+        b.extend_from_slice(&pb);
         off += r;
     }
     Some(WeightUpdate::LowRank {
@@ -224,6 +224,19 @@ struct Part {
     mapped: MappedWeight,
     /// (lora index, module index in that adapter, total weight)
     items: Vec<(usize, usize, f32)>,
+}
+
+impl Part {
+    /// The LoRA modules merged into this part, with their total weights.
+    fn modules<'a>(
+        &self,
+        loras: &'a [Arc<LoraAdapter>],
+    ) -> Vec<(&'a lora_format::LoraModule, f32)> {
+        self.items
+            .iter()
+            .map(|&(li, mi, w)| (&loras[li].modules[mi], w))
+            .collect()
+    }
 }
 
 impl Target {
@@ -293,11 +306,7 @@ fn lora_layout(l: Layout) -> lora_merge::Layout {
 /// an NHWC weight is gathered into torch layout, merged and scattered back: the same f32 sums as
 /// the plain export's weight).
 fn merge_part(values: &mut [f32], part: &Part, loras: &[Arc<LoraAdapter>]) -> Result<()> {
-    let items: Vec<(&lora_format::LoraModule, f32)> = part
-        .items
-        .iter()
-        .map(|&(li, mi, w)| (&loras[li].modules[mi], w))
-        .collect();
+    let items = part.modules(loras);
     let m = &part.mapped;
     match m.layout {
         Layout::Packed { .. } | Layout::Nhwc => {
@@ -616,11 +625,7 @@ impl MergePlan {
         for (name, t) in &cp.targets {
             let update = match t.parts.as_slice() {
                 [part] if !matches!(part.mapped.layout, Layout::Packed { .. }) => {
-                    let items: Vec<(&lora_format::LoraModule, f32)> = part
-                        .items
-                        .iter()
-                        .map(|&(li, mi, w)| (&self.loras[li].modules[mi], w))
-                        .collect();
+                    let items = part.modules(&self.loras);
                     let torch_shape = &part.mapped.torch_shape;
                     let numel: usize = torch_shape.iter().product();
                     let rows = torch_shape.first().copied().unwrap_or(0).max(1);
