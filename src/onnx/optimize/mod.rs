@@ -11,11 +11,15 @@
 //!   separate Q, K and V (flash / memory-efficient attention on CUDA; CPU kernel too).
 //! - [`group_norm`]: GroupNorm (+ SiLU) → `com.microsoft.GroupNorm` between NHWC transposes
 //!   (CUDA only).
+//! - [`bias_split_gelu`]: GEGLU's bias, split and gate → `com.microsoft.BiasSplitGelu` (CUDA only).
+//! - [`bias_add`]: the feed-forward's bias + residual → `com.microsoft.BiasAdd` (CUDA only).
 //!
 //! A pattern that is only partly recognised is left as it was and reported (node name and reason)
 //! in [`Report::left_alone`]; the rewritten graph computes the same function as the input.
 
 mod attention;
+mod bias_add;
+mod bias_split_gelu;
 mod graph;
 mod group_norm;
 
@@ -43,6 +47,8 @@ pub struct OptimizeOptions {
     pub attention: bool,
     /// GroupNorm (+ SiLU) → `GroupNorm` (CUDA kernel only).
     pub group_norm: bool,
+    /// GEGLU → `BiasSplitGelu`, feed-forward bias + residual → `BiasAdd` (CUDA kernels only).
+    pub bias: bool,
 }
 
 impl OptimizeOptions {
@@ -51,6 +57,7 @@ impl OptimizeOptions {
         Self {
             attention: true,
             group_norm: true,
+            bias: true,
         }
     }
 
@@ -59,6 +66,7 @@ impl OptimizeOptions {
         Self {
             attention: true,
             group_norm: false,
+            bias: false,
         }
     }
 }
@@ -147,6 +155,11 @@ pub fn optimize_proto(
     }
     if opts.group_norm {
         group_norm::fuse(&mut graph, read, &mut report);
+    }
+    if opts.bias {
+        // GEGLU first: BiasAdd's search for the feed-forward branch walks through it either way
+        bias_split_gelu::fuse(&mut graph, &mut report);
+        bias_add::fuse(&mut graph, &mut report);
     }
     graph.finish();
     report.nodes_after = proto.graph.as_ref().map_or(0, |g| g.node.len());
