@@ -21,7 +21,8 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 # (PEER_STAGE=prepare: only make it, for a second call on the same warm machine); vaeprof: node
 # placement and per-node profiles (TINY_ONLY=1: the tiny pipeline only); short: vaeprof's tiny part,
 # SD 1.5's peak memory with a switchable LoRA and its VAE profile, for a call with little time left;
-# fusions: `lorafuse optimize` with and without BiasSplitGelu/BiasAdd, speed and pixels
+# fusions: `lorafuse optimize` with and without BiasSplitGelu/BiasAdd, speed and pixels; profile:
+# per-op profiles of the SD 1.5 graphs made by the modes before (same warm machine)
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
   [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
@@ -99,6 +100,17 @@ for a, b in [("exported", "nobias"), ("exported", "bias"), ("nobias", "bias"), (
     print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
 PY
   [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+  exit 0
+fi
+if [ "$MODE" = profile ]; then
+  # per-op profiles (launch-blocking) of every SD 1.5 graph this warm machine has: where
+  # ONNX Runtime's own optimized graph saves time per step and where the VAE decoder's time goes
+  for m in sd15-opt-b sd15-ortopt sd15-onnx; do
+    [ -f /tmp/$m/unet/model.onnx ] || continue
+    mkdir -p "$OUT/prof_$m"
+    CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --num-images 3 --device cuda -o "$OUT/prof_${m}_{index}.png" 2>&1 | tail -1
+    python3 scripts/ort_profile_summary.py "$OUT"/prof_$m/*.json
+  done
   exit 0
 fi
 if [ "$MODE" = short ]; then
