@@ -138,7 +138,12 @@ fn group_norm_fusion_keeps_gamma_beta_eps_and_groups() {
     for (variant, groups) in [("onnx", 8i64), ("onnx-fp16", 8)] {
         let path = tiny(&format!("{variant}/unet/model.onnx"));
         let model = OnnxModel::open(&path).expect("open");
-        let (bytes, report) = optimize(&model, &OptimizeOptions::for_cuda()).expect("optimize");
+        // GroupNorm alone (the sums in front of 15 of them become SkipGroupNorm otherwise)
+        let opts = OptimizeOptions {
+            skip_group_norm: false,
+            ..OptimizeOptions::for_cuda()
+        };
+        let (bytes, report) = optimize(&model, &opts).expect("optimize");
         assert_eq!(
             report.fused.get("GroupNorm"),
             Some(&21),
@@ -520,5 +525,270 @@ fn feed_forward_biases_fuse_at_the_cuda_kernels_sizes() {
             !g.node.iter().any(|n| n.op_type.as_deref() == Some("Erf")),
             "{variant}"
         );
+    }
+}
+
+/// ONNX Runtime's CPU provider has no GroupNorm/SkipGroupNorm kernels, so to check on the CPU
+/// that the rewrite *wires* the fused nodes right (which operands, which outputs, NHWC in and
+/// out, the sum handed back to its other readers), each fused norm is lowered back to standard
+/// opset-17 ops with the kernel's documented semantics (contrib_ops/cuda/diffusion/group_norm.cc:
+/// NHWC input, `x + skip (+ bias)` with an `[N, C]` skip broadcast over H and W, the sum as the
+/// optional second output, per-group normalisation, fp32 γ/β, optional SiLU), and the lowered
+/// graph must compute the export's output. The kernels' own numbers are checked on the GPU
+/// (`scripts/gpu_fused_bench.sh fusions`).
+fn lower_group_norms(proto: &mut lorafuse::onnx::proto::ModelProto) -> usize {
+    use lorafuse::onnx::proto::{AttributeProto, NodeProto, TensorProto};
+    let g = proto.graph.as_mut().expect("graph");
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let node = |op: &str,
+                name: String,
+                ins: Vec<String>,
+                outs: Vec<String>,
+                attrs: Vec<AttributeProto>| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input: ins,
+        output: outs,
+        attribute: attrs,
+        ..Default::default()
+    };
+    let i64s = |name: String, v: &[i64]| TensorProto {
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        name: Some(name),
+        raw_data: Some(
+            v.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let f32s = |name: String, v: &[f32]| TensorProto {
+        dims: vec![v.len() as i64],
+        data_type: Some(1),
+        name: Some(name),
+        raw_data: Some(
+            v.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let gemm_outputs: std::collections::HashSet<String> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("Gemm"))
+        .flat_map(|n| n.output.clone())
+        .collect();
+    let mut lowered = 0;
+    let mut out_nodes = Vec::new();
+    let mut inits = Vec::new();
+    for (k, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
+        let op = n.op_type.as_deref().unwrap_or_default();
+        if n.domain.as_deref() != Some("com.microsoft")
+            || !matches!(op, "GroupNorm" | "SkipGroupNorm")
+        {
+            out_nodes.push(n);
+            continue;
+        }
+        lowered += 1;
+        let attr = |a: &str| {
+            n.attribute
+                .iter()
+                .find(|x| x.name.as_deref() == Some(a))
+                .cloned()
+        };
+        let groups = attr("groups").and_then(|a| a.i).expect("groups");
+        let eps = attr("epsilon").and_then(|a| a.f).expect("epsilon");
+        let silu = attr("activation").and_then(|a| a.i) == Some(1);
+        let p = |s: &str| format!("lower{k}.{s}");
+        let mut x = n.input[0].clone();
+        if op == "SkipGroupNorm" {
+            let mut skip = n.input[3].clone();
+            if gemm_outputs.contains(&skip) {
+                inits.push(i64s(p("skip_axes"), &[1, 2]));
+                out_nodes.push(node(
+                    "Unsqueeze",
+                    p("u"),
+                    vec![skip, p("skip_axes")],
+                    vec![p("skip4")],
+                    vec![],
+                ));
+                skip = p("skip4");
+            }
+            let sum = n.output.get(1).cloned().unwrap_or_else(|| p("sum"));
+            out_nodes.push(node(
+                "Add",
+                p("add"),
+                vec![x, skip],
+                vec![sum.clone()],
+                vec![],
+            ));
+            x = sum;
+        }
+        let c = {
+            let gamma = g
+                .initializer
+                .iter()
+                .find(|t| t.name.as_deref() == Some(n.input[1].as_str()))
+                .expect("γ");
+            gamma.dims[0]
+        };
+        inits.push(i64s(p("groups_shape"), &[0, groups, -1]));
+        inits.push(i64s(p("cshape"), &[c, 1, 1]));
+        inits.push(f32s(p("ones"), &vec![1.0; groups as usize]));
+        inits.push(f32s(p("zeros"), &vec![0.0; groups as usize]));
+        let eps_attr = AttributeProto {
+            name: Some("epsilon".into()),
+            r#type: Some(1),
+            f: Some(eps),
+            ..Default::default()
+        };
+        out_nodes.extend([
+            node(
+                "Transpose",
+                p("t1"),
+                vec![x],
+                vec![p("nchw")],
+                vec![ints("perm", &[0, 3, 1, 2])],
+            ),
+            node(
+                "Reshape",
+                p("r1"),
+                vec![p("nchw"), p("groups_shape")],
+                vec![p("grouped")],
+                vec![],
+            ),
+            node(
+                "InstanceNormalization",
+                p("in"),
+                vec![p("grouped"), p("ones"), p("zeros")],
+                vec![p("normed")],
+                vec![eps_attr],
+            ),
+            node("Shape", p("sh"), vec![p("nchw")], vec![p("shape")], vec![]),
+            node(
+                "Reshape",
+                p("r2"),
+                vec![p("normed"), p("shape")],
+                vec![p("back")],
+                vec![],
+            ),
+            node(
+                "Reshape",
+                p("rg"),
+                vec![n.input[1].clone(), p("cshape")],
+                vec![p("gamma")],
+                vec![],
+            ),
+            node(
+                "Reshape",
+                p("rb"),
+                vec![n.input[2].clone(), p("cshape")],
+                vec![p("beta")],
+                vec![],
+            ),
+            node(
+                "Mul",
+                p("mul"),
+                vec![p("back"), p("gamma")],
+                vec![p("scaled")],
+                vec![],
+            ),
+            node(
+                "Add",
+                p("badd"),
+                vec![p("scaled"), p("beta")],
+                vec![p("affine")],
+                vec![],
+            ),
+        ]);
+        let mut y = p("affine");
+        if silu {
+            out_nodes.push(node(
+                "Sigmoid",
+                p("sig"),
+                vec![y.clone()],
+                vec![p("sigm")],
+                vec![],
+            ));
+            out_nodes.push(node(
+                "Mul",
+                p("silu"),
+                vec![y, p("sigm")],
+                vec![p("act")],
+                vec![],
+            ));
+            y = p("act");
+        }
+        out_nodes.push(node(
+            "Transpose",
+            p("t2"),
+            vec![y],
+            vec![n.output[0].clone()],
+            vec![ints("perm", &[0, 2, 3, 1])],
+        ));
+    }
+    g.node = out_nodes;
+    g.initializer.extend(inits);
+    lowered
+}
+
+#[test]
+fn fused_group_norms_are_wired_like_the_export() {
+    use lorafuse::onnx::optimize::optimize_proto;
+    use lorafuse::runtime::tensor::{extract_f32, float_value};
+    for variant in ["onnx", "onnx-dynamo"] {
+        // UNet: diffusers' fixture inputs; VAE decoder (legacy export only): a fixed latent
+        let mut parts = vec![("unet", tiny(&format!("{variant}/unet/model.onnx")))];
+        if variant == "onnx" {
+            parts.push(("vae_decoder", tiny("onnx/vae_decoder/model.onnx")));
+        }
+        for (part, path) in parts {
+            let model = OnnxModel::open(&path).expect("open");
+            let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
+            let mut proto = model.proto().clone();
+            let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda(), &read);
+            eprintln!("{variant} {part}: {report}");
+            let skip = report.fused.get("SkipGroupNorm").copied().unwrap_or(0);
+            assert!(skip >= 4, "{variant} {part}: {report}");
+            let lowered = lower_group_norms(&mut proto);
+            assert_eq!(
+                lowered,
+                skip + report.fused.get("GroupNorm").copied().unwrap_or(0)
+            );
+            use prost::Message;
+            let bytes = proto.encode_to_vec();
+            let run = |s: &mut Session| -> Vec<f32> {
+                if part == "unet" {
+                    return run_unet(s);
+                }
+                let latent: Vec<f32> = (0..4 * 8 * 8)
+                    .map(|i| ((i * 37 % 97) as f32 / 48.5) - 1.0)
+                    .collect();
+                let out = s
+                    .run(ort::inputs![
+                        "latent_sample" => float_value(&latent, &[1, 4, 8, 8], ort::value::TensorElementType::Float32).expect("latent"),
+                    ])
+                    .expect("vae run");
+                extract_f32(&out[0], "sample").expect("f32").1
+            };
+            let exported = run(&mut session::open(&path, &cpu()).expect("session"));
+            let got = run(&mut optimized_session(&model, bytes));
+            let scale = exported.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            let d = max_diff(&got, &exported);
+            eprintln!("{variant} {part}: max |diff| {d:e} (scale {scale})");
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{variant} {part}: {d} (scale {scale})"
+            );
+        }
     }
 }

@@ -25,6 +25,9 @@ pub struct OptimizeArgs {
     /// Leave group normalisations as exported (no GroupNorm).
     #[arg(long)]
     pub no_group_norm: bool,
+    /// Keep the sums in front of group norms as separate Adds (no SkipGroupNorm).
+    #[arg(long)]
+    pub no_skip_group_norm: bool,
     /// Leave feed-forward biases as exported (no BiasSplitGelu, no BiasAdd).
     #[arg(long)]
     pub no_bias_fusions: bool,
@@ -50,6 +53,7 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
     what.attention &= !a.no_attention;
     what.group_norm &= !a.no_group_norm;
     what.bias &= !a.no_bias_fusions;
+    what.skip_group_norm &= !a.no_skip_group_norm;
     let report = super::with_file_progress(|progress| {
         lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, progress)
     })?;

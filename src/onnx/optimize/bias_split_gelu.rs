@@ -247,9 +247,10 @@ fn index(g: &Graph<'_>, name: &str, a: &str, d: i64, depth: usize) -> Option<i64
     match g.op(p)? {
         "Gather" => {
             let s = g.producer_op(&ins[0], "Shape")?;
-            let whole = g.attr(s, "start").is_none() && g.attr(s, "end").is_none();
-            (whole && g.node(s).input[0] == a && matches!(g.scalar(&ins[1])?, -1.0 | 2.0))
-                .then_some(d)
+            (g.whole_shape(s)
+                && g.node(s).input[0] == a
+                && matches!(g.scalar(&ins[1])?, -1.0 | 2.0))
+            .then_some(d)
         }
         "Unsqueeze" | "Squeeze" | "Cast" | "Identity" => index(g, &ins[0], a, d, depth),
         op @ ("Add" | "Sub" | "Mul" | "Div") => {

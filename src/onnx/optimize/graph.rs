@@ -148,6 +148,12 @@ impl<'a> Graph<'a> {
         self.attr(i, name).and_then(|a| a.f)
     }
 
+    /// Whether `Shape` node `i` gives the whole shape (no `end`, `start` absent or 0: torch's
+    /// dynamo exporter writes `start = 0`).
+    pub fn whole_shape(&self, i: usize) -> bool {
+        self.attr_int(i, "start").unwrap_or(0) == 0 && self.attr(i, "end").is_none()
+    }
+
     /// The values of a small constant: a `Constant` node's output or an initializer that is not
     /// also a graph input (an overridable initializer is not a constant).
     pub fn values(&self, name: &str) -> Option<Vec<f64>> {

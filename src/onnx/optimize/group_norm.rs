@@ -141,9 +141,7 @@ fn find(
         .ok_or("InstanceNormalization output is not reshaped back")?;
     let back = g
         .producer_op(&g.node(r2).input[1], "Shape")
-        .filter(|&s| {
-            g.node(s).input[0] == x && g.attr(s, "start").is_none() && g.attr(s, "end").is_none()
-        })
+        .filter(|&s| g.node(s).input[0] == x && g.whole_shape(s))
         .ok_or("the reshape back does not use Shape(x)")?;
     let _ = back;
     // Mul(γ) and Add(β), each [C, 1, 1].

@@ -11,6 +11,8 @@
 //!   separate Q, K and V (flash / memory-efficient attention on CUDA; CPU kernel too).
 //! - [`group_norm`]: GroupNorm (+ SiLU) → `com.microsoft.GroupNorm` between NHWC transposes
 //!   (CUDA only).
+//! - [`skip_group_norm`]: the sum in front of a fused GroupNorm → `com.microsoft.SkipGroupNorm`
+//!   (CUDA only).
 //! - [`bias_split_gelu`]: GEGLU's bias, split and gate → `com.microsoft.BiasSplitGelu` (CUDA only).
 //! - [`bias_add`]: the feed-forward's bias + residual → `com.microsoft.BiasAdd` (CUDA only).
 //!
@@ -22,6 +24,7 @@ mod bias_add;
 mod bias_split_gelu;
 mod graph;
 mod group_norm;
+mod skip_group_norm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -47,6 +50,8 @@ pub struct OptimizeOptions {
     pub attention: bool,
     /// GroupNorm (+ SiLU) → `GroupNorm` (CUDA kernel only).
     pub group_norm: bool,
+    /// Add + GroupNorm → `SkipGroupNorm` (with `group_norm`; CUDA kernel only).
+    pub skip_group_norm: bool,
     /// GEGLU → `BiasSplitGelu`, feed-forward bias + residual → `BiasAdd` (CUDA kernels only).
     pub bias: bool,
 }
@@ -57,6 +62,7 @@ impl OptimizeOptions {
         Self {
             attention: true,
             group_norm: true,
+            skip_group_norm: true,
             bias: true,
         }
     }
@@ -66,6 +72,7 @@ impl OptimizeOptions {
         Self {
             attention: true,
             group_norm: false,
+            skip_group_norm: false,
             bias: false,
         }
     }
@@ -99,6 +106,17 @@ pub struct Report {
 impl Report {
     fn fused(&mut self, op: &str) {
         *self.fused.entry(op.to_string()).or_default() += 1;
+    }
+
+    /// A node fused before became a `to` node (GroupNorm → SkipGroupNorm).
+    fn refused(&mut self, from: &str, to: &str) {
+        if let Some(n) = self.fused.get_mut(from) {
+            *n -= 1;
+            if *n == 0 {
+                self.fused.remove(from);
+            }
+        }
+        self.fused(to);
     }
 
     fn left_alone(&mut self, node: &NodeProto, fusion: &'static str, reason: &'static str) {
@@ -162,6 +180,15 @@ pub fn optimize_proto(
         bias_add::fuse(&mut graph, &mut report);
     }
     graph.finish();
+    if opts.group_norm && opts.skip_group_norm {
+        // on the finished graph: the sums' readers are then only the nodes that stay
+        let Some(g) = proto.graph.as_mut() else {
+            return report;
+        };
+        let mut graph = graph::Graph::new(g);
+        skip_group_norm::fuse(&mut graph, &mut report);
+        graph.finish();
+    }
     report.nodes_after = proto.graph.as_ref().map_or(0, |g| g.node.len());
     if !report.is_empty()
         && !proto
