@@ -21,7 +21,8 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 # (PEER_STAGE=prepare: only make it, for a second call on the same warm machine); vaeprof: node
 # placement and per-node profiles (TINY_ONLY=1: the tiny pipeline only); short: vaeprof's tiny part,
 # SD 1.5's peak memory with a switchable LoRA and its VAE profile, for a call with little time left;
-# fusions: `lorafuse optimize` with and without BiasSplitGelu/BiasAdd, speed and pixels; profile:
+# fusions: `lorafuse optimize` with and without SkipGroupNorm/BiasSplitGelu/BiasAdd, speed and
+# pixels; profile:
 # per-op profiles of the SD 1.5 graphs made by the modes before (same warm machine)
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
@@ -74,30 +75,36 @@ if [ "$MODE" = memory ]; then
   exit 0
 fi
 if [ "$MODE" = fusions ]; then
-  # BiasSplitGelu + BiasAdd (CUDA-only kernels) in `lorafuse optimize`: the optimized SD 1.5 with
-  # and without them, same call: speed with CUDA graphs, pixels against the exported graph, and
-  # the same call's diffusers
+  # SkipGroupNorm, BiasSplitGelu and BiasAdd (CUDA-only kernels) in `lorafuse optimize`: the
+  # optimized SD 1.5 without them (the optimizer before), with the bias fusions only, and with all,
+  # same call: speed with CUDA graphs, pixels against the exported graph, the same call's diffusers
   sd15 || exit 1
-  $L optimize /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A3 "^unet"
-  [ -f /tmp/sd15-nobias/unet/model.onnx ] || $L optimize --no-bias-fusions /tmp/sd15-onnx /tmp/sd15-nobias >/dev/null
-  bench nobias_graphs -m /tmp/sd15-nobias --cuda-graphs
-  bench bias_graphs -m /tmp/sd15-opt-b --cuda-graphs
-  bench nobias_graphs_2 -m /tmp/sd15-nobias --cuda-graphs
-  bench bias_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
+  $L optimize /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
+  [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize --no-bias-fusions --no-skip-group-norm /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
+  [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --no-skip-group-norm /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
+  bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
+  bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
+  bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
+  bench prev_graphs_2 -m /tmp/sd15-prev --cuda-graphs
+  bench all_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
-  g -m /tmp/sd15-nobias -o "$OUT/f_nobias.png"
-  g -m /tmp/sd15-opt-b -o "$OUT/f_bias.png"
-  g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_bias_switch_a.png"
+  g -m /tmp/sd15-prev -o "$OUT/f_prev.png"
+  g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
+  g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
+  g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
   g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
   python3 - "$OUT" <<'PY'
 import sys, numpy as np
 from PIL import Image
 o = sys.argv[1]
 img = lambda n: np.asarray(Image.open(f"{o}/f_{n}.png"), dtype=np.int16)
-for a, b in [("exported", "nobias"), ("exported", "bias"), ("nobias", "bias"), ("exported_a", "bias_switch_a")]:
-    d = np.abs(img(a) - img(b))
-    print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
+for a, b in [("exported", "prev"), ("exported", "biasonly"), ("exported", "all"), ("prev", "all"), ("exported_a", "all_switch_a")]:
+    try:
+        d = np.abs(img(a) - img(b))
+        print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
+    except Exception as e:
+        print(f"{a} vs {b}: {e}")
 PY
   [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
