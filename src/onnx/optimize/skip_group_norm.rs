@@ -182,7 +182,11 @@ fn full(g: &Graph<'_>, x: &str, depth: usize) -> bool {
         return false;
     };
     match g.op(p) {
-        Some("Conv") => g.const_dims(&n.input[1]).is_some_and(|d| d.len() == 4),
+        Some("Conv") => n
+            .input
+            .get(1)
+            .and_then(|w| g.const_dims(w))
+            .is_some_and(|d| d.len() == 4),
         Some("Add" | "Sub" | "Mul" | "Div") => {
             let mut any = false;
             for i in &n.input {
