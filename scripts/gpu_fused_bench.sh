@@ -79,9 +79,9 @@ if [ "$MODE" = fusions ]; then
   # optimized SD 1.5 without them (the optimizer before), with the bias fusions only, and with all,
   # same call: speed with CUDA graphs, pixels against the exported graph, the same call's diffusers
   sd15 || exit 1
-  $L optimize /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
-  [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize --no-bias-fusions --no-skip-group-norm /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
-  [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --no-skip-group-norm /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
+  [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
+  [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
+  [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
   bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
   bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
   bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs

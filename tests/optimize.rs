@@ -138,12 +138,8 @@ fn group_norm_fusion_keeps_gamma_beta_eps_and_groups() {
     for (variant, groups) in [("onnx", 8i64), ("onnx-fp16", 8)] {
         let path = tiny(&format!("{variant}/unet/model.onnx"));
         let model = OnnxModel::open(&path).expect("open");
-        // GroupNorm alone (the sums in front of 15 of them become SkipGroupNorm otherwise)
-        let opts = OptimizeOptions {
-            skip_group_norm: false,
-            ..OptimizeOptions::for_cuda()
-        };
-        let (bytes, report) = optimize(&model, &opts).expect("optimize");
+        // GroupNorm alone (with `for_cuda_all` the sums in front of 15 become SkipGroupNorm)
+        let (bytes, report) = optimize(&model, &OptimizeOptions::for_cuda()).expect("optimize");
         assert_eq!(
             report.fused.get("GroupNorm"),
             Some(&21),
@@ -354,6 +350,7 @@ fn graphs_optimized_by_onnx_runtime_lose_no_node() {
         for (opts, what) in [
             (OptimizeOptions::for_cpu(), "cpu"),
             (OptimizeOptions::for_cuda(), "cuda"),
+            (OptimizeOptions::for_cuda_all(), "cuda, all fusions"),
         ] {
             let (bytes, report) = optimize(&model, &opts).expect("optimize");
             let out = OnnxModel::from_bytes(&path, Bytes::from(bytes)).expect("reopen");
@@ -412,7 +409,7 @@ fn feed_forward_biases_fuse_at_the_cuda_kernels_sizes() {
         let model = OnnxModel::open(tiny(&format!("{variant}/unet/model.onnx"))).expect("open");
         let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
         let mut proto = model.proto().clone();
-        let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda(), &read);
+        let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda_all(), &read);
         for (fusion, why) in [("bias split gelu", "2560"), ("bias add", "320")] {
             let left: Vec<_> = report
                 .left_alone
@@ -467,7 +464,7 @@ fn feed_forward_biases_fuse_at_the_cuda_kernels_sizes() {
                 t.dims[last] = 320;
             }
         }
-        let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda(), &read);
+        let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda_all(), &read);
         eprintln!("{variant}: {report}");
         assert_eq!(
             report.fused.get("BiasSplitGelu"),
@@ -755,7 +752,7 @@ fn fused_group_norms_are_wired_like_the_export() {
             let model = OnnxModel::open(&path).expect("open");
             let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
             let mut proto = model.proto().clone();
-            let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda(), &read);
+            let report = optimize_proto(&mut proto, &OptimizeOptions::for_cuda_all(), &read);
             eprintln!("{variant} {part}: {report}");
             let skip = report.fused.get("SkipGroupNorm").copied().unwrap_or(0);
             assert!(skip >= 4, "{variant} {part}: {report}");
@@ -862,7 +859,7 @@ fn mangled_graphs_never_panic_the_rewrites() {
                 }
             }
             let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                optimize_proto(&mut proto, &OptimizeOptions::for_cuda(), &read)
+                optimize_proto(&mut proto, &OptimizeOptions::for_cuda_all(), &read)
             }))
             .unwrap_or_else(|_| panic!("{variant} round {round}: a rewrite panicked"));
             let bytes = proto.encode_to_vec();

@@ -25,12 +25,14 @@ pub struct OptimizeArgs {
     /// Leave group normalisations as exported (no GroupNorm).
     #[arg(long)]
     pub no_group_norm: bool,
-    /// Keep the sums in front of group norms as separate Adds (no SkipGroupNorm).
+    /// Also fuse the sums in front of group norms (SkipGroupNorm; CUDA kernel not yet checked
+    /// on a GPU against the export).
     #[arg(long)]
-    pub no_skip_group_norm: bool,
-    /// Leave feed-forward biases as exported (no BiasSplitGelu, no BiasAdd).
+    pub skip_group_norm: bool,
+    /// Also fuse GEGLU (BiasSplitGelu) and the feed-forward's bias + residual (BiasAdd); CUDA
+    /// kernels not yet checked on a GPU against the export.
     #[arg(long)]
-    pub no_bias_fusions: bool,
+    pub bias_fusions: bool,
     /// Machine-readable report.
     #[arg(long)]
     pub json: bool,
@@ -52,8 +54,10 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
     };
     what.attention &= !a.no_attention;
     what.group_norm &= !a.no_group_norm;
-    what.bias &= !a.no_bias_fusions;
-    what.skip_group_norm &= !a.no_skip_group_norm;
+    if a.provider != "cpu" {
+        what.bias |= a.bias_fusions;
+        what.skip_group_norm |= a.skip_group_norm && what.group_norm;
+    }
     let report = super::with_file_progress(|progress| {
         lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, progress)
     })?;

@@ -57,13 +57,24 @@ pub struct OptimizeOptions {
 }
 
 impl OptimizeOptions {
-    /// Every fusion: graphs for ONNX Runtime's CUDA provider.
+    /// The fusions for ONNX Runtime's CUDA provider whose kernels have been checked against the
+    /// export on a GPU (docs/benchmarks.md): attention and GroupNorm.
     pub fn for_cuda() -> Self {
         Self {
             attention: true,
             group_norm: true,
+            skip_group_norm: false,
+            bias: false,
+        }
+    }
+
+    /// [`OptimizeOptions::for_cuda`] plus SkipGroupNorm, BiasSplitGelu and BiasAdd: their wiring
+    /// is tested on the CPU (tests/optimize.rs), their CUDA kernels not yet on a GPU.
+    pub fn for_cuda_all() -> Self {
+        Self {
             skip_group_norm: true,
             bias: true,
+            ..Self::for_cuda()
         }
     }
 
