@@ -82,18 +82,21 @@ if [ "$MODE" = fusions ]; then
   [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
   [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
   [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
-  bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
-  bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
-  bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
-  bench prev_graphs_2 -m /tmp/sd15-prev --cuda-graphs
-  bench all_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
+  # QUICK=1 (little device time left): the pixel check and one speed pair only
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
-  g -m /tmp/sd15-prev -o "$OUT/f_prev.png"
-  g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
   g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
-  g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
-  g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
+  bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
+  bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
+  if [ -z "${QUICK:-}" ]; then
+    bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
+    bench prev_graphs_2 -m /tmp/sd15-prev --cuda-graphs
+    bench all_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
+    g -m /tmp/sd15-prev -o "$OUT/f_prev.png"
+    g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
+    g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
+    g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
+  fi
   python3 - "$OUT" <<'PY'
 import sys, numpy as np
 from PIL import Image
@@ -106,7 +109,7 @@ for a, b in [("exported", "prev"), ("exported", "biasonly"), ("exported", "all")
     except Exception as e:
         print(f"{a} vs {b}: {e}")
 PY
-  [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+  [ -n "${SKIP_DIFFUSERS:-}${QUICK:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
 fi
 if [ "$MODE" = profile ]; then
