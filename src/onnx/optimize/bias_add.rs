@@ -64,24 +64,22 @@ fn find(g: &Graph<'_>, mm: usize) -> Result<Option<Match>, &'static str> {
     let Some(add) = g.only_consumer(&x).filter(|&a| g.op(a) == Some("Add")) else {
         return Ok(None);
     };
-    let ins = &g.node(add).input;
-    let bias = if ins[0] == x { &ins[1] } else { &ins[0] };
-    let Some(c) = g.const_dims(bias).filter(|d| d.len() == 1).map(|d| d[0]) else {
+    let Some(bias) = g.other_input(add, &x) else {
+        return Ok(None);
+    };
+    let Some(c) = g.const_dims(&bias).filter(|d| d.len() == 1).map(|d| d[0]) else {
         return Ok(None);
     };
     let biased = g.node(add).output[0].clone();
     let Some(res) = g.only_consumer(&biased).filter(|&r| g.op(r) == Some("Add")) else {
         return Ok(None);
     };
-    let rins = &g.node(res).input;
-    let skip = if rins[0] == biased {
-        &rins[1]
-    } else {
-        &rins[0]
-    };
-    if skip == &biased || g.const_dims(skip).is_some() {
+    let Some(skip) = g
+        .other_input(res, &biased)
+        .filter(|s| g.const_dims(s).is_none())
+    else {
         return Ok(None);
-    }
+    };
     // a sum read by a LayerNormalization (the attention residuals; stacked transformer layers)
     // is left to ONNX Runtime's own SkipLayerNormalization fusion, one kernel for both
     let out = &g.node(res).output[0];
@@ -92,7 +90,7 @@ fn find(g: &Graph<'_>, mm: usize) -> Result<Option<Match>, &'static str> {
         return Ok(None);
     }
     // the branch must start at LayerNormalization(skip): then skip has the branch's shape
-    if !branch_starts_at(g, &g.node(mm).input[0], skip) {
+    if !branch_starts_at(g, &g.node(mm).input[0], &skip) {
         return Ok(None);
     }
     let w = g.const_dims(&g.node(mm).input[1]);
@@ -107,8 +105,8 @@ fn find(g: &Graph<'_>, mm: usize) -> Result<Option<Match>, &'static str> {
     }
     Ok(Some(Match {
         x,
-        bias: bias.clone(),
-        skip: skip.clone(),
+        bias,
+        skip,
         last: res,
         out: g.node(res).output[0].clone(),
     }))

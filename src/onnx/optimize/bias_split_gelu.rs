@@ -79,8 +79,9 @@ fn find(g: &Graph<'_>, at: usize) -> Result<Option<Match>, &'static str> {
     else {
         return Ok(None);
     };
-    let left =
-        other_input(g, last, &gelu_out).ok_or("the gating Mul multiplies the GELU by itself")?;
+    let left = g
+        .other_input(last, &gelu_out)
+        .ok_or("the gating Mul multiplies the GELU by itself")?;
     let Some((a, halves)) = split_halves(g, &left, &right)? else {
         return Ok(None);
     };
@@ -143,16 +144,17 @@ fn gelu(g: &Graph<'_>, at: usize) -> Option<(String, String)> {
     let plus = g
         .only_consumer(&g.node(at).output[0])
         .filter(|&a| g.op(a) == Some("Add"))?;
-    other_input(g, plus, &g.node(at).output[0]).filter(|c| near(g, c, 1.0))?;
+    g.other_input(plus, &g.node(at).output[0])
+        .filter(|c| near(g, c, 1.0))?;
     // two Muls by y and 0.5, in either order
     let m1 = g
         .only_consumer(&g.node(plus).output[0])
         .filter(|&m| g.op(m) == Some("Mul"))?;
-    let f1 = other_input(g, m1, &g.node(plus).output[0])?;
+    let f1 = g.other_input(m1, &g.node(plus).output[0])?;
     let m2 = g
         .only_consumer(&g.node(m1).output[0])
         .filter(|&m| g.op(m) == Some("Mul"))?;
-    let f2 = other_input(g, m2, &g.node(m1).output[0])?;
+    let f2 = g.other_input(m2, &g.node(m1).output[0])?;
     let ok = (f1 == y && near(g, &f2, 0.5)) || (f2 == y && near(g, &f1, 0.5));
     ok.then(|| (y, g.node(m2).output[0].clone()))
 }
@@ -263,16 +265,6 @@ fn index(g: &Graph<'_>, name: &str, a: &str, d: i64, depth: usize) -> Option<i64
                 _ => x.checked_div(y),
             }
         }
-        _ => None,
-    }
-}
-
-/// Node `i`'s input other than `x` (for two-input nodes).
-fn other_input(g: &Graph<'_>, i: usize, x: &str) -> Option<String> {
-    let ins = &g.node(i).input;
-    match (ins.first(), ins.get(1)) {
-        (Some(a), Some(b)) if a == x && b != x => Some(b.clone()),
-        (Some(a), Some(b)) if b == x && a != x => Some(a.clone()),
         _ => None,
     }
 }

@@ -148,6 +148,16 @@ impl<'a> Graph<'a> {
         self.attr(i, name).and_then(|a| a.f)
     }
 
+    /// Node `i`'s input other than `x`, for a two-input node that reads `x` once.
+    pub fn other_input(&self, i: usize, x: &str) -> Option<String> {
+        let ins = &self.g.node[i].input;
+        match (ins.first(), ins.get(1)) {
+            (Some(a), Some(b)) if a == x && b != x => Some(b.clone()),
+            (Some(a), Some(b)) if b == x && a != x => Some(a.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether `Shape` node `i` gives the whole shape (no `end`, `start` absent or 0: torch's
     /// dynamo exporter writes `start = 0`).
     pub fn whole_shape(&self, i: usize) -> bool {

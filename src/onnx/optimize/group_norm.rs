@@ -202,8 +202,7 @@ fn find(
 /// The one reader of `x` when it is `op`(x, p) with p a constant of dims [C, 1, 1]: (node, p).
 fn affine_step(g: &Graph<'_>, x: &str, op: &str) -> Option<(usize, String)> {
     let m = g.only_consumer(x).filter(|&m| g.op(m) == Some(op))?;
-    let ins = &g.node(m).input;
-    let p = if ins[0] == x { ins.get(1)? } else { &ins[0] };
-    let dims = g.const_dims(p)?;
-    (dims.len() == 3 && dims[1] == 1 && dims[2] == 1 && dims[0] >= 1).then(|| (m, p.clone()))
+    let p = g.other_input(m, x)?;
+    let dims = g.const_dims(&p)?;
+    (dims.len() == 3 && dims[1] == 1 && dims[2] == 1 && dims[0] >= 1).then_some((m, p))
 }

@@ -32,8 +32,6 @@ enum SkipKind {
 struct Match {
     /// The `com.microsoft.GroupNorm` node.
     norm: usize,
-    /// The Transpose to NHWC in front of it.
-    to_nhwc: usize,
     kind: SkipKind,
     /// The node writing the sum the norm reads (the Add, or the `/ 1` after it), and that sum.
     sum_node: usize,
@@ -108,7 +106,6 @@ pub(super) fn fuse(g: &mut Graph<'_>, report: &mut Report) {
             ),
         );
         // the old transpose of the sum is read by nobody now; `finish` drops it (and the Add)
-        let _ = m.to_nhwc;
         report.refused("GroupNorm", "SkipGroupNorm");
     }
 }
@@ -157,7 +154,6 @@ fn find(g: &Graph<'_>, norm: usize) -> Result<Option<Match>, &'static str> {
     let sum_used = g.is_graph_output(&sum) || g.consumers(&sum).len() > 1;
     Ok(Some(Match {
         norm,
-        to_nhwc,
         kind,
         sum_node,
         sum,
