@@ -554,29 +554,29 @@ fn lower_group_norms(proto: &mut lorafuse::onnx::proto::ModelProto) -> usize {
         attribute: attrs,
         ..Default::default()
     };
-    let i64s = |name: String, v: &[i64]| TensorProto {
-        dims: vec![v.len() as i64],
-        data_type: Some(7),
+    // a 1-D initializer of element type `dtype` (1 = float, 7 = int64) from its little-endian bytes
+    let tensor = |name: String, dtype: i32, len: usize, bytes: Vec<u8>| TensorProto {
+        dims: vec![len as i64],
+        data_type: Some(dtype),
         name: Some(name),
-        raw_data: Some(
-            v.iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ),
+        raw_data: Some(bytes.into()),
         ..Default::default()
     };
-    let f32s = |name: String, v: &[f32]| TensorProto {
-        dims: vec![v.len() as i64],
-        data_type: Some(1),
-        name: Some(name),
-        raw_data: Some(
-            v.iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ),
-        ..Default::default()
+    let i64s = |name: String, v: &[i64]| {
+        tensor(
+            name,
+            7,
+            v.len(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    };
+    let f32s = |name: String, v: &[f32]| {
+        tensor(
+            name,
+            1,
+            v.len(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     };
     let gemm_outputs: std::collections::HashSet<String> = g
         .node
