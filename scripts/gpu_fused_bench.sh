@@ -22,8 +22,8 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 # placement and per-node profiles (TINY_ONLY=1: the tiny pipeline only); short: vaeprof's tiny part,
 # SD 1.5's peak memory with a switchable LoRA and its VAE profile, for a call with little time left;
 # fusions: `lorafuse optimize` with and without SkipGroupNorm/BiasSplitGelu/BiasAdd, speed and
-# pixels; profile:
-# per-op profiles of the SD 1.5 graphs made by the modes before (same warm machine)
+# pixels; decode: the VAE decode under the provider's convolution settings; profile: per-op
+# profiles of the SD 1.5 graphs made by the modes before (same warm machine)
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
   [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
@@ -112,10 +112,24 @@ PY
   [ -n "${SKIP_DIFFUSERS:-}${QUICK:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
 fi
+if [ "$MODE" = decode ]; then
+  # the ~100 ms VAE decode: the same optimized SD 1.5 under the CUDA provider's convolution
+  # settings (layout, cuDNN algorithm search, workspace, TF32), decode time and step side by side
+  sd15 || exit 1
+  for v in "auto" "--cuda-conv-layout nchw" "--cuda-conv-layout nhwc" "--cudnn-conv-algo heuristic" "--cuda-memory roomy" "--tf32"; do
+    a=$v; [ "$v" = auto ] && a=
+    $L bench -W 512 -H 512 --steps 5 --images 2 --device cuda --json -m /tmp/sd15-opt $a 2>/dev/null > "$OUT/decode.json"
+    python3 -c "import json; r=json.load(open('$OUT/decode.json')); print(f'{\"$v\":30s} decode {r[\"median_decode_ms\"]:7.1f} ms  step {r[\"median_step_ms\"]:.2f} ms  text+first {r[\"median_first_step_ms\"]:.1f} ms')" 2>&1 | tail -1
+  done
+  $L bench -W 512 -H 512 --steps 5 --images 2 --device cuda --json -m /tmp/sd15-onnx 2>/dev/null > "$OUT/decode.json"
+  python3 -c "import json; r=json.load(open('$OUT/decode.json')); print(f'exported graph                 decode {r[\"median_decode_ms\"]:7.1f} ms')"
+  exit 0
+fi
 if [ "$MODE" = profile ]; then
   # per-op profiles (launch-blocking) of every SD 1.5 graph this warm machine has: where
   # ONNX Runtime's own optimized graph saves time per step and where the VAE decoder's time goes
-  for m in sd15-opt-b sd15-ortopt sd15-onnx; do
+  # PROFILE_MODELS: which of them (default: all three that exist)
+  for m in ${PROFILE_MODELS:-sd15-opt-b sd15-ortopt sd15-onnx}; do
     [ -f /tmp/$m/unet/model.onnx ] || continue
     mkdir -p "$OUT/prof_$m"
     CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --num-images 3 --device cuda -o "$OUT/prof_${m}_{index}.png" 2>&1 | tail -1
