@@ -82,10 +82,13 @@ if [ "$MODE" = fusions ]; then
   [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
   [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
   [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
+  # and converted to float16 after them (this export's text encoder is the only fp32 graph)
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
   # QUICK=1 (little device time left): the pixel check and one speed pair only
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
   g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
+  g -m /tmp/sd15-opt-h -o "$OUT/f_all16.png"
   bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
   bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
   if [ -z "${QUICK:-}" ]; then
@@ -96,13 +99,16 @@ if [ "$MODE" = fusions ]; then
     g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
     g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
     g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
+    # the fp16 text encoder's memory: one pipeline each, peak over idle
+    sample mem_all /dev/null $L bench -W 512 -H 512 --steps 5 --images 1 --device cuda -m /tmp/sd15-opt-b --cuda-graphs
+    sample mem_all16 /dev/null $L bench -W 512 -H 512 --steps 5 --images 1 --device cuda -m /tmp/sd15-opt-h --cuda-graphs
   fi
   python3 - "$OUT" <<'PY'
 import sys, numpy as np
 from PIL import Image
 o = sys.argv[1]
 img = lambda n: np.asarray(Image.open(f"{o}/f_{n}.png"), dtype=np.int16)
-for a, b in [("exported", "prev"), ("exported", "biasonly"), ("exported", "all"), ("prev", "all"), ("exported_a", "all_switch_a")]:
+for a, b in [("exported", "prev"), ("exported", "biasonly"), ("exported", "all"), ("prev", "all"), ("exported", "all16"), ("all", "all16"), ("exported_a", "all_switch_a")]:
     try:
         d = np.abs(img(a) - img(b))
         print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")

@@ -5,8 +5,8 @@
 //! `external_locations`, `initializer_bytes`, `initializer_f32` (`decode_f32`, typed fields);
 //! src/onnx/index.rs: `WeightIndex::build`, `to_json`, `from_json`, `validate`, `lookup`;
 //! src/onnx/mod.rs: `inspect` and its `Display`;
-//! src/onnx/optimize: the graph rewrites of `lorafuse optimize` (for CUDA and for the CPU): no
-//! panic, and what they write decodes again.
+//! src/onnx/optimize: the graph rewrites of `lorafuse optimize` (for CUDA and for the CPU, and
+//! every fusion with the float16 conversion): no panic, and what they write decodes again.
 //!
 //! The model "lives" in a per-process temporary folder holding a 4096-byte `weights.bin`, so
 //! external-data locations have a real file to resolve against.
@@ -55,7 +55,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = back.validate(&model);
     }
     let _ = inspect(&model).to_string();
-    for opts in [OptimizeOptions::for_cuda(), OptimizeOptions::for_cpu()] {
+    let all_and_float16 = OptimizeOptions {
+        float16: true,
+        ..OptimizeOptions::for_cuda_all()
+    };
+    for opts in [OptimizeOptions::for_cuda(), OptimizeOptions::for_cpu(), all_and_float16] {
         if let Ok((bytes, report)) = optimize(&model, &opts) {
             let _ = report.to_string();
             OnnxModel::from_bytes(model_path(), Bytes::from(bytes))

@@ -33,6 +33,11 @@ pub struct OptimizeArgs {
     /// kernels not yet checked on a GPU against the export.
     #[arg(long)]
     pub bias_fusions: bool,
+    /// Convert float graphs to float16 after the fusions, as ONNX Runtime's optimize_pipeline.py
+    /// `--float16` does (Resize scales and GroupNorm gamma/beta stay float). The text encoder of
+    /// an fp16 export is often left fp32; this halves it.
+    #[arg(long)]
+    pub float16: bool,
     /// Machine-readable report.
     #[arg(long)]
     pub json: bool,
@@ -54,6 +59,7 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
     };
     what.attention &= !a.no_attention;
     what.group_norm &= !a.no_group_norm;
+    what.float16 = a.float16;
     if a.provider != "cpu" {
         what.bias |= a.bias_fusions;
         what.skip_group_norm |= a.skip_group_norm && what.group_norm;

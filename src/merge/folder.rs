@@ -485,9 +485,11 @@ pub struct OptimizeFolderReport {
 }
 
 /// Write a copy of the ONNX pipeline at `src` to `out` with every component graph rewritten by
-/// [`crate::onnx::optimize`] (external data files are copied as they are: the rewrite keeps every
-/// initializer). Atomic and non-destructive like [`merge_pipeline`]; `opts` gives the cancel flag
-/// and the link policy of the copy.
+/// [`crate::onnx::optimize`]. Fusions keep every initializer, so external data files are copied
+/// as they are; a component converted to float16 is written whole (its weights in a new
+/// `model.onnx_data` beside it when the source stored them externally, its old data files left
+/// out). Atomic and non-destructive like [`merge_pipeline`]; `opts` gives the cancel flag and the
+/// link policy of the copy.
 pub fn optimize_pipeline(
     src: &Path,
     out: &Path,
@@ -497,26 +499,40 @@ pub fn optimize_pipeline(
 ) -> Result<OptimizeFolderReport> {
     let dir = OnnxPipelineDir::open(src)?;
     crate::files::check_new_folder(src, out)?;
+    let norm = |p: &Path| p.components().collect::<PathBuf>();
     let mut rewritten = Vec::new();
     let mut components = BTreeMap::new();
+    // files of the source left out of the copy, and data files other components still need
+    let mut skip = std::collections::HashSet::new();
+    let mut keep = std::collections::HashSet::new();
     for c in OnnxComponent::ALL {
         if !dir.has(c) {
             continue;
         }
         opts.check_cancel()?;
-        let model = crate::onnx::OnnxModel::open(dir.model_path(c))?;
-        let (bytes, report) = crate::onnx::optimize::optimize(&model, what)?;
-        if !report.is_empty() {
-            rewritten.push((c, bytes));
+        let path = dir.model_path(c);
+        let model = crate::onnx::OnnxModel::open(&path)?;
+        let (proto, report) = crate::onnx::optimize::optimize_model(&model, what)?;
+        let data: Vec<PathBuf> = model
+            .external_locations()
+            .iter()
+            .map(|l| norm(&model.dir().join(l)))
+            .collect();
+        if report.is_empty() {
+            keep.extend(data);
+        } else {
+            skip.insert(norm(&path));
+            if report.float16.is_some() {
+                skip.extend(data.iter().cloned());
+            } else {
+                keep.extend(data.iter().cloned());
+            }
+            rewritten.push((c, model, proto, report.float16.is_some()));
         }
         components.insert(c.dir_name().to_string(), report);
     }
+    skip.retain(|f| !keep.contains(f));
     let tmp = temp_dir_beside(out)?;
-    let norm = |p: &Path| p.components().collect::<PathBuf>();
-    let skip: std::collections::HashSet<PathBuf> = rewritten
-        .iter()
-        .map(|(c, _)| norm(&dir.model_path(*c)))
-        .collect();
     let (mut done, total) = copy_tree_except(
         src,
         tmp.path(),
@@ -524,13 +540,20 @@ pub fn optimize_pipeline(
         opts,
         progress,
     )?;
-    for (c, bytes) in rewritten {
+    for (c, model, proto, converted) in rewritten {
         opts.check_cancel()?;
         let to = tmp.path().join(c.dir_name()).join("model.onnx");
         if let Some(p) = to.parent() {
             std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
         }
-        std::fs::write(&to, bytes).map_err(|e| Error::io(&to, e))?;
+        if converted {
+            let data = (!model.external_locations().is_empty()).then_some("model.onnx_data");
+            crate::onnx::write::write_model(proto, &model, &to, data)?;
+        } else {
+            // the fusions' graph; its external data files were copied as they are
+            let bytes = crate::onnx::optimize::encode(&model, &proto)?;
+            std::fs::write(&to, bytes).map_err(|e| Error::io(&to, e))?;
+        }
         done += 1;
         progress(done.min(total), total, c.dir_name());
     }

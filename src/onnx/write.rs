@@ -21,6 +21,7 @@ use prost::Message;
 use serde::Serialize;
 
 use super::model::{OnnxModel, Storage, onnx_err};
+use super::proto::ModelProto;
 use crate::{Error, Result};
 
 /// What [`write_patched`] wrote.
@@ -550,4 +551,80 @@ fn as_patches<'a>(v: &[BytePatch<'a>]) -> Vec<Patch<'a>> {
             name,
         })
         .collect()
+}
+
+/// Initializers at least this large go to the external data file in [`write_model`] (smaller
+/// ones stay in the graph file, as onnx's `convert_model_to_external_data` `size_threshold`).
+const EXTERNAL_MIN: usize = 1024;
+/// Offsets in the external data file are multiples of this, so ONNX Runtime can map them.
+const EXTERNAL_ALIGN: u64 = 4096;
+
+/// Write `proto` (a rewritten form of `source`) as the new file `path`. Initializers still stored
+/// externally in `proto` are read from `source`. With `data` (a file name), every initializer of
+/// at least 1 KiB goes into `data` beside `path` (ONNX external data, offsets aligned to 4 KiB);
+/// without, all are stored inline, which protobuf allows up to 2 GiB. Returns the files written.
+/// Plain writes: callers write into a temporary folder they rename at the end.
+pub fn write_model(
+    mut proto: ModelProto,
+    source: &OnnxModel,
+    path: &Path,
+    data: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    use super::proto::StringStringEntryProto;
+    use super::proto::tensor_proto::DataLocation;
+    let g = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| onnx_err(source.path(), "the model has no graph"))?;
+    for t in &mut g.initializer {
+        if t.data_location == Some(DataLocation::External as i32) {
+            let name = t.name.clone().unwrap_or_default();
+            let bytes = source.initializer_bytes(&name)?;
+            t.raw_data = Some(Bytes::from(bytes.into_owned()));
+            t.external_data.clear();
+            t.data_location = None;
+        }
+    }
+    let mut written = Vec::new();
+    if let Some(data) = data {
+        let data_path = path.with_file_name(data);
+        let file = File::create(&data_path).map_err(|e| Error::io(&data_path, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        let mut offset = 0u64;
+        for t in &mut g.initializer {
+            let Some(raw) = t.raw_data.take_if(|r| r.len() >= EXTERNAL_MIN) else {
+                continue;
+            };
+            let pad = offset.next_multiple_of(EXTERNAL_ALIGN) - offset;
+            w.write_all(&vec![0u8; pad as usize])
+                .and_then(|()| w.write_all(&raw))
+                .map_err(|e| Error::io(&data_path, e))?;
+            offset += pad;
+            let entry = |k: &str, v: String| StringStringEntryProto {
+                key: Some(k.into()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", data.to_string()),
+                entry("offset", offset.to_string()),
+                entry("length", raw.len().to_string()),
+            ];
+            t.data_location = Some(DataLocation::External as i32);
+            offset += raw.len() as u64;
+        }
+        w.flush().map_err(|e| Error::io(&data_path, e))?;
+        written.push(data_path);
+    }
+    let len = proto.encoded_len();
+    if len > i32::MAX as usize {
+        return Err(onnx_err(
+            source.path(),
+            format!(
+                "the rewritten model would be {len} bytes, over protobuf's 2 GiB limit for one file"
+            ),
+        ));
+    }
+    std::fs::write(path, proto.encode_to_vec()).map_err(|e| Error::io(path, e))?;
+    written.insert(0, path.to_path_buf());
+    Ok(written)
 }

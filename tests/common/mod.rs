@@ -44,6 +44,7 @@ pub fn made(rel: &str) -> PathBuf {
             | "onnx-olive-cuda",
         ) => "ort_optimize_unet.py",
         Some("onnx-fp16") => "onnx-fp16",
+        Some("onnx-ortfp16") => "ort_float16.py",
         _ => panic!("made({rel}): no such test-time fixture"),
     };
     let root = ROOT.get_or_init(|| {

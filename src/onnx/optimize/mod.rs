@@ -15,6 +15,8 @@
 //!   (CUDA only).
 //! - [`bias_split_gelu`]: GEGLU's bias, split and gate → `com.microsoft.BiasSplitGelu` (CUDA only).
 //! - [`bias_add`]: the feed-forward's bias + residual → `com.microsoft.BiasAdd` (CUDA only).
+//! - [`float16`]: after the fusions, fp32 → fp16 as ONNX Runtime's optimizer converts Stable
+//!   Diffusion components (`--float16`; LoRA targets stay plain initializers, now float16).
 //!
 //! A pattern that is only partly recognised is left as it was and reported (node name and reason)
 //! in [`Report::left_alone`]; the rewritten graph computes the same function as the input.
@@ -22,6 +24,7 @@
 mod attention;
 mod bias_add;
 mod bias_split_gelu;
+pub mod float16;
 mod graph;
 mod group_norm;
 mod skip_group_norm;
@@ -54,6 +57,9 @@ pub struct OptimizeOptions {
     pub skip_group_norm: bool,
     /// GEGLU → `BiasSplitGelu`, feed-forward bias + residual → `BiasAdd` (CUDA kernels only).
     pub bias: bool,
+    /// Convert float graphs to float16 after the fusions ([`float16`]); off by default (it
+    /// changes the numbers, as exporting in fp16 does).
+    pub float16: bool,
 }
 
 impl OptimizeOptions {
@@ -65,6 +71,7 @@ impl OptimizeOptions {
             group_norm: true,
             skip_group_norm: false,
             bias: false,
+            float16: false,
         }
     }
 
@@ -85,6 +92,7 @@ impl OptimizeOptions {
             group_norm: false,
             skip_group_norm: false,
             bias: false,
+            float16: false,
         }
     }
 }
@@ -112,6 +120,8 @@ pub struct Report {
     pub left_alone: Vec<LeftAlone>,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    /// What the float16 conversion changed (`None`: not asked for, or nothing was float).
+    pub float16: Option<float16::Float16Report>,
 }
 
 impl Report {
@@ -140,7 +150,7 @@ impl Report {
 
     /// Nothing was rewritten.
     pub fn is_empty(&self) -> bool {
-        self.fused.is_empty()
+        self.fused.is_empty() && self.float16.is_none()
     }
 }
 
@@ -153,6 +163,13 @@ impl fmt::Display for Report {
             f.write_str(&parts.join(", "))?;
         }
         write!(f, " ({} → {} nodes)", self.nodes_before, self.nodes_after)?;
+        if let Some(h) = &self.float16 {
+            write!(
+                f,
+                "\n  float16: {} initializers, {} attribute tensors; {} kept float for float-only inputs, {} casts",
+                h.initializers, h.attribute_tensors, h.kept_float, h.casts
+            )?;
+        }
         if !self.left_alone.is_empty() {
             let mut by: BTreeMap<(&str, &str), usize> = BTreeMap::new();
             for l in &self.left_alone {
@@ -218,11 +235,14 @@ pub fn optimize_proto(
 /// The optimized form of `model`, encoded (external data locations unchanged: they resolve
 /// against the same folder), with the report.
 pub fn optimize(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(Vec<u8>, Report)> {
-    let mut proto = model.proto().clone();
-    let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
-    let report = optimize_proto(&mut proto, opts, &read);
+    let (proto, report) = optimize_model(model, opts)?;
+    Ok((encode(model, &proto)?, report))
+}
+
+/// `proto` (a rewritten form of `model`) encoded, refused over protobuf's 2 GiB message limit
+/// (ORT and onnx refuse larger model files).
+pub fn encode(model: &OnnxModel, proto: &ModelProto) -> Result<Vec<u8>> {
     let len = proto.encoded_len();
-    // protobuf's 2 GiB message limit (ORT and onnx refuse larger model files)
     if len > i32::MAX as usize {
         return Err(onnx_err(
             model.path(),
@@ -231,7 +251,24 @@ pub fn optimize(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(Vec<u8>, R
             ),
         ));
     }
-    Ok((proto.encode_to_vec(), report))
+    Ok(proto.encode_to_vec())
+}
+
+/// The optimized form of `model` as a proto, with the report. Initializers converted to float16
+/// are stored inline; the others keep their storage.
+pub fn optimize_model(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(ModelProto, Report)> {
+    let mut proto = model.proto().clone();
+    let read = |name: &str| model.initializer_f32(name).ok().map(|(_, v)| v);
+    let mut report = optimize_proto(&mut proto, opts, &read);
+    if opts.float16 {
+        let r = float16::convert(&mut proto, &read)
+            .map_err(|m| onnx_err(model.path(), format!("float16 conversion: {m}")))?;
+        if !r.is_empty() {
+            report.float16 = Some(r);
+            report.nodes_after = proto.graph.as_ref().map_or(0, |g| g.node.len());
+        }
+    }
+    Ok((proto, report))
 }
 
 /// Open the model at `path` and optimize it in memory: the returned model's bytes are the

@@ -1,0 +1,226 @@
+//! `lorafuse optimize --float16` (`lorafuse::onnx::optimize::float16`) against ONNX Runtime's own
+//! converter (`models/scripts/ort_float16.py`: `convert_float_to_float16(keep_io_types=False,
+//! op_block_list=["RandomNormalLike"])`, as optimize_pipeline.py `--float16` runs it) on the tiny
+//! pipeline's fp32 export: the same float16 weights byte for byte, the same outputs on ONNX
+//! Runtime's CPU provider, and weights stored externally written to one new data file.
+
+mod common;
+
+use std::path::Path;
+
+use lorafuse::merge::{MergeOptions, optimize_pipeline};
+use lorafuse::onnx::OnnxModel;
+use lorafuse::onnx::optimize::OptimizeOptions;
+use lorafuse::onnx::proto::tensor_proto::{DataLocation, DataType};
+use lorafuse::runtime::session;
+use lorafuse::runtime::tensor::{extract_f32, float_value};
+use ort::session::Session;
+use rand::{Rng, SeedableRng};
+
+use common::{cpu, made, tiny};
+
+const COMPONENTS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
+
+/// Only the conversion: no fusion, so the graph is ORT's converter's input.
+fn float16_only() -> OptimizeOptions {
+    OptimizeOptions {
+        attention: false,
+        group_norm: false,
+        skip_group_norm: false,
+        bias: false,
+        float16: true,
+    }
+}
+
+fn convert(src: &Path, what: &OptimizeOptions) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    optimize_pipeline(src, &out, what, &MergeOptions::default(), &mut |_, _, _| {})
+        .expect("optimize --float16");
+    tmp
+}
+
+/// Every output of `component`'s session for fixed inputs (floats fed in the session's type).
+fn run(component: &str, model: &Path) -> Vec<Vec<f32>> {
+    let mut s: Session = session::open(model, &cpu()).expect("session");
+    if component == "unet" {
+        return vec![common::run_unet(&mut s)];
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut inputs: Vec<(String, ort::value::DynValue)> = Vec::new();
+    for i in s.inputs() {
+        let ort::value::ValueType::Tensor { ty, .. } = i.dtype().clone() else {
+            panic!("{component}: input {} is not a tensor", i.name());
+        };
+        let v: ort::value::DynValue = match i.name() {
+            "input_ids" => {
+                let mut ids = vec![49407i64; 77];
+                ids[..5].copy_from_slice(&[49406, 320, 1125, 539, 49407]);
+                ort::value::Tensor::from_array(([1usize, 77], ids))
+                    .expect("ids")
+                    .into_dyn()
+            }
+            name => {
+                let shape: Vec<usize> = match name {
+                    "latent_sample" => vec![1, 4, 16, 16],
+                    "sample" => vec![1, 3, 32, 32],
+                    other => panic!("{component}: no test input for {other}"),
+                };
+                let n = shape.iter().product();
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                float_value(&x, &shape, ty).expect("input")
+            }
+        };
+        inputs.push((i.name().to_string(), v));
+    }
+    let out = s.run(inputs).expect("run");
+    out.iter()
+        .map(|(name, v)| extract_f32(&v, name).expect("output").1)
+        .collect()
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().map(|x| x.abs()).fold(0f32, f32::max)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn float16_copies_match_onnx_runtimes_converter() {
+    let ours = convert(&tiny("onnx"), &float16_only());
+    for c in COMPONENTS {
+        let mine = OnnxModel::open(ours.path().join(format!("out/{c}/model.onnx"))).expect("ours");
+        let theirs = OnnxModel::open(made(&format!("onnx-ortfp16/{c}/model.onnx"))).expect("ORT");
+        // the same initializers, the same float16 bytes (ORT's clamping, round to nearest even)
+        let mut names: Vec<&str> = theirs
+            .initializers()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        names.sort_unstable();
+        let mut mine_names: Vec<&str> = mine
+            .initializers()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        mine_names.sort_unstable();
+        assert_eq!(mine_names, names, "{c}: initializer names");
+        let mut half = 0;
+        for t in theirs.initializers() {
+            let m = mine.require(&t.name).expect("same name");
+            assert_eq!(m.dtype, t.dtype, "{c}: `{}` dtype", t.name);
+            assert_eq!(m.dims, t.dims, "{c}: `{}` dims", t.name);
+            assert_eq!(
+                mine.initializer_bytes(&t.name).expect("ours"),
+                theirs.initializer_bytes(&t.name).expect("theirs"),
+                "{c}: `{}` bytes",
+                t.name
+            );
+            half += usize::from(t.dtype == DataType::Float16);
+        }
+        assert!(half > 0, "{c}: no float16 weights");
+
+        // the same outputs (both graphs on this machine's CPU kernels: within one float16 step
+        // of the output's scale), and the float export's within float16 accuracy
+        let (a, b) = (run(c, mine.path()), run(c, theirs.path()));
+        let exported = run(c, &tiny(&format!("onnx/{c}/model.onnx")));
+        for ((x, y), e) in a.iter().zip(&b).zip(&exported) {
+            let scale = max_abs(e).max(1.0);
+            let (d_ort, d_exp) = (max_diff(x, y), max_diff(x, e));
+            eprintln!(
+                "{c}: vs ORT's converter {d_ort:e}, vs the fp32 export {d_exp:e} (scale {scale})"
+            );
+            assert!(
+                d_ort <= scale / 1024.0,
+                "{c}: {d_ort} from ORT's float16 graph"
+            );
+            assert!(d_exp <= scale * 1e-2, "{c}: {d_exp} from the fp32 export");
+        }
+    }
+}
+
+/// A UNet with its weights in external data (optimum's layout over 2 GB): the float16 copy
+/// holds them in one new `model.onnx_data` at 4 KiB-aligned offsets, the same bytes as the inline
+/// conversion, and computes the same output; the fp32 data file is not copied.
+#[test]
+fn float16_of_external_data_writes_one_new_data_file() {
+    let src = tempfile::tempdir().expect("tempdir");
+    common::copy_dir(&tiny("onnx"), src.path());
+    std::fs::remove_dir_all(src.path().join("unet")).expect("rm unet");
+    common::copy_dir(&made("onnx-extdata/unet"), &src.path().join("unet"));
+    let fp32_data = std::fs::metadata(src.path().join("unet/model.onnx_data"))
+        .expect("source data")
+        .len();
+
+    let ext = convert(src.path(), &float16_only());
+    let inline = convert(&tiny("onnx"), &float16_only());
+    let out = ext.path().join("out/unet");
+    let files: Vec<String> = std::fs::read_dir(&out)
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = files.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["config.json", "model.onnx", "model.onnx_data"]);
+    let data = std::fs::metadata(out.join("model.onnx_data"))
+        .expect("data")
+        .len();
+    assert!(
+        data < fp32_data * 6 / 10,
+        "{data} bytes of float16 data for {fp32_data} of fp32"
+    );
+
+    let m = OnnxModel::open(out.join("model.onnx")).expect("open");
+    let want = OnnxModel::open(inline.path().join("out/unet/model.onnx")).expect("inline");
+    let mut external = 0;
+    for t in m.initializers() {
+        let raw = &m.graph().initializer[t.index];
+        if raw.data_location == Some(DataLocation::External as i32) {
+            external += 1;
+            let lorafuse::onnx::Storage::External { offset, .. } = t.storage else {
+                panic!("`{}`: external without a location", t.name);
+            };
+            assert_eq!(offset % 4096, 0, "`{}` at {offset}", t.name);
+        }
+        assert_eq!(
+            m.initializer_bytes(&t.name).expect("bytes"),
+            want.initializer_bytes(&t.name).expect("inline bytes"),
+            "`{}`",
+            t.name
+        );
+    }
+    assert!(external > 0, "nothing went to the data file");
+    assert_eq!(
+        run("unet", &out.join("model.onnx")),
+        run("unet", want.path()),
+        "external vs inline float16 UNet"
+    );
+}
+
+/// Fusions first, then float16 (ORT's order): the tiny pipeline optimized for the CPU provider
+/// runs in float16 and stays within float16 accuracy of the fp32 export.
+#[test]
+fn fused_float16_pipeline_runs_on_the_cpu() {
+    let what = OptimizeOptions {
+        float16: true,
+        ..OptimizeOptions::for_cpu()
+    };
+    let out = convert(&tiny("onnx"), &what);
+    for c in COMPONENTS {
+        let got = run(c, &out.path().join(format!("out/{c}/model.onnx")));
+        let exported = run(c, &tiny(&format!("onnx/{c}/model.onnx")));
+        for (x, e) in got.iter().zip(&exported) {
+            let scale = max_abs(e).max(1.0);
+            let d = max_diff(x, e);
+            eprintln!("{c}: fused float16 vs the fp32 export {d:e} (scale {scale})");
+            assert!(d <= scale * 1e-2, "{c}: {d}");
+        }
+    }
+}
