@@ -80,8 +80,8 @@ if [ "$MODE" = fusions ]; then
   # same call: speed with CUDA graphs, pixels against the exported graph, the same call's diffusers
   sd15 || exit 1
   [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
-  [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
-  [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
+  # /tmp/sd15-opt (sd15): the default optimize, the optimizer before these fusions
+  [ -n "${QUICK:-}" ] || [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
   # and converted to float16 after them (this export's text encoder is the only fp32 graph)
   [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
@@ -89,13 +89,13 @@ if [ "$MODE" = fusions ]; then
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
   g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
   g -m /tmp/sd15-opt-h -o "$OUT/f_all16.png"
-  bench prev_graphs -m /tmp/sd15-prev --cuda-graphs
+  bench prev_graphs -m /tmp/sd15-opt --cuda-graphs
   bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
   if [ -z "${QUICK:-}" ]; then
     bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
-    bench prev_graphs_2 -m /tmp/sd15-prev --cuda-graphs
+    bench prev_graphs_2 -m /tmp/sd15-opt --cuda-graphs
     bench all_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
-    g -m /tmp/sd15-prev -o "$OUT/f_prev.png"
+    g -m /tmp/sd15-opt -o "$OUT/f_prev.png"
     g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
     g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
     g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
