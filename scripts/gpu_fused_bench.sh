@@ -89,8 +89,12 @@ if [ "$MODE" = fusions ]; then
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
   g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
   g -m /tmp/sd15-opt-h -o "$OUT/f_all16.png"
-  bench prev_graphs -m /tmp/sd15-opt --cuda-graphs
-  bench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
+  # speed and peak GPU memory (nvidia-smi every 100 ms over idle) side by side
+  mbench() { local label=$1; shift; echo "-- $label"; sample $label "$OUT/bench_$label.json" $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@"
+    python3 -c "import json; r=json.load(open('$OUT/bench_$label.json')); print('  ', {k: v for k, v in r.items() if not isinstance(v, (list, dict))})"; }
+  mbench prev_graphs -m /tmp/sd15-opt --cuda-graphs
+  mbench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
+  mbench all16_graphs -m /tmp/sd15-opt-h --cuda-graphs
   if [ -z "${QUICK:-}" ]; then
     bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
     bench prev_graphs_2 -m /tmp/sd15-opt --cuda-graphs
@@ -99,9 +103,6 @@ if [ "$MODE" = fusions ]; then
     g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
     g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
     g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
-    # the fp16 text encoder's memory: one pipeline each, peak over idle
-    sample mem_all /dev/null $L bench -W 512 -H 512 --steps 5 --images 1 --device cuda -m /tmp/sd15-opt-b --cuda-graphs
-    sample mem_all16 /dev/null $L bench -W 512 -H 512 --steps 5 --images 1 --device cuda -m /tmp/sd15-opt-h --cuda-graphs
   fi
   python3 - "$OUT" <<'PY'
 import sys, numpy as np
