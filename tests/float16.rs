@@ -224,3 +224,21 @@ fn fused_float16_pipeline_runs_on_the_cpu() {
         }
     }
 }
+
+/// The values ORT's converter clamps (beyond ±65504, below ±5.96e-8), zeros, infinities, NaN and
+/// halfway cases: the same float16 bits as `convert_float_to_float16`.
+#[test]
+fn float16_clamps_and_rounds_like_onnx_runtime() {
+    let src = OnnxModel::open(made("onnx-ortfp16/edge/fp32.onnx")).expect("fp32");
+    let want = OnnxModel::open(made("onnx-ortfp16/edge/fp16.onnx")).expect("fp16");
+    let (proto, report) =
+        lorafuse::onnx::optimize::optimize_model(&src, &float16_only()).expect("convert");
+    let h = report.float16.expect("converted");
+    assert_eq!((h.initializers, h.values), (1, 1), "{h:?}");
+    let t = &proto.graph.as_ref().expect("graph").initializer[0];
+    assert_eq!(t.data_type, Some(DataType::Float16 as i32));
+    assert_eq!(
+        t.raw_data.as_deref().expect("raw"),
+        &*want.initializer_bytes("w").expect("ORT's bytes")
+    );
+}

@@ -11,14 +11,18 @@ project venv that `scripts/setup.sh --train` makes (onnxruntime 1.31.1, onnx 1.1
     .venv/bin/python models/scripts/ort_float16.py OUT_DIR
 
 Writes OUT_DIR/onnx-ortfp16/{text_encoder,unet,vae_decoder,vae_encoder}/model.onnx from
-tiny/onnx/*/model.onnx (fp32, optimum export), with each component's config.json.
+tiny/onnx/*/model.onnx (fp32, optimum export), with each component's config.json, and
+OUT_DIR/onnx-ortfp16/edge/{fp32,fp16}.onnx: one initializer of the values the converter clamps
+(beyond ±65504, below ±5.96e-8, zeros, infinities, NaN, halfway cases) before and after.
 """
 
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 TINY = Path(__file__).resolve().parent.parent / "tiny"
@@ -33,6 +37,17 @@ def main(out):
         onnx.save(m, str(dst / "model.onnx"))
         if (src / "config.json").exists():
             shutil.copy(src / "config.json", dst / "config.json")
+
+    edge = Path(out) / "onnx-ortfp16" / "edge"
+    edge.mkdir(parents=True, exist_ok=True)
+    v = np.array([70000.0, -70000.0, 65504.0, 65519.0, 65520.0, 1e-9, -1e-9, 5.96e-8, 3e-8, 0.0, -0.0,
+                  np.inf, -np.inf, np.nan, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 0.1, -2.5e-5, 3.4e38], dtype=np.float32)
+    init = numpy_helper.from_array(v, "w")
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"], name="id")], "edge", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(v)])], [init])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(edge / "fp32.onnx"))
+    onnx.save(convert_float_to_float16(m, keep_io_types=False), str(edge / "fp16.onnx"))
 
 
 if __name__ == "__main__":
