@@ -17,7 +17,7 @@ use lorafuse::runtime::tensor::{extract_f32, float_value};
 use ort::session::Session;
 use rand::{Rng, SeedableRng};
 
-use common::{cpu, made, tiny};
+use common::{cpu, made, max_diff, tiny};
 
 const COMPONENTS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 
@@ -81,14 +81,6 @@ fn run(component: &str, model: &Path) -> Vec<Vec<f32>> {
 
 fn max_abs(v: &[f32]) -> f32 {
     v.iter().map(|x| x.abs()).fold(0f32, f32::max)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]

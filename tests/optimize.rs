@@ -14,15 +14,7 @@ use lorafuse::onnx::{OnnxModel, WeightIndex};
 use lorafuse::runtime::session;
 use ort::session::Session;
 
-use common::{cpu, run_unet, tiny, unet_fixture as fixture};
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
+use common::{cpu, max_diff, run_unet, tiny, unet_fixture as fixture};
 
 fn optimized_session(model: &OnnxModel, bytes: Vec<u8>) -> Session {
     session::open_from_memory(

@@ -232,6 +232,15 @@ pub fn cpu() -> lorafuse::runtime::session::SessionOptions {
     }
 }
 
+/// The largest element-wise difference of two equally long vectors.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 /// A tensor of the tiny UNet's diffusers input/output fixture (`expected/unet_io.safetensors`).
 pub fn unet_fixture(name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(tiny("expected/unet_io.safetensors")).expect("unet_io");

@@ -26,13 +26,10 @@ use half::f16;
 use serde::Serialize;
 
 use super::MS_DOMAIN;
-use super::graph::{Graph, attr_int, onnx_node};
+use super::graph::{Graph, attr_int, attr_tensor, onnx_node, subgraph_inputs};
 use crate::onnx::proto::tensor_proto::{DataLocation, DataType};
 use crate::onnx::proto::type_proto::Value as TypeValue;
-use crate::onnx::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto,
-    attribute_proto::AttributeType,
-};
+use crate::onnx::proto::{GraphProto, ModelProto, NodeProto, TensorProto, TypeProto};
 
 /// A main-graph initializer's values as f32, wherever they are stored.
 type Reader<'a> = &'a dyn Fn(&str) -> Option<Vec<f32>>;
@@ -137,11 +134,10 @@ fn convert_graph(
                 fp16_use.insert(x.clone());
             }
         }
-        // values a subgraph reads from this scope are float16 there
+        // values a subgraph reads from this scope are float16 there (the names it makes
+        // itself come along: converting more than needed only adds a cast)
         for a in &n.attribute {
-            for sg in a.g.as_deref().into_iter().chain(&a.graphs) {
-                outer_reads(sg, &mut fp16_use);
-            }
+            subgraph_inputs(a, &mut fp16_use);
         }
     }
     fp16_use.extend(g.output.iter().filter_map(|v| v.name.clone()));
@@ -276,29 +272,6 @@ fn cast_name(
     out
 }
 
-/// Names a subgraph reads from outer scopes (inputs of its nodes it neither makes nor declares).
-fn outer_reads(g: &GraphProto, out: &mut HashSet<String>) {
-    let mut local: HashSet<&str> = g
-        .input
-        .iter()
-        .filter_map(|v| v.name.as_deref())
-        .chain(g.initializer.iter().filter_map(|t| t.name.as_deref()))
-        .collect();
-    for n in &g.node {
-        for x in &n.input {
-            if !x.is_empty() && !local.contains(x.as_str()) {
-                out.insert(x.clone());
-            }
-        }
-        for a in &n.attribute {
-            for sg in a.g.as_deref().into_iter().chain(&a.graphs) {
-                outer_reads(sg, out);
-            }
-        }
-        local.extend(n.output.iter().map(String::as_str));
-    }
-}
-
 /// One node's float attributes and output types, and its subgraphs.
 fn convert_node(
     n: &mut NodeProto,
@@ -342,7 +315,7 @@ fn convert_node(
         }
         "ConstantOfShape" if !has(n, "value") => {
             n.attribute
-                .push(tensor_attr("value", f16_tensor(&[1], &[0.0])));
+                .push(attr_tensor("value", f16_tensor(&[1], &[0.0])));
         }
         "Constant" => {
             // value_float / value_floats make a float output: a float16 `value` instead
@@ -357,22 +330,13 @@ fn convert_node(
                 } else {
                     f16_tensor(&[a.floats.len() as i64], &a.floats)
                 };
-                n.attribute.push(tensor_attr("value", t));
+                n.attribute.push(attr_tensor("value", t));
                 report.attribute_tensors += 1;
             }
         }
         _ => {}
     }
     Ok(())
-}
-
-fn tensor_attr(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Tensor as i32),
-        t: Some(t),
-        ..Default::default()
-    }
 }
 
 fn f16_tensor(dims: &[i64], values: &[f32]) -> TensorProto {

@@ -403,7 +403,7 @@ fn topological_order(nodes: &mut Vec<NodeProto>) {
 }
 
 /// Names a node's subgraph attributes read (outer-scope values stay alive).
-fn subgraph_inputs(a: &AttributeProto, used: &mut HashSet<String>) {
+pub(crate) fn subgraph_inputs(a: &AttributeProto, used: &mut HashSet<String>) {
     let graphs = a.g.iter().map(|g| g.as_ref()).chain(a.graphs.iter());
     for sg in graphs {
         for n in &sg.node {
@@ -488,6 +488,16 @@ pub(crate) fn attr_float(name: &str, v: f32) -> AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Float as i32),
         f: Some(v),
+        ..Default::default()
+    }
+}
+
+/// An attribute with one tensor.
+pub(crate) fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
         ..Default::default()
     }
 }
