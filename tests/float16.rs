@@ -2,7 +2,8 @@
 //! converter (`models/scripts/ort_float16.py`: `convert_float_to_float16(keep_io_types=False,
 //! op_block_list=["RandomNormalLike"])`, as optimize_pipeline.py `--float16` runs it) on the tiny
 //! pipeline's fp32 export: the same float16 weights byte for byte, the same outputs on ONNX
-//! Runtime's CPU provider, and weights stored externally written to one new data file.
+//! Runtime's CPU provider, weights stored externally written to one new data file, and LoRAs of
+//! every dialect merging into the float16 copy as into the export.
 
 mod common;
 
@@ -233,4 +234,57 @@ fn float16_clamps_and_rounds_like_onnx_runtime() {
         t.raw_data.as_deref().expect("raw"),
         &*want.initializer_bytes("w").expect("ORT's bytes")
     );
+}
+
+/// LoRAs on a float16 copy: its LoRA targets are the export's, and every dialect merges into it
+/// as into the fp32 export, within one float16 rounding of that merge.
+#[test]
+fn every_lora_dialect_merges_into_a_float16_copy() {
+    let copy = convert(&tiny("onnx"), &float16_only());
+    let fp16 = copy.path().join("out");
+    let work = tempfile::tempdir().expect("tempdir");
+    for (lora, file) in common::lora_fixtures() {
+        let (a, b) = (
+            work.path().join(format!("{lora}-fp32")),
+            work.path().join(format!("{lora}-fp16")),
+        );
+        common::merge_one(&tiny("onnx"), &file, &a);
+        common::merge_one(&fp16, &file, &b);
+        for c in ["unet", "text_encoder"] {
+            let ma = OnnxModel::open(a.join(c).join("model.onnx")).expect("fp32 merge");
+            let mb = OnnxModel::open(b.join(c).join("model.onnx")).expect("fp16 merge");
+            let (ia, ib) = (
+                lorafuse::onnx::WeightIndex::build(&ma),
+                lorafuse::onnx::WeightIndex::build(&mb),
+            );
+            let modules = |ix: &lorafuse::onnx::WeightIndex| {
+                let mut v: Vec<String> = ix.iter().map(|w| w.initializer.clone()).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(modules(&ia), modules(&ib), "{lora} {c}: LoRA targets");
+            assert!(!ia.is_empty());
+            let base = OnnxModel::open(tiny(&format!("onnx/{c}/model.onnx"))).expect("export");
+            // one float16 step at |v| (subnormals: the smallest normal's)
+            let ulp = |v: f32| half::f16::from_f32(v).to_f32().abs().max(6.1e-5) / 1024.0;
+            for w in ia.iter() {
+                let (_, x) = ma.initializer_f32(&w.initializer).expect("fp32");
+                let (_, y) = mb.initializer_f32(&w.initializer).expect("fp16");
+                let (_, w0) = base.initializer_f32(&w.initializer).expect("base");
+                assert_eq!(
+                    mb.require(&w.initializer).expect("t").dtype,
+                    DataType::Float16
+                );
+                for ((p, q), b) in x.iter().zip(&y).zip(&w0) {
+                    // the float16 merge starts from the base weight rounded to float16 and
+                    // rounds its sum: half a step of each, bounded here by a whole one
+                    assert!(
+                        (p - q).abs() <= ulp(*b) + ulp(*p),
+                        "{lora} {c} {}: {p} vs {q} (base {b})",
+                        w.initializer
+                    );
+                }
+            }
+        }
+    }
 }
