@@ -288,3 +288,46 @@ fn every_lora_dialect_merges_into_a_float16_copy() {
         }
     }
 }
+
+/// A whole float16 copy generates about as close to the fp32 export as optimum's own fp16
+/// export (`tiny/onnx-fp16`, torch fp16 weights through the exporter) does: same prompt, seed
+/// and steps, pixels in [0, 1].
+#[test]
+fn a_float16_copy_generates_like_optimums_fp16_export() {
+    use lorafuse::pipeline::txt2img::{GenerateParams, Txt2Img};
+    let copy = convert(&tiny("onnx"), &float16_only());
+    let params = GenerateParams {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry".into(),
+        steps: 4,
+        seed: 0,
+        ..Default::default()
+    };
+    let image = |dir: &Path| {
+        let mut pipe = Txt2Img::open(dir, &cpu()).expect("open");
+        pipe.generate(&params, &mut |_, _| true)
+            .expect("generate")
+            .pixels
+    };
+    let fp32 = image(&tiny("onnx"));
+    let ours = image(&copy.path().join("out"));
+    let optimum = image(&made("onnx-fp16"));
+    let mean = |a: &[f32]| {
+        a.iter()
+            .zip(&fp32)
+            .map(|(x, y)| f64::from((x - y).abs()))
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let (d_ours, d_optimum) = (mean(&ours), mean(&optimum));
+    eprintln!(
+        "vs the fp32 export: float16 copy mean {d_ours:.5}, max {}; optimum's fp16 export mean {d_optimum:.5}, max {}",
+        max_diff(&ours, &fp32),
+        max_diff(&optimum, &fp32)
+    );
+    assert!(
+        d_ours <= 2.0 * d_optimum + 1e-3,
+        "{d_ours} vs optimum's {d_optimum}"
+    );
+    assert!(max_diff(&ours, &fp32) <= 2.0 * max_diff(&optimum, &fp32) + 0.02);
+}
