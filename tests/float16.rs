@@ -331,3 +331,48 @@ fn a_float16_copy_generates_like_optimums_fp16_export() {
     );
     assert!(max_diff(&ours, &fp32) <= 2.0 * max_diff(&optimum, &fp32) + 0.02);
 }
+
+/// A float-only input made by computation (Resize's scales from a Mul of constants) gets a
+/// `Cast` to float, and RandomNormalLike runs in float between casts, as ORT's converter does
+/// (`edge/computed16.onnx`): the same three casts, the same output.
+#[test]
+fn computed_float_only_inputs_and_blocked_ops_are_cast_like_onnx_runtime() {
+    let src = OnnxModel::open(made("onnx-ortfp16/edge/computed32.onnx")).expect("fp32");
+    let (proto, report) =
+        lorafuse::onnx::optimize::optimize_model(&src, &float16_only()).expect("convert");
+    let h = report.float16.expect("converted");
+    assert_eq!(h.casts, 3, "{h:?}");
+    let g = proto.graph.as_ref().expect("graph");
+    let input_of = |op: &str, k: usize| {
+        let n = g
+            .node
+            .iter()
+            .find(|n| n.op_type.as_deref() == Some(op))
+            .expect(op);
+        let x = &n.input[k];
+        g.node
+            .iter()
+            .find(|p| p.output.contains(x))
+            .map(|p| p.op_type.clone().unwrap_or_default())
+    };
+    assert_eq!(input_of("Resize", 2).as_deref(), Some("Cast"));
+    assert_eq!(input_of("RandomNormalLike", 0).as_deref(), Some("Cast"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = dir.path().join("model.onnx");
+    std::fs::write(
+        &ours,
+        lorafuse::onnx::optimize::encode(&src, &proto).expect("encode"),
+    )
+    .expect("write");
+    let run = |path: &Path| {
+        let mut s = session::open(path, &cpu()).expect("session");
+        let x: Vec<f32> = (0..32).map(|i| i as f32 * 0.25).collect();
+        let v = float_value(&x, &[1, 2, 4, 4], ort::value::TensorElementType::Float16).expect("x");
+        let out = s.run(ort::inputs!["x" => v]).expect("run");
+        extract_f32(&out[0], "y").expect("y")
+    };
+    let (a, b) = (run(&ours), run(&made("onnx-ortfp16/edge/computed16.onnx")));
+    assert_eq!(a.0, [1, 2, 8, 8]);
+    assert_eq!(a, b);
+}

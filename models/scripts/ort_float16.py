@@ -13,7 +13,9 @@ project venv that `scripts/setup.sh --train` makes (onnxruntime 1.31.1, onnx 1.1
 Writes OUT_DIR/onnx-ortfp16/{text_encoder,unet,vae_decoder,vae_encoder}/model.onnx from
 tiny/onnx/*/model.onnx (fp32, optimum export), with each component's config.json, and
 OUT_DIR/onnx-ortfp16/edge/{fp32,fp16}.onnx: one initializer of the values the converter clamps
-(beyond ±65504, below ±5.96e-8, zeros, infinities, NaN, halfway cases) before and after.
+(beyond ±65504, below ±5.96e-8, zeros, infinities, NaN, halfway cases) before and after, and
+edge/computed{32,16}.onnx: a Resize whose scales are computed and a RandomNormalLike, before and
+after.
 """
 
 import shutil
@@ -48,6 +50,24 @@ def main(out):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(m, str(edge / "fp32.onnx"))
     onnx.save(convert_float_to_float16(m, keep_io_types=False), str(edge / "fp16.onnx"))
+
+    # float-only inputs made by computation, and a blocked op: Resize's scales from a Mul of two
+    # constants (ORT casts them back to float), RandomNormalLike between casts (times 0, so the
+    # output is deterministic)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    const = lambda name, vals: helper.make_node("Constant", [], [name], name=name,
+                                                value=numpy_helper.from_array(np.array(vals, dtype=np.float32), name))
+    nodes = [const("s1", [1, 1, 2, 2]), const("s2", [1, 1, 1, 1]), const("zero", [0.0]),
+             helper.make_node("Mul", ["s1", "s2"], ["scales"], name="scales"),
+             helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize", mode="nearest"),
+             helper.make_node("RandomNormalLike", ["up"], ["r"], name="random", seed=1.0),
+             helper.make_node("Mul", ["r", "zero"], ["r0"], name="r0"),
+             helper.make_node("Add", ["up", "r0"], ["y"], name="y")]
+    m = helper.make_model(helper.make_graph(nodes, "computed", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(edge / "computed32.onnx"))
+    onnx.save(convert_float_to_float16(m, keep_io_types=False, op_block_list=["RandomNormalLike"]),
+              str(edge / "computed16.onnx"))
 
 
 if __name__ == "__main__":

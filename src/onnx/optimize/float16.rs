@@ -189,16 +189,15 @@ fn convert_graph(
         if !is_blocked && keep.is_empty() {
             continue;
         }
-        let n = n.clone();
         let mut node = n.clone();
         let mut changed = false;
-        for (k, x) in n.input.iter().enumerate() {
+        for k in 0..node.input.len() {
+            let x = &node.input[k];
             if x.is_empty() || kept.contains(x) || !(keep.contains(&k) || is_blocked) {
                 continue;
             }
             // RandomNormalLike reads its input's shape and type: the cast makes it float
-            let to = cast_name(&mut graph, &mut casts, x, report);
-            node.input[k] = to;
+            node.input[k] = cast_name(&mut graph, &mut casts, &x.clone(), report);
             changed = true;
         }
         if is_blocked {
