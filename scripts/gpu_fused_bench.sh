@@ -82,12 +82,12 @@ if [ "$MODE" = fusions ]; then
   [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
   # /tmp/sd15-opt (sd15): the default optimize, the optimizer before these fusions
   [ -n "${QUICK:-}" ] || [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
-  # and converted to float16 after them (this export's text encoder is the only fp32 graph)
-  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
-  # QUICK=1 (little device time left): the pixel check and one speed pair only
+  # QUICK=1 (little device time left): the pixel check first, then one speed pair
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
   g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
+  # and converted to float16 after them (this export's text encoder is the only fp32 graph)
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
   g -m /tmp/sd15-opt-h -o "$OUT/f_all16.png"
   # speed and peak GPU memory (nvidia-smi every 100 ms over idle) side by side
   mbench() { local label=$1; shift; echo "-- $label"; sample $label "$OUT/bench_$label.json" $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@"
