@@ -615,16 +615,21 @@ pub fn write_model(
         w.flush().map_err(|e| Error::io(&data_path, e))?;
         written.push(data_path);
     }
+    let bytes = encode_model(source.path(), &proto, "")?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
+    written.insert(0, path.to_path_buf());
+    Ok(written)
+}
+
+/// `proto` (a rewritten form of the model at `source`) encoded, refused over protobuf's 2 GiB
+/// message limit (ORT and onnx refuse larger model files); `hint` ends the message.
+pub fn encode_model(source: &Path, proto: &ModelProto, hint: &str) -> Result<Vec<u8>> {
     let len = proto.encoded_len();
     if len > i32::MAX as usize {
         return Err(onnx_err(
-            source.path(),
-            format!(
-                "the rewritten model would be {len} bytes, over protobuf's 2 GiB limit for one file"
-            ),
+            source,
+            format!("the rewritten model would be {len} bytes, over protobuf's 2 GiB limit{hint}"),
         ));
     }
-    std::fs::write(path, proto.encode_to_vec()).map_err(|e| Error::io(path, e))?;
-    written.insert(0, path.to_path_buf());
-    Ok(written)
+    Ok(proto.encode_to_vec())
 }

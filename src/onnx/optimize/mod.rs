@@ -35,7 +35,6 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-use prost::Message;
 use serde::Serialize;
 
 use super::OnnxModel;
@@ -239,19 +238,13 @@ pub fn optimize(model: &OnnxModel, opts: &OptimizeOptions) -> Result<(Vec<u8>, R
     Ok((encode(model, &proto)?, report))
 }
 
-/// `proto` (a rewritten form of `model`) encoded, refused over protobuf's 2 GiB message limit
-/// (ORT and onnx refuse larger model files).
+/// `proto` (a rewritten form of `model`) encoded ([`crate::onnx::write::encode_model`]).
 pub fn encode(model: &OnnxModel, proto: &ModelProto) -> Result<Vec<u8>> {
-    let len = proto.encoded_len();
-    if len > i32::MAX as usize {
-        return Err(onnx_err(
-            model.path(),
-            format!(
-                "the optimized model would be {len} bytes, over protobuf's 2 GiB limit; store its weights as external data first"
-            ),
-        ));
-    }
-    Ok(proto.encode_to_vec())
+    crate::onnx::write::encode_model(
+        model.path(),
+        proto,
+        "; store its weights as external data first",
+    )
 }
 
 /// The optimized form of `model` as a proto, with the report. Initializers converted to float16
