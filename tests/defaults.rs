@@ -27,7 +27,9 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
     let p = plugin();
     let api = p.api();
     unsafe {
+        // the current versions: a zeroed struct_version asks for version 1's fields only
         let mut g = std::mem::zeroed::<LorafuseGenerateParams>();
+        g.struct_version = LORAFUSE_GENERATE_PARAMS_VERSION;
         assert!((api.init_generate_params)(&mut g).is_null());
         assert_eq!(g.steps as usize, lib.steps);
         assert_eq!(g.guidance_scale, lib.guidance_scale);
@@ -35,6 +37,7 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
         assert_eq!(g.batch_size as usize, lib.batch);
         assert_eq!((g.width, g.height), (lib.width, lib.height));
         let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        o.struct_version = LORAFUSE_PIPELINE_OPTIONS_VERSION;
         assert!((api.init_pipeline_options)(&mut o).is_null());
         assert_eq!(o.lora_mode, abi_lora_mode(LoraMode::default()));
         let loader = plugin_api::loader::PipelineOptions::new(Path::new("x"));
@@ -47,6 +50,7 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
             (o.optimize, o.cuda_graphs)
         );
         let mut m = std::mem::zeroed::<LorafuseMergeOptions>();
+        m.struct_version = LORAFUSE_MERGE_OPTIONS_VERSION;
         assert!((api.init_merge_options)(&mut m).is_null());
         let lm = MergeOptions::default();
         assert_eq!(

@@ -79,10 +79,11 @@
 // `set_loras` rebuilds the sessions from merged weights.
 #define LORAFUSE_LORA_MODE_REBUILD 1
 
-// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
+// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's own
+// default).
 #define LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE 0
 
-// cuDNN's heuristics, no benchmarking.
+// cuDNN's heuristics, no benchmarking (the default).
 #define LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC 1
 
 // The default algorithm, no search.
@@ -141,8 +142,9 @@ typedef struct LorafusePipelineOptions {
   bool tf32;
   // Cap of the CUDA provider's memory arena in bytes; 0 (the default): no cap.
   uint64_t cuda_mem_limit;
-  // cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
-  // _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
+  // cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC (the default),
+  // _EXHAUSTIVE (ONNX Runtime's own default) or _DEFAULT (as `lorafuse generate
+  // --cudnn-conv-algo`).
   uint32_t cudnn_conv_algo;
   // How `set_loras` applies LoRAs: LORAFUSE_LORA_MODE_SWITCH (the default: LoRA-target weights
   // as session inputs, recomputed on the device; a switch takes milliseconds) or

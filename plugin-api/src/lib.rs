@@ -171,8 +171,9 @@ pub struct LorafusePipelineOptions {
     // ---- version 2 ----
     /// Cap of the CUDA provider's memory arena in bytes; 0 (the default): no cap.
     pub cuda_mem_limit: u64,
-    /// cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE (the default),
-    /// _HEURISTIC or _DEFAULT (as `lorafuse generate --cudnn-conv-algo`).
+    /// cuDNN convolution algorithm search: LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC (the default),
+    /// _EXHAUSTIVE (ONNX Runtime's own default) or _DEFAULT (as `lorafuse generate
+    /// --cudnn-conv-algo`).
     pub cudnn_conv_algo: u32,
     /// How `set_loras` applies LoRAs: LORAFUSE_LORA_MODE_SWITCH (the default: LoRA-target weights
     /// as session inputs, recomputed on the device; a switch takes milliseconds) or
@@ -194,9 +195,10 @@ pub const LORAFUSE_LORA_MODE_SWITCH: u32 = 0;
 /// `set_loras` rebuilds the sessions from merged weights.
 pub const LORAFUSE_LORA_MODE_REBUILD: u32 = 1;
 
-/// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's default).
+/// Benchmark every cuDNN convolution algorithm on a shape's first use (ONNX Runtime's own
+/// default).
 pub const LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE: u32 = 0;
-/// cuDNN's heuristics, no benchmarking.
+/// cuDNN's heuristics, no benchmarking (the default).
 pub const LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC: u32 = 1;
 /// The default algorithm, no search.
 pub const LORAFUSE_CUDNN_CONV_ALGO_DEFAULT: u32 = 2;

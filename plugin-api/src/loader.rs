@@ -404,7 +404,7 @@ impl PipelineOptions {
             ort_library: None,
             tf32: false,
             cuda_mem_limit: 0,
-            cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+            cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC, // == the plugin's (tests/defaults.rs)
             lora_mode: LORAFUSE_LORA_MODE_SWITCH, // == the plugin's (tests/defaults.rs)
             optimize: false,
             cuda_graphs: false,

@@ -161,9 +161,9 @@ pub struct CudaArgs {
     /// Cap of the CUDA provider's memory arena, e.g. 8GiB (default: no cap).
     #[arg(long = "cuda-mem-limit", value_name = "SIZE", value_parser = parse_size)]
     pub cuda_mem_limit: Option<usize>,
-    /// cuDNN convolution algorithm search: exhaustive (ORT's default: benchmarks each shape on
-    /// first use), heuristic, or default.
-    #[arg(long = "cudnn-conv-algo", default_value = "exhaustive")]
+    /// cuDNN convolution algorithm search: heuristic (cuDNN's heuristics), exhaustive (ORT's
+    /// default: benchmarks each shape on first use), or default.
+    #[arg(long = "cudnn-conv-algo", default_value_t)]
     pub cudnn_conv_algo: lorafuse::runtime::session::ConvAlgo,
     /// Convolution layout on CUDA: auto (NHWC for graphs `lorafuse optimize` fused, NCHW
     /// otherwise), nchw or nhwc.

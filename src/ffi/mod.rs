@@ -208,7 +208,11 @@ fn default_pipeline_options() -> LorafusePipelineOptions {
         ort_library: std::ptr::null(),
         tf32: false,
         cuda_mem_limit: 0,
-        cudnn_conv_algo: LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+        cudnn_conv_algo: match ConvAlgo::default() {
+            ConvAlgo::Exhaustive => LORAFUSE_CUDNN_CONV_ALGO_EXHAUSTIVE,
+            ConvAlgo::Heuristic => LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC,
+            ConvAlgo::Default => LORAFUSE_CUDNN_CONV_ALGO_DEFAULT,
+        },
         lora_mode: match LoraMode::default() {
             LoraMode::Switch => LORAFUSE_LORA_MODE_SWITCH,
             LoraMode::Rebuild => LORAFUSE_LORA_MODE_REBUILD,

@@ -204,13 +204,25 @@ impl std::str::FromStr for ConvLayout {
 /// How the CUDA provider picks cuDNN convolution algorithms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConvAlgo {
-    /// Benchmark every algorithm on first use of a shape (ORT's default; slow first step).
-    #[default]
+    /// Benchmark every algorithm on first use of a shape (ORT's default; slow first step, and
+    /// on an H100 it picks convolutions for SD 1.5's VAE decoder that take 104 ms where the
+    /// heuristics' take 15 ms: docs/benchmarks.md).
     Exhaustive,
-    /// cuDNN's heuristics, no benchmarking.
+    /// cuDNN's heuristics, no benchmarking (lorafuse's default).
+    #[default]
     Heuristic,
     /// The default algorithm, no search at all.
     Default,
+}
+
+impl std::fmt::Display for ConvAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvAlgo::Exhaustive => "exhaustive",
+            ConvAlgo::Heuristic => "heuristic",
+            ConvAlgo::Default => "default",
+        })
+    }
 }
 
 impl std::str::FromStr for ConvAlgo {
