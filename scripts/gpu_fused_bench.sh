@@ -21,16 +21,19 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 # (PEER_STAGE=prepare: only make it, for a second call on the same warm machine); vaeprof: node
 # placement and per-node profiles (TINY_ONLY=1: the tiny pipeline only); short: vaeprof's tiny part,
 # SD 1.5's peak memory with a switchable LoRA and its VAE profile, for a call with little time left;
-# fusions: `lorafuse optimize` with and without SkipGroupNorm/BiasSplitGelu/BiasAdd, speed and
-# pixels; decode: the VAE decode under the provider's convolution settings; profile: per-op
-# profiles of the SD 1.5 graphs made by the modes before (same warm machine)
+# fusions: `lorafuse optimize`'s defaults against the optimizer without its latest fusion
+# (PREV_FLAGS), ORT's exhaustive cuDNN search and --float16: pixels, speed, memory; peaks: peak
+# memory at 50 ms sampling with and without CUDA graphs, and diffusers'; decode: the VAE decode
+# under the provider's convolution settings; profile: per-op profiles of the SD 1.5 graphs made by
+# the modes before (same warm machine)
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
   [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
     python3 models/scripts/gpu_sd15.py build /tmp/sd15 models/tiny/onnx/tokenizer >/dev/null 2>&1 && \
     python3 models/scripts/gpu_sd15.py loras /tmp/sd15 /tmp/loras >/dev/null 2>&1 && \
     python3 models/scripts/gpu_sd15.py export /tmp/sd15 /tmp/sd15-onnx >/dev/null 2>&1; } || return 1
-  [ -f /tmp/sd15-opt/unet/model.onnx ] || $L optimize /tmp/sd15-onnx /tmp/sd15-opt >/dev/null
+  [ -f /tmp/sd15-opt/unet/model.onnx ] || { $L optimize /tmp/sd15-onnx /tmp/sd15-opt | grep -A3 -E "^(unet|text_encoder)"; }
+  [ -f /tmp/sd15-opt/unet/model.onnx ]
 }
 bench() { # label, then lorafuse bench arguments
   local label=$1; shift
@@ -75,48 +78,71 @@ if [ "$MODE" = memory ]; then
   exit 0
 fi
 if [ "$MODE" = fusions ]; then
-  # SkipGroupNorm, BiasSplitGelu and BiasAdd (CUDA-only kernels) in `lorafuse optimize`: the
-  # optimized SD 1.5 without them (the optimizer before), with the bias fusions only, and with all,
-  # same call: speed with CUDA graphs, pixels against the exported graph, the same call's diffusers
-  sd15 || exit 1
-  [ -f /tmp/sd15-opt-b/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions /tmp/sd15-onnx /tmp/sd15-opt-b 2>&1 | grep -A4 -E "^(unet|vae_decoder)"
-  # /tmp/sd15-opt (sd15): the default optimize, the optimizer before these fusions
-  [ -n "${QUICK:-}" ] || [ -f /tmp/sd15-biasonly/unet/model.onnx ] || $L optimize --bias-fusions /tmp/sd15-onnx /tmp/sd15-biasonly >/dev/null
+  # `lorafuse optimize`'s defaults (every CUDA fusion, cuDNN heuristics) against the optimizer
+  # without its latest fusion (PREV_FLAGS), against ORT's exhaustive cuDNN search and with
+  # --float16, same call: pixels against the exported graph, speed and peak memory, a live LoRA,
+  # and diffusers fp16/bf16 (speed, then peak memory) on the same weights
+  sd15 || exit 1   # /tmp/sd15-opt: the default optimize
+  # PREV_FLAGS: the optimizer before the latest fusion (default: without SkipLayerNormalization)
+  [ -f /tmp/sd15-prev/unet/model.onnx ] || $L optimize ${PREV_FLAGS:---no-skip-layer-norm} /tmp/sd15-onnx /tmp/sd15-prev >/dev/null
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
   g() { $L generate -p "a photo of an astronaut" -W 512 -H 512 --steps $steps --device cuda --seed 1 "$@" 2>&1 | grep -v -i cudnn | tail -1; }
-  # QUICK=1 (little device time left): the pixel check first, then one speed pair
   g -m /tmp/sd15-onnx -o "$OUT/f_exported.png"
-  g -m /tmp/sd15-opt-b -o "$OUT/f_all.png"
-  # and converted to float16 after them (this export's text encoder is the only fp32 graph)
-  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --skip-group-norm --bias-fusions --float16 /tmp/sd15-onnx /tmp/sd15-opt-h 2>&1 | grep -A2 "^text_encoder"
+  g -m /tmp/sd15-opt -o "$OUT/f_all.png"
   g -m /tmp/sd15-opt-h -o "$OUT/f_all16.png"
+  g -m /tmp/sd15-opt --cudnn-conv-algo exhaustive -o "$OUT/f_exhaustive.png"
   # speed and peak GPU memory (nvidia-smi every 100 ms over idle) side by side
   mbench() { local label=$1; shift; echo "-- $label"; sample $label "$OUT/bench_$label.json" $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@"
     python3 -c "import json; r=json.load(open('$OUT/bench_$label.json')); print('  ', {k: v for k, v in r.items() if not isinstance(v, (list, dict))})"; }
-  mbench prev_graphs -m /tmp/sd15-opt --cuda-graphs
-  mbench all_graphs -m /tmp/sd15-opt-b --cuda-graphs
+  mbench exported -m /tmp/sd15-onnx
+  mbench prev_graphs -m /tmp/sd15-prev --cuda-graphs
+  mbench all_graphs_exhaustive -m /tmp/sd15-opt --cuda-graphs --cudnn-conv-algo exhaustive
+  mbench all_graphs -m /tmp/sd15-opt --cuda-graphs
   mbench all16_graphs -m /tmp/sd15-opt-h --cuda-graphs
   if [ -z "${QUICK:-}" ]; then
-    bench biasonly_graphs -m /tmp/sd15-biasonly --cuda-graphs
-    bench prev_graphs_2 -m /tmp/sd15-opt --cuda-graphs
-    bench all_graphs_2 -m /tmp/sd15-opt-b --cuda-graphs
-    g -m /tmp/sd15-opt -o "$OUT/f_prev.png"
-    g -m /tmp/sd15-biasonly -o "$OUT/f_biasonly.png"
-    g -m /tmp/sd15-opt-b --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
+    # a live-switchable LoRA (bench opens a second pipeline for the rebuild figure: no peak here)
+    bench all16_graphs_lora_switch -m /tmp/sd15-opt-h --cuda-graphs --lora /tmp/loras/a.safetensors --lora /tmp/loras/b.safetensors
+    bench all_graphs_lora_switch -m /tmp/sd15-opt --cuda-graphs --lora /tmp/loras/a.safetensors --lora /tmp/loras/b.safetensors
+    g -m /tmp/sd15-opt --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/f_all_switch_a.png"
+    g -m /tmp/sd15-opt --cuda-graphs --lora-mode rebuild --lora /tmp/loras/a.safetensors -o "$OUT/f_all_rebuild_a.png"
     g -m /tmp/sd15-onnx --lora /tmp/loras/a.safetensors -o "$OUT/f_exported_a.png"
+    sample switch_lora_all16 /dev/null $L generate -m /tmp/sd15-opt-h -p "a photo of an astronaut" -W 512 -H 512 \
+      --steps 25 --device cuda --cuda-graphs --lora-mode switch --lora /tmp/loras/a.safetensors -o "$OUT/lora.png"
   fi
   python3 - "$OUT" <<'PY'
 import sys, numpy as np
 from PIL import Image
 o = sys.argv[1]
 img = lambda n: np.asarray(Image.open(f"{o}/f_{n}.png"), dtype=np.int16)
-for a, b in [("exported", "prev"), ("exported", "biasonly"), ("exported", "all"), ("prev", "all"), ("exported", "all16"), ("all", "all16"), ("exported_a", "all_switch_a")]:
+for a, b in [("exported", "all"), ("exported", "all16"), ("all", "all16"), ("all", "exhaustive"),
+             ("exported_a", "all_switch_a"), ("all_rebuild_a", "all_switch_a")]:
     try:
         d = np.abs(img(a) - img(b))
         print(f"{a} vs {b}: max |diff| {d.max()} of 255, mean {d.mean():.3f}")
     except Exception as e:
         print(f"{a} vs {b}: {e}")
 PY
-  [ -n "${SKIP_DIFFUSERS:-}${QUICK:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+  if [ -z "${SKIP_DIFFUSERS:-}${QUICK:-}" ]; then
+    python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
+    sample diffusers_fp16 "$OUT/diffusers_memory.log" python3 models/scripts/gpu_sd15.py memory /tmp/sd15; grep "^{" "$OUT/diffusers_memory.log"
+  fi
+  exit 0
+fi
+if [ "$MODE" = peaks ]; then
+  # peak GPU memory at 50 ms sampling, one image after the warm-up: the --float16 copy with and
+  # without CUDA graphs (and an arena cap), diffusers fp16 (after `fusions`, same warm machine)
+  sd15 || exit 1
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h >/dev/null
+  peak50() { local label=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem50_$label.txt" & local smi=$!
+    "$@" > "$OUT/peak_$label.log" 2>/dev/null; kill $smi; wait $smi 2>/dev/null
+    python3 -c "v=[int(x) for x in open('$OUT/mem50_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"
+  }
+  b1() { $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda --json -m /tmp/sd15-opt-h "$@"; }
+  peak50 float16_no_graphs b1
+  peak50 float16_graphs b1 --cuda-graphs
+  peak50 float16_graphs_cap3g b1 --cuda-graphs --cuda-mem-limit 3GiB
+  [ -n "${SKIP_DIFFUSERS:-}" ] || peak50 diffusers_fp16 python3 models/scripts/gpu_sd15.py memory /tmp/sd15
   exit 0
 fi
 if [ "$MODE" = decode ]; then
@@ -136,7 +162,7 @@ if [ "$MODE" = profile ]; then
   # per-op profiles (launch-blocking) of every SD 1.5 graph this warm machine has: where
   # ONNX Runtime's own optimized graph saves time per step and where the VAE decoder's time goes
   # PROFILE_MODELS: which of them (default: all three that exist)
-  for m in ${PROFILE_MODELS:-sd15-opt-b sd15-ortopt sd15-onnx}; do
+  for m in ${PROFILE_MODELS:-sd15-opt sd15-ortopt sd15-onnx}; do
     [ -f /tmp/$m/unet/model.onnx ] || continue
     mkdir -p "$OUT/prof_$m"
     CUDA_LAUNCH_BLOCKING=1 LORAFUSE_ORT_PROFILE="$OUT/prof_$m/p" $L generate -m /tmp/$m -p "a photo of an astronaut" -W 512 -H 512 --steps 3 --num-images 3 --device cuda -o "$OUT/prof_${m}_{index}.png" 2>&1 | tail -1

@@ -29,6 +29,7 @@ fn float16_only() -> OptimizeOptions {
         group_norm: false,
         skip_group_norm: false,
         bias: false,
+        skip_layer_norm: false,
         float16: true,
     }
 }

@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = inspect(&model).to_string();
     let all_and_float16 = OptimizeOptions {
         float16: true,
-        ..OptimizeOptions::for_cuda_all()
+        ..OptimizeOptions::for_cuda()
     };
     for opts in [OptimizeOptions::for_cuda(), OptimizeOptions::for_cpu(), all_and_float16] {
         if let Ok((bytes, report)) = optimize(&model, &opts) {

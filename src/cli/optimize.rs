@@ -25,14 +25,16 @@ pub struct OptimizeArgs {
     /// Leave group normalisations as exported (no GroupNorm).
     #[arg(long)]
     pub no_group_norm: bool,
-    /// Also fuse the sums in front of group norms (SkipGroupNorm; CUDA kernel not yet checked
-    /// on a GPU against the export).
+    /// Leave the sums in front of group norms alone (no SkipGroupNorm; CUDA only).
     #[arg(long)]
-    pub skip_group_norm: bool,
-    /// Also fuse GEGLU (BiasSplitGelu) and the feed-forward's bias + residual (BiasAdd); CUDA
-    /// kernels not yet checked on a GPU against the export.
+    pub no_skip_group_norm: bool,
+    /// Leave GEGLU and the feed-forward's bias + residual alone (no BiasSplitGelu, BiasAdd;
+    /// CUDA only).
     #[arg(long)]
-    pub bias_fusions: bool,
+    pub no_bias_fusions: bool,
+    /// Leave the residual sums in front of layer norms alone (no SkipLayerNormalization).
+    #[arg(long)]
+    pub no_skip_layer_norm: bool,
     /// Convert float graphs to float16 after the fusions, as ONNX Runtime's optimize_pipeline.py
     /// `--float16` does (Resize scales and GroupNorm gamma/beta stay float). The text encoder of
     /// an fp16 export is often left fp32; this halves it.
@@ -59,11 +61,10 @@ pub fn run(_global: &GlobalArgs, a: OptimizeArgs) -> anyhow::Result<()> {
     };
     what.attention &= !a.no_attention;
     what.group_norm &= !a.no_group_norm;
+    what.skip_group_norm &= !a.no_skip_group_norm && what.group_norm;
+    what.bias &= !a.no_bias_fusions;
+    what.skip_layer_norm &= !a.no_skip_layer_norm;
     what.float16 = a.float16;
-    if a.provider != "cpu" {
-        what.bias |= a.bias_fusions;
-        what.skip_group_norm |= a.skip_group_norm && what.group_norm;
-    }
     let report = super::with_file_progress(|progress| {
         lorafuse::merge::optimize_pipeline(&a.model, &a.out, &what, &copy, progress)
     })?;

@@ -211,6 +211,11 @@ impl<'a> Graph<'a> {
         self.g.node[i] = node;
     }
 
+    /// Drop node `i` now: a node written again by a fused node (which takes over its outputs).
+    pub fn remove(&mut self, i: usize) {
+        self.dead[i] = true;
+    }
+
     /// A name not used by any value or node yet, built from `base`.
     pub fn fresh_name(&mut self, base: &str) -> String {
         let mut name = base.to_string();

@@ -28,6 +28,7 @@ pub mod float16;
 mod graph;
 mod group_norm;
 mod skip_group_norm;
+mod skip_layer_norm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,31 +57,25 @@ pub struct OptimizeOptions {
     pub skip_group_norm: bool,
     /// GEGLU → `BiasSplitGelu`, feed-forward bias + residual → `BiasAdd` (CUDA kernels only).
     pub bias: bool,
+    /// Residual Add + LayerNormalization → `SkipLayerNormalization` (CPU and CUDA kernels).
+    pub skip_layer_norm: bool,
     /// Convert float graphs to float16 after the fusions ([`float16`]); off by default (it
     /// changes the numbers, as exporting in fp16 does).
     pub float16: bool,
 }
 
 impl OptimizeOptions {
-    /// The fusions for ONNX Runtime's CUDA provider whose kernels have been checked against the
-    /// export on a GPU (docs/benchmarks.md): attention and GroupNorm.
+    /// Every fusion ONNX Runtime's CUDA provider has kernels for: attention, GroupNorm,
+    /// SkipGroupNorm, BiasSplitGelu, BiasAdd and SkipLayerNormalization, checked against the
+    /// export on a GPU (docs/benchmarks.md: SD 1.5 pixels within 2/255 of the exported graph).
     pub fn for_cuda() -> Self {
         Self {
             attention: true,
             group_norm: true,
-            skip_group_norm: false,
-            bias: false,
-            float16: false,
-        }
-    }
-
-    /// [`OptimizeOptions::for_cuda`] plus SkipGroupNorm, BiasSplitGelu and BiasAdd: their wiring
-    /// is tested on the CPU (tests/optimize.rs), their CUDA kernels not yet on a GPU.
-    pub fn for_cuda_all() -> Self {
-        Self {
             skip_group_norm: true,
             bias: true,
-            ..Self::for_cuda()
+            skip_layer_norm: true,
+            float16: false,
         }
     }
 
@@ -91,6 +86,7 @@ impl OptimizeOptions {
             group_norm: false,
             skip_group_norm: false,
             bias: false,
+            skip_layer_norm: true,
             float16: false,
         }
     }
@@ -205,6 +201,10 @@ pub fn optimize_proto(
         // GEGLU first: BiasAdd's search for the feed-forward branch walks through it either way
         bias_split_gelu::fuse(&mut graph, &mut report);
         bias_add::fuse(&mut graph, &mut report);
+    }
+    if opts.skip_layer_norm {
+        // after BiasAdd, which leaves the sums norms read to this fusion
+        skip_layer_norm::fuse(&mut graph, &mut report);
     }
     graph.finish();
     if opts.group_norm && opts.skip_group_norm {
