@@ -142,6 +142,9 @@ if [ "$MODE" = peaks ]; then
   peak50 float16_no_graphs b1
   peak50 float16_graphs b1 --cuda-graphs
   peak50 float16_graphs_cap3g b1 --cuda-graphs --cuda-mem-limit 3GiB
+  peak50 float16_graphs_no_mem_pattern env LORAFUSE_ORT_MEM_PATTERN=0 $L bench -W 512 -H 512 --steps 25 --images 1 \
+    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
+  grep -h median_step_ms "$OUT"/peak_float16_graphs*.log | cut -c1-400
   [ -n "${SKIP_DIFFUSERS:-}" ] || peak50 diffusers_fp16 python3 models/scripts/gpu_sd15.py memory /tmp/sd15
   exit 0
 fi

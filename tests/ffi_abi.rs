@@ -447,7 +447,7 @@ fn struct_versions_evolve_by_appending() {
         assert!((api.init_pipeline_options)(&mut o).is_null());
         assert_eq!(
             (o.struct_version, o.cuda_mem_limit, o.cudnn_conv_algo),
-            (2, 0, 0)
+            (2, 0, LORAFUSE_CUDNN_CONV_ALGO_HEURISTIC)
         );
         o.model_dir = dir.as_ptr();
         o.device = LORAFUSE_DEVICE_CPU;

@@ -400,6 +400,13 @@ fn configure(
     if let Ok(prefix) = std::env::var("LORAFUSE_ORT_PROFILE") {
         builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
     }
+    // Diagnostics knob: ORT's memory pattern (one planned block for a run's intermediates, made
+    // when shapes are fixed, as CUDA-graph sessions' are), `LORAFUSE_ORT_MEM_PATTERN=0` turns it off.
+    if std::env::var("LORAFUSE_ORT_MEM_PATTERN").as_deref() == Ok("0") {
+        builder = builder
+            .with_memory_pattern(false)
+            .map_err(ort::Error::from)?;
+    }
     if opts.cuda.memory == CudaMemory::Lean && opts.device != Device::Cpu {
         builder = builder
             .with_config_entry("session.use_device_allocator_for_initializers", "1")
