@@ -377,3 +377,66 @@ fn computed_float_only_inputs_and_blocked_ops_are_cast_like_onnx_runtime() {
     assert_eq!(a.0, [1, 2, 8, 8]);
     assert_eq!(a, b);
 }
+
+/// `generate --optimize --float16` (`SessionOptions::float16`): the same conversion in memory as
+/// the folder copy of `optimize --for cpu --float16`, so the in-memory pipeline generates the
+/// folder copy's image, also with a LoRA in both modes (the LoRA index and the fast switch read
+/// the converted float16 weights, not the export's fp32 files).
+#[test]
+fn in_memory_float16_generates_the_float16_folder_copys_images() {
+    use lorafuse::merge::LoraSpec;
+    use lorafuse::pipeline::txt2img::{GenerateParams, LoraMode, Txt2Img};
+    let what = OptimizeOptions {
+        float16: true,
+        ..OptimizeOptions::for_cpu()
+    };
+    let copy = convert(&tiny("onnx"), &what);
+    let params = GenerateParams {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry".into(),
+        steps: 3,
+        seed: 7,
+        ..Default::default()
+    };
+    let lora = LoraSpec {
+        path: tiny("loras/kohya_wide.safetensors"),
+        weight: 0.8,
+    };
+    let in_memory = session::SessionOptions {
+        optimize: true,
+        float16: true,
+        ..cpu()
+    };
+    let mut images = Vec::new();
+    for mode in [LoraMode::Switch, LoraMode::Rebuild] {
+        let mut on_disk = Txt2Img::open(&copy.path().join("out"), &cpu()).expect("open copy");
+        let mut in_mem = Txt2Img::open(&tiny("onnx"), &in_memory).expect("open in memory");
+        for pipe in [&mut on_disk, &mut in_mem] {
+            pipe.set_lora_mode(mode).expect("mode");
+        }
+        let mut pair = Vec::new();
+        for pipe in [&mut on_disk, &mut in_mem] {
+            let base = pipe.generate(&params, &mut |_, _| true).expect("base");
+            pipe.set_loras(std::slice::from_ref(&lora), &MergeOptions::default())
+                .expect("set_loras");
+            let with = pipe.generate(&params, &mut |_, _| true).expect("lora");
+            pair.push((base.pixels, with.pixels));
+        }
+        let (disk, mem) = (&pair[0], &pair[1]);
+        let d_base = max_diff(&disk.0, &mem.0);
+        let d_lora = max_diff(&disk.1, &mem.1);
+        eprintln!("{mode:?}: folder copy vs in memory: {d_base} without, {d_lora} with the LoRA");
+        // same graph, same float16 weights, same kernels: equal up to the last pixel rounding
+        assert!(d_base <= 1.0 / 255.0 && d_lora <= 1.0 / 255.0, "{mode:?}");
+        assert!(
+            max_diff(&disk.0, &disk.1) > 0.01,
+            "the LoRA changes the image"
+        );
+        images.push(mem.1.clone());
+    }
+    // the fast switch (W + A·B, one rounding) and the merge round a few float16 weights one step
+    // apart; the tiny random pipeline turns that into ~3/255 (measured 0.0112)
+    let d = max_diff(&images[0], &images[1]);
+    eprintln!("switch vs rebuild: {d}");
+    assert!(d <= 5.0 / 255.0, "{d}");
+}

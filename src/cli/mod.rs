@@ -138,6 +138,10 @@ pub struct SessionArgs {
     /// (as `lorafuse optimize` does on disk; LoRAs still apply).
     #[arg(long)]
     pub optimize: bool,
+    /// With --optimize, also convert the graphs to float16 in memory (as `lorafuse optimize
+    /// --float16` does on disk: e.g. the fp32 text encoder of an fp16 export; LoRAs still apply).
+    #[arg(long, requires = "optimize")]
+    pub float16: bool,
     #[command(flatten)]
     pub cuda: CudaArgs,
 }
@@ -150,6 +154,7 @@ impl SessionArgs {
             tf32: self.tf32,
             cuda: self.cuda.options(),
             optimize: self.optimize,
+            float16: self.float16,
             fixed_dims: Vec::new(),
         })
     }

@@ -472,6 +472,7 @@ unsafe extern "C" fn create_pipeline(
                 tf32: o.tf32,
                 cuda,
                 optimize: o.optimize,
+                float16: false,
                 fixed_dims: Vec::new(),
             },
             ort_library,

@@ -51,6 +51,9 @@ pub struct SessionOptions {
     /// Rewrite each graph into ONNX Runtime's fused ops before the session is built
     /// ([`crate::onnx::optimize`]; LoRA-target weights stay addressable).
     pub optimize: bool,
+    /// With `optimize`, also convert the rewritten graphs to float16 in memory, as `lorafuse
+    /// optimize --float16` does on disk (LoRAs then apply to the float16 weights).
+    pub float16: bool,
     /// Sizes for named free dimensions of CUDA-graph sessions (ORT free dimension overrides; set
     /// by the pipeline per request shape).
     pub fixed_dims: Vec<(String, i64)>,
@@ -95,9 +98,15 @@ impl SessionOptions {
     /// The graph rewrites `optimize` asks for on this device: the fusions of the provider the
     /// sessions run on (CUDA has kernels the CPU lacks); `None` without `optimize`.
     pub fn optimize_for(&self) -> Option<OptimizeOptions> {
-        self.optimize.then(|| match placement(self) {
-            super::switch::Placement::Cpu => OptimizeOptions::for_cpu(),
-            super::switch::Placement::Cuda(_) => OptimizeOptions::for_cuda(),
+        self.optimize.then(|| {
+            let what = match placement(self) {
+                super::switch::Placement::Cpu => OptimizeOptions::for_cpu(),
+                super::switch::Placement::Cuda(_) => OptimizeOptions::for_cuda(),
+            };
+            OptimizeOptions {
+                float16: self.float16,
+                ..what
+            }
         })
     }
 }
@@ -331,14 +340,14 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let env = super::environment()?;
     if let Some(what) = opts.optimize_for() {
         let (model, _) = crate::onnx::optimize::open_optimized(path, &what)?;
+        let cpu = OptimizeOptions {
+            float16: what.float16,
+            ..OptimizeOptions::for_cpu()
+        };
         return match open_model(&model, opts) {
             // `auto` found CUDA but fell back to the CPU while building: CPU kernels only
-            Err(_)
-                if what != OptimizeOptions::for_cpu()
-                    && opts.optimize_for() == Some(OptimizeOptions::for_cpu()) =>
-            {
-                let (model, _) =
-                    crate::onnx::optimize::open_optimized(path, &OptimizeOptions::for_cpu())?;
+            Err(_) if what != cpu && opts.optimize_for().as_ref() == Some(&cpu) => {
+                let (model, _) = crate::onnx::optimize::open_optimized(path, &cpu)?;
                 open_model(&model, opts)
             }
             r => r,
