@@ -17,10 +17,6 @@ use super::graph::{Graph, contrib_node, scope};
 /// The channel counts ONNX Runtime's CUDA kernel accepts (bias_add.cc).
 const KERNEL_CHANNELS: [i64; 3] = [320, 640, 1280];
 
-/// How many values back from the second feed-forward `MatMul` the search for the branch's
-/// `LayerNormalization` looks (a decomposed GEGLU: about 40).
-const MAX_BRANCH: usize = 256;
-
 struct Match {
     x: String,
     bias: String,
@@ -90,7 +86,7 @@ fn find(g: &Graph<'_>, mm: usize) -> Result<Option<Match>, &'static str> {
         return Ok(None);
     }
     // the branch must start at LayerNormalization(skip): then skip has the branch's shape
-    if !branch_starts_at(g, &g.node(mm).input[0], &skip) {
+    if !g.branch_starts_at_norm(&g.node(mm).input[0], &skip) {
         return Ok(None);
     }
     let w = g.const_dims(&g.node(mm).input[1]);
@@ -110,28 +106,4 @@ fn find(g: &Graph<'_>, mm: usize) -> Result<Option<Match>, &'static str> {
         last: res,
         out: g.node(res).output[0].clone(),
     }))
-}
-
-/// Whether a `LayerNormalization` reading `skip` lies among the producers of `from` (a bounded
-/// backward search).
-fn branch_starts_at(g: &Graph<'_>, from: &str, skip: &str) -> bool {
-    let mut work = vec![from.to_string()];
-    let mut seen = std::collections::HashSet::new();
-    while let Some(v) = work.pop() {
-        if seen.len() >= MAX_BRANCH || !seen.insert(v.clone()) {
-            continue;
-        }
-        let Some(p) = g.producer(&v) else { continue };
-        if g.op(p) == Some("Constant") {
-            continue;
-        }
-        let n = g.node(p);
-        if g.op(p) == Some("LayerNormalization")
-            && n.input.first().map(String::as_str) == Some(skip)
-        {
-            return true;
-        }
-        work.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
-    }
-    false
 }

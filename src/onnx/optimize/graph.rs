@@ -20,6 +20,10 @@ use crate::onnx::proto::{
 /// scalars are what patterns look at).
 const MAX_CONST_ELEMS: usize = 64;
 
+/// How many values back [`Graph::branch_starts_at_norm`] looks (a decomposed GEGLU feed-forward:
+/// about 40 values; an attention block about 60).
+const MAX_BRANCH: usize = 256;
+
 pub(crate) struct Graph<'a> {
     pub g: &'a mut GraphProto,
     producer: HashMap<String, usize>,
@@ -214,6 +218,40 @@ impl<'a> Graph<'a> {
     /// Drop node `i` now: a node written again by a fused node (which takes over its outputs).
     pub fn remove(&mut self, i: usize) {
         self.dead[i] = true;
+    }
+
+    /// The `axes` of `Squeeze`/`Unsqueeze` node `i`: its constant second input (opset ≥ 13) or its
+    /// attribute (older opsets); `None` when absent or computed.
+    pub fn axes(&self, i: usize) -> Option<Vec<i64>> {
+        match self.g.node[i].input.get(1).filter(|s| !s.is_empty()) {
+            Some(a) => Some(self.values(a)?.into_iter().map(|f| f as i64).collect()),
+            None => self.attr_ints(i, "axes").map(<[i64]>::to_vec),
+        }
+    }
+
+    /// Whether a `LayerNormalization` reading `skip` lies among the producers of `from` (a
+    /// backward search over at most [`MAX_BRANCH`] values): a transformer branch computed from
+    /// `norm(skip)`, which then has `skip`'s shape.
+    pub fn branch_starts_at_norm(&self, from: &str, skip: &str) -> bool {
+        let mut work = vec![from.to_string()];
+        let mut seen = HashSet::new();
+        while let Some(v) = work.pop() {
+            if seen.len() >= MAX_BRANCH || !seen.insert(v.clone()) {
+                continue;
+            }
+            let Some(p) = self.producer(&v) else { continue };
+            if self.op(p) == Some("Constant") {
+                continue;
+            }
+            let n = self.node(p);
+            if self.op(p) == Some("LayerNormalization")
+                && n.input.first().map(String::as_str) == Some(skip)
+            {
+                return true;
+            }
+            work.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
+        }
+        false
     }
 
     /// A name not used by any value or node yet, built from `base`.

@@ -221,13 +221,8 @@ fn embedding(g: &Graph<'_>, x: &str) -> Option<String> {
         let Some(u) = g.producer_op(&v, "Unsqueeze") else {
             break;
         };
-        let n = g.node(u);
-        let a: Vec<i64> = match n.input.get(1).filter(|s| !s.is_empty()) {
-            Some(c) => g.values(c)?.into_iter().map(|f| f as i64).collect(),
-            None => g.attr_ints(u, "axes")?.to_vec(),
-        };
-        axes.extend(a);
-        v = n.input[0].clone();
+        axes.extend(g.axes(u)?);
+        v = g.node(u).input[0].clone();
     }
     axes.sort_unstable();
     (axes == [2, 3] && g.producer_op(&v, "Gemm").is_some()).then_some(v)

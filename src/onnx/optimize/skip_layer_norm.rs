@@ -19,10 +19,6 @@ use std::collections::{HashMap, HashSet};
 use super::Report;
 use super::graph::{Graph, attr_float, contrib_node, scope};
 
-/// How many values back from the branch's end the search for its `LayerNormalization(skip)`
-/// looks (an attention block: about 60).
-const MAX_BRANCH: usize = 256;
-
 /// How deep [`rank`] follows producers (one step per node of the residual stream).
 const MAX_RANK_DEPTH: usize = 128;
 
@@ -103,9 +99,9 @@ fn find(
         return Ok(None);
     }
     // which operand is the residual: the other one's branch starts at a norm of it
-    let (branch, skip) = if branch_starts_at(g, &p, &q) {
+    let (branch, skip) = if g.branch_starts_at_norm(&p, &q) {
         (p, q)
-    } else if branch_starts_at(g, &q, &p) {
+    } else if g.branch_starts_at_norm(&q, &p) {
         (q, p)
     } else {
         return Ok(None);
@@ -168,32 +164,6 @@ fn peel(g: &Graph<'_>, branch: &str, add: usize) -> (String, Option<String>) {
     (x, None)
 }
 
-/// Whether a `LayerNormalization` reading `skip` lies among the producers of `from` (a bounded
-/// backward search).
-fn branch_starts_at(g: &Graph<'_>, from: &str, skip: &str) -> bool {
-    let mut work = vec![from.to_string()];
-    let mut seen = HashSet::new();
-    while let Some(v) = work.pop() {
-        if seen.len() >= MAX_BRANCH || !seen.insert(v.clone()) {
-            continue;
-        }
-        let Some(p) = g.producer(&v) else { continue };
-        let n = g.node(p);
-        if n.op_type.as_deref() == Some("Constant") {
-            continue;
-        }
-        let is_norm = matches!(
-            n.op_type.as_deref(),
-            Some("LayerNormalization" | "SkipLayerNormalization")
-        );
-        if is_norm && n.input.first().map(String::as_str) == Some(skip) {
-            return true;
-        }
-        work.extend(n.input.iter().filter(|x| !x.is_empty()).cloned());
-    }
-    false
-}
-
 /// The rank of `x` where the graph tells it without shape inference: graph inputs, constants,
 /// `Reshape` to a shape of known length, `Transpose`, `Gather`, and ops whose output has their
 /// first input's rank (elementwise ops take the largest of their operands').
@@ -241,18 +211,16 @@ fn rank_of(
             (data + idx).checked_sub(1)
         }
         "Squeeze" | "Unsqueeze" => {
-            let axes = match n.input.get(1).filter(|s| !s.is_empty()) {
-                Some(a) => g.values(a)?.len(),
-                None => match g.attr_ints(p, "axes") {
-                    Some(a) => a.len(),
-                    // every 1 squeezed: a one-element 1-D piece becomes a scalar
-                    None if n.op_type.as_deref() == Some("Squeeze")
-                        && piece_len(g, first, depth, memo) == Some(1) =>
-                    {
-                        1
-                    }
-                    None => return None,
-                },
+            let axes = match g.axes(p) {
+                Some(a) => a.len(),
+                // every 1 squeezed: a one-element 1-D piece becomes a scalar
+                None if n.op_type.as_deref() == Some("Squeeze")
+                    && n.input.len() == 1
+                    && piece_len(g, first, depth, memo) == Some(1) =>
+                {
+                    1
+                }
+                None => return None,
             };
             let r = rank(g, first, depth, memo)?;
             if n.op_type.as_deref() == Some("Squeeze") {
@@ -319,11 +287,7 @@ fn piece_len(
     let n = g.node(p);
     match g.op(p)? {
         "Unsqueeze" => {
-            let axes = match n.input.get(1).filter(|s| !s.is_empty()) {
-                Some(a) => g.values(a)?.len(),
-                None => g.attr_ints(p, "axes")?.len(),
-            };
-            (axes == 1 && rank(g, &n.input[0], depth, memo) == Some(0)).then_some(1)
+            (g.axes(p)?.len() == 1 && rank(g, &n.input[0], depth, memo) == Some(0)).then_some(1)
         }
         "Reshape" => match g.values(&n.input[1])?.as_slice() {
             [k] if *k >= 1.0 => Some(*k as usize),
