@@ -46,8 +46,8 @@ fn the_c_abi_and_the_rust_loader_give_the_librarys_defaults() {
         assert_eq!(loader.cudnn_conv_algo, o.cudnn_conv_algo);
         assert_eq!(loader.intra_threads, o.intra_threads);
         assert_eq!(
-            (loader.optimize, loader.cuda_graphs),
-            (o.optimize, o.cuda_graphs)
+            (loader.optimize, loader.cuda_graphs, loader.float16),
+            (o.optimize, o.cuda_graphs, o.float16)
         );
         let mut m = std::mem::zeroed::<LorafuseMergeOptions>();
         m.struct_version = LORAFUSE_MERGE_OPTIONS_VERSION;

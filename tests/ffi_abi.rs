@@ -416,6 +416,44 @@ fn pipeline_options_v3_optimize() {
     }
 }
 
+/// Version 4 of the pipeline options: `float16` (with `optimize`) converts the graphs in memory;
+/// a version-3 struct's bytes end before it (init leaves it alone, create reads its default), and
+/// float16 without optimize is refused by name.
+#[test]
+fn pipeline_options_v4_float16() {
+    let p = plugin();
+    let api = p.api();
+    unsafe {
+        let mut o = std::mem::zeroed::<LorafusePipelineOptions>();
+        o.struct_version = 3;
+        o.float16 = true;
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert!(o.float16, "a version-3 init writes no version-4 byte");
+        o.struct_version = 4;
+        assert!((api.init_pipeline_options)(&mut o).is_null());
+        assert_eq!((o.struct_version, o.float16), (4, false));
+        let dir = CString::new(tiny("onnx").to_str().expect("utf-8")).expect("c");
+        o.model_dir = dir.as_ptr();
+        o.device = LORAFUSE_DEVICE_CPU;
+        o.intra_threads = 1;
+        o.float16 = true;
+        let mut out: *mut LorafusePipeline = sentinel();
+        let msg = expect_code(
+            &p,
+            (api.create_pipeline)(&o, &mut out),
+            LORAFUSE_STATUS_INVALID_ARGUMENT,
+            "float16 without optimize",
+        );
+        assert!(msg.contains("optimize"), "{msg}");
+        assert_eq!(out, sentinel());
+        o.optimize = true;
+        let mut raw: *mut LorafusePipeline = sentinel();
+        assert!((api.create_pipeline)(&o, &mut raw).is_null(), "v4 options");
+        assert_ne!(raw, sentinel());
+        (api.release_pipeline)(raw);
+    }
+}
+
 /// Version 1 of a struct is a prefix of version 2: init fills exactly the version the host asks
 /// for (unset: version 1), and entries read only the fields of the version a struct declares.
 #[test]

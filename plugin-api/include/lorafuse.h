@@ -21,7 +21,7 @@
 #define LORAFUSE_API_VERSION 1
 
 // Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
-#define LORAFUSE_PIPELINE_OPTIONS_VERSION 3
+#define LORAFUSE_PIPELINE_OPTIONS_VERSION 4
 
 // Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
 #define LORAFUSE_GENERATE_PARAMS_VERSION 2
@@ -158,6 +158,9 @@ typedef struct LorafusePipelineOptions {
   // --cuda-graphs`; the UNet session is rebuilt once per new resolution or batch). Default
   // false.
   bool cuda_graphs;
+  // With `optimize`, also convert the graphs to float16 in memory (as `lorafuse generate
+  // --optimize --float16`; LoRAs then apply to the float16 weights). Default false.
+  bool float16;
 } LorafusePipelineOptions;
 
 // Called after every denoising step with the steps done and the total over the whole call (all

@@ -42,7 +42,7 @@ pub mod loader;
 /// Version of the function table this crate describes. Tables are append-only.
 pub const LORAFUSE_API_VERSION: u32 = 1;
 /// Current version of LorafusePipelineOptions (2: CUDA provider settings, LoRA mode).
-pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 3;
+pub const LORAFUSE_PIPELINE_OPTIONS_VERSION: u32 = 4;
 /// Current version of LorafuseGenerateParams (2: `lora_dir`, A1111 prompt tags).
 pub const LORAFUSE_GENERATE_PARAMS_VERSION: u32 = 2;
 /// Current version of LorafuseMergeOptions.
@@ -188,6 +188,10 @@ pub struct LorafusePipelineOptions {
     /// --cuda-graphs`; the UNet session is rebuilt once per new resolution or batch). Default
     /// false.
     pub cuda_graphs: bool,
+    // ---- version 4 ----
+    /// With `optimize`, also convert the graphs to float16 in memory (as `lorafuse generate
+    /// --optimize --float16`; LoRAs then apply to the float16 weights). Default false.
+    pub float16: bool,
 }
 
 /// `set_loras` recomputes the LoRA-target weights on the device (fast switch).
@@ -443,6 +447,7 @@ const _: () = {
         assert!(offset_of!(LorafusePipelineOptions, lora_mode) == 52);
         assert!(offset_of!(LorafusePipelineOptions, optimize) == 56); // v2 was 56 bytes
         assert!(offset_of!(LorafusePipelineOptions, cuda_graphs) == 57);
+        assert!(offset_of!(LorafusePipelineOptions, float16) == 58); // v3 was 58 bytes
         assert!(size_of::<LorafusePipelineOptions>() == 64);
         assert!(offset_of!(LorafuseGenerateParams, seed) == 32);
         assert!(offset_of!(LorafuseGenerateParams, prompt) == 40);

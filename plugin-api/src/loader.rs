@@ -240,6 +240,7 @@ impl Plugin {
         raw.lora_mode = o.lora_mode;
         raw.optimize = o.optimize;
         raw.cuda_graphs = o.cuda_graphs;
+        raw.float16 = o.float16;
         let mut out = std::ptr::null_mut();
         unsafe { self.check((self.api.create_pipeline)(&raw, &mut out))? };
         Ok(Pipeline {
@@ -345,6 +346,7 @@ fn blank_pipeline_options() -> LorafusePipelineOptions {
         lora_mode: 0,
         optimize: false,
         cuda_graphs: false,
+        float16: false,
     }
 }
 
@@ -392,6 +394,8 @@ pub struct PipelineOptions {
     pub optimize: bool,
     /// CUDA graphs for the UNet (`lorafuse generate --cuda-graphs`).
     pub cuda_graphs: bool,
+    /// With `optimize`, float16 graphs in memory (`lorafuse generate --optimize --float16`).
+    pub float16: bool,
 }
 
 impl PipelineOptions {
@@ -408,6 +412,7 @@ impl PipelineOptions {
             lora_mode: LORAFUSE_LORA_MODE_SWITCH, // == the plugin's (tests/defaults.rs)
             optimize: false,
             cuda_graphs: false,
+            float16: false,
         }
     }
 }

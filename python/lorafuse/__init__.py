@@ -93,7 +93,7 @@ class Pipeline:
 
     ``device``: "auto" (CUDA if its provider loads, else the CPU; the library's default), "cpu",
     "cuda" or "cuda:N". The keyword options are the CLI's and the C ABI's pipeline options:
-    ``threads``, ``tf32``, ``optimize``, ``cuda_graphs``, ``cuda_io_binding``, ``cuda_mem_limit``
+    ``threads``, ``tf32``, ``optimize``, ``float16`` (with ``optimize``: float16 graphs in memory), ``cuda_graphs``, ``cuda_io_binding``, ``cuda_mem_limit``
     (bytes or "8GiB"), ``cudnn_conv_algo`` ("heuristic", the default; "exhaustive"; "default"),
     ``cuda_conv_layout`` ("auto", "nchw", "nhwc"), ``lora_mode`` ("switch": LoRAs change live in
     milliseconds, the default for a live pipeline; "rebuild"), ``ort_lib`` (the ONNX Runtime library;

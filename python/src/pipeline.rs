@@ -130,7 +130,7 @@ impl Pipeline {
 impl Pipeline {
     #[new]
     #[pyo3(signature = (path, device=None, *, threads=None, tf32=None, optimize=None,
-        cuda_graphs=None, cuda_io_binding=None, cuda_mem_limit=None, cudnn_conv_algo=None,
+        float16=None, cuda_graphs=None, cuda_io_binding=None, cuda_mem_limit=None, cudnn_conv_algo=None,
         cuda_conv_layout=None, lora_mode=None, ort_lib=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -140,6 +140,7 @@ impl Pipeline {
         threads: Option<usize>,
         tf32: Option<bool>,
         optimize: Option<bool>,
+        float16: Option<bool>,
         cuda_graphs: Option<bool>,
         cuda_io_binding: Option<bool>,
         cuda_mem_limit: Option<Bound<'_, PyAny>>,
@@ -156,6 +157,7 @@ impl Pipeline {
             o.intra_threads = threads.or(o.intra_threads);
             o.tf32 = tf32.unwrap_or(o.tf32);
             o.optimize = optimize.unwrap_or(o.optimize);
+            o.float16 = float16.unwrap_or(o.float16);
             o.cuda.graphs = cuda_graphs.unwrap_or(o.cuda.graphs);
             o.cuda.io_binding = cuda_io_binding.unwrap_or(o.cuda.io_binding);
             if let Some(m) = &cuda_mem_limit {

@@ -129,6 +129,8 @@ def test_errors_name_the_file(tmp_path):
     assert e.value.fault == "file"
     with pytest.raises(lorafuse.UserError, match="device"):
         lorafuse.Pipeline(TINY, "tpu")
+    with pytest.raises(lorafuse.UserError, match="optimize"):
+        lorafuse.Pipeline(TINY, "cpu", float16=True)
     with pytest.raises(lorafuse.UserError):
         pipe.generate("a cat", width=63)
     with pytest.raises(lorafuse.UserError, match="output_type"):

@@ -133,9 +133,10 @@ fn check_version(got: u32, current: u32, what: &str) -> Result<()> {
 // Version N of an options/params struct is a prefix of version N+1 (plugin-api's layout asserts):
 // these are the prefix lengths, index = version − 1.
 
-const PIPELINE_OPTIONS_SIZES: [usize; 3] = [
+const PIPELINE_OPTIONS_SIZES: [usize; 4] = [
     std::mem::offset_of!(LorafusePipelineOptions, cuda_mem_limit),
     std::mem::offset_of!(LorafusePipelineOptions, optimize),
+    std::mem::offset_of!(LorafusePipelineOptions, float16),
     std::mem::size_of::<LorafusePipelineOptions>(),
 ];
 const GENERATE_PARAMS_SIZES: [usize; 2] = [
@@ -219,6 +220,7 @@ fn default_pipeline_options() -> LorafusePipelineOptions {
         },
         optimize: false,
         cuda_graphs: false,
+        float16: false,
     }
 }
 
@@ -472,7 +474,7 @@ unsafe extern "C" fn create_pipeline(
                 tf32: o.tf32,
                 cuda,
                 optimize: o.optimize,
-                float16: false,
+                float16: o.float16,
                 fixed_dims: Vec::new(),
             },
             ort_library,

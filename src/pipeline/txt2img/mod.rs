@@ -205,6 +205,11 @@ fn first_input(s: &Session) -> Option<(String, TensorElementType)> {
 impl Txt2Img {
     /// Open the components of an optimum-layout folder with the given session options.
     pub fn open(root: &Path, opts: &SessionOptions) -> Result<Self> {
+        if opts.float16 && !opts.optimize {
+            return Err(crate::Error::InvalidArgument(
+                "float16 converts the optimized graphs: it needs optimize".into(),
+            ));
+        }
         let dir = OnnxPipelineDir::open(root)?;
         let tokenizer = ClipTokenizer::from_dir(dir.tokenizer_dir())?;
         let scheduler_config = SchedulerConfig::from_file(dir.scheduler_config())?;
