@@ -25,7 +25,9 @@ steps=${STEPS:-25}; images=${IMAGES:-3}
 # (PREV_FLAGS), ORT's exhaustive cuDNN search and --float16: pixels, speed, memory; peaks: peak
 # memory at 50 ms sampling with and without CUDA graphs, and diffusers'; decode: the VAE decode
 # under the provider's convolution settings; profile: per-op profiles of the SD 1.5 graphs made by
-# the modes before (same warm machine)
+# the modes before (same warm machine); memtrace: the --float16 copy's device memory stage by stage
+# (LORAFUSE_MEM_TRACE=1); optimum: optimum's ORTStableDiffusionPipeline on ORT's optimized graph
+# (scripts/prepare_optimum_peer.sh) against lorafuse and diffusers
 MODE=${1:-all}
 sd15() { # the random SD 1.5 (fp16 export) and its lorafuse-optimized copy, once per warm machine
   [ -f /tmp/sd15-onnx/unet/model.onnx ] || {
@@ -138,14 +140,112 @@ if [ "$MODE" = peaks ]; then
     "$@" > "$OUT/peak_$label.log" 2>/dev/null; kill $smi; wait $smi 2>/dev/null
     python3 -c "v=[int(x) for x in open('$OUT/mem50_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"
   }
-  b1() { $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda --json -m /tmp/sd15-opt-h "$@"; }
+  b1() { $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} --device cuda --json -m ${PEAK_MODEL:-/tmp/sd15-opt-h} "$@"; }
+  # defaults (lean: the VAE decoder plans no memory pattern), ORT's memory pattern everywhere (=1,
+  # lean before 2026-12-07) and nowhere (=0, which can break a capture), ONNX Runtime's own graph
   peak50 float16_no_graphs b1
   peak50 float16_graphs b1 --cuda-graphs
-  peak50 float16_graphs_cap3g b1 --cuda-graphs --cuda-mem-limit 3GiB
-  peak50 float16_graphs_no_mem_pattern env LORAFUSE_ORT_MEM_PATTERN=0 $L bench -W 512 -H 512 --steps 25 --images 1 \
+  peak50 float16_graphs_mem_pattern_all env LORAFUSE_ORT_MEM_PATTERN=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
     --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-  grep -h median_step_ms "$OUT"/peak_float16_graphs*.log | cut -c1-400
+  peak50 float16_no_graphs_mem_pattern_all env LORAFUSE_ORT_MEM_PATTERN=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+    --device cuda --json -m /tmp/sd15-opt-h
+  peak50 float16_graphs_no_mem_pattern env LORAFUSE_ORT_MEM_PATTERN=0 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
+  [ -f /tmp/sd15-ortopt/unet/model.onnx ] && PEAK_MODEL=/tmp/sd15-ortopt peak50 ortopt_graphs b1 --cuda-graphs
+  # open time: the same --float16 copy with its weights as external data (ORT's graph has them so),
+  # and ORT's own graph optimisations at level 1 (basic)
+  if [ ! -f /tmp/sd15-opt-hx/unet/model.onnx ]; then
+    cp -r /tmp/sd15-opt-h /tmp/sd15-opt-hx && python3 - <<'PY'
+import onnx
+for c in ["unet", "text_encoder", "vae_decoder"]:
+    p = f"/tmp/sd15-opt-hx/{c}/model.onnx"
+    onnx.save(onnx.load(p), p, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+PY
+  fi
+  PEAK_MODEL=/tmp/sd15-opt-hx peak50 float16_external_data_graphs b1 --cuda-graphs
+  peak50 float16_graphs_ort_level1 env LORAFUSE_ORT_OPT_LEVEL=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
+  for f in "$OUT"/peak_*.log; do python3 - "$f" <<'PY'
+import json, sys, os
+t = open(sys.argv[1]).read()
+try:
+    r = json.loads(t[t.index("{"):])
+    print(f"{os.path.basename(sys.argv[1])[5:-4]:36s} open {r['pipeline_open_s']:.2f} s  {r['median_seconds_per_image']:.4f} s/image  step {r['median_step_ms']:.2f} ms  decode {r['median_decode_ms']:.1f} ms")
+except Exception as e:
+    print(os.path.basename(sys.argv[1]), "no result:", e, t[-300:])
+PY
+  done
   [ -n "${SKIP_DIFFUSERS:-}" ] || peak50 diffusers_fp16 python3 models/scripts/gpu_sd15.py memory /tmp/sd15
+  exit 0
+fi
+if [ "$MODE" = memtrace ]; then
+  # where the --float16 copy's device memory goes, stage by stage (LORAFUSE_MEM_TRACE=1: the
+  # device's used memory and every session's CUDA arena), with and without CUDA graphs, with ORT's
+  # memory pattern on (1) and off (0), and the open time of each layout
+  sd15 || exit 1
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h >/dev/null
+  for v in "" "--cuda-graphs" "--cuda-graphs mp1" "--cuda-conv-layout nchw"; do
+    mp=; a=$v; case $v in *mp1) mp=1; a=--cuda-graphs;; esac
+    echo "-- ${v:-no CUDA graphs}"
+    env ${mp:+LORAFUSE_ORT_MEM_PATTERN=$mp} LORAFUSE_MEM_TRACE=1 $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda \
+      --json -m /tmp/sd15-opt-h $a 2> "$OUT/memtrace.err" > "$OUT/memtrace.json"
+    grep '^\[mem\]' "$OUT/memtrace.err" | cut -c1-400
+    python3 -c "import json; r=json.load(open('$OUT/memtrace.json')); print(f'   open {r[\"pipeline_open_s\"]:.2f} s, step {r[\"median_step_ms\"]:.2f} ms, {r[\"median_seconds_per_image\"]:.3f} s/image')" 2>&1 | tail -1
+  done
+  exit 0
+fi
+if [ "$MODE" = optimum ]; then
+  # optimum's ORTStableDiffusionPipeline (optimum-onnx 0.1.0, onnxruntime-gpu 1.31.1, staged by
+  # scripts/prepare_optimum_peer.sh into /tmp/optpeer) on ONNX Runtime's optimized pipeline, against
+  # lorafuse on the same graph and on its own, and diffusers, same call: speed, open time, peak memory
+  sd15 || exit 1
+  [ -f /tmp/sd15-ortopt/unet/model.onnx ] || PEER_STAGE=prepare bash "$0" peer || exit 1
+  [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h >/dev/null
+  if [ ! -d /tmp/optsite/optimum ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/optsite /tmp/optpeer/*.whl || exit 1
+    tar -C /tmp/optsite -xJf /tmp/optpeer/ort-py312.tar.xz || exit 1
+    ln -sf /tmp/ort/libonnxruntime_providers_cuda.so /tmp/optsite/onnxruntime/capi/
+  fi
+  # optimum refuses a part without config.json (the exporter writes none for the text encoder) and
+  # sizes the decoder's output from its symbolic dims (`latent_height * 8`, as optimum's exporter
+  # names them; gpu_sd15.py exports made before 2026-12-07 said `height`)
+  for m in sd15-ortopt sd15-onnx; do [ -f /tmp/$m/text_encoder/config.json ] || cp /tmp/sd15/text_encoder/config.json /tmp/$m/text_encoder/; done
+  python3 - /tmp/sd15-ortopt /tmp/sd15-onnx <<'PY'
+import sys, onnx
+for d in sys.argv[1:]:
+    p = f"{d}/vae_decoder/model.onnx"
+    m = onnx.load(p, load_external_data=False)
+    dims = m.graph.output[0].type.tensor_type.shape.dim
+    if dims[2].dim_param == "height":
+        dims[2].dim_param, dims[3].dim_param = "latent_height * 8", "latent_width * 8"
+        onnx.save(m, p)
+        print(f"{p}: output dims renamed as optimum's exporter names them")
+PY
+  peak50() { local label=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem50_$label.txt" & local smi=$!
+    "$@" > "$OUT/peak_$label.log" 2> "$OUT/peak_$label.err"; kill $smi; wait $smi 2>/dev/null
+    python3 -c "v=[int(x) for x in open('$OUT/mem50_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"
+    python3 - "$OUT/peak_$label.log" <<'PY'
+import json, sys
+t = open(sys.argv[1]).read()
+try:
+    r = json.loads(t[t.index("{"):])
+    print("  ", json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict)) or k == "seconds_per_image_all"}))
+except Exception as e:
+    print("   no result:", e)
+PY
+    grep -q Traceback "$OUT/peak_$label.err" && grep -v -i warn "$OUT/peak_$label.err" | tail -25
+  }
+  opt() { PYTHONPATH=/tmp/optsite python3 models/scripts/optimum_sd15.py "$@" --images ${images}; }
+  peak50 optimum_ortopt opt /tmp/sd15-ortopt --label ortopt
+  peak50 optimum_ortopt_heuristic opt /tmp/sd15-ortopt --label ortopt_heuristic --provider-option cudnn_conv_algo_search=HEURISTIC
+  peak50 optimum_exported_heuristic opt /tmp/sd15-onnx --label exported_heuristic --provider-option cudnn_conv_algo_search=HEURISTIC
+  lb() { $L bench -W 512 -H 512 --steps $steps --images $images --device cuda --json "$@"; }
+  peak50 lorafuse_ortopt lb -m /tmp/sd15-ortopt
+  peak50 lorafuse_ortopt_graphs lb -m /tmp/sd15-ortopt --cuda-graphs
+  peak50 lorafuse_opt16_graphs lb -m /tmp/sd15-opt-h --cuda-graphs
+  peak50 lorafuse_opt16 lb -m /tmp/sd15-opt-h
+  [ -n "${SKIP_DIFFUSERS:-}" ] || python3 models/scripts/gpu_sd15.py bench /tmp/sd15 /tmp/loras/a.safetensors /tmp/loras/b.safetensors 2>&1 | grep -E "^diffusers|^\{" | tail -3
   exit 0
 fi
 if [ "$MODE" = decode ]; then

@@ -158,7 +158,7 @@ def export(d, out):
     vae = AutoencoderKL.from_pretrained(os.path.join(d, "vae"), torch_dtype=dt).to(dev).eval()
     vae.forward = vae.decode  # the decoder half, as optimum's vae_decoder
     jobs.append(("vae_decoder", vae, (torch.randn(1, 4, 64, 64, dtype=dt, device=dev),), ["latent_sample"], ["sample"],
-                 {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}, "sample": {0: "batch_size", 2: "height", 3: "width"}},
+                 {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}, "sample": {0: "batch_size", 2: "latent_height * 8", 3: "latent_width * 8"}},
                  vae.config))
     for name, mod, args, ins, outs, axes, cfg in jobs:
         t = time.time()

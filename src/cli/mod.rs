@@ -156,6 +156,7 @@ impl SessionArgs {
             optimize: self.optimize,
             float16: self.float16,
             fixed_dims: Vec::new(),
+            once_per_image: false,
         })
     }
 }

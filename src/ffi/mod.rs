@@ -476,6 +476,7 @@ unsafe extern "C" fn create_pipeline(
                 optimize: o.optimize,
                 float16: o.float16,
                 fixed_dims: Vec::new(),
+                once_per_image: false,
             },
             ort_library,
             lora_mode,

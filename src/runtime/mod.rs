@@ -14,6 +14,7 @@
 //! `onnxruntime` package comes right after `ORT_DYLIB_PATH`.
 
 pub mod device_io;
+pub mod mem_trace;
 pub mod session;
 pub mod switch;
 pub mod tensor;

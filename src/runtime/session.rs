@@ -57,6 +57,11 @@ pub struct SessionOptions {
     /// Sizes for named free dimensions of CUDA-graph sessions (ORT free dimension overrides; set
     /// by the pipeline per request shape).
     pub fixed_dims: Vec<(String, i64)>,
+    /// The session runs once per image (the VAE decoder): with [`CudaMemory::Lean`] on CUDA it
+    /// plans no memory pattern (ORT's one block for a run's intermediates), so its arena holds
+    /// only what is live at once and hands it back after the run
+    /// ([`SessionOptions::once_per_image_run_options`]). Set by [`SessionOptions::once_per_image`].
+    pub once_per_image: bool,
 }
 
 /// The most intra-op threads a session may ask for: 4 per CPU the process may use (at least 8).
@@ -82,6 +87,14 @@ impl SessionOptions {
     pub fn without_graphs(&self) -> SessionOptions {
         let mut o = self.clone();
         o.cuda.graphs = false;
+        o
+    }
+
+    /// These options for a session run once per image (the VAE decoder): no CUDA graphs and,
+    /// when lean, no memory pattern.
+    pub fn once_per_image(&self) -> SessionOptions {
+        let mut o = self.without_graphs();
+        o.once_per_image = true;
         o
     }
 
@@ -136,10 +149,11 @@ pub enum CudaMemory {
     /// Every arena grows by what is asked (`arena_extend_strategy` kSameAsRequested), weights
     /// are allocated outside the arenas (`session.use_device_allocator_for_initializers`),
     /// cuDNN convolutions do without their largest workspaces (`cudnn_conv_use_max_workspace`
-    /// 0), the VAE decoder hands its arena back after each image
-    /// (`memory.enable_memory_arena_shrinkage`), and CUDA-graph sessions plan no memory pattern
-    /// (ORT's one block for a fixed-shape run's intermediates). SD 1.5 at 512² on an H100: 1.7 GB
-    /// less at the same speed, and 0.2 GB less with CUDA graphs (docs/benchmarks.md).
+    /// 0), and the VAE decoder plans no memory pattern and hands its arena back after each image
+    /// (`memory.enable_memory_arena_shrinkage`). SD 1.5 at 512² on an H100: 1.7 GB less at the
+    /// same speed (docs/benchmarks.md). The UNet keeps ORT's memory pattern: without it a CUDA
+    /// graph capture may need a new arena block mid-capture, which fails (seen on ONNX Runtime's
+    /// own optimized SD 1.5 graph, docs/benchmarks.md).
     #[default]
     Lean,
     /// ONNX Runtime's defaults: arenas grow by powers of two, cuDNN may take its largest
@@ -410,15 +424,15 @@ fn configure(
     if let Ok(prefix) = std::env::var("LORAFUSE_ORT_PROFILE") {
         builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
     }
-    // ORT's memory pattern (one planned block for a run's intermediates, made when shapes are
-    // fixed, as CUDA-graph sessions' are): off for lean CUDA-graph sessions; diagnostics knob
-    // `LORAFUSE_ORT_MEM_PATTERN=0|1` overrides
-    let lean_graphs =
-        opts.cuda.memory == CudaMemory::Lean && opts.cuda.graphs && opts.device != Device::Cpu;
+    // ORT's memory pattern (one planned block for a run's intermediates): off for lean sessions
+    // run once per image; diagnostics knob `LORAFUSE_ORT_MEM_PATTERN=0|1` overrides (0 may make a
+    // CUDA graph capture fail, see CudaMemory::Lean)
+    let lean_once =
+        opts.cuda.memory == CudaMemory::Lean && opts.once_per_image && opts.device != Device::Cpu;
     let mem_pattern = match std::env::var("LORAFUSE_ORT_MEM_PATTERN").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => !lean_graphs,
+        _ => !lean_once,
     };
     if !mem_pattern {
         builder = builder

@@ -216,7 +216,10 @@ impl Txt2Img {
         let once = opts.without_graphs();
         let text_encoder = session::open(&dir.model_path(OnnxComponent::TextEncoder), &once)?;
         let unet = session::open(&dir.model_path(OnnxComponent::Unet), &once)?;
-        let vae_decoder = session::open(&dir.model_path(OnnxComponent::VaeDecoder), &once)?;
+        let vae_decoder = session::open(
+            &dir.model_path(OnnxComponent::VaeDecoder),
+            &opts.once_per_image(),
+        )?;
         let mut p = Self::from_parts(
             dir,
             tokenizer,
@@ -233,6 +236,7 @@ impl Txt2Img {
             // that two UNet sessions never hold device memory together
             p.unet = None;
         }
+        p.mem_trace("opened");
         Ok(p)
     }
 
@@ -411,6 +415,21 @@ impl Txt2Img {
         Ok((shape, data, truncated))
     }
 
+    /// A `LORAFUSE_MEM_TRACE=1` line for `stage` ([`crate::runtime::mem_trace`]).
+    fn mem_trace(&self, stage: &str) {
+        if let crate::runtime::switch::Placement::Cuda(id) = session::placement(&self.opts) {
+            crate::runtime::mem_trace::trace(
+                stage,
+                id,
+                &[
+                    ("text_encoder", Some(&self.text_encoder)),
+                    ("unet", self.unet.as_ref()),
+                    ("vae_decoder", Some(&self.vae_decoder)),
+                ],
+            );
+        }
+    }
+
     fn text_encoder_input(&self) -> &'static str {
         "input_ids"
     }
@@ -534,6 +553,7 @@ impl Txt2Img {
             (false, None) => b,
         };
         self.fix_unet_dims(unet_batch, lh, lw, hidden_shape[1])?;
+        self.mem_trace("prompts encoded, UNet ready");
 
         // Initial latents: image k of the batch from its own seed (seed + k), so an image does not
         // depend on the batch size; ancestral noise from a separate stream of the first seed.
@@ -585,6 +605,9 @@ impl Txt2Img {
                     .collect()
             });
             latents = sched.step(&noise_pred, i, &latents, noise.as_deref())?;
+            if i == 0 || i + 1 == total {
+                self.mem_trace(&format!("UNet step {}", i + 1));
+            }
             if !progress(i + 1, total) {
                 return Err(Error::Cancelled);
             }
@@ -592,6 +615,7 @@ impl Txt2Img {
 
         let (h, w) = (height as usize, width as usize);
         let pixels = self.decode(&latents, [b, c, lh, lw], h, w)?;
+        self.mem_trace("decoded");
         Ok(Generated {
             batch: b,
             width,
