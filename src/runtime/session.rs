@@ -387,6 +387,12 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     })
 }
 
+/// Whether sessions built with `opts` plan ORT's memory pattern: all but lean CUDA sessions run
+/// once per image (a CUDA graph capture needs the UNet's planned block, see [`CudaMemory::Lean`]).
+fn plans_memory_pattern(opts: &SessionOptions) -> bool {
+    !(opts.cuda.memory == CudaMemory::Lean && opts.once_per_image && opts.device != Device::Cpu)
+}
+
 /// Apply threads and execution providers to a session builder.
 fn configure(
     mut builder: ort::session::builder::SessionBuilder,
@@ -427,12 +433,10 @@ fn configure(
     // ORT's memory pattern (one planned block for a run's intermediates): off for lean sessions
     // run once per image; diagnostics knob `LORAFUSE_ORT_MEM_PATTERN=0|1` overrides (0 may make a
     // CUDA graph capture fail, see CudaMemory::Lean)
-    let lean_once =
-        opts.cuda.memory == CudaMemory::Lean && opts.once_per_image && opts.device != Device::Cpu;
     let mem_pattern = match std::env::var("LORAFUSE_ORT_MEM_PATTERN").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => !lean_once,
+        _ => plans_memory_pattern(opts),
     };
     if !mem_pattern {
         builder = builder
@@ -664,5 +668,27 @@ mod tests {
         };
         roomy.cuda.memory = CudaMemory::Roomy;
         assert!(roomy.once_per_image_run_options().expect("roomy").is_none());
+    }
+
+    #[test]
+    fn only_lean_cuda_sessions_run_once_per_image_plan_no_memory_pattern() {
+        let mut unet = SessionOptions {
+            device: Device::Cuda(0),
+            ..Default::default()
+        };
+        unet.cuda.graphs = true;
+        assert!(plans_memory_pattern(&unet), "a CUDA graph capture needs it");
+        let vae = unet.once_per_image();
+        assert!(vae.once_per_image && !vae.cuda.graphs);
+        assert!(!plans_memory_pattern(&vae));
+        assert!(plans_memory_pattern(&unet.without_graphs()));
+        let mut roomy = vae.clone();
+        roomy.cuda.memory = CudaMemory::Roomy;
+        assert!(plans_memory_pattern(&roomy));
+        let cpu = SessionOptions {
+            device: Device::Cpu,
+            ..vae
+        };
+        assert!(plans_memory_pattern(&cpu));
     }
 }
