@@ -378,6 +378,11 @@ fn loras_merge_into_optimized_pipelines_like_into_exports() {
         opt.join("tokenizer/vocab.json").is_file()
             && opt.join("scheduler/scheduler_config.json").is_file()
     );
+    // the tiny export stores its weights inline; the rewritten graphs keep theirs beside them
+    for c in ["unet", "text_encoder", "vae_decoder"] {
+        let m = OnnxModel::open(opt.join(c).join("model.onnx")).expect("optimized model");
+        assert_eq!(m.external_locations(), ["model.onnx_data"], "{c}");
+    }
     // `inspect` names the fusions each component has
     let lorafuse::api::Inspection::Onnx(ins) = lorafuse::api::inspect(&opt).expect("inspect")
     else {
