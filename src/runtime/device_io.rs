@@ -161,9 +161,17 @@ impl DeviceIo {
 static NO_COPY_TENSORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Copy `src` into `dst`: [`copy_tensor`], or `ort`'s identity-session copy where ORT's
-/// environment cannot copy to the device itself.
+/// environment cannot copy to the device itself (the CUDA provider appended to session options
+/// registers no data transfer with the environment, so on CUDA this is the usual path; each
+/// identity session is one more CUDA provider instance with its own handles and arena).
+/// Diagnostics knob `LORAFUSE_DEVICE_COPY=cuda`: copy with the CUDA runtime instead
+/// ([`super::cuda_rt::copy`]); to be measured against the identity sessions before it becomes the
+/// default (docs/benchmarks.md).
 fn copy(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
     use std::sync::atomic::Ordering;
+    if cuda_runtime_copies() {
+        return copy_cuda_runtime(src, dst);
+    }
     if !NO_COPY_TENSORS.load(Ordering::Relaxed) {
         match copy_tensor(src, dst) {
             Ok(()) => return Ok(()),
@@ -175,6 +183,31 @@ fn copy(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
     }
     src.copy_into(dst)?;
     Ok(())
+}
+
+/// Whether `LORAFUSE_DEVICE_COPY=cuda` is set (read once).
+fn cuda_runtime_copies() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORAFUSE_DEVICE_COPY").as_deref() == Ok("cuda"))
+}
+
+/// Copy `src` into `dst` (same element type and byte size; one side on a CUDA device) with
+/// `cudaMemcpy`, the device idle afterwards.
+fn copy_cuda_runtime(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
+    let (n, m) = (src.size().unwrap_or(0), dst.size().unwrap_or(0));
+    if n != m || src.data_type() != dst.data_type() {
+        return Err(Error::Internal(format!(
+            "device copy between tensors of {n} and {m} bytes"
+        )));
+    }
+    let device = [src.memory_info(), dst.memory_info()]
+        .iter()
+        .find(|i| i.allocation_device() == AllocationDevice::CUDA)
+        .map(|i| i.device_id())
+        .ok_or_else(|| Error::Internal("device copy without a CUDA tensor".into()))?;
+    // SAFETY: both tensors are live, own `n` bytes each (checked above) on the host or on CUDA
+    // device `device`, are distinct values, and no run is using them (runs are synchronous).
+    unsafe { super::cuda_rt::copy(dst.data_ptr_mut(), src.data_ptr(), n, device) }
 }
 
 /// Copy `src` into `dst` (same type and size, any devices) with ONNX Runtime's `CopyTensors`

@@ -17,36 +17,10 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("LORAFUSE_MEM_TRACE").as_deref() == Ok("1"))
 }
 
-type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
-
-/// `cudaMemGetInfo` from the CUDA runtime the provider already loaded (same soname: the same
-/// library), `None` where none is found.
-fn mem_get_info() -> Option<MemGetInfo> {
-    static F: OnceLock<Option<(libloading::Library, MemGetInfo)>> = OnceLock::new();
-    F.get_or_init(|| {
-        ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-            .iter()
-            .find_map(|name| {
-                // SAFETY: the CUDA runtime's initialisers have no preconditions; the symbol has
-                // the signature of `cudaError_t cudaMemGetInfo(size_t*, size_t*)`.
-                unsafe {
-                    let lib = libloading::Library::new(*name).ok()?;
-                    let f = *lib.get::<MemGetInfo>(b"cudaMemGetInfo\0").ok()?;
-                    Some((lib, f))
-                }
-            })
-    })
-    .as_ref()
-    .map(|(_, f)| *f)
-}
-
 /// The device's used memory in MiB (all processes, as nvidia-smi counts it).
 fn device_used_mib() -> Option<usize> {
-    let f = mem_get_info()?;
-    let (mut free, mut total) = (0usize, 0usize);
-    // SAFETY: two valid out-pointers; a non-zero return is an error code.
-    let rc = unsafe { f(&mut free, &mut total) };
-    (rc == 0).then(|| (total - free) >> 20)
+    let (free, total) = super::cuda_rt::mem_get_info()?;
+    Some((total - free) >> 20)
 }
 
 /// The CUDA arena statistics of `session` on `device_id` as `key=value` pairs (bytes in MiB).

@@ -13,6 +13,7 @@
 //! instead: the ONNX Runtime the host already holds comes first, and a Python host's own
 //! `onnxruntime` package comes right after `ORT_DYLIB_PATH`.
 
+pub mod cuda_rt;
 pub mod device_io;
 pub mod mem_trace;
 pub mod session;
