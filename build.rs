@@ -10,6 +10,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo::rustc-check-cfg=cfg(lorafuse_cuda_graph)");
+    println!("cargo::rustc-check-cfg=cfg(lorafuse_torch_profiler)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     if std::env::var_os("CARGO_FEATURE_TRAIN").is_none() {
@@ -39,6 +40,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
         cuda_graph_shim(&lib_dir);
     }
+    torch_profiler_shim(&lib_dir);
 }
 
 /// `src/train/cuda_graph.cpp` (libtorch's `at::cuda::CUDAGraph`, which tch does not wrap),
@@ -103,4 +105,36 @@ fn cuda_graph_shim(lib_dir: &std::path::Path) {
     println!("cargo:rustc-link-lib=dylib:+verbatim={}", cudart.1);
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-cfg=lorafuse_cuda_graph");
+}
+
+/// `src/train/torch_profiler.cpp` (PyTorch's profiler, `torch::autograd::profiler`, which tch does
+/// not wrap) for `--torch_profile`, compiled against the torch wheel's headers (CPU or CUDA
+/// libtorch: the profiler lives in libtorch_cpu). Without them `train::torch_profiler` says so at
+/// run time (cfg `lorafuse_torch_profiler`).
+fn torch_profiler_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/train/torch_profiler.cpp");
+    let Some(torch) = lib_dir.parent() else {
+        return;
+    };
+    if !torch
+        .join("include/torch/csrc/autograd/profiler_kineto.h")
+        .is_file()
+    {
+        println!("cargo:warning=torch profiler shim not built: no profiler_kineto.h");
+        return;
+    }
+    let built = cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/train/torch_profiler.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .try_compile("lorafuse_torch_profiler");
+    if let Err(e) = built {
+        println!("cargo:warning=torch profiler shim not built: {e}");
+        return;
+    }
+    println!("cargo:rustc-cfg=lorafuse_torch_profiler");
 }

@@ -4,7 +4,8 @@
 # captured (--cuda_graphs on); samples/s, device memory and the phase breakdown of --profile_steps
 # (docs/benchmarks.md). Carry .train-gpu/ (git-ignored): lorafuse.xz (release build with
 # `--features train`, stripped, xz) and tokenizer/ (models/tiny/diffusers/tokenizer); .whl/ holds
-# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them).
+# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them);
+# TORCH_PROFILE=1 adds a PyTorch profiler trace of each run's --profile_steps (summed per kernel kind).
 # PEER=1 (the default) also runs diffusers' examples/text_to_image/train_text_to_image_lora.py (carried
 # as .whl/train_text_to_image_lora.py, with the datasets, dill and multiprocess wheels) on the same
 # model and data, PEER_RUNS="name:samples_per_step:flags;..." (default: the tutorial recipe and batch
@@ -57,7 +58,13 @@ fi
 
 IFS=';' read -ra specs <<< "${RUNS-tut-eager:$tut --max_train_steps 100 --cuda_graphs off --profile_steps 20;tut-graph:$tut --max_train_steps 100 --cuda_graphs on --profile_steps 20;b8-eager:--train_batch_size 8 --max_train_steps 60 --mixed_precision bf16 --cuda_graphs off --profile_steps 20;b8-graph:--train_batch_size 8 --max_train_steps 60 --mixed_precision bf16 --cuda_graphs on --profile_steps 20}"
 for spec in "${specs[@]}"; do
-  run ${spec%%:*} --checkpointing_steps 500 ${spec#*:}
+  # TORCH_PROFILE=1: a PyTorch profiler trace of each run's --profile_steps steps, summed per kind
+  tp=(); [ "${TORCH_PROFILE:-0}" = 1 ] && tp=(--torch_profile "$OUT/trace_${spec%%:*}.json")
+  run ${spec%%:*} --checkpointing_steps 500 ${spec#*:} "${tp[@]}"
+  if [ -f "$OUT/trace_${spec%%:*}.json" ]; then
+    n=$(sed -n 's/.*--profile_steps \([0-9]*\).*/\1/p' <<< "${spec#*:}")
+    python3 scripts/torch_trace_summary.py "$OUT/trace_${spec%%:*}.json" --steps "${n:-1}" --top 30
+  fi
 done
 if [ "${PEER:-1}" = 1 ]; then
   pp=${PYTHONPATH:-}

@@ -244,6 +244,56 @@ fn profile_steps_reports_the_phases() {
     assert_eq!((p.steps, p.replays), (3, 2), "{p:?}");
 }
 
+/// `--torch_profile FILE` records the profiled steps with PyTorch's profiler: a Chrome trace
+/// whose events name the ATen operators the UNet ran (on the CPU here; CUDA kernels on a GPU);
+/// without `--profile_steps`, or into a missing folder, it is refused before training.
+#[test]
+fn torch_profile_writes_a_chrome_trace_of_the_profiled_steps() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let trace = tmp.path().join("trace.json");
+    let mut c = config(&tmp.path().join("run"));
+    c.train_batch_size = 3;
+    c.max_train_steps = Some(CUDA_GRAPH_WARMUP_STEPS as i64 + 1 + 2);
+    c.profile_steps = Some(2);
+    c.torch_profile = Some(trace.clone());
+    let (r, info, _) = run(&c);
+    assert_eq!(r.phases.expect("phases").steps, 2);
+    assert!(
+        info.iter()
+            .any(|l| l.contains("torch profile") && l.contains("trace.json")),
+        "{info:?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).expect("trace written")).expect("JSON");
+    let names: Vec<&str> = json["traceEvents"]
+        .as_array()
+        .expect("traceEvents")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for op in [
+        "aten::conv2d",
+        "aten::scaled_dot_product_attention",
+        "aten::group_norm",
+    ] {
+        assert!(names.contains(&op), "no {op} among {} events", names.len());
+    }
+    // refused before any step
+    let mut bad = config(&tmp.path().join("bad"));
+    bad.torch_profile = Some(tmp.path().join("trace2.json"));
+    let e = train(&bad, None, &mut |_| {}).expect_err("no --profile_steps");
+    assert!(e.to_string().contains("--profile_steps"), "{e}");
+    bad.profile_steps = Some(1);
+    bad.torch_profile = Some(tmp.path().join("missing/trace.json"));
+    let e = train(&bad, None, &mut |_| {}).expect_err("missing folder");
+    assert!(e.to_string().contains("existing folder"), "{e}");
+    assert!(
+        !bad.output_dir
+            .join("pytorch_lora_weights.safetensors")
+            .exists()
+    );
+}
+
 #[test]
 fn a_graph_run_resumes_exactly() {
     // checkpoint at step 5 (after the capture), resume: warm-up and capture again, same result

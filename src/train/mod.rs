@@ -26,6 +26,7 @@ pub mod output;
 pub mod resnet;
 pub mod single_file;
 pub mod tensorboard;
+pub mod torch_profiler;
 pub mod trainer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

@@ -258,6 +258,16 @@ pub struct TrainConfig {
     #[serde(default)]
     #[arg(long = "profile_steps", value_name = "N")]
     pub profile_steps: Option<usize>,
+    /// With `--profile_steps`: also record those steps with PyTorch's profiler (ATen operators,
+    /// and on CUDA every kernel and copy) and write a Chrome trace to FILE
+    /// (`scripts/torch_trace_summary.py FILE` sums the kernels by kind).
+    #[serde(default)]
+    #[arg(
+        long = "torch_profile",
+        value_name = "FILE",
+        requires = "profile_steps"
+    )]
+    pub torch_profile: Option<PathBuf>,
     /// Testing: abort the process (like kill -9) right after this optimiser step.
     #[arg(long = "debug_abort_after_step", hide = true)]
     pub abort_after_step: Option<i64>,
@@ -362,6 +372,7 @@ impl TrainConfig {
             cuda_graphs: CudaGraphs::default(),
             memory_format: MemoryFormat::default(),
             profile_steps: None,
+            torch_profile: None,
             abort_after_step: None,
             panic_in_step: None,
         }
@@ -625,6 +636,23 @@ fn check_settings(
         return Err(Error::InvalidArgument("--rank must be ≥ 1".into()));
     }
     cfg.captions.check()?;
+    if let Some(f) = &cfg.torch_profile {
+        if cfg.profile_steps.unwrap_or(0) == 0 {
+            return Err(Error::InvalidArgument(
+                "--torch_profile records the --profile_steps steps: give --profile_steps N (N ≥ 1)"
+                    .into(),
+            ));
+        }
+        if f.is_dir()
+            || f.parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--torch_profile {}: expected a file in an existing folder",
+                f.display()
+            )));
+        }
+    }
     if cfg.enable_bucket {
         let b = &cfg.bucket;
         if b.bucket_reso_steps == 0 || !b.bucket_reso_steps.is_multiple_of(8) {

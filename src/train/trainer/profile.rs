@@ -4,9 +4,13 @@
 //! CUDA events), so only profiled steps pay for the synchronisations and the figures include
 //! the host's share of each phase.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use tch::Device;
+
+use crate::Result;
+use crate::train::torch_profiler::Recording;
 
 use super::graph::WARMUP_STEPS;
 
@@ -75,10 +79,19 @@ pub(super) struct PhaseClock {
     sums: [f64; 5],
     steps: usize,
     replays: usize,
+    /// `--torch_profile`: where the profiled steps' trace goes, the recording while they run,
+    /// and the trace once written.
+    trace: Option<PathBuf>,
+    recording: Option<Recording>,
+    written: Option<PathBuf>,
 }
 
 impl PhaseClock {
-    pub(super) fn new(profile_steps: Option<usize>, device: Device) -> Self {
+    pub(super) fn new(
+        profile_steps: Option<usize>,
+        trace: Option<PathBuf>,
+        device: Device,
+    ) -> Self {
         Self {
             limit: profile_steps.unwrap_or(0),
             skip: WARMUP_STEPS + 1,
@@ -93,6 +106,9 @@ impl PhaseClock {
             sums: [0.0; 5],
             steps: 0,
             replays: 0,
+            trace,
+            recording: None,
+            written: None,
         }
     }
 
@@ -102,15 +118,20 @@ impl PhaseClock {
         }
     }
 
-    /// The start of a step of this run.
-    pub(super) fn begin_step(&mut self) {
+    /// The start of a step of this run (and of the torch profiler's recording at the first
+    /// profiled step).
+    pub(super) fn begin_step(&mut self) -> Result<()> {
         self.seen += 1;
         self.active = self.seen > self.skip && self.steps < self.limit;
         if self.active {
             self.current = [0.0; 5];
             self.sync();
+            if let (Some(path), None) = (&self.trace, &self.recording) {
+                self.recording = Some(Recording::start(path, self.cuda.is_some())?);
+            }
             self.last = Instant::now();
         }
+        Ok(())
     }
 
     /// The end of `phase`, which began at the previous mark.
@@ -126,19 +147,40 @@ impl PhaseClock {
 
     /// The end of the step (after [`Phase::Log`]). A step that captured the graph is not
     /// counted (the capture is a one-off), nor is any step up to it.
-    pub(super) fn end_step(&mut self, replayed: bool, captured: bool) {
+    pub(super) fn end_step(&mut self, replayed: bool, captured: bool) -> Result<()> {
         if captured {
             self.sums = [0.0; 5];
             self.steps = 0;
             self.replays = 0;
+            // a recording that saw the capture starts again at the next profiled step
+            self.recording = None;
         } else if self.active {
             for (s, c) in self.sums.iter_mut().zip(self.current) {
                 *s += c;
             }
             self.steps += 1;
             self.replays += usize::from(replayed);
+            if self.steps == self.limit {
+                self.finish_recording()?;
+            }
         }
         self.active = false;
+        Ok(())
+    }
+
+    /// Write the torch profiler's trace if it is recording (the last profiled step, or the end
+    /// of a run that stopped earlier).
+    pub(super) fn finish_recording(&mut self) -> Result<()> {
+        if let Some(r) = self.recording.take() {
+            self.sync();
+            self.written = Some(r.finish()?);
+        }
+        Ok(())
+    }
+
+    /// The trace `--torch_profile` wrote, once written.
+    pub(super) fn trace_written(&self) -> Option<&std::path::Path> {
+        self.written.as_deref()
     }
 
     /// The means, once a step was profiled.

@@ -259,7 +259,7 @@ impl<'a> Trainer<'a> {
                 peak_mem: None,
             },
             graph,
-            clock: PhaseClock::new(cfg.profile_steps, device),
+            clock: PhaseClock::new(cfg.profile_steps, cfg.torch_profile.clone(), device),
         })
     }
 
@@ -318,7 +318,7 @@ impl<'a> Trainer<'a> {
             panic!("{text}");
         }
         let t0 = Instant::now();
-        self.clock.begin_step();
+        self.clock.begin_step()?;
         let group_end = (b + plan.accum).min(plan.batches_per_epoch);
         let micro: Vec<(usize, Vec<usize>)> =
             (b..group_end).map(|bi| (bi, batches[bi].clone())).collect();
@@ -410,7 +410,7 @@ impl<'a> Trainer<'a> {
         self.stats.losses.push(loss);
         on_event(Event::Step(&line));
         self.clock.mark(Phase::Log);
-        self.clock.end_step(out.replayed, out.captured);
+        self.clock.end_step(out.replayed, out.captured)?;
         Ok(group_end)
     }
 
@@ -512,6 +512,13 @@ impl<'a> Trainer<'a> {
         let phases = self.clock.report();
         if let Some(p) = &phases {
             on_event(Event::Info(p.to_string()));
+        }
+        self.clock.finish_recording()?;
+        if let Some(t) = self.clock.trace_written() {
+            on_event(Event::Info(format!(
+                "torch profile of the profiled steps: {}",
+                t.display()
+            )));
         }
         let s = &self.stats;
         Ok(TrainReport {
