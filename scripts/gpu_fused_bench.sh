@@ -186,8 +186,8 @@ if [ "$MODE" = memtrace ]; then
   [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h >/dev/null
   # cudacopy: the device buffers filled and read with cudaMemcpy instead of ort's identity
   # sessions (LORAFUSE_DEVICE_COPY=cuda)
-  for v in "" "--cuda-graphs" "--cuda-graphs cudacopy" "--cuda-graphs mp0"; do
-    mp=; cc=; a=$v; case $v in *mp0) mp=0; a=--cuda-graphs;; *cudacopy) cc=cuda; a=--cuda-graphs;; esac
+  for v in "" "--cuda-io-binding" "--cuda-io-binding cudacopy" "--cuda-graphs" "--cuda-graphs cudacopy" "--cuda-graphs mp0"; do
+    mp=; cc=; a=${v%% *}; case $v in *mp0) mp=0;; *cudacopy) cc=cuda;; esac
     echo "-- ${v:-no CUDA graphs}"
     env ${mp:+LORAFUSE_ORT_MEM_PATTERN=$mp} ${cc:+LORAFUSE_DEVICE_COPY=$cc} LORAFUSE_MEM_TRACE=1 $L bench -W 512 -H 512 --steps 25 --images 1 --device cuda \
       --json -m /tmp/sd15-opt-h $a 2> "$OUT/memtrace.err" > "$OUT/memtrace.json"
