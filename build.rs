@@ -50,6 +50,7 @@ fn main() {
 /// `train::cuda_graph` says so at run time (cfg `lorafuse_cuda_graph`).
 fn cuda_graph_shim(lib_dir: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/train/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=src/train/shim.h");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(torch) = lib_dir.parent() else {
         return;
@@ -113,6 +114,7 @@ fn cuda_graph_shim(lib_dir: &std::path::Path) {
 /// run time (cfg `lorafuse_torch_profiler`).
 fn torch_profiler_shim(lib_dir: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/train/torch_profiler.cpp");
+    println!("cargo:rerun-if-changed=src/train/shim.h");
     let Some(torch) = lib_dir.parent() else {
         return;
     };

@@ -17,14 +17,15 @@
 //   (also when the capture failed), then synchronises;
 // - replay launches on the stream current at the call (the caller's, where it copied the inputs).
 // CUDAStreamGuard also sets the current device to the graph's, so work on `cuda:N` is captured.
-// Every entry catches C++ exceptions and returns their text (malloc'd; the caller frees it with
-// lf_free_error), so nothing unwinds into Rust.
+// Every entry runs in lf_shim::guarded (shim.h), so nothing unwinds into Rust.
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include "shim.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -44,26 +45,6 @@ struct Graph {
   std::optional<c10::cuda::CUDAStreamGuard> guard;
 };
 
-char* copy_message(const char* what) {
-  const size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, what, n + 1);
-  return out;
-}
-
-template <typename F>
-int guarded(char** err, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr) *err = copy_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = copy_message("unknown C++ exception");
-  }
-  return -1;
-}
-
 void synchronize(const Graph* g) {
   c10::cuda::CUDAGuard device_guard(g->device);
   c10::cuda::device_synchronize();
@@ -81,7 +62,7 @@ extern "C" {
 
 void* lf_graph_new(int device, char** err) {
   Graph* g = nullptr;
-  guarded(err, [&] {
+  lf_shim::guarded(err, [&] {
     if (device < 0 || device >= c10::cuda::device_count())
       throw std::runtime_error("no such CUDA device");
     g = new Graph(static_cast<c10::DeviceIndex>(device));
@@ -92,19 +73,19 @@ void* lf_graph_new(int device, char** err) {
 // Warm-up: make the graph's side stream current (after synchronising the device).
 int lf_graph_side_begin(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
-  return guarded(err, [&] { enter_side_stream(g); });
+  return lf_shim::guarded(err, [&] { enter_side_stream(g); });
 }
 
 // End of warm-up: back to the previous stream, then synchronise (make_graphed_callables).
 int lf_graph_side_end(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
   g->guard.reset();
-  return guarded(err, [&] { synchronize(g); });
+  return lf_shim::guarded(err, [&] { synchronize(g); });
 }
 
 int lf_graph_capture_begin(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
-  int rc = guarded(err, [&] {
+  int rc = lf_shim::guarded(err, [&] {
     enter_side_stream(g);
     c10::cuda::CUDACachingAllocator::emptyCache();
     g->graph.capture_begin();
@@ -115,19 +96,19 @@ int lf_graph_capture_begin(void* handle, char** err) {
 
 int lf_graph_capture_end(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
-  int rc = guarded(err, [&] { g->graph.capture_end(); });
+  int rc = lf_shim::guarded(err, [&] { g->graph.capture_end(); });
   // back on the stream that was current before the capture, even when the capture failed
   g->guard.reset();
   // a failed capture leaves its error as the runtime's last error: clear it, or the next
   // kernel launch check (C10_CUDA_KERNEL_LAUNCH_CHECK) would report it for an eager step
   if (rc != 0) (void)cudaGetLastError();
-  if (rc == 0) rc = guarded(err, [&] { synchronize(g); });
+  if (rc == 0) rc = lf_shim::guarded(err, [&] { synchronize(g); });
   return rc;
 }
 
 int lf_graph_replay(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
-  return guarded(err, [&] { g->graph.replay(); });
+  return lf_shim::guarded(err, [&] { g->graph.replay(); });
 }
 
 void lf_graph_free(void* handle) {
@@ -138,7 +119,5 @@ void lf_graph_free(void* handle) {
   } catch (...) {
   }
 }
-
-void lf_free_error(char* err) { std::free(err); }
 
 }  // extern "C"

@@ -24,7 +24,6 @@ mod ffi {
         pub fn lf_graph_capture_end(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_replay(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_free(g: *mut c_void);
-        pub fn lf_free_error(err: *mut c_char);
     }
 }
 
@@ -45,22 +44,7 @@ pub fn available() -> bool {
 
 #[cfg(lorafuse_cuda_graph)]
 fn call(what: &str, f: impl FnOnce(*mut *mut std::os::raw::c_char) -> i32) -> Result<()> {
-    let mut err: *mut std::os::raw::c_char = std::ptr::null_mut();
-    if f(&mut err) == 0 {
-        return Ok(());
-    }
-    let msg = if err.is_null() {
-        "no message".to_string()
-    } else {
-        // SAFETY: the shim returns a NUL-terminated malloc'd copy of the exception's text.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        // SAFETY: allocated by the shim, freed once here.
-        unsafe { ffi::lf_free_error(err) };
-        s
-    };
-    Err(Error::Internal(format!("CUDA graph {what}: {msg}")))
+    crate::train::shim::call(&format!("CUDA graph {what}"), f)
 }
 
 impl CudaGraph {

@@ -24,6 +24,7 @@ pub mod noise;
 pub mod optim;
 pub mod output;
 pub mod resnet;
+mod shim;
 pub mod single_file;
 pub mod tensorboard;
 pub mod torch_profiler;

@@ -14,28 +14,12 @@ mod ffi {
     unsafe extern "C" {
         pub fn lf_prof_start(cuda: c_int, err: *mut *mut c_char) -> c_int;
         pub fn lf_prof_stop(path: *const c_char, err: *mut *mut c_char) -> c_int;
-        pub fn lf_prof_free_error(err: *mut c_char);
     }
 }
 
 #[cfg(lorafuse_torch_profiler)]
 fn call(what: &str, f: impl FnOnce(*mut *mut std::os::raw::c_char) -> i32) -> Result<()> {
-    let mut err: *mut std::os::raw::c_char = std::ptr::null_mut();
-    if f(&mut err) == 0 {
-        return Ok(());
-    }
-    let msg = if err.is_null() {
-        "no message".to_string()
-    } else {
-        // SAFETY: the shim returns a NUL-terminated malloc'd copy of the exception's text.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        // SAFETY: allocated by the shim, freed once here.
-        unsafe { ffi::lf_prof_free_error(err) };
-        s
-    };
-    Err(Error::Internal(format!("torch profiler {what}: {msg}")))
+    crate::train::shim::call(&format!("torch profiler {what}"), f)
 }
 
 /// A running profiler; [`Recording::finish`] writes the trace. Dropped unfinished, it stops
