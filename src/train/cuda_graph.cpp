@@ -27,9 +27,6 @@
 
 #include "shim.h"
 
-#include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <optional>
 #include <stdexcept>
 

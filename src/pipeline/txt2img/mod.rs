@@ -417,6 +417,9 @@ impl Txt2Img {
 
     /// A `LORAFUSE_MEM_TRACE=1` line for `stage` ([`crate::runtime::mem_trace`]).
     fn mem_trace(&self, stage: &str) {
+        if !crate::runtime::mem_trace::enabled() {
+            return;
+        }
         if let crate::runtime::switch::Placement::Cuda(id) = session::placement(&self.opts) {
             crate::runtime::mem_trace::trace(
                 stage,
