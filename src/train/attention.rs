@@ -232,33 +232,23 @@ impl Transformer2DModel {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         let (b, _, h, w) = x.size4().unwrap_or((0, 0, 0, 0));
         let normed = self.norm.forward(x);
-        let inner = self.inner_dim;
+        // the pixels as a sequence of channel vectors, [b, h·w, c]: SD 1.x's 1×1 `proj_in` /
+        // `proj_out` convolutions are the same matrix products as SD 2.x's Linear ones, so both
+        // run as GEMMs on this layout (no NCHW↔NHWC transposes around cuDNN convolutions)
+        let c = normed.size()[1];
+        let seq = normed.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
         let mut hs = match &self.proj_in {
-            Projection::Conv(c) => {
-                c.forward(&normed)
-                    .permute([0, 2, 3, 1])
-                    .reshape([b, h * w, inner])
-            }
-            Projection::Linear(l) => {
-                let c = normed.size()[1];
-                l.forward(&normed.permute([0, 2, 3, 1]).reshape([b, h * w, c]))
-            }
+            Projection::Conv(conv) => conv.forward_pointwise(&seq),
+            Projection::Linear(l) => l.forward(&seq),
         };
         for blk in &self.transformer_blocks {
             hs = blk.forward(&hs, context);
         }
         let out = match &self.proj_out {
-            Projection::Conv(c) => c.forward(
-                &hs.reshape([b, h, w, inner])
-                    .permute([0, 3, 1, 2])
-                    .contiguous(),
-            ),
-            Projection::Linear(l) => l
-                .forward(&hs)
-                .reshape([b, h, w, -1])
-                .permute([0, 3, 1, 2])
-                .contiguous(),
+            Projection::Conv(conv) => conv.forward_pointwise(&hs),
+            Projection::Linear(l) => l.forward(&hs),
         };
-        out + x
+        // back to [b, c, h, w] inside the residual sum (x first: the sum keeps x's layout)
+        x + out.reshape([b, h, w, -1]).permute([0, 3, 1, 2])
     }
 }

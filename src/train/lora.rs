@@ -383,6 +383,35 @@ impl LoraConv2d {
     }
 }
 
+impl LoraConv2d {
+    /// This 1×1, stride-1, unpadded convolution as the matrix product it is, over the channels of
+    /// `x`'s last dimension (`[…, cin]` → `[…, cout]`): what the convolution computes for each
+    /// pixel, without cuDNN's NCHW↔NHWC transposes around it. The LoRA as in [`Self::forward`].
+    pub fn forward_pointwise(&self, x: &Tensor) -> Tensor {
+        let size = self.weight.size();
+        debug_assert!(
+            size[2..] == [1, 1] && self.stride == 1 && self.padding == 0,
+            "a pointwise convolution"
+        );
+        let as_matrix = |t: &Tensor| t.reshape([t.size()[0], t.size()[1]]);
+        let y = x.linear(&as_matrix(&self.weight), self.bias.as_ref());
+        match &self.lora {
+            None => y,
+            Some((a, b, sc)) => {
+                let k = x.kind();
+                let (a, b) = (as_matrix(a), as_matrix(b));
+                let (a, b) = if a.kind() == k {
+                    (a, b)
+                } else {
+                    (a.to_kind(k), b.to_kind(k))
+                };
+                let d = x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+                if *sc == 1.0 { y + d } else { y + d * *sc }
+            }
+        }
+    }
+}
+
 /// `nn.GroupNorm` (affine).
 #[derive(Debug)]
 pub struct GroupNorm {
