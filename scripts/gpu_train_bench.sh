@@ -14,7 +14,10 @@
 # image folder instead (said in the output).
 # CHECK=1 (the default) first runs the CUDA-graph check: CHECK_STEPS steps eager, eager again (the
 # noise floor: cuDNN's benchmark may pick other kernels per process), captured, and emulated (the
-# graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences.
+# graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences
+# (CHECK_FLAGS: more flags for these runs, e.g. --memory_format channels_last). KERNELS=1 (the
+# default) first runs the fused GroupNorm's GPU test binary when carried (.train-gpu/fused_norm_cuda,
+# built by `cargo test --release --features train --test fused_norm_cuda --no-run`).
 # Writes $OUT/<name>.csv.
 set -uo pipefail
 NDATA=${NDATA:-64}
@@ -23,10 +26,14 @@ common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resol
 tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16"
 run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
 
+if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_norm_cuda.xz ]; then
+  [ -f $T/fused_norm_cuda ] || xz -dk $T/fused_norm_cuda.xz
+  chmod +x $T/fused_norm_cuda && $T/fused_norm_cuda --nocapture --test-threads 1 2>&1 | grep -v "^$" | tail -30
+fi
 if [ "${CHECK:-1}" = 1 ]; then
   n=${CHECK_STEPS:-12}
   for m in ${CHECK_MODES:-off off2 on emulate}; do
-    run check-$m $tut --max_train_steps $n --checkpointing_steps 4 --cuda_graphs ${m%2}
+    run check-$m $tut --max_train_steps $n --checkpointing_steps 4 --cuda_graphs ${m%2} ${CHECK_FLAGS:-}
   done
   # checkpoint-4: 3 eager warm-up steps + 1 captured step; the final LoRA: n steps
   python3 - /tmp/check-off $(for m in ${CHECK_MODES:-off off2 on emulate}; do [ $m = off ] || echo /tmp/check-$m; done) <<'EOF'

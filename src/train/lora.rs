@@ -438,13 +438,22 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(
-            self.groups,
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
+        self.forward_act(x, false)
+    }
+
+    /// GroupNorm then SiLU (every ResnetBlock2D's and the UNet's `conv_norm_out` pattern), fused
+    /// on channels-last CUDA activations ([`super::fused_norm`]).
+    pub fn forward_silu(&self, x: &Tensor) -> Tensor {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, silu: bool) -> Tensor {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(y) = super::fused_norm::group_norm(x, w, b, self.groups, self.eps, silu) {
+            return y;
+        }
+        let y = x.group_norm(self.groups, Some(w), Some(b), self.eps, true);
+        if silu { y.silu() } else { y }
     }
 }
 

@@ -67,13 +67,13 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = self.conv1.forward(&self.norm1.forward_silu(x));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => h + proj.forward(&t.silu()).unsqueeze(-1).unsqueeze(-1),
             _ => h,
         };
         // dropout is 0 (the SD configs), so it is omitted.
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h));
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x.shallow_clone(),

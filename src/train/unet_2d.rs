@@ -411,7 +411,6 @@ impl UNet2DConditionModel {
             };
             h = u.forward(&h, &skips, &emb, encoder_hidden_states, up_size);
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h))
     }
 }

@@ -181,9 +181,7 @@ impl VaeEncoder {
             h = d.forward(&h);
         }
         h = self.mid_block.forward(&h);
-        h = self
-            .conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu());
+        h = self.conv_out.forward(&self.conv_norm_out.forward_silu(&h));
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h);
         }
@@ -259,7 +257,6 @@ impl VaeDecoder {
         for u in &self.up_blocks {
             h = u.forward(&h);
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h))
     }
 }

@@ -1,0 +1,406 @@
+// GroupNorm (+ SiLU) on channels-last CUDA activations for training (issue 11): the kernels of
+// kernels/group_norm_nhwc.cu, compiled at run time by NVRTC for the device in use (as ATen's
+// jiterator compiles its kernels: aten/src/ATen/native/cuda/jit_utils.cpp), launched through the
+// CUDA driver API on the current torch stream (so CUDA graphs capture them), and wrapped in a
+// torch::autograd::Function so autograd calls the input-gradient kernels. ATen's own CUDA
+// GroupNorm is NCHW-only and transposes a channels-last input there and back.
+//
+// NVRTC (libnvrtc.so.13, from the torch wheel's nvidia-cuda-nvrtc dependency) and the driver
+// (libcuda.so.1) are opened with dlopen on first use, so the shim builds and links without them.
+// Compiled by build.rs together with cuda_graph.cpp; every entry runs in lf_shim::guarded.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "shim.h"
+
+#include <algorithm>
+#include <cctype>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---- NVRTC and the driver API, opened on first use --------------------------------------------
+
+using nvrtcProgram = void*;
+using CUmodule = void*;
+using CUfunction = void*;
+
+struct Nvrtc {
+  int (*version)(int*, int*);
+  int (*create)(nvrtcProgram*, const char*, const char*, int, const char* const*, const char* const*);
+  int (*compile)(nvrtcProgram, int, const char* const*);
+  int (*log_size)(nvrtcProgram, size_t*);
+  int (*log)(nvrtcProgram, char*);
+  int (*cubin_size)(nvrtcProgram, size_t*);
+  int (*cubin)(nvrtcProgram, char*);
+  int (*destroy)(nvrtcProgram*);
+  const char* (*error)(int);
+};
+
+struct Driver {
+  int (*load)(CUmodule*, const void*);
+  int (*function)(CUfunction*, CUmodule, const char*);
+  int (*launch)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                cudaStream_t, void**, void**);
+  int (*error)(int, const char**);
+};
+
+template <typename F>
+void bind(void* lib, const char* name, F& f) {
+  f = reinterpret_cast<F>(dlsym(lib, name));
+  if (f == nullptr) throw std::runtime_error(std::string("symbol ") + name + " not found");
+}
+
+void* open_first(const std::vector<std::string>& names) {
+  std::string tried;
+  for (const auto& n : names) {
+    if (void* h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+    tried += (tried.empty() ? "" : ", ") + n;
+  }
+  throw std::runtime_error("cannot open " + tried + " (" + std::string(dlerror() ? dlerror() : "") + ")");
+}
+
+const Nvrtc& nvrtc() {
+  static std::once_flag once;
+  static Nvrtc api;
+  static std::string failed;
+  std::call_once(once, [] {
+    try {
+      void* lib = open_first({"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"});
+      bind(lib, "nvrtcVersion", api.version);
+      bind(lib, "nvrtcCreateProgram", api.create);
+      bind(lib, "nvrtcCompileProgram", api.compile);
+      bind(lib, "nvrtcGetProgramLogSize", api.log_size);
+      bind(lib, "nvrtcGetProgramLog", api.log);
+      bind(lib, "nvrtcGetCUBINSize", api.cubin_size);
+      bind(lib, "nvrtcGetCUBIN", api.cubin);
+      bind(lib, "nvrtcDestroyProgram", api.destroy);
+      bind(lib, "nvrtcGetErrorString", api.error);
+      // NVRTC opens libnvrtc-builtins.so.<major>.<minor> itself, by name; load it from
+      // libnvrtc's own folder first (then that name is found loaded), so no LD_LIBRARY_PATH is needed
+      int major = 0, minor = 0;
+      api.version(&major, &minor);
+      char dir[4096] = {0};
+      if (dlinfo(lib, RTLD_DI_ORIGIN, dir) == 0) {
+        const std::string builtins = std::string(dir) + "/libnvrtc-builtins.so." +
+                                     std::to_string(major) + "." + std::to_string(minor);
+        dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);
+      }
+    } catch (const std::exception& e) {
+      failed = e.what();
+    }
+  });
+  if (!failed.empty()) throw std::runtime_error("NVRTC: " + failed);
+  return api;
+}
+
+const Driver& driver() {
+  static std::once_flag once;
+  static Driver api;
+  static std::string failed;
+  std::call_once(once, [] {
+    try {
+      void* lib = open_first({"libcuda.so.1", "libcuda.so"});
+      bind(lib, "cuModuleLoadData", api.load);
+      bind(lib, "cuModuleGetFunction", api.function);
+      bind(lib, "cuLaunchKernel", api.launch);
+      bind(lib, "cuGetErrorString", api.error);
+    } catch (const std::exception& e) {
+      failed = e.what();
+    }
+  });
+  if (!failed.empty()) throw std::runtime_error("CUDA driver: " + failed);
+  return api;
+}
+
+void check_driver(int rc, const char* what) {
+  if (rc == 0) return;
+  const char* msg = nullptr;
+  driver().error(rc, &msg);
+  throw std::runtime_error(std::string(what) + ": " + (msg ? msg : "CUDA driver error ") +
+                           " (" + std::to_string(rc) + ")");
+}
+
+// The kernels compiled for `arch` (e.g. "sm_90") with LF_WANT_<dtype>; the log on failure.
+std::string compile(const std::string& src, const std::string& arch, const std::string& dtype) {
+  const Nvrtc& api = nvrtc();
+  nvrtcProgram prog = nullptr;
+  int rc = api.create(&prog, src.c_str(), "group_norm_nhwc.cu", 0, nullptr, nullptr);
+  if (rc != 0) throw std::runtime_error(std::string("nvrtcCreateProgram: ") + api.error(rc));
+  std::string d = "-DLF_WANT_" + dtype;
+  std::transform(d.begin(), d.end(), d.begin(), [](unsigned char c) { return std::toupper(c); });
+  const std::string a = "--gpu-architecture=" + arch;
+  const char* opts[] = {a.c_str(), d.c_str(), "-std=c++17"};
+  rc = api.compile(prog, 3, opts);
+  std::string out;
+  if (rc != 0) {
+    size_t n = 0;
+    api.log_size(prog, &n);
+    std::string log(n, '\0');
+    if (n > 0) api.log(prog, log.data());
+    api.destroy(&prog);
+    throw std::runtime_error("NVRTC could not compile the GroupNorm kernels for " + arch + ": " +
+                             api.error(rc) + "\n" + log);
+  }
+  size_t n = 0;
+  api.cubin_size(prog, &n);
+  out.resize(n);
+  api.cubin(prog, out.data());
+  api.destroy(&prog);
+  return out;
+}
+
+int attribute(cudaDeviceAttr a, int device) {
+  int v = 0;
+  const cudaError_t rc = cudaDeviceGetAttribute(&v, a, device);
+  if (rc != cudaSuccess) throw std::runtime_error(std::string("cudaDeviceGetAttribute: ") + cudaGetErrorString(rc));
+  return v;
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "f32";
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "f16";
+    default: throw std::runtime_error(std::string("no GroupNorm kernel for ") + c10::toString(t));
+  }
+}
+
+// One module per (device, activation dtype), compiled on first use (before any CUDA graph capture:
+// the trainer's eager warm-up steps come first); kernels looked up by name.
+struct Module {
+  CUmodule module = nullptr;
+  std::map<std::string, CUfunction> functions;
+};
+
+CUfunction kernel(const char* src, int device, const std::string& dtype, const std::string& name) {
+  static std::mutex mu;
+  static std::map<std::pair<int, std::string>, Module> modules;
+  std::lock_guard<std::mutex> lock(mu);
+  Module& m = modules[{device, dtype}];
+  if (m.module == nullptr) {
+    const std::string arch = "sm_" + std::to_string(attribute(cudaDevAttrComputeCapabilityMajor, device)) +
+                             std::to_string(attribute(cudaDevAttrComputeCapabilityMinor, device));
+    const std::string cubin = compile(src, arch, dtype);
+    CUmodule mod = nullptr;
+    check_driver(driver().load(&mod, cubin.data()), "cuModuleLoadData");
+    m.module = mod;
+  }
+  auto it = m.functions.find(name);
+  if (it != m.functions.end()) return it->second;
+  CUfunction f = nullptr;
+  check_driver(driver().function(&f, m.module, name.c_str()), name.c_str());
+  m.functions[name] = f;
+  return f;
+}
+
+void launch(CUfunction f, dim3 grid, dim3 block, unsigned smem, std::vector<void*> args) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_driver(driver().launch(f, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, stream,
+                               args.data(), nullptr),
+               "cuLaunchKernel");
+}
+
+// ---- the operation ----------------------------------------------------------------------------
+
+struct Shape {
+  int N, C, HW, G, P, chunks, block, sms;
+  long long total;
+};
+
+Shape plan(const at::Tensor& x, int64_t groups) {
+  if (!x.is_cuda() || x.dim() != 4) throw std::runtime_error("a 4-D CUDA tensor is needed");
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    throw std::runtime_error("the input is not channels-last contiguous");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (groups <= 0 || C % groups != 0)
+    throw std::runtime_error(std::to_string(C) + " channels do not split into " +
+                             std::to_string(groups) + " groups");
+  if (N <= 0 || HW <= 0 || C > 8192 || N > 65535 || x.numel() > (int64_t{1} << 40))
+    throw std::runtime_error("unsupported GroupNorm input size");
+  const int sms = attribute(cudaDevAttrMultiProcessorCount, x.get_device());
+  Shape s;
+  s.N = (int)N;
+  s.C = (int)C;
+  s.HW = (int)HW;
+  s.G = (int)groups;
+  s.sms = sms;
+  // about eight blocks per SM in all for the statistics passes (each thread then walks few
+  // pixels: the passes are bound by memory latency, not by the partial sums' count)
+  const int64_t per_sample = std::clamp<int64_t>((8 * sms + N - 1) / N, 1, HW);
+  s.P = (int)((HW + per_sample - 1) / per_sample);
+  s.chunks = (int)((HW + s.P - 1) / s.P);
+  s.block = (int)std::min<int64_t>(512, (C + 31) / 32 * 32);
+  s.total = x.numel();
+  return s;
+}
+
+void check_affine(const at::Tensor& x, const at::Tensor& w, const char* what) {
+  if (w.dim() != 1 || w.size(0) != x.size(1) || !w.is_contiguous() || w.device() != x.device())
+    throw std::runtime_error(std::string(what) + ": a contiguous [C] tensor on the input's device is needed");
+  if (w.scalar_type() != x.scalar_type() && w.scalar_type() != at::kFloat)
+    throw std::runtime_error(std::string(what) + ": its dtype must be the input's or float32");
+  if (w.requires_grad())
+    throw std::runtime_error(std::string(what) + " needs a gradient: the fused kernels have none for it");
+}
+
+// 16-byte accesses where every address and the channel count allow them
+int vector_width(const Shape& s, at::ScalarType t, std::initializer_list<const void*> ptrs) {
+  const int v = 16 / (int)c10::elementSize(t);
+  if (s.C % v != 0) return 1;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  return v;
+}
+
+std::string names(const at::Tensor& x, const at::Tensor& w) {
+  return dtype_name(x.scalar_type()) + "_" + dtype_name(w.scalar_type());
+}
+
+unsigned apply_blocks(const Shape& s, int v) {
+  const long long threads = (s.total / v + 255) / 256;
+  const long long cap = (long long)s.sms * 16;
+  return (unsigned)std::max<long long>(1, std::min(threads, cap));
+}
+
+at::Tensor forward_impl(const char* src, const at::Tensor& x, const at::Tensor& gamma,
+                        const at::Tensor& beta, int64_t groups, double eps, bool silu,
+                        at::Tensor& mean, at::Tensor& rstd) {
+  Shape s = plan(x, groups);
+  check_affine(x, gamma, "weight");
+  check_affine(x, beta, "bias");
+  if (gamma.scalar_type() != beta.scalar_type())
+    throw std::runtime_error("weight and bias differ in dtype");
+  c10::cuda::CUDAGuard guard(x.device());
+  const int dev = x.get_device();
+  const std::string dt = dtype_name(x.scalar_type());
+  const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor part = at::empty({s.N, s.chunks, s.G, 2}, f32);
+  mean = at::empty({s.N, s.G}, f32);
+  rstd = at::empty({s.N, s.G}, f32);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const void* xp = x.data_ptr();
+  float* pp = part.data_ptr<float>();
+  launch(kernel(src, dev, dt, "gn_stats_" + dt), dim3(s.chunks, s.N), dim3(s.block),
+         (unsigned)(2 * s.C * sizeof(float)),
+         {(void*)&xp, (void*)&pp, &s.HW, &s.C, &s.G, &s.P, &s.chunks});
+  float* mp = mean.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  int cg = s.C / s.G;
+  float e = (float)eps;
+  // one warp per (n, g)
+  launch(kernel(src, dev, dt, "gn_finalize"), dim3((s.N * s.G + 3) / 4), dim3(128), 0,
+         {(void*)&pp, (void*)&mp, (void*)&rp, &s.N, &s.HW, &s.G, &cg, &s.P, &s.chunks, &e});
+  const void* gp = gamma.data_ptr();
+  const void* bp = beta.data_ptr();
+  void* yp = y.data_ptr();
+  const int v = vector_width(s, x.scalar_type(), {xp, yp});
+  long long hwc = (long long)s.HW * s.C;
+  const std::string name = "gn_apply_" + names(x, gamma) + "_v" + std::to_string(v) + (silu ? "_silu" : "");
+  launch(kernel(src, dev, dt, name), dim3(apply_blocks(s, v)), dim3(256), 0,
+         {(void*)&xp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&yp, &s.total, &hwc,
+          &s.C, &s.G});
+  return y;
+}
+
+at::Tensor backward_impl(const char* src, const at::Tensor& x, const at::Tensor& dy_in,
+                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                         const at::Tensor& rstd, int64_t groups, bool silu) {
+  Shape s = plan(x, groups);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dy = dy_in.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  const int dev = x.get_device();
+  const std::string dt = dtype_name(x.scalar_type());
+  const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor part = at::empty({s.N, s.chunks, s.G, 2}, f32);
+  at::Tensor coef = at::empty({s.N, s.G, 2}, f32);
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const void* xp = x.data_ptr();
+  const void* dyp = dy.data_ptr();
+  const void* gp = gamma.data_ptr();
+  const void* bp = beta.data_ptr();
+  const float* mp = mean.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  float* cp = coef.data_ptr<float>();
+  void* dxp = dx.data_ptr();
+  const std::string sfx = silu ? "_silu" : "";
+  launch(kernel(src, dev, dt, "gn_bstats_" + names(x, gamma) + sfx), dim3(s.chunks, s.N),
+         dim3(s.block), (unsigned)(2 * s.C * sizeof(float)),
+         {(void*)&xp, (void*)&dyp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&pp,
+          &s.HW, &s.C, &s.G, &s.P, &s.chunks});
+  int cg = s.C / s.G;
+  launch(kernel(src, dev, dt, "gn_bfinalize"), dim3((s.N * s.G + 3) / 4), dim3(128), 0,
+         {(void*)&pp, (void*)&cp, &s.N, &s.HW, &s.G, &cg, &s.chunks});
+  const int v = vector_width(s, x.scalar_type(), {xp, dyp, dxp});
+  long long hwc = (long long)s.HW * s.C;
+  const std::string name = "gn_bapply_" + names(x, gamma) + "_v" + std::to_string(v) + sfx;
+  launch(kernel(src, dev, dt, name), dim3(apply_blocks(s, v)), dim3(256), 0,
+         {(void*)&xp, (void*)&dyp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&cp,
+          (void*)&dxp, &s.total, &hwc, &s.C, &s.G});
+  return dx;
+}
+
+// The kernel source (owned by the Rust side, include_str!), set by each call.
+const char* g_source = nullptr;
+
+struct GroupNormNhwc : public torch::autograd::Function<GroupNormNhwc> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gamma,
+                            const at::Tensor& beta, int64_t groups, double eps, bool silu) {
+    at::Tensor mean, rstd;
+    at::Tensor y = forward_impl(g_source, x, gamma, beta, groups, eps, silu, mean, rstd);
+    ctx->save_for_backward({x, gamma, beta});
+    ctx->saved_data["mean"] = mean;
+    ctx->saved_data["rstd"] = rstd;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["silu"] = silu;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dx = backward_impl(g_source, saved[0], grads[0], saved[1], saved[2],
+                                  ctx->saved_data["mean"].toTensor(),
+                                  ctx->saved_data["rstd"].toTensor(),
+                                  ctx->saved_data["groups"].toInt(), ctx->saved_data["silu"].toBool());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// y = GroupNorm(x) (then SiLU when `silu`), differentiable in x; `src` is the kernel source.
+int lf_gn_nhwc(const char* src, const at::Tensor* x, const at::Tensor* gamma, const at::Tensor* beta,
+               int64_t groups, double eps, int silu, at::Tensor** out, char** err) {
+  return lf_shim::guarded(err, [&] {
+    g_source = src;
+    at::Tensor y = GroupNormNhwc::apply(*x, *gamma, *beta, groups, eps, silu != 0);
+    *out = new at::Tensor(std::move(y));
+  });
+}
+
+// Compile the kernels for `arch` (e.g. "sm_90") and activation dtype "f32", "bf16" or "f16"
+// without running them (no GPU needed): the size of the cubin in *bytes.
+int lf_gn_compile_check(const char* src, const char* arch, const char* dtype, size_t* bytes,
+                        char** err) {
+  return lf_shim::guarded(err, [&] { *bytes = compile(src, arch, dtype).size(); });
+}
+
+}  // extern "C"

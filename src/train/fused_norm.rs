@@ -1,0 +1,249 @@
+//! GroupNorm, optionally fused with the SiLU after it, on channels-last CUDA activations
+//! (issue 11): ATen's CUDA GroupNorm is NCHW-only and transposes a channels-last input there and
+//! back, which ate most of what channels-last convolutions save. A safe wrapper over
+//! `fused_norm.cpp`, which compiles `kernels/group_norm_nhwc.cu` with NVRTC for the device in use
+//! and runs it as a libtorch autograd function (forward and input gradient; the affine parameters
+//! are frozen). Built by build.rs with the CUDA shim (cfg `lorafuse_cuda_graph`).
+//!
+//! [`group_norm`] returns `None` where the kernels do not apply (a CPU or NCHW tensor, trainable
+//! affine parameters, a build without the shim, `LORAFUSE_FUSED_GROUP_NORM=0`), and the caller
+//! runs ATen's. If the kernels fail once (no NVRTC, an architecture it cannot compile for), they
+//! stay off for the process and [`take_failure`] hands the reason to the trainer to report.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// The kernel source, NUL-terminated for the shim.
+#[cfg_attr(not(lorafuse_cuda_graph), allow(dead_code))]
+const SOURCE: &str = concat!(include_str!("kernels/group_norm_nhwc.cu"), "\0");
+
+#[cfg(lorafuse_cuda_graph)]
+mod ffi {
+    use std::os::raw::{c_char, c_int, c_void};
+    unsafe extern "C" {
+        pub fn lf_gn_nhwc(
+            src: *const c_char,
+            x: *const c_void,
+            gamma: *const c_void,
+            beta: *const c_void,
+            groups: i64,
+            eps: f64,
+            silu: c_int,
+            out: *mut *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn lf_gn_compile_check(
+            src: *const c_char,
+            arch: *const c_char,
+            dtype: *const c_char,
+            bytes: *mut usize,
+            err: *mut *mut c_char,
+        ) -> c_int;
+    }
+}
+
+const UNKNOWN: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// The environment switch for measuring with and without the kernels (`docs/benchmarks.md`).
+pub const ENV: &str = "LORAFUSE_FUSED_GROUP_NORM";
+
+fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = cfg!(lorafuse_cuda_graph) && std::env::var(ENV).map_or(true, |v| v != "0");
+            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Whether `x` is a 4-D tensor laid out channels-last (NHWC), with torch's rule that dimensions of
+/// size 1 may have any stride (c10's `is_channels_last_contiguous`).
+pub fn is_channels_last(x: &Tensor) -> bool {
+    let (size, stride) = (x.size(), x.stride());
+    if size.len() != 4 {
+        return false;
+    }
+    let mut expected = 1;
+    for d in [1, 3, 2, 0] {
+        if size[d] != 1 {
+            if stride[d] != expected {
+                return false;
+            }
+            expected *= size[d];
+        }
+    }
+    true
+}
+
+fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+    let k = x.kind();
+    x.device().is_cuda()
+        && matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half)
+        && [weight.kind(), bias.kind()]
+            .iter()
+            .all(|&w| w == k || w == Kind::Float)
+        && !weight.requires_grad()
+        && !bias.requires_grad()
+        && is_channels_last(x)
+        && enabled()
+}
+
+/// `GroupNorm(groups, eps)` with `weight`, `bias` on `x` (then SiLU when `silu`) by the fused
+/// channels-last kernels, differentiable in `x`; `None` where they do not apply (see the module
+/// documentation), and the caller runs ATen's.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Option<Tensor> {
+    if !applies(x, weight, bias) {
+        return None;
+    }
+    match run(x, weight, bias, groups, eps, silu) {
+        Ok(y) => Some(y),
+        Err(e) => {
+            STATE.store(OFF, Ordering::Relaxed);
+            if let Ok(mut f) = FAILURE.lock() {
+                f.get_or_insert_with(|| e.to_string());
+            }
+            None
+        }
+    }
+}
+
+/// Why the fused kernels turned themselves off, once (for the trainer's warning).
+pub fn take_failure() -> Option<String> {
+    FAILURE.lock().ok().and_then(|mut f| f.take())
+}
+
+#[cfg(lorafuse_cuda_graph)]
+fn run(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let mut out: *mut std::os::raw::c_void = std::ptr::null_mut();
+    crate::train::shim::call("fused GroupNorm", |err| {
+        // SAFETY: the tensors outlive the call (the shim copies what it keeps: autograd holds its
+        // own references); SOURCE is NUL-terminated; failures come back through `err`.
+        unsafe {
+            ffi::lf_gn_nhwc(
+                SOURCE.as_ptr().cast(),
+                x.as_ptr().cast(),
+                weight.as_ptr().cast(),
+                bias.as_ptr().cast(),
+                groups,
+                eps,
+                i32::from(silu),
+                &mut out,
+                err,
+            )
+        }
+    })?;
+    if out.is_null() {
+        return Err(Error::Internal("fused GroupNorm returned no tensor".into()));
+    }
+    // SAFETY: the shim returns a heap-allocated at::Tensor (`new at::Tensor`), which tch's Tensor
+    // owns and frees with at_free's delete.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+#[cfg(not(lorafuse_cuda_graph))]
+fn run(_: &Tensor, _: &Tensor, _: &Tensor, _: i64, _: f64, _: bool) -> Result<Tensor> {
+    Err(Error::InvalidArgument(
+        "this build has no CUDA shim (fused GroupNorm)".into(),
+    ))
+}
+
+/// Compile the kernels with NVRTC for `arch` (e.g. `sm_90`) and activation dtype `f32`, `bf16` or
+/// `f16` without a GPU: the size of the binary. For tests and diagnostics.
+pub fn compile_check(arch: &str, dtype: &str) -> Result<usize> {
+    #[cfg(lorafuse_cuda_graph)]
+    {
+        let c = |s: &str| {
+            std::ffi::CString::new(s)
+                .map_err(|_| Error::InvalidArgument(format!("{s:?} holds a NUL byte")))
+        };
+        let (arch, dtype) = (c(arch)?, c(dtype)?);
+        let mut bytes = 0usize;
+        crate::train::shim::call("fused GroupNorm compile", |err| {
+            // SAFETY: NUL-terminated strings; failures come back through `err`.
+            unsafe {
+                ffi::lf_gn_compile_check(
+                    SOURCE.as_ptr().cast(),
+                    arch.as_ptr(),
+                    dtype.as_ptr(),
+                    &mut bytes,
+                    err,
+                )
+            }
+        })?;
+        Ok(bytes)
+    }
+    #[cfg(not(lorafuse_cuda_graph))]
+    {
+        let _ = (arch, dtype);
+        Err(Error::InvalidArgument(
+            "this build has no CUDA shim (fused GroupNorm)".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_last_follows_torchs_rule() {
+        let x = Tensor::zeros([2, 8, 4, 4], (Kind::Float, tch::Device::Cpu));
+        assert!(!is_channels_last(&x));
+        let cl = x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        assert!(is_channels_last(&cl));
+        // a 1x1 image is both
+        let px = Tensor::zeros([2, 8, 1, 1], (Kind::Float, tch::Device::Cpu));
+        assert!(is_channels_last(&px));
+        assert!(!is_channels_last(&Tensor::zeros(
+            [8, 4],
+            (Kind::Float, tch::Device::Cpu)
+        )));
+    }
+
+    #[test]
+    fn cpu_tensors_take_atens_path() {
+        let x = Tensor::zeros([1, 4, 2, 2], (Kind::Float, tch::Device::Cpu));
+        let w = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
+        assert!(group_norm(&x, &w, &w, 2, 1e-5, true).is_none());
+    }
+
+    /// NVRTC compiles the kernels for Hopper and Ampere in every dtype, on any machine: what the
+    /// GPU will run is at least valid CUDA (the numbers are checked on the device:
+    /// tests/fused_norm_cuda.rs).
+    #[test]
+    #[cfg(lorafuse_cuda_graph)]
+    fn nvrtc_compiles_the_kernels() {
+        for arch in ["sm_80", "sm_90"] {
+            for dtype in ["f32", "bf16", "f16"] {
+                let bytes =
+                    compile_check(arch, dtype).unwrap_or_else(|e| panic!("{arch} {dtype}: {e}"));
+                assert!(bytes > 1000, "{arch} {dtype}: {bytes} bytes");
+            }
+        }
+    }
+}

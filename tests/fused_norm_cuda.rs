@@ -1,0 +1,122 @@
+//! The fused channels-last GroupNorm (+ SiLU) kernels against ATen's GroupNorm in float32, value
+//! and input gradient, on the GPU: SD 1.5's shapes, an odd image size, a channel count that
+//! forbids 16-byte accesses, inputs far from zero mean (the statistics must not cancel), float32
+//! and bfloat16. Needs CUDA: on a machine without it each test says so and checks nothing
+//! (`nvrtc_compiles_the_kernels` in src/train/fused_norm.rs checks the source compiles anywhere);
+//! `scripts/gpu_train_bench.sh` runs this binary on the device.
+#![cfg(feature = "train")]
+
+use lorafuse::train::fused_norm;
+use tch::{Device, Kind, Tensor};
+
+fn cuda() -> Option<Device> {
+    if tch::Cuda::is_available() {
+        Some(Device::Cuda(0))
+    } else {
+        eprintln!("no CUDA device: nothing checked");
+        None
+    }
+}
+
+fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Largest |a - b| over the largest |b|.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let d = (&a - &b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[]).max(1e-12)
+}
+
+fn check(dev: Device, kind: Kind, [n, c, h, w]: [i64; 4], groups: i64, offset: f64, silu: bool) {
+    tch::manual_seed(7);
+    let label = format!("{kind:?} [{n},{c},{h},{w}] G={groups} offset={offset} silu={silu}");
+    let opts = (Kind::Float, dev);
+    // the input rounded to `kind` once; the reference sees the same values in float32
+    let x0 = (Tensor::randn([n, c, h, w], opts) * 2.0 + offset).to_kind(kind);
+    let gamma = (Tensor::randn([c], opts) * 0.5 + 1.0).to_kind(kind);
+    let beta = (Tensor::randn([c], opts) * 0.5).to_kind(kind);
+    let dy = Tensor::randn([n, c, h, w], opts).to_kind(kind);
+
+    let x = channels_last(&x0).set_requires_grad(true);
+    let y = fused_norm::group_norm(&x, &gamma, &beta, groups, 1e-5, silu).unwrap_or_else(|| {
+        panic!(
+            "{label}: the fused kernels did not run: {:?}",
+            fused_norm::take_failure()
+        )
+    });
+    assert!(
+        fused_norm::is_channels_last(&y),
+        "{label}: the output is not channels-last"
+    );
+    assert_eq!(y.kind(), kind, "{label}");
+    // d(sum(y * dy))/dy = dy: the backward pass with dy as the output gradient
+    (&y * channels_last(&dy)).sum(Kind::Float).backward();
+    let dx = x.grad();
+
+    let xr = x0.to_kind(Kind::Float).set_requires_grad(true);
+    let yr = xr.group_norm(
+        groups,
+        Some(&gamma.to_kind(Kind::Float)),
+        Some(&beta.to_kind(Kind::Float)),
+        1e-5,
+        false,
+    );
+    let yr = if silu { yr.silu() } else { yr };
+    (&yr * dy.to_kind(Kind::Float)).sum(Kind::Float).backward();
+    let dxr = xr.grad();
+
+    // float32: rounding only; bfloat16: the output's own rounding (2^-8) and the input gradient
+    // computed from bf16 activations
+    let (ty, tg) = if kind == Kind::Float {
+        (2e-5, 2e-4)
+    } else {
+        (1e-2, 3e-2)
+    };
+    let (ey, eg) = (rel(&y, &yr), rel(&dx, &dxr));
+    eprintln!("{label}: output {ey:.2e}, input gradient {eg:.2e}");
+    assert!(ey <= ty, "{label}: output differs by {ey:.3e} (> {ty})");
+    assert!(
+        eg <= tg,
+        "{label}: input gradient differs by {eg:.3e} (> {tg})"
+    );
+    assert_eq!(
+        dx.isnan().any().int64_value(&[]),
+        0,
+        "{label}: NaN gradient"
+    );
+}
+
+#[test]
+fn fused_group_norm_matches_atens_float32_group_norm() {
+    let Some(dev) = cuda() else { return };
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for silu in [false, true] {
+            check(dev, kind, [4, 320, 64, 64], 32, 0.0, silu);
+            check(dev, kind, [2, 1280, 8, 8], 32, 0.0, silu);
+            check(dev, kind, [3, 960, 17, 13], 32, 0.5, silu);
+            // 12 channels: no 16-byte accesses in either dtype's 8/4-wide form for bf16
+            check(dev, kind, [2, 12, 5, 7], 4, 0.0, silu);
+            // mean 50, deviation 2: sums of squares would cancel
+            check(dev, kind, [2, 64, 16, 16], 32, 50.0, silu);
+        }
+    }
+}
+
+#[test]
+fn nchw_and_trainable_affine_take_atens_path() {
+    let Some(dev) = cuda() else { return };
+    let x = Tensor::randn([2, 64, 8, 8], (Kind::Float, dev));
+    let w = Tensor::ones([64], (Kind::Float, dev));
+    assert!(
+        fused_norm::group_norm(&x, &w, &w, 32, 1e-5, false).is_none(),
+        "NCHW input"
+    );
+    let wt = w.copy().set_requires_grad(true);
+    assert!(
+        fused_norm::group_norm(&channels_last(&x), &wt, &w, 32, 1e-5, false).is_none(),
+        "a trainable weight"
+    );
+}
