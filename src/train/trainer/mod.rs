@@ -247,9 +247,11 @@ pub struct TrainConfig {
     #[serde(default)]
     #[arg(long = "cuda_graphs", value_enum, default_value_t = defaults().cuda_graphs)]
     pub cuda_graphs: CudaGraphs,
-    /// The frozen UNet's convolution weights in memory: contiguous (NCHW, the script's layout)
-    /// or channels_last (NHWC; cuDNN's tensor-core convolutions then need no transposes, but
-    /// torch's CUDA GroupNorm works on NCHW and transposes back). docs/training.md.
+    /// The frozen UNet's convolution weights, and so its activations, in memory: auto
+    /// (channels_last on CUDA, contiguous elsewhere), contiguous (NCHW, the script's layout) or
+    /// channels_last (NHWC: cuDNN's tensor-core convolutions need no transposes, and lorafuse's
+    /// own GroupNorm kernels work on NHWC where torch's CUDA GroupNorm transposes to NCHW and
+    /// back). docs/training.md.
     #[serde(default)]
     #[arg(long = "memory_format", value_enum, default_value_t = defaults().memory_format)]
     pub memory_format: MemoryFormat,
@@ -293,11 +295,26 @@ pub struct TrainConfig {
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum MemoryFormat {
-    /// NCHW, as loaded (`torch.contiguous_format`).
+    /// [`MemoryFormat::ChannelsLast`] on CUDA (with the fused GroupNorm kernels: +20 % samples/s
+    /// at the tutorial recipe on an H100, docs/benchmarks.md), [`MemoryFormat::Contiguous`] on
+    /// the CPU.
     #[default]
+    Auto,
+    /// NCHW, as loaded (`torch.contiguous_format`).
     Contiguous,
     /// NHWC (`torch.channels_last`).
     ChannelsLast,
+}
+
+impl MemoryFormat {
+    /// Whether the UNet's weights are stored channels-last on `device`.
+    pub fn channels_last_on(self, device: tch::Device) -> bool {
+        match self {
+            MemoryFormat::Auto => device.is_cuda(),
+            MemoryFormat::Contiguous => false,
+            MemoryFormat::ChannelsLast => true,
+        }
+    }
 }
 
 /// [`TrainConfig::new`]'s values, which clap shows and uses as the flags' defaults.

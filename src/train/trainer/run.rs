@@ -21,8 +21,8 @@ use super::meta::write_lora;
 use super::profile::{Phase, PhaseClock};
 use super::step::{StepCtx, apply_gradients, forward_backward, step_inputs};
 use super::{
-    Cache, Event, MemoryFormat, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig,
-    TrainReport, TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
+    Cache, Event, MixedPrecision, Models, StepLog, TAG_LORA, TrainConfig, TrainReport,
+    TrainingState, check_settings, cuda_mem_used, derive, save_dtype, validate,
 };
 use crate::pipeline::scheduler::SchedulerConfig;
 use crate::pipeline::tokenizer::ClipTokenizer;
@@ -408,6 +408,11 @@ impl<'a> Trainer<'a> {
         };
         self.logs.step(&line)?;
         self.stats.losses.push(loss);
+        if let Some(why) = crate::train::fused_norm::take_failure() {
+            on_event(Event::Warning(format!(
+                "the fused channels-last GroupNorm kernels are off ({why}); torch's GroupNorm runs instead"
+            )));
+        }
         on_event(Event::Step(&line));
         self.clock.mark(Phase::Log);
         self.clock.end_step(out.replayed, out.captured)?;
@@ -597,10 +602,12 @@ fn load_models(
             "UNet weight `{k}` is not used by the model"
         )));
     }
-    if cfg.memory_format == MemoryFormat::ChannelsLast {
+    if cfg.memory_format.channels_last_on(device) {
         let n = crate::train::to_channels_last(&unet.base)?;
         on_event(Event::Info(format!(
-            "--memory_format channels_last: {n} UNet weights stored NHWC"
+            "--memory_format {}: {n} UNet weights stored NHWC (channels-last)",
+            clap::ValueEnum::to_possible_value(&cfg.memory_format)
+                .map_or_else(|| "?".to_string(), |v| v.get_name().to_string())
         )));
     }
     let text = source.text_encoder(device, kind, cfg.text_encoder_lora.clone())?;
