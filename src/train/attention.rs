@@ -111,9 +111,9 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        // GEGLU: hidden, gate = proj(x).chunk(2, -1); hidden * gelu(gate) (exact erf gelu)
-        let hg = self.proj.forward(x);
-        let parts = hg.chunk(2, -1);
+        // GEGLU: hidden, gate = proj(x).chunk(2, -1); hidden * gelu(gate) (exact erf gelu),
+        // each half its own product (contiguous halves: vectorised gelu and product)
+        let parts = self.proj.forward_chunks(x, 2);
         let h = &parts[0] * parts[1].gelu("none");
         self.out.forward(&h)
     }

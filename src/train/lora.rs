@@ -330,6 +330,39 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// `forward(x).chunk(n, -1)`, each chunk computed as its own product with its rows of the
+    /// weight (and of `lora_B`): contiguous outputs, so the elementwise work after them runs
+    /// vectorised (GEGLU's `hidden * gelu(gate)` on `chunk`'s strided halves does not).
+    pub fn forward_chunks(&self, x: &Tensor, n: i64) -> Vec<Tensor> {
+        let rows = self.weight.size()[0] / n;
+        // the LoRA's down-projection is shared by every chunk
+        let lora = self.lora.as_ref().map(|(a, b, s)| {
+            let k = x.kind();
+            let (a, b) = if a.kind() == k {
+                (a.shallow_clone(), b.shallow_clone())
+            } else {
+                (a.to_kind(k), b.to_kind(k))
+            };
+            (x.linear::<Tensor>(&a, None), b, *s)
+        });
+        (0..n)
+            .map(|i| {
+                let w = self.weight.narrow(0, i * rows, rows);
+                let bias = self.bias.as_ref().map(|b| b.narrow(0, i * rows, rows));
+                let y = x.linear(&w, bias.as_ref());
+                match &lora {
+                    None => y,
+                    Some((h, b, s)) => {
+                        let d = h.linear::<Tensor>(&b.narrow(0, i * rows, rows), None);
+                        if *s == 1.0 { y + d } else { y + d * *s }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
 /// `nn.Conv2d` with an optional peft LoRA adapter.
 #[derive(Debug)]
 pub struct LoraConv2d {
