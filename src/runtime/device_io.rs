@@ -40,6 +40,9 @@ struct ShapeSet {
     inputs: Vec<Buffer>,
     output: Buffer,
     options: RunOptions,
+    /// The first run's options where they differ ([`DeviceIo::first_run_options`]).
+    first: Option<RunOptions>,
+    runs: u64,
 }
 
 /// Device buffers for one session (UNet), keyed by the shapes of a call.
@@ -88,16 +91,18 @@ impl DeviceIo {
         }) {
             return Ok(i);
         }
-        let mut options = RunOptions::new()?;
-        if self.graphs {
-            // -1: no capture for this run (onnxruntime/core/framework/run_options.h)
-            let id = if self.sets.len() < MAX_GRAPHS {
-                self.sets.len() as i64
-            } else {
-                -1
-            };
-            options.set("gpu_graph_id", id.to_string())?;
-        }
+        // -1: no capture for this run (onnxruntime/core/framework/run_options.h)
+        let id = if self.sets.len() < MAX_GRAPHS {
+            self.sets.len() as i64
+        } else {
+            -1
+        };
+        let graph_id = self.graphs.then_some(id);
+        let options = Self::run_options(graph_id, None)?;
+        let first = match graph_id {
+            Some(id) if id >= 0 => Some(Self::run_options(graph_id, Some(self.device_id))?),
+            _ => None,
+        };
         let set = ShapeSet {
             inputs: inputs
                 .iter()
@@ -105,9 +110,31 @@ impl DeviceIo {
                 .collect::<Result<_>>()?,
             output: self.buffer(output)?,
             options,
+            first,
+            runs: 0,
         };
         self.sets.push(set);
         Ok(self.sets.len() - 1)
+    }
+
+    /// Run options for a shape set: its CUDA graph id, and with `shrink_on` the arena of that
+    /// device handed back after the run (`memory.enable_memory_arena_shrinkage`). A graph's first
+    /// run is a regular one (ORT captures from the next run on) that allocates every activation
+    /// chunk by chunk and records ORT's memory pattern; later runs allocate the pattern as one
+    /// block, so without the shrink the first run's chunks stay in the arena unused for the
+    /// pipeline's life (≈ 230 MiB for SD 1.5 at 512², docs/benchmarks.md).
+    fn run_options(graph_id: Option<i64>, shrink_on: Option<i32>) -> Result<RunOptions> {
+        let mut options = RunOptions::new()?;
+        if let Some(id) = graph_id {
+            options.set("gpu_graph_id", id.to_string())?;
+        }
+        if let Some(device) = shrink_on {
+            options.set(
+                "memory.enable_memory_arena_shrinkage",
+                format!("gpu:{device}"),
+            )?;
+        }
+        Ok(options)
     }
 
     /// Run `session` on `inputs` (f32 host data, converted to each port's type) and return the
@@ -146,7 +173,12 @@ impl DeviceIo {
             binding.bind_input(buf.port.name.as_str(), &buf.device)?;
         }
         binding.bind_output(set.output.port.name.as_str(), &mut set.output.device)?;
-        session.run_binding_with_options(binding, &set.options)?;
+        let options = match &set.first {
+            Some(first) if set.runs == 0 => first,
+            _ => &set.options,
+        };
+        session.run_binding_with_options(binding, options)?;
+        set.runs += 1;
         copy(&set.output.device, &mut set.output.host)?;
         read_host(&set.output.host, set.output.port.ty)
     }
@@ -160,17 +192,24 @@ impl DeviceIo {
 /// Set once `CopyTensors` failed (an ORT whose environment has no data transfer for the device).
 static NO_COPY_TENSORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Copy `src` into `dst`: [`copy_tensor`], or `ort`'s identity-session copy where ORT's
-/// environment cannot copy to the device itself (the CUDA provider appended to session options
-/// registers no data transfer with the environment, so on CUDA this is the usual path; each
-/// identity session is one more CUDA provider instance with its own handles and arena).
-/// Diagnostics knob `LORAFUSE_DEVICE_COPY=cuda`: copy with the CUDA runtime instead
-/// ([`super::cuda_rt::copy`]); to be measured against the identity sessions before it becomes the
-/// default (docs/benchmarks.md).
+/// Copy `src` into `dst` (one side in a CUDA buffer): with the CUDA runtime's `cudaMemcpy`
+/// ([`super::cuda_rt::copy`], the `libcudart` the CUDA provider loaded), else ORT's
+/// `CopyTensors` ([`copy_tensor`]), else `ort`'s identity-session copy. The identity sessions
+/// are the usual fallback on CUDA (the provider appended to session options registers no data
+/// transfer with the environment, so `CopyTensors` refuses) and each is one more CUDA provider
+/// instance with its own handles and arena: ≈ 290 MiB of device memory for SD 1.5 that
+/// `cudaMemcpy` does without (docs/benchmarks.md). `LORAFUSE_DEVICE_COPY=ort` skips the CUDA
+/// runtime (for comparisons).
 fn copy(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
     use std::sync::atomic::Ordering;
     if cuda_runtime_copies() {
-        return copy_cuda_runtime(src, dst);
+        match copy_cuda_runtime(src, dst) {
+            Ok(()) => return Ok(()),
+            Err(e) if !NO_CUDA_RUNTIME.swap(true, Ordering::Relaxed) => {
+                super::warn(&format!("{e}; copying through ONNX Runtime instead"));
+            }
+            Err(_) => {}
+        }
     }
     if !NO_COPY_TENSORS.load(Ordering::Relaxed) {
         match copy_tensor(src, dst) {
@@ -185,10 +224,15 @@ fn copy(src: &DynTensor, dst: &mut DynTensor) -> Result<()> {
     Ok(())
 }
 
-/// Whether `LORAFUSE_DEVICE_COPY=cuda` is set (read once).
+/// Set once a CUDA runtime copy failed (no libcudart found): later copies go through ORT.
+static NO_CUDA_RUNTIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether copies may use the CUDA runtime: not after it failed, nor with
+/// `LORAFUSE_DEVICE_COPY=ort` (read once).
 fn cuda_runtime_copies() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LORAFUSE_DEVICE_COPY").as_deref() == Ok("cuda"))
+    !NO_CUDA_RUNTIME.load(std::sync::atomic::Ordering::Relaxed)
+        && *ON.get_or_init(|| std::env::var("LORAFUSE_DEVICE_COPY").as_deref() != Ok("ort"))
 }
 
 /// Copy `src` into `dst` (same element type and byte size; one side on a CUDA device) with
