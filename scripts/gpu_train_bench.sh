@@ -24,7 +24,13 @@ NDATA=${NDATA:-64}
 source scripts/gpu_train_prologue.sh
 common="--pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --plain_log --device cuda"
 tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16"
-run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
+# smi_start NAME / smi_stop NAME: the process's peak GPU memory over the idle reading, sampled by
+# nvidia-smi every 100 ms -- the same measure for lorafuse and the script (the trainers' own figures
+# differ: lorafuse's log reads cudaMemGetInfo, the device's whole use with the CUDA context; the
+# script's shim reads torch's max_memory_reserved, the caching allocator's only)
+smi_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/smi_$1.txt" & SMI=$!; }
+smi_stop() { kill $SMI; wait $SMI 2>/dev/null; python3 -c "v=[int(x) for x in open('$OUT/smi_$1.txt') if x.strip().isdigit()]; print(f'$1: nvidia-smi peak {max(v)-min(v)} MiB over idle')" | tee -a "$OUT/smi_peaks.txt"; }
+run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); smi_start $name; $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
 
 if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_norm_cuda.xz ]; then
   [ -f $T/fused_norm_cuda ] || xz -dk $T/fused_norm_cuda.xz
@@ -84,11 +90,13 @@ if [ "${PEER:-1}" = 1 ]; then
   peer() {
     name=$1; spb=$2; shift 2; echo "== $name (diffusers' script, $spb samples per step): $*"; s=$(date +%s.%N)
     echo $spb > $OUT/$name.spb
+    smi_start $name
     PEER_TIMING=$OUT/$name.json PYTHONPATH=$PWD/scripts/peer_shims/timing:$pp python3 .whl/train_text_to_image_lora.py \
       --pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip \
       --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --rank 4 \
       --output_dir /tmp/$name "$@" > /tmp/$name.log 2>&1
-    echo "exit $?; wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"
+    rc=$?; smi_stop $name
+    echo "exit $rc; wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"
     tr '\r' '\n' < /tmp/$name.log | grep -v -i "warn\|^Steps:\|^ *$" | tail -8
   }
   IFS=';' read -ra pspecs <<< "${PEER_RUNS-peer-tut:4:--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16 --max_train_steps 60;peer-b8:8:--train_batch_size 8 --mixed_precision bf16 --max_train_steps 60}"
@@ -121,3 +129,4 @@ for p in sys.argv[1:]:
     if sps:
         print(f"{os.path.basename(p)[:-4]:<14} median {statistics.median(sps):7.1f} samples/s over {len(sps)} steps, peak {max(mem, default=0) / 2**30:.1f} GiB")
 EOF
+[ -f "$OUT/smi_peaks.txt" ] && sort -u "$OUT/smi_peaks.txt"
