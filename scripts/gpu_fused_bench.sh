@@ -141,30 +141,22 @@ if [ "$MODE" = peaks ]; then
     python3 -c "v=[int(x) for x in open('$OUT/mem50_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"
   }
   b1() { $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} --device cuda --json -m ${PEAK_MODEL:-/tmp/sd15-opt-h} "$@"; }
-  # defaults (lean: the VAE decoder plans no memory pattern), ORT's memory pattern everywhere (=1,
-  # lean before 2026-12-07) and nowhere (=0, which can break a capture), ONNX Runtime's own graph
+  # defaults (lean: the VAE decoder plans no memory pattern; the device buffers copied with
+  # cudaMemcpy; a graph's first run hands its chunks back), ORT's identity-session copies
+  # (LORAFUSE_DEVICE_COPY=ort, the default before 2026-12-07's fourth session); PEAK_SET=all adds
+  # ORT's memory pattern everywhere (=1) and nowhere (=0, which can break a capture) and ONNX
+  # Runtime's own graph
   peak50 float16_no_graphs b1
   peak50 float16_graphs b1 --cuda-graphs
-  peak50 float16_graphs_mem_pattern_all env LORAFUSE_ORT_MEM_PATTERN=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+  peak50 float16_graphs_ort_copies env LORAFUSE_DEVICE_COPY=ort $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
     --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-  peak50 float16_no_graphs_mem_pattern_all env LORAFUSE_ORT_MEM_PATTERN=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
-    --device cuda --json -m /tmp/sd15-opt-h
-  peak50 float16_graphs_no_mem_pattern env LORAFUSE_ORT_MEM_PATTERN=0 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
-    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-  [ -f /tmp/sd15-ortopt/unet/model.onnx ] && PEAK_MODEL=/tmp/sd15-ortopt peak50 ortopt_graphs b1 --cuda-graphs
-  # open time: the same --float16 copy with its weights as external data (ORT's graph has them so),
-  # and ORT's own graph optimisations at level 1 (basic)
-  if [ ! -f /tmp/sd15-opt-hx/unet/model.onnx ]; then
-    cp -r /tmp/sd15-opt-h /tmp/sd15-opt-hx && python3 - <<'PY'
-import onnx
-for c in ["unet", "text_encoder", "vae_decoder"]:
-    p = f"/tmp/sd15-opt-hx/{c}/model.onnx"
-    onnx.save(onnx.load(p), p, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
-PY
+  if [ "${PEAK_SET:-short}" = all ]; then
+    for mp in 1 0; do
+      peak50 float16_graphs_mem_pattern_$mp env LORAFUSE_ORT_MEM_PATTERN=$mp $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+        --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
+    done
+    [ -f /tmp/sd15-ortopt/unet/model.onnx ] && PEAK_MODEL=/tmp/sd15-ortopt peak50 ortopt_graphs b1 --cuda-graphs
   fi
-  PEAK_MODEL=/tmp/sd15-opt-hx peak50 float16_external_data_graphs b1 --cuda-graphs
-  peak50 float16_graphs_ort_level1 env LORAFUSE_ORT_OPT_LEVEL=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
-    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
   for f in "$OUT"/peak_*.log; do python3 - "$f" <<'PY'
 import json, sys, os
 t = open(sys.argv[1]).read()
