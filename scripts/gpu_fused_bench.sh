@@ -142,13 +142,16 @@ if [ "$MODE" = peaks ]; then
   }
   b1() { $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} --device cuda --json -m ${PEAK_MODEL:-/tmp/sd15-opt-h} "$@"; }
   # defaults (lean: the VAE decoder plans no memory pattern; the device buffers copied with
-  # cudaMemcpy; a graph's first run hands its chunks back), ORT's identity-session copies
+  # cudaMemcpy), ORT's identity-session copies
   # (LORAFUSE_DEVICE_COPY=ort, the default before 2026-12-07's fourth session); PEAK_SET=all adds
   # ORT's memory pattern everywhere (=1) and nowhere (=0, which can break a capture) and ONNX
   # Runtime's own graph
   peak50 float16_no_graphs b1
   peak50 float16_graphs b1 --cuda-graphs
   peak50 float16_graphs_ort_copies env LORAFUSE_DEVICE_COPY=ort $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+    --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
+  # the first (uncaptured) run's chunks handed back (LORAFUSE_ORT_FIRST_RUN_SHRINK=1)
+  peak50 float16_graphs_first_run_shrink env LORAFUSE_ORT_FIRST_RUN_SHRINK=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
     --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
   if [ "${PEAK_SET:-short}" = all ]; then
     for mp in 1 0; do

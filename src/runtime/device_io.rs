@@ -100,7 +100,9 @@ impl DeviceIo {
         let graph_id = self.graphs.then_some(id);
         let options = Self::run_options(graph_id, None)?;
         let first = match graph_id {
-            Some(id) if id >= 0 => Some(Self::run_options(graph_id, Some(self.device_id))?),
+            Some(id) if id >= 0 && first_run_shrinks() => {
+                Some(Self::run_options(graph_id, Some(self.device_id))?)
+            }
             _ => None,
         };
         let set = ShapeSet {
@@ -118,11 +120,13 @@ impl DeviceIo {
     }
 
     /// Run options for a shape set: its CUDA graph id, and with `shrink_on` the arena of that
-    /// device handed back after the run (`memory.enable_memory_arena_shrinkage`). A graph's first
-    /// run is a regular one (ORT captures from the next run on) that allocates every activation
-    /// chunk by chunk and records ORT's memory pattern; later runs allocate the pattern as one
-    /// block, so without the shrink the first run's chunks stay in the arena unused for the
-    /// pipeline's life (≈ 230 MiB for SD 1.5 at 512², docs/benchmarks.md).
+    /// device handed back after the run (`memory.enable_memory_arena_shrinkage`). ORT runs a
+    /// graph's first two runs uncaptured (onnxruntime PR #15005): the first allocates every
+    /// activation chunk by chunk and records ORT's memory pattern, the second allocates the
+    /// pattern as one block, which the capture then reuses; the first run's chunks stay in the
+    /// arena unused for the pipeline's life (≈ 230 MiB for SD 1.5 at 512², docs/benchmarks.md).
+    /// `LORAFUSE_ORT_FIRST_RUN_SHRINK=1` hands them back after the first run; off by default until
+    /// measured on a GPU (a capture that must grow the arena fails).
     fn run_options(graph_id: Option<i64>, shrink_on: Option<i32>) -> Result<RunOptions> {
         let mut options = RunOptions::new()?;
         if let Some(id) = graph_id {
@@ -187,6 +191,12 @@ impl DeviceIo {
     pub fn device_id(&self) -> i32 {
         self.device_id
     }
+}
+
+/// Whether `LORAFUSE_ORT_FIRST_RUN_SHRINK=1` is set (read once; [`DeviceIo::run_options`]).
+fn first_run_shrinks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORAFUSE_ORT_FIRST_RUN_SHRINK").as_deref() == Ok("1"))
 }
 
 /// Set once `CopyTensors` failed (an ORT whose environment has no data transfer for the device).
