@@ -72,60 +72,61 @@ void* open_first(const std::vector<std::string>& names) {
     if (void* h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
     tried += (tried.empty() ? "" : ", ") + n;
   }
-  throw std::runtime_error("cannot open " + tried + " (" + std::string(dlerror() ? dlerror() : "") + ")");
+  const char* why = dlerror();
+  throw std::runtime_error("cannot open " + tried + " (" + std::string(why ? why : "") + ")");
+}
+
+// `load(api)` once per process (one instance per caller: each passes its own lambda); its failure,
+// prefixed by `what`, is thrown again on every later call.
+template <typename Api, typename F>
+const Api& load_once(const char* what, F load) {
+  static std::once_flag once;
+  static Api api;
+  static std::string failed;
+  std::call_once(once, [&] {
+    try {
+      load(api);
+    } catch (const std::exception& e) {
+      failed = e.what();
+    }
+  });
+  if (!failed.empty()) throw std::runtime_error(std::string(what) + ": " + failed);
+  return api;
 }
 
 const Nvrtc& nvrtc() {
-  static std::once_flag once;
-  static Nvrtc api;
-  static std::string failed;
-  std::call_once(once, [] {
-    try {
-      void* lib = open_first({"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"});
-      bind(lib, "nvrtcVersion", api.version);
-      bind(lib, "nvrtcCreateProgram", api.create);
-      bind(lib, "nvrtcCompileProgram", api.compile);
-      bind(lib, "nvrtcGetProgramLogSize", api.log_size);
-      bind(lib, "nvrtcGetProgramLog", api.log);
-      bind(lib, "nvrtcGetCUBINSize", api.cubin_size);
-      bind(lib, "nvrtcGetCUBIN", api.cubin);
-      bind(lib, "nvrtcDestroyProgram", api.destroy);
-      bind(lib, "nvrtcGetErrorString", api.error);
-      // NVRTC opens libnvrtc-builtins.so.<major>.<minor> itself, by name; load it from
-      // libnvrtc's own folder first (then that name is found loaded), so no LD_LIBRARY_PATH is needed
-      int major = 0, minor = 0;
-      api.version(&major, &minor);
-      char dir[4096] = {0};
-      if (dlinfo(lib, RTLD_DI_ORIGIN, dir) == 0) {
-        const std::string builtins = std::string(dir) + "/libnvrtc-builtins.so." +
-                                     std::to_string(major) + "." + std::to_string(minor);
-        dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);
-      }
-    } catch (const std::exception& e) {
-      failed = e.what();
+  return load_once<Nvrtc>("NVRTC", [](Nvrtc& api) {
+    void* lib = open_first({"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"});
+    bind(lib, "nvrtcVersion", api.version);
+    bind(lib, "nvrtcCreateProgram", api.create);
+    bind(lib, "nvrtcCompileProgram", api.compile);
+    bind(lib, "nvrtcGetProgramLogSize", api.log_size);
+    bind(lib, "nvrtcGetProgramLog", api.log);
+    bind(lib, "nvrtcGetCUBINSize", api.cubin_size);
+    bind(lib, "nvrtcGetCUBIN", api.cubin);
+    bind(lib, "nvrtcDestroyProgram", api.destroy);
+    bind(lib, "nvrtcGetErrorString", api.error);
+    // NVRTC opens libnvrtc-builtins.so.<major>.<minor> itself, by name; load it from libnvrtc's
+    // own folder first (then that name is found loaded), so no LD_LIBRARY_PATH is needed
+    int major = 0, minor = 0;
+    api.version(&major, &minor);
+    char dir[4096] = {0};
+    if (dlinfo(lib, RTLD_DI_ORIGIN, dir) == 0) {
+      const std::string builtins = std::string(dir) + "/libnvrtc-builtins.so." +
+                                   std::to_string(major) + "." + std::to_string(minor);
+      dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);
     }
   });
-  if (!failed.empty()) throw std::runtime_error("NVRTC: " + failed);
-  return api;
 }
 
 const Driver& driver() {
-  static std::once_flag once;
-  static Driver api;
-  static std::string failed;
-  std::call_once(once, [] {
-    try {
-      void* lib = open_first({"libcuda.so.1", "libcuda.so"});
-      bind(lib, "cuModuleLoadData", api.load);
-      bind(lib, "cuModuleGetFunction", api.function);
-      bind(lib, "cuLaunchKernel", api.launch);
-      bind(lib, "cuGetErrorString", api.error);
-    } catch (const std::exception& e) {
-      failed = e.what();
-    }
+  return load_once<Driver>("CUDA driver", [](Driver& api) {
+    void* lib = open_first({"libcuda.so.1", "libcuda.so"});
+    bind(lib, "cuModuleLoadData", api.load);
+    bind(lib, "cuModuleGetFunction", api.function);
+    bind(lib, "cuLaunchKernel", api.launch);
+    bind(lib, "cuGetErrorString", api.error);
   });
-  if (!failed.empty()) throw std::runtime_error("CUDA driver: " + failed);
-  return api;
 }
 
 void check_driver(int rc, const char* what) {
