@@ -232,7 +232,8 @@ Shape plan(const at::Tensor& x, int64_t groups) {
   if (groups <= 0 || C % groups != 0)
     throw std::runtime_error(std::to_string(C) + " channels do not split into " +
                              std::to_string(groups) + " groups");
-  if (N <= 0 || HW <= 0 || C > 8192 || N > 65535 || x.numel() > (int64_t{1} << 40))
+  // the statistics kernels keep 2 * C floats in shared memory: at most the default 48 KiB
+  if (N <= 0 || HW <= 0 || C > 6144 || N > 65535 || x.numel() > (int64_t{1} << 40))
     throw std::runtime_error("unsupported GroupNorm input size");
   const int sms = attribute(cudaDevAttrMultiProcessorCount, x.get_device());
   Shape s;
