@@ -44,14 +44,14 @@ fn main() {
 }
 
 /// `src/train/cuda_graph.cpp` (libtorch's `at::cuda::CUDAGraph`, which tch does not wrap) and
-/// `src/train/fused_norm.cpp` (channels-last GroupNorm kernels compiled at run time by NVRTC),
+/// `src/train/fused.cpp` (channels-last GroupNorm kernels compiled at run time by NVRTC),
 /// compiled against the headers of the same torch wheel and CUDA 13's runtime headers (PyPI
 /// `nvidia-cuda-runtime`, a torch dependency, plus `nvidia-cuda-crt` for `crt/`, both installed by
 /// `scripts/setup.sh --train`; or CUDA_HOME). Without them the build goes on without the shim and
 /// `train::cuda_graph` says so at run time (cfg `lorafuse_cuda_graph`).
 fn cuda_graph_shim(lib_dir: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/train/cuda_graph.cpp");
-    println!("cargo:rerun-if-changed=src/train/fused_norm.cpp");
+    println!("cargo:rerun-if-changed=src/train/fused.cpp");
     println!("cargo:rerun-if-changed=src/train/shim.h");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(torch) = lib_dir.parent() else {
@@ -93,7 +93,7 @@ fn cuda_graph_shim(lib_dir: &std::path::Path) {
         .cpp(true)
         .std("c++17")
         .file("src/train/cuda_graph.cpp")
-        .file("src/train/fused_norm.cpp")
+        .file("src/train/fused.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .include(cuda_include)

@@ -16,8 +16,8 @@
 # noise floor: cuDNN's benchmark may pick other kernels per process), captured, and emulated (the
 # graph path's buffers and flow, run eagerly), from one seed; prints the LoRA and loss differences
 # (CHECK_FLAGS: more flags for these runs, e.g. --memory_format channels_last). KERNELS=1 (the
-# default) first runs the fused GroupNorm's GPU test binary when carried (.train-gpu/fused_norm_cuda,
-# built by `cargo test --release --features train --test fused_norm_cuda --no-run`).
+# default) first runs the fused kernels' GPU test binary when carried (.train-gpu/fused_cuda,
+# built by `cargo test --release --features train --test fused_cuda --no-run`).
 # Writes $OUT/<name>.csv.
 set -uo pipefail
 NDATA=${NDATA:-64}
@@ -32,9 +32,9 @@ smi_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -
 smi_stop() { kill $SMI; wait $SMI 2>/dev/null; python3 -c "v=[int(x) for x in open('$OUT/smi_$1.txt') if x.strip().isdigit()]; print(f'$1: nvidia-smi peak {max(v)-min(v)} MiB over idle')" | tee -a "$OUT/smi_peaks.txt"; }
 run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); smi_start $name; $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
 
-if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_norm_cuda.xz ]; then
-  [ -f $T/fused_norm_cuda ] || xz -dk $T/fused_norm_cuda.xz
-  chmod +x $T/fused_norm_cuda && $T/fused_norm_cuda --nocapture --test-threads 1 2>&1 | grep -v "^$" | tail -30
+if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_cuda.xz ]; then
+  [ -f $T/fused_cuda ] || xz -dk $T/fused_cuda.xz
+  chmod +x $T/fused_cuda && $T/fused_cuda --nocapture --test-threads 1 2>&1 | grep -v "^$" | tail -30
 fi
 if [ "${CHECK:-1}" = 1 ]; then
   n=${CHECK_STEPS:-12}

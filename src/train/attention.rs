@@ -111,10 +111,17 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        // GEGLU: hidden, gate = proj(x).chunk(2, -1); hidden * gelu(gate) (exact erf gelu),
-        // each half its own product (contiguous halves: vectorised gelu and product)
-        let parts = self.proj.forward_chunks(x, 2);
-        let h = &parts[0] * parts[1].gelu("none");
+        // GEGLU: hidden, gate = proj(x).chunk(2, -1); hidden * gelu(gate) (exact erf gelu): one
+        // kernel each way on CUDA where enabled (train::fused::geglu), else each half its own
+        // product (contiguous halves: vectorised gelu and product)
+        let fused = super::fused::geglu_applies(x).then(|| self.proj.forward(x));
+        let h = match fused.as_ref().and_then(super::fused::geglu) {
+            Some(h) => h,
+            None => {
+                let parts = self.proj.forward_chunks(x, 2);
+                &parts[0] * parts[1].gelu("none")
+            }
+        };
         self.out.forward(&h)
     }
 }

@@ -475,14 +475,14 @@ impl GroupNorm {
     }
 
     /// GroupNorm then SiLU (every ResnetBlock2D's and the UNet's `conv_norm_out` pattern), fused
-    /// on channels-last CUDA activations ([`super::fused_norm`]).
+    /// on channels-last CUDA activations ([`super::fused`]).
     pub fn forward_silu(&self, x: &Tensor) -> Tensor {
         self.forward_act(x, true)
     }
 
     fn forward_act(&self, x: &Tensor, silu: bool) -> Tensor {
         let (w, b) = (&self.weight, &self.bias);
-        if let Some(y) = super::fused_norm::group_norm(x, w, b, self.groups, self.eps, silu) {
+        if let Some(y) = super::fused::group_norm(x, w, b, self.groups, self.eps, silu) {
             return y;
         }
         let y = x.group_norm(self.groups, Some(w), Some(b), self.eps, true);

@@ -19,7 +19,7 @@ pub mod clip;
 pub mod cuda_graph;
 pub mod dataset;
 pub mod embeddings;
-pub mod fused_norm;
+pub mod fused;
 pub mod lora;
 pub mod noise;
 pub mod optim;

@@ -1,5 +1,5 @@
 // GroupNorm (optionally followed by SiLU) on channels-last activations, forward and input
-// gradient, compiled at run time by NVRTC (src/train/fused_norm.cpp) for the device in use.
+// gradient, compiled at run time by NVRTC (src/train/fused.cpp) for the device in use.
 //
 // The maths are torch.nn.GroupNorm's (aten/src/ATen/native/cuda/group_norm_kernel.cu): per sample
 // n and group g, mean and biased variance over the group's H*W*(C/G) values, rstd =
@@ -14,42 +14,6 @@
 // Statistics are deterministic (no atomics): each block of (chunk of pixels, sample) writes its
 // groups' sums and centred second moments, combined in double by Chan's parallel formula.
 // Frozen affine parameters only (LoRA training): no gamma/beta gradients.
-
-typedef unsigned short u16;
-struct bf16 { u16 v; };
-struct f16 { u16 v; };
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x.v) << 16); }
-__device__ __forceinline__ float to_f(f16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.v));
-  return f;
-}
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-// round to nearest even, as c10::BFloat16 does; NaN stays NaN
-template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) {
-  unsigned u = __float_as_uint(x);
-  bf16 r;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    r.v = 0x7fc0;
-    return r;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  r.v = (u16)(u >> 16);
-  return r;
-}
-template <> __device__ __forceinline__ f16 from_f<f16>(float x) {
-  f16 r;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.v) : "f"(x));
-  return r;
-}
-
-// V consecutive elements, loaded and stored as one 16-byte access when V * sizeof(T) == 16
-template <typename T, int V> struct __align__(16) Vec { T v[V]; };
-template <typename T> struct Vec<T, 1> { T v[1]; };
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 

@@ -408,7 +408,7 @@ impl<'a> Trainer<'a> {
         };
         self.logs.step(&line)?;
         self.stats.losses.push(loss);
-        if let Some(why) = crate::train::fused_norm::take_failure() {
+        if let Some(why) = crate::train::fused::take_failure() {
             on_event(Event::Warning(format!(
                 "the fused channels-last GroupNorm kernels are off ({why}); torch's GroupNorm runs instead"
             )));

@@ -1,9 +1,10 @@
-// GroupNorm (+ SiLU) on channels-last CUDA activations for training (issue 11): the kernels of
-// kernels/group_norm_nhwc.cu, compiled at run time by NVRTC for the device in use (as ATen's
-// jiterator compiles its kernels: aten/src/ATen/native/cuda/jit_utils.cpp), launched through the
-// CUDA driver API on the current torch stream (so CUDA graphs capture them), and wrapped in a
-// torch::autograd::Function so autograd calls the input-gradient kernels. ATen's own CUDA
-// GroupNorm is NCHW-only and transposes a channels-last input there and back.
+// lorafuse's own CUDA kernels for training (issue 11): GroupNorm (+ SiLU) on channels-last
+// activations (kernels/group_norm_nhwc.cu; ATen's CUDA GroupNorm is NCHW-only and transposes a
+// channels-last input there and back) and GEGLU's activation (kernels/geglu.cu), compiled at run
+// time by NVRTC for the device in use (as ATen's jiterator compiles its kernels:
+// aten/src/ATen/native/cuda/jit_utils.cpp), launched through the CUDA driver API on the current
+// torch stream (so CUDA graphs capture them), and wrapped in torch::autograd::Functions so
+// autograd calls their gradient kernels.
 //
 // NVRTC (libnvrtc.so.13, from the torch wheel's nvidia-cuda-nvrtc dependency) and the driver
 // (libcuda.so.1) are opened with dlopen on first use, so the shim builds and links without them.
@@ -141,7 +142,7 @@ void check_driver(int rc, const char* what) {
 std::string compile(const std::string& src, const std::string& arch, const std::string& dtype) {
   const Nvrtc& api = nvrtc();
   nvrtcProgram prog = nullptr;
-  int rc = api.create(&prog, src.c_str(), "group_norm_nhwc.cu", 0, nullptr, nullptr);
+  int rc = api.create(&prog, src.c_str(), "lorafuse_kernels.cu", 0, nullptr, nullptr);
   if (rc != 0) throw std::runtime_error(std::string("nvrtcCreateProgram: ") + api.error(rc));
   std::string d = "-DLF_WANT_" + dtype;
   std::transform(d.begin(), d.end(), d.begin(), [](unsigned char c) { return std::toupper(c); });
@@ -155,7 +156,7 @@ std::string compile(const std::string& src, const std::string& arch, const std::
     std::string log(n, '\0');
     if (n > 0) api.log(prog, log.data());
     api.destroy(&prog);
-    throw std::runtime_error("NVRTC could not compile the GroupNorm kernels for " + arch + ": " +
+    throw std::runtime_error("NVRTC could not compile the kernels for " + arch + ": " +
                              api.error(rc) + "\n" + log);
   }
   size_t n = 0;
@@ -178,7 +179,7 @@ std::string dtype_name(at::ScalarType t) {
     case at::kFloat: return "f32";
     case at::kBFloat16: return "bf16";
     case at::kHalf: return "f16";
-    default: throw std::runtime_error(std::string("no GroupNorm kernel for ") + c10::toString(t));
+    default: throw std::runtime_error(std::string("no kernel for ") + c10::toString(t));
   }
 }
 
@@ -384,9 +385,79 @@ struct GroupNormNhwc : public torch::autograd::Function<GroupNormNhwc> {
   }
 };
 
+// ---- GEGLU ------------------------------------------------------------------------------------
+
+unsigned elementwise_blocks(long long work, int sms) {
+  return (unsigned)std::max<long long>(1, std::min((work + 255) / 256, (long long)sms * 16));
+}
+
+at::Tensor geglu_forward(const char* src, const at::Tensor& hg) {
+  if (!hg.is_cuda() || !hg.is_contiguous() || hg.dim() < 1 || hg.size(-1) % 2 != 0)
+    throw std::runtime_error("GEGLU: a contiguous CUDA tensor with an even last dimension is needed");
+  c10::cuda::CUDAGuard guard(hg.device());
+  const int dev = hg.get_device();
+  const std::string dt = dtype_name(hg.scalar_type());
+  int inner = (int)(hg.size(-1) / 2);
+  long long rows = hg.numel() / (2LL * inner);
+  std::vector<int64_t> shape = hg.sizes().vec();
+  shape.back() = inner;
+  at::Tensor out = at::empty(shape, hg.options());
+  const void* hp = hg.data_ptr();
+  void* op = out.data_ptr();
+  int v = 16 / (int)c10::elementSize(hg.scalar_type());
+  if (inner % v != 0 || reinterpret_cast<uintptr_t>(hp) % 16 != 0 || reinterpret_cast<uintptr_t>(op) % 16 != 0) v = 1;
+  const int sms = attribute(cudaDevAttrMultiProcessorCount, dev);
+  launch(kernel(src, dev, dt, "geglu_fwd_" + dt + "_v" + std::to_string(v)),
+         dim3(elementwise_blocks(rows * inner / v, sms)), dim3(256), 0,
+         {(void*)&hp, (void*)&op, &rows, &inner});
+  return out;
+}
+
+at::Tensor geglu_backward(const char* src, const at::Tensor& hg, const at::Tensor& dout_in) {
+  c10::cuda::CUDAGuard guard(hg.device());
+  const at::Tensor dout = dout_in.to(hg.scalar_type()).contiguous();
+  const int dev = hg.get_device();
+  const std::string dt = dtype_name(hg.scalar_type());
+  int inner = (int)(hg.size(-1) / 2);
+  long long rows = hg.numel() / (2LL * inner);
+  at::Tensor dhg = at::empty_like(hg);
+  const void* hp = hg.data_ptr();
+  const void* dp = dout.data_ptr();
+  void* gp = dhg.data_ptr();
+  int v = 16 / (int)c10::elementSize(hg.scalar_type());
+  for (const void* p : {hp, dp, (const void*)gp})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) v = 1;
+  if (inner % v != 0) v = 1;
+  const int sms = attribute(cudaDevAttrMultiProcessorCount, dev);
+  launch(kernel(src, dev, dt, "geglu_bwd_" + dt + "_v" + std::to_string(v)),
+         dim3(elementwise_blocks(rows * inner / v, sms)), dim3(256), 0,
+         {(void*)&hp, (void*)&dp, (void*)&gp, &rows, &inner});
+  return dhg;
+}
+
+struct Geglu : public torch::autograd::Function<Geglu> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hg) {
+    at::Tensor out = geglu_forward(g_source, hg);
+    ctx->save_for_backward({hg});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {geglu_backward(g_source, ctx->get_saved_variables()[0], grads[0])};
+  }
+};
+
 }  // namespace
 
 extern "C" {
+
+// hidden * gelu(gate) of hg = [..., 2 * inner] (hidden | gate), differentiable in hg.
+int lf_geglu(const char* src, const at::Tensor* hg, at::Tensor** out, char** err) {
+  return lf_shim::guarded(err, [&] {
+    g_source = src;
+    *out = new at::Tensor(Geglu::apply(*hg));
+  });
+}
 
 // y = GroupNorm(x) (then SiLU when `silu`), differentiable in x; `src` is the kernel source.
 int lf_gn_nhwc(const char* src, const at::Tensor* x, const at::Tensor* gamma, const at::Tensor* beta,

@@ -1,13 +1,17 @@
-//! GroupNorm, optionally fused with the SiLU after it, on channels-last CUDA activations
-//! (issue 11): ATen's CUDA GroupNorm is NCHW-only and transposes a channels-last input there and
-//! back, which ate most of what channels-last convolutions save. A safe wrapper over
-//! `fused_norm.cpp`, which compiles `kernels/group_norm_nhwc.cu` with NVRTC for the device in use
-//! and runs it as a libtorch autograd function (forward and input gradient; the affine parameters
-//! are frozen). Built by build.rs with the CUDA shim (cfg `lorafuse_cuda_graph`).
+//! lorafuse's own CUDA kernels for training (issue 11), compiled with NVRTC for the device in use
+//! and run as libtorch autograd functions by `fused.cpp` (built by build.rs with the CUDA shim,
+//! cfg `lorafuse_cuda_graph`):
+//! - [`group_norm`]: GroupNorm, optionally fused with the SiLU after it, on channels-last
+//!   activations (`kernels/group_norm_nhwc.cu`): ATen's CUDA GroupNorm is NCHW-only and transposes
+//!   a channels-last input there and back, which ate most of what channels-last convolutions save.
+//!   Forward and input gradient; the affine parameters are frozen.
+//! - [`geglu`]: GEGLU's `hidden * gelu(gate)` on the projection's output (`kernels/geglu.cu`), one
+//!   kernel each way, keeping only the projection for the backward pass; opt-in
+//!   (`LORAFUSE_FUSED_GEGLU=1`) until measured on a GPU.
 //!
-//! [`group_norm`] returns `None` where the kernels do not apply (a CPU or NCHW tensor, trainable
-//! affine parameters, a build without the shim, `LORAFUSE_FUSED_GROUP_NORM=0`), and the caller
-//! runs ATen's. If the kernels fail once (no NVRTC, an architecture it cannot compile for), they
+//! Each returns `None` where its kernels do not apply (a CPU tensor, a layout or dtype they do not
+//! take, a build without the shim, `LORAFUSE_FUSED_GROUP_NORM=0`), and the caller runs ATen's
+//! operations. If the kernels fail once (no NVRTC, an architecture it cannot compile for), they
 //! stay off for the process and [`take_failure`] hands the reason to the trainer to report.
 
 use std::sync::Mutex;
@@ -17,9 +21,14 @@ use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// The kernel source, NUL-terminated for the shim.
+/// The kernel source (shared helpers first), NUL-terminated for the shim.
 #[cfg_attr(not(lorafuse_cuda_graph), allow(dead_code))]
-const SOURCE: &str = concat!(include_str!("kernels/group_norm_nhwc.cu"), "\0");
+const SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    include_str!("kernels/group_norm_nhwc.cu"),
+    include_str!("kernels/geglu.cu"),
+    "\0"
+);
 
 #[cfg(lorafuse_cuda_graph)]
 mod ffi {
@@ -33,6 +42,12 @@ mod ffi {
             groups: i64,
             eps: f64,
             silu: c_int,
+            out: *mut *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn lf_geglu(
+            src: *const c_char,
+            hg: *const c_void,
             out: *mut *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
@@ -113,8 +128,87 @@ pub fn group_norm(
     if !applies(x, weight, bias) {
         return None;
     }
-    match run(x, weight, bias, groups, eps, silu) {
-        Ok(y) => Some(y),
+    #[cfg(lorafuse_cuda_graph)]
+    let y = call_kernel("fused GroupNorm", |out, err| {
+        // SAFETY: the tensors outlive the call (autograd keeps its own references); SOURCE is
+        // NUL-terminated; failures come back through `err`.
+        unsafe {
+            ffi::lf_gn_nhwc(
+                SOURCE.as_ptr().cast(),
+                x.as_ptr().cast(),
+                weight.as_ptr().cast(),
+                bias.as_ptr().cast(),
+                groups,
+                eps,
+                i32::from(silu),
+                out,
+                err,
+            )
+        }
+    });
+    #[cfg(not(lorafuse_cuda_graph))]
+    let y = {
+        let _ = (groups, eps, silu);
+        None
+    };
+    y
+}
+
+/// The opt-in switch for [`geglu`] (until a GPU measures it: docs/benchmarks.md).
+pub const GEGLU_ENV: &str = "LORAFUSE_FUSED_GEGLU";
+
+fn geglu_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(GEGLU_ENV).as_deref() == Ok("1"))
+}
+
+/// Whether [`geglu`] would run its kernel for activations like `x` (device, dtype, switches):
+/// callers decide up front whether to compute the projection whole.
+pub fn geglu_applies(x: &Tensor) -> bool {
+    x.device().is_cuda()
+        && matches!(x.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
+        && geglu_enabled()
+        && enabled()
+}
+
+/// GEGLU's `hidden * gelu(gate)` (exact GELU) of `hg = [..., 2 * inner]` (`hidden | gate`, the
+/// projection's output), differentiable in `hg`; `None` where the kernel does not apply
+/// ([`geglu_applies`], a non-contiguous tensor or an odd last dimension) or failed.
+pub fn geglu(hg: &Tensor) -> Option<Tensor> {
+    let last = *hg.size().last()?;
+    if !(geglu_applies(hg) && last % 2 == 0 && hg.is_contiguous()) {
+        return None;
+    }
+    #[cfg(lorafuse_cuda_graph)]
+    let y = call_kernel("fused GEGLU", |out, err| {
+        // SAFETY: `hg` outlives the call (autograd keeps its own reference); SOURCE is
+        // NUL-terminated; failures come back through `err`.
+        unsafe { ffi::lf_geglu(SOURCE.as_ptr().cast(), hg.as_ptr().cast(), out, err) }
+    });
+    #[cfg(not(lorafuse_cuda_graph))]
+    let y = None;
+    y
+}
+
+#[cfg(lorafuse_cuda_graph)]
+/// Run one kernel entry that returns a tensor through `out`; on failure turn the kernels off
+/// for the process, keep the first reason for [`take_failure`], and return `None`.
+fn call_kernel(
+    what: &str,
+    f: impl FnOnce(*mut *mut std::os::raw::c_void, *mut *mut std::os::raw::c_char) -> i32,
+) -> Option<Tensor> {
+    let mut out: *mut std::os::raw::c_void = std::ptr::null_mut();
+    let r = crate::train::shim::call(what, |err| f(&mut out, err)).and_then(|()| {
+        if out.is_null() {
+            Err(Error::Internal(format!("{what} returned no tensor")))
+        } else {
+            // SAFETY: the shim returns a heap-allocated at::Tensor (`new at::Tensor`), which
+            // tch's Tensor owns and frees with at_free's delete.
+            Ok(unsafe { Tensor::from_ptr(out.cast()) })
+        }
+    });
+    match r {
+        Ok(t) => Some(t),
         Err(e) => {
             STATE.store(OFF, Ordering::Relaxed);
             if let Ok(mut f) = FAILURE.lock() {
@@ -128,48 +222,6 @@ pub fn group_norm(
 /// Why the fused kernels turned themselves off, once (for the trainer's warning).
 pub fn take_failure() -> Option<String> {
     FAILURE.lock().ok().and_then(|mut f| f.take())
-}
-
-#[cfg(lorafuse_cuda_graph)]
-fn run(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: i64,
-    eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
-    let mut out: *mut std::os::raw::c_void = std::ptr::null_mut();
-    crate::train::shim::call("fused GroupNorm", |err| {
-        // SAFETY: the tensors outlive the call (the shim copies what it keeps: autograd holds its
-        // own references); SOURCE is NUL-terminated; failures come back through `err`.
-        unsafe {
-            ffi::lf_gn_nhwc(
-                SOURCE.as_ptr().cast(),
-                x.as_ptr().cast(),
-                weight.as_ptr().cast(),
-                bias.as_ptr().cast(),
-                groups,
-                eps,
-                i32::from(silu),
-                &mut out,
-                err,
-            )
-        }
-    })?;
-    if out.is_null() {
-        return Err(Error::Internal("fused GroupNorm returned no tensor".into()));
-    }
-    // SAFETY: the shim returns a heap-allocated at::Tensor (`new at::Tensor`), which tch's Tensor
-    // owns and frees with at_free's delete.
-    Ok(unsafe { Tensor::from_ptr(out.cast()) })
-}
-
-#[cfg(not(lorafuse_cuda_graph))]
-fn run(_: &Tensor, _: &Tensor, _: &Tensor, _: i64, _: f64, _: bool) -> Result<Tensor> {
-    Err(Error::InvalidArgument(
-        "this build has no CUDA shim (fused GroupNorm)".into(),
-    ))
 }
 
 /// Compile the kernels with NVRTC for `arch` (e.g. `sm_90`) and activation dtype `f32`, `bf16` or
@@ -234,7 +286,7 @@ mod tests {
 
     /// NVRTC compiles the kernels for Hopper and Ampere in every dtype, on any machine: what the
     /// GPU will run is at least valid CUDA (the numbers are checked on the device:
-    /// tests/fused_norm_cuda.rs).
+    /// tests/fused_cuda.rs).
     #[test]
     #[cfg(lorafuse_cuda_graph)]
     fn nvrtc_compiles_the_kernels() {

@@ -1,12 +1,13 @@
-//! The fused channels-last GroupNorm (+ SiLU) kernels against ATen's GroupNorm in float32, value
-//! and input gradient, on the GPU: SD 1.5's shapes, an odd image size, a channel count that
-//! forbids 16-byte accesses, inputs far from zero mean (the statistics must not cancel), float32
-//! and bfloat16. Needs CUDA: on a machine without it each test says so and checks nothing
-//! (`nvrtc_compiles_the_kernels` in src/train/fused_norm.rs checks the source compiles anywhere);
-//! `scripts/gpu_train_bench.sh` runs this binary on the device.
+//! lorafuse's own CUDA kernels (src/train/fused.rs) on the GPU against torch in float32, value
+//! and gradient: the channels-last GroupNorm (+ SiLU) on SD 1.5's shapes, an odd image size, a
+//! channel count that forbids 16-byte accesses and inputs far from zero mean (the statistics must
+//! not cancel); GEGLU on SD 1.5's feed-forward widths; float32 and bfloat16. Needs CUDA: on a
+//! machine without it each test says so and checks nothing (`nvrtc_compiles_the_kernels` in
+//! src/train/fused.rs checks the source compiles anywhere); `scripts/gpu_train_bench.sh` runs this
+//! binary on the device.
 #![cfg(feature = "train")]
 
-use lorafuse::train::fused_norm;
+use lorafuse::train::fused;
 use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {
@@ -41,14 +42,14 @@ fn check(dev: Device, kind: Kind, [n, c, h, w]: [i64; 4], groups: i64, offset: f
     let dy = Tensor::randn([n, c, h, w], opts).to_kind(kind);
 
     let x = channels_last(&x0).set_requires_grad(true);
-    let y = fused_norm::group_norm(&x, &gamma, &beta, groups, 1e-5, silu).unwrap_or_else(|| {
+    let y = fused::group_norm(&x, &gamma, &beta, groups, 1e-5, silu).unwrap_or_else(|| {
         panic!(
             "{label}: the fused kernels did not run: {:?}",
-            fused_norm::take_failure()
+            fused::take_failure()
         )
     });
     assert!(
-        fused_norm::is_channels_last(&y),
+        fused::is_channels_last(&y),
         "{label}: the output is not channels-last"
     );
     assert_eq!(y.kind(), kind, "{label}");
@@ -111,12 +112,60 @@ fn nchw_and_trainable_affine_take_atens_path() {
     let x = Tensor::randn([2, 64, 8, 8], (Kind::Float, dev));
     let w = Tensor::ones([64], (Kind::Float, dev));
     assert!(
-        fused_norm::group_norm(&x, &w, &w, 32, 1e-5, false).is_none(),
+        fused::group_norm(&x, &w, &w, 32, 1e-5, false).is_none(),
         "NCHW input"
     );
     let wt = w.copy().set_requires_grad(true);
     assert!(
-        fused_norm::group_norm(&channels_last(&x), &wt, &w, 32, 1e-5, false).is_none(),
+        fused::group_norm(&channels_last(&x), &wt, &w, 32, 1e-5, false).is_none(),
         "a trainable weight"
     );
+}
+
+/// GEGLU's fused kernel (opted in here: `LORAFUSE_FUSED_GEGLU=1`) against torch's chunk, gelu and
+/// product in float32, value and gradient, for SD 1.5's feed-forward widths, a width that forbids
+/// 16-byte accesses, float32 and bfloat16.
+#[test]
+fn fused_geglu_matches_torchs_float32_geglu() {
+    let Some(dev) = cuda() else { return };
+    // SAFETY: set before anything reads it (the switch is read once), and the GPU tests run with
+    // --test-threads 1 (scripts/gpu_train_bench.sh).
+    unsafe { std::env::set_var(fused::GEGLU_ENV, "1") };
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for (rows, inner) in [(4 * 4096, 1280), (4 * 256, 5120), (7, 12)] {
+            tch::manual_seed(11);
+            let label = format!("GEGLU {kind:?} rows={rows} inner={inner}");
+            let opts = (Kind::Float, dev);
+            let hg0 = (Tensor::randn([rows, 2 * inner], opts) * 2.0).to_kind(kind);
+            let dout = Tensor::randn([rows, inner], opts).to_kind(kind);
+            let hg = hg0.copy().set_requires_grad(true);
+            let out = fused::geglu(&hg).unwrap_or_else(|| {
+                panic!(
+                    "{label}: the fused kernel did not run: {:?}",
+                    fused::take_failure()
+                )
+            });
+            assert_eq!(out.size(), [rows, inner], "{label}");
+            (&out * &dout).sum(Kind::Float).backward();
+            let g = hg.grad();
+
+            let hr = hg0.to_kind(Kind::Float).set_requires_grad(true);
+            let parts = hr.chunk(2, -1);
+            let outr = &parts[0] * parts[1].gelu("none");
+            (&outr * dout.to_kind(Kind::Float))
+                .sum(Kind::Float)
+                .backward();
+            let gr = hr.grad();
+
+            let (ty, tg) = if kind == Kind::Float {
+                (2e-6, 2e-6)
+            } else {
+                (8e-3, 8e-3)
+            };
+            let (ey, eg) = (rel(&out, &outr), rel(&g, &gr));
+            eprintln!("{label}: output {ey:.2e}, gradient {eg:.2e}");
+            assert!(ey <= ty, "{label}: output differs by {ey:.3e} (> {ty})");
+            assert!(eg <= tg, "{label}: gradient differs by {eg:.3e} (> {tg})");
+        }
+    }
 }
