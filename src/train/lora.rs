@@ -308,23 +308,14 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
-            None => y,
+            None => x.linear(&self.weight, self.bias.as_ref()),
             Some((a, b, s)) => {
-                // peft casts the input to the adapter dtype; in mixed precision the f32 master
-                // weights are cast to the compute dtype instead (what autocast does for matmul).
-                let d = if a.kind() == x.kind() {
-                    x.linear::<Tensor>(a, None).linear::<Tensor>(b, None)
-                } else {
-                    // f32 adapters on low-precision activations (FlatParams normally hands the
-                    // model compute-dtype views, so this is the fallback)
-                    let k = x.kind();
-                    x.linear::<Tensor>(&a.to_kind(k), None)
-                        .linear::<Tensor>(&b.to_kind(k), None)
-                };
-                // scaling 1 (alpha = rank, the script's setting) costs no extra kernel
-                if *s == 1.0 { y + d } else { y + d * *s }
+                let (a, b) = in_kind(a, b, x.kind());
+                let x2 = as_rows(x);
+                let y = x2.linear(&self.weight, self.bias.as_ref());
+                let y = add_lora_up(y, &x2.linear::<Tensor>(&a, None), &b, *s);
+                y.view(out_shape(x, y.size()[1]).as_slice())
             }
         }
     }
@@ -336,31 +327,68 @@ impl LoraLinear {
     /// vectorised (GEGLU's `hidden * gelu(gate)` on `chunk`'s strided halves does not).
     pub fn forward_chunks(&self, x: &Tensor, n: i64) -> Vec<Tensor> {
         let rows = self.weight.size()[0] / n;
+        let x2 = as_rows(x);
         // the LoRA's down-projection is shared by every chunk
         let lora = self.lora.as_ref().map(|(a, b, s)| {
-            let k = x.kind();
-            let (a, b) = if a.kind() == k {
-                (a.shallow_clone(), b.shallow_clone())
-            } else {
-                (a.to_kind(k), b.to_kind(k))
-            };
-            (x.linear::<Tensor>(&a, None), b, *s)
+            let (a, b) = in_kind(a, b, x.kind());
+            (x2.linear::<Tensor>(&a, None), b, *s)
         });
         (0..n)
             .map(|i| {
                 let w = self.weight.narrow(0, i * rows, rows);
                 let bias = self.bias.as_ref().map(|b| b.narrow(0, i * rows, rows));
-                let y = x.linear(&w, bias.as_ref());
-                match &lora {
+                let y = x2.linear(&w, bias.as_ref());
+                let y = match &lora {
                     None => y,
-                    Some((h, b, s)) => {
-                        let d = h.linear::<Tensor>(&b.narrow(0, i * rows, rows), None);
-                        if *s == 1.0 { y + d } else { y + d * *s }
-                    }
-                }
+                    Some((h, b, s)) => add_lora_up(y, h, &b.narrow(0, i * rows, rows), *s),
+                };
+                y.view(out_shape(x, rows).as_slice())
             })
             .collect()
     }
+}
+
+/// The LoRA weights in the activations' dtype: peft casts the input to the adapter dtype; in
+/// mixed precision the f32 master weights are cast to the compute dtype instead (what autocast
+/// does for matmul). FlatParams normally hands the model compute-dtype views already, so the
+/// cast is the fallback.
+fn in_kind(a: &Tensor, b: &Tensor, k: Kind) -> (Tensor, Tensor) {
+    if a.kind() == k {
+        (a.shallow_clone(), b.shallow_clone())
+    } else {
+        (a.to_kind(k), b.to_kind(k))
+    }
+}
+
+/// `x` as a matrix of rows `[…, in]` → `[N, in]` (a view when `x` is contiguous).
+fn as_rows(x: &Tensor) -> Tensor {
+    let size = x.size();
+    x.reshape([-1, size[size.len() - 1]])
+}
+
+/// `x`'s shape with its last dimension `out`.
+fn out_shape(x: &Tensor, out: i64) -> Vec<i64> {
+    let mut size = x.size();
+    if let Some(last) = size.last_mut() {
+        *last = out;
+    }
+    size
+}
+
+/// `y + scaling · h Bᵀ` (peft's `lora.Linear.forward`: `result + lora_B(lora_A(x)) * scaling`) with
+/// the up-projection accumulated into the base output `y [N, out]` by the GEMM itself (beta = 1),
+/// instead of writing `h Bᵀ` out and adding it in a second pass over `[N, out]`. `y` is a fresh
+/// matrix product that no autograd node saved (mm/addmm keep their inputs, not their output), so
+/// updating it in place is allowed, and `addmm_`'s gradient with respect to `y` is the identity.
+/// The scaling goes on the small `[out, r]` weight (1, the script's `alpha = rank`, costs nothing).
+fn add_lora_up(mut y: Tensor, h: &Tensor, b: &Tensor, scaling: f64) -> Tensor {
+    let bt = if scaling == 1.0 {
+        b.tr()
+    } else {
+        b.tr() * scaling
+    };
+    let _ = y.addmm_(h, &bt);
+    y
 }
 
 /// `nn.Conv2d` with an optional peft LoRA adapter.
@@ -402,12 +430,7 @@ impl LoraConv2d {
         match &self.lora {
             None => y,
             Some((a, b, sc)) => {
-                let k = x.kind();
-                let (a, b) = if a.kind() == k {
-                    (a.shallow_clone(), b.shallow_clone())
-                } else {
-                    (a.to_kind(k), b.to_kind(k))
-                };
+                let (a, b) = in_kind(a, b, x.kind());
                 let h = x.conv2d::<Tensor>(&a, None, s, pd, [1, 1], 1);
                 let d = h.conv2d::<Tensor>(&b, None, [1, 1], [0, 0], [1, 1], 1);
                 if *sc == 1.0 { y + d } else { y + d * *sc }
@@ -427,19 +450,15 @@ impl LoraConv2d {
             "a pointwise convolution"
         );
         let as_matrix = |t: &Tensor| t.reshape([t.size()[0], t.size()[1]]);
-        let y = x.linear(&as_matrix(&self.weight), self.bias.as_ref());
+        let w = as_matrix(&self.weight);
         match &self.lora {
-            None => y,
+            None => x.linear(&w, self.bias.as_ref()),
             Some((a, b, sc)) => {
-                let k = x.kind();
-                let (a, b) = (as_matrix(a), as_matrix(b));
-                let (a, b) = if a.kind() == k {
-                    (a, b)
-                } else {
-                    (a.to_kind(k), b.to_kind(k))
-                };
-                let d = x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
-                if *sc == 1.0 { y + d } else { y + d * *sc }
+                let (a, b) = in_kind(&as_matrix(a), &as_matrix(b), x.kind());
+                let x2 = as_rows(x);
+                let y = x2.linear(&w, self.bias.as_ref());
+                let y = add_lora_up(y, &x2.linear::<Tensor>(&a, None), &b, *sc);
+                y.view(out_shape(x, y.size()[1]).as_slice())
             }
         }
     }
