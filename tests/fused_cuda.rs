@@ -122,14 +122,14 @@ fn nchw_and_trainable_affine_take_atens_path() {
     );
 }
 
-/// GEGLU's fused kernel (opted in here: `LORAFUSE_FUSED_GEGLU=1`) against torch's chunk, gelu and
+/// GEGLU's fused kernel (on by default; switched on here even if the environment says 0) against torch's chunk, gelu and
 /// product in float32, value and gradient, for SD 1.5's feed-forward widths, a width that forbids
 /// 16-byte accesses, float32 and bfloat16.
 #[test]
 fn fused_geglu_matches_torchs_float32_geglu() {
     let Some(dev) = cuda() else { return };
     // SAFETY: set before anything reads it (the switch is read once), and the GPU tests run with
-    // --test-threads 1 (scripts/gpu_train_bench.sh).
+    // --test-threads 1 (scripts/gpu_train_bench.sh). `1` overrides a `0` in the caller's environment.
     unsafe { std::env::set_var(fused::GEGLU_ENV, "1") };
     for kind in [Kind::Float, Kind::BFloat16] {
         for (rows, inner) in [(4 * 4096, 1280), (4 * 256, 5120), (7, 12)] {
