@@ -137,28 +137,26 @@ if [ "$MODE" = peaks ]; then
   [ -f /tmp/sd15-opt-h/unet/model.onnx ] || $L optimize --float16 /tmp/sd15-onnx /tmp/sd15-opt-h >/dev/null
   peak50() { local label=$1; shift
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem50_$label.txt" & local smi=$!
-    "$@" > "$OUT/peak_$label.log" 2>/dev/null; kill $smi; wait $smi 2>/dev/null
+    "$@" > "$OUT/peak_$label.log" 2>"${ERR:-/dev/null}"; kill $smi; wait $smi 2>/dev/null
     python3 -c "v=[int(x) for x in open('$OUT/mem50_$label.txt') if x.strip().isdigit()]; print(f'$label: peak {max(v)-min(v)} MiB over idle')"
   }
   b1() { $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} --device cuda --json -m ${PEAK_MODEL:-/tmp/sd15-opt-h} "$@"; }
-  # defaults (lean: the VAE decoder plans no memory pattern; the device buffers copied with
-  # cudaMemcpy), ORT's identity-session copies
-  # (LORAFUSE_DEVICE_COPY=ort, the default before 2026-12-07's fourth session); PEAK_SET=all adds
-  # ORT's memory pattern everywhere (=1) and nowhere (=0, which can break a capture) and ONNX
-  # Runtime's own graph
+  # defaults (lean: the VAE decoder and the CUDA-graph UNet plan no memory pattern; the device
+  # buffers copied with cudaMemcpy), ORT's identity-session copies (LORAFUSE_DEVICE_COPY=ort, the
+  # default before 2026-12-07's fourth session), ORT's memory pattern everywhere
+  # (LORAFUSE_ORT_MEM_PATTERN=1: the UNet's was the default before the fifth); PEAK_SET=all adds
+  # ONNX Runtime's own graph (made by MODE=peer), whose capture needed the pattern: its stderr
+  # (the pipeline's warning when it builds the UNet again with the pattern) goes to
+  # peak_ortopt_graphs.err
   peak50 float16_no_graphs b1
   peak50 float16_graphs b1 --cuda-graphs
   peak50 float16_graphs_ort_copies env LORAFUSE_DEVICE_COPY=ort $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
     --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-  # the first (uncaptured) run's chunks handed back (LORAFUSE_ORT_FIRST_RUN_SHRINK=1)
-  peak50 float16_graphs_first_run_shrink env LORAFUSE_ORT_FIRST_RUN_SHRINK=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
+  peak50 float16_graphs_mem_pattern env LORAFUSE_ORT_MEM_PATTERN=1 $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
     --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-  if [ "${PEAK_SET:-short}" = all ]; then
-    for mp in 1 0; do
-      peak50 float16_graphs_mem_pattern_$mp env LORAFUSE_ORT_MEM_PATTERN=$mp $L bench -W 512 -H 512 --steps 25 --images ${PEAK_IMAGES:-1} \
-        --device cuda --json -m /tmp/sd15-opt-h --cuda-graphs
-    done
-    [ -f /tmp/sd15-ortopt/unet/model.onnx ] && PEAK_MODEL=/tmp/sd15-ortopt peak50 ortopt_graphs b1 --cuda-graphs
+  if [ "${PEAK_SET:-short}" = all ] && [ -f /tmp/sd15-ortopt/unet/model.onnx ]; then
+    ERR="$OUT/peak_ortopt_graphs.err" PEAK_MODEL=/tmp/sd15-ortopt peak50 ortopt_graphs b1 --cuda-graphs
+    grep -i "warning\|error" "$OUT/peak_ortopt_graphs.err" | cut -c1-300
   fi
   for f in "$OUT"/peak_*.log; do python3 - "$f" <<'PY'
 import json, sys, os

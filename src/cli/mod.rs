@@ -155,8 +155,8 @@ impl SessionArgs {
             cuda: self.cuda.options(),
             optimize: self.optimize,
             float16: self.float16,
-            fixed_dims: Vec::new(),
-            once_per_image: false,
+            // set per component by the pipeline
+            ..Default::default()
         })
     }
 }

@@ -475,8 +475,8 @@ unsafe extern "C" fn create_pipeline(
                 cuda,
                 optimize: o.optimize,
                 float16: o.float16,
-                fixed_dims: Vec::new(),
-                once_per_image: false,
+                // set per component by the pipeline
+                ..Default::default()
             },
             ort_library,
             lora_mode,

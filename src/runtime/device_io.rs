@@ -40,10 +40,16 @@ struct ShapeSet {
     inputs: Vec<Buffer>,
     output: Buffer,
     options: RunOptions,
-    /// The first run's options where they differ ([`DeviceIo::first_run_options`]).
-    first: Option<RunOptions>,
+    /// The set runs as a CUDA graph (ORT captures it on run [`RUNS_BEFORE_CAPTURE`] + 1).
+    graph: bool,
     runs: u64,
 }
+
+/// ORT runs a CUDA graph's first two runs uncaptured, so that the arena holds every block the
+/// capture needs (`min_num_runs_before_cuda_graph_capture_`,
+/// onnxruntime/core/providers/cuda/cuda_execution_provider.h; onnxruntime PR #15005), and
+/// captures the third.
+const RUNS_BEFORE_CAPTURE: u64 = 2;
 
 /// Device buffers for one session (UNet), keyed by the shapes of a call.
 pub struct DeviceIo {
@@ -52,6 +58,7 @@ pub struct DeviceIo {
     allocator: Allocator,
     binding: Option<IoBinding>,
     sets: Vec<ShapeSet>,
+    capture_failed: bool,
 }
 
 impl DeviceIo {
@@ -70,6 +77,7 @@ impl DeviceIo {
             allocator: Allocator::new(session, info)?,
             binding: None,
             sets: Vec::new(),
+            capture_failed: false,
         })
     }
 
@@ -98,13 +106,10 @@ impl DeviceIo {
             -1
         };
         let graph_id = self.graphs.then_some(id);
-        let options = Self::run_options(graph_id, None)?;
-        let first = match graph_id {
-            Some(id) if id >= 0 && first_run_shrinks() => {
-                Some(Self::run_options(graph_id, Some(self.device_id))?)
-            }
-            _ => None,
-        };
+        let mut options = RunOptions::new()?;
+        if let Some(id) = graph_id {
+            options.set("gpu_graph_id", id.to_string())?;
+        }
         let set = ShapeSet {
             inputs: inputs
                 .iter()
@@ -112,33 +117,11 @@ impl DeviceIo {
                 .collect::<Result<_>>()?,
             output: self.buffer(output)?,
             options,
-            first,
+            graph: graph_id.is_some_and(|id| id >= 0),
             runs: 0,
         };
         self.sets.push(set);
         Ok(self.sets.len() - 1)
-    }
-
-    /// Run options for a shape set: its CUDA graph id, and with `shrink_on` the arena of that
-    /// device handed back after the run (`memory.enable_memory_arena_shrinkage`). ORT runs a
-    /// graph's first two runs uncaptured (onnxruntime PR #15005): the first allocates every
-    /// activation chunk by chunk and records ORT's memory pattern, the second allocates the
-    /// pattern as one block, which the capture then reuses; the first run's chunks stay in the
-    /// arena unused for the pipeline's life (≈ 230 MiB for SD 1.5 at 512², docs/benchmarks.md).
-    /// `LORAFUSE_ORT_FIRST_RUN_SHRINK=1` hands them back after the first run; off by default until
-    /// measured on a GPU (a capture that must grow the arena fails).
-    fn run_options(graph_id: Option<i64>, shrink_on: Option<i32>) -> Result<RunOptions> {
-        let mut options = RunOptions::new()?;
-        if let Some(id) = graph_id {
-            options.set("gpu_graph_id", id.to_string())?;
-        }
-        if let Some(device) = shrink_on {
-            options.set(
-                "memory.enable_memory_arena_shrinkage",
-                format!("gpu:{device}"),
-            )?;
-        }
-        Ok(options)
     }
 
     /// Run `session` on `inputs` (f32 host data, converted to each port's type) and return the
@@ -177,26 +160,29 @@ impl DeviceIo {
             binding.bind_input(buf.port.name.as_str(), &buf.device)?;
         }
         binding.bind_output(set.output.port.name.as_str(), &mut set.output.device)?;
-        let options = match &set.first {
-            Some(first) if set.runs == 0 => first,
-            _ => &set.options,
-        };
-        session.run_binding_with_options(binding, options)?;
+        if let Err(e) = session.run_binding_with_options(binding, &set.options) {
+            // a failure up to and including the capture: [`DeviceIo::capture_failed`]
+            self.capture_failed |= set.graph && set.runs <= RUNS_BEFORE_CAPTURE;
+            return Err(e.into());
+        }
         set.runs += 1;
         copy(&set.output.device, &mut set.output.host)?;
         read_host(&set.output.host, set.output.port.ty)
+    }
+
+    /// Whether a run failed while a CUDA graph was being prepared or captured (its first
+    /// [`RUNS_BEFORE_CAPTURE`] + 1 runs): a capture fails when it needs an arena block the
+    /// uncaptured runs did not leave (allocating memory is not allowed while capturing), so the
+    /// caller may build the session again with ORT's memory pattern and retry
+    /// ([`super::session::SessionOptions::graph_memory_pattern`]).
+    pub fn capture_failed(&self) -> bool {
+        self.capture_failed
     }
 
     /// The CUDA device the buffers are on.
     pub fn device_id(&self) -> i32 {
         self.device_id
     }
-}
-
-/// Whether `LORAFUSE_ORT_FIRST_RUN_SHRINK=1` is set (read once; [`DeviceIo::run_options`]).
-fn first_run_shrinks() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LORAFUSE_ORT_FIRST_RUN_SHRINK").as_deref() == Ok("1"))
 }
 
 /// Set once `CopyTensors` failed (an ORT whose environment has no data transfer for the device).

@@ -62,6 +62,11 @@ pub struct SessionOptions {
     /// only what is live at once and hands it back after the run
     /// ([`SessionOptions::once_per_image_run_options`]). Set by [`SessionOptions::once_per_image`].
     pub once_per_image: bool,
+    /// A CUDA-graph session (the UNet) plans ORT's memory pattern even when lean. Lean CUDA-graph
+    /// sessions plan none by default (0.2 GB less for SD 1.5 at 512², same speed,
+    /// docs/benchmarks.md); the pipeline sets this and builds the session again when a graph's
+    /// capture fails without it (ORT's own optimized SD 1.5 graph needed it).
+    pub graph_memory_pattern: bool,
 }
 
 /// The most intra-op threads a session may ask for: 4 per CPU the process may use (at least 8).
@@ -151,9 +156,11 @@ pub enum CudaMemory {
     /// cuDNN convolutions do without their largest workspaces (`cudnn_conv_use_max_workspace`
     /// 0), and the VAE decoder plans no memory pattern and hands its arena back after each image
     /// (`memory.enable_memory_arena_shrinkage`). SD 1.5 at 512² on an H100: 1.7 GB less at the
-    /// same speed (docs/benchmarks.md). The UNet keeps ORT's memory pattern: without it a CUDA
-    /// graph capture may need a new arena block mid-capture, which fails (seen on ONNX Runtime's
-    /// own optimized SD 1.5 graph, docs/benchmarks.md).
+    /// same speed (docs/benchmarks.md). A CUDA-graph UNet plans no memory pattern either (its
+    /// arena then holds the activations of one run, not also the pattern's block: 0.2 GB); where a
+    /// capture then fails for want of an arena block (seen on ONNX Runtime's own optimized SD 1.5
+    /// graph), the pipeline builds it again with the pattern
+    /// ([`SessionOptions::graph_memory_pattern`]).
     #[default]
     Lean,
     /// ONNX Runtime's defaults: arenas grow by powers of two, cuDNN may take its largest
@@ -387,10 +394,11 @@ pub fn open(path: &Path, opts: &SessionOptions) -> Result<Session> {
     })
 }
 
-/// Whether sessions built with `opts` plan ORT's memory pattern: all but lean CUDA sessions run
-/// once per image (a CUDA graph capture needs the UNet's planned block, see [`CudaMemory::Lean`]).
+/// Whether a session plans ORT's memory pattern: not when lean on CUDA and run once per image
+/// (the VAE decoder), nor for a lean CUDA-graph session unless [`SessionOptions::graph_memory_pattern`].
 fn plans_memory_pattern(opts: &SessionOptions) -> bool {
-    !(opts.cuda.memory == CudaMemory::Lean && opts.once_per_image && opts.device != Device::Cpu)
+    let lean_cuda = opts.cuda.memory == CudaMemory::Lean && opts.device != Device::Cpu;
+    !(lean_cuda && (opts.once_per_image || (opts.cuda.graphs && !opts.graph_memory_pattern)))
 }
 
 /// Apply threads and execution providers to a session builder.
@@ -431,8 +439,8 @@ fn configure(
         builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
     }
     // ORT's memory pattern (one planned block for a run's intermediates): off for lean sessions
-    // run once per image; diagnostics knob `LORAFUSE_ORT_MEM_PATTERN=0|1` overrides (0 may make a
-    // CUDA graph capture fail, see CudaMemory::Lean)
+    // run once per image or captured as CUDA graphs; diagnostics knob `LORAFUSE_ORT_MEM_PATTERN=0|1`
+    // overrides (see CudaMemory::Lean)
     let mem_pattern = match std::env::var("LORAFUSE_ORT_MEM_PATTERN").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
@@ -671,13 +679,16 @@ mod tests {
     }
 
     #[test]
-    fn only_lean_cuda_sessions_run_once_per_image_plan_no_memory_pattern() {
+    fn lean_cuda_sessions_plan_no_memory_pattern_when_run_once_per_image_or_captured() {
         let mut unet = SessionOptions {
             device: Device::Cuda(0),
             ..Default::default()
         };
         unet.cuda.graphs = true;
-        assert!(plans_memory_pattern(&unet), "a CUDA graph capture needs it");
+        assert!(!plans_memory_pattern(&unet), "a lean CUDA-graph UNet");
+        let mut retried = unet.clone();
+        retried.graph_memory_pattern = true;
+        assert!(plans_memory_pattern(&retried), "after a failed capture");
         let vae = unet.once_per_image();
         assert!(vae.once_per_image && !vae.cuda.graphs);
         assert!(!plans_memory_pattern(&vae));

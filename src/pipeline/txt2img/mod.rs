@@ -473,26 +473,42 @@ impl Txt2Img {
                 ),
                 (port(&sig.hidden_name, hidden_shape, sig.hidden_ty), hidden),
             ];
-            self.ensure_unet()?;
-            if self.unet_io.is_none() {
-                let graphs = self.graph_dims.is_some();
-                self.unet_io = Some(DeviceIo::new(
-                    built_unet(&mut self.unet)?,
-                    device_id,
-                    graphs,
-                )?);
+            loop {
+                self.ensure_unet()?;
+                if self.unet_io.is_none() {
+                    let graphs = self.graph_dims.is_some();
+                    self.unet_io = Some(DeviceIo::new(
+                        built_unet(&mut self.unet)?,
+                        device_id,
+                        graphs,
+                    )?);
+                }
+                let io = self
+                    .unet_io
+                    .as_mut()
+                    .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
+                let unet = built_unet(&mut self.unet)?;
+                let result = io.run(
+                    unet,
+                    self.loras.unet_live.as_mut().map(|l| &mut l.binding),
+                    &inputs,
+                    &out,
+                );
+                // A lean CUDA-graph UNet plans no memory pattern; if its capture fails for it,
+                // build it again with the pattern and run this step once more (same inputs:
+                // the step's result does not depend on whether it was captured).
+                match result {
+                    Err(e) if io.capture_failed() && !self.opts.graph_memory_pattern => {
+                        crate::runtime::warn(&format!(
+                            "the UNet's CUDA graph capture failed without ONNX Runtime's memory \
+                             pattern ({e}); building the UNet again with it"
+                        ));
+                        self.opts.graph_memory_pattern = true;
+                        self.reopen_unet()?;
+                    }
+                    r => return r,
+                }
             }
-            let io = self
-                .unet_io
-                .as_mut()
-                .ok_or_else(|| Error::Internal("no device buffers for the UNet".into()))?;
-            let unet = built_unet(&mut self.unet)?;
-            return io.run(
-                unet,
-                self.loras.unet_live.as_mut().map(|l| &mut l.binding),
-                &inputs,
-                &out,
-            );
         }
         let inputs = vec![
             (
