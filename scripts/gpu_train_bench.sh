@@ -28,9 +28,40 @@ tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16
 # nvidia-smi every 100 ms -- the same measure for lorafuse and the script (the trainers' own figures
 # differ: lorafuse's log reads cudaMemGetInfo, the device's whole use with the CUDA context; the
 # script's shim reads torch's max_memory_reserved, the caching allocator's only)
-smi_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/smi_$1.txt" & SMI=$!; }
-smi_stop() { kill $SMI; wait $SMI 2>/dev/null; python3 -c "v=[int(x) for x in open('$OUT/smi_$1.txt') if x.strip().isdigit()]; print(f'$1: nvidia-smi peak {max(v)-min(v)} MiB over idle')" | tee -a "$OUT/smi_peaks.txt"; }
-run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); smi_start $name; $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
+# script's shim reads torch's max_memory_reserved, the caching allocator's only). Each sample and
+# each line of the trainer's output carry the time, so smi_stop also says when the peak came: the
+# trainer's last line before it (a phase: loading, caching latents, step N).
+smi_start() { nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/smi_$1.txt" & SMI=$!; }
+smi_stop() {
+  kill $SMI; wait $SMI 2>/dev/null
+  python3 - "$1" "$OUT/smi_$1.txt" "$OUT/out_$1.txt" <<'PY' | tee -a "$OUT/smi_peaks.txt"
+import sys, datetime
+name, smi, out = sys.argv[1:4]
+def t(s):
+    return datetime.datetime.strptime(s.strip()[-12:], "%H:%M:%S.%f")
+rows = []
+for line in open(smi):
+    ts, _, mib = line.rpartition(",")
+    if mib.strip().isdigit():
+        rows.append((t(ts), int(mib)))
+if not rows:
+    print(f"{name}: no nvidia-smi samples"); sys.exit()
+peak_t, peak = max(rows, key=lambda r: r[1])
+idle = min(m for _, m in rows)
+last = "(before the trainer's first line)"
+try:
+    for line in open(out):
+        stamp, _, text = line.partition(" ")
+        if t(stamp) <= peak_t:
+            last = text.strip()[:120]
+except FileNotFoundError:
+    last = "(no timed output)"
+print(f"{name}: nvidia-smi peak {peak - idle} MiB over idle, at {peak_t:%H:%M:%S.%f}"[:-3] + f", after: {last}")
+PY
+}
+# every line of stdin with the time in front (HH:MM:SS.mmm), into FILE and on to stdout
+stamp() { while IFS= read -r l; do printf '%s %s\n' "$(date +%H:%M:%S.%3N)" "$l"; done | tee "$1" | cut -d' ' -f2-; }
+run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); smi_start $name; $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | stamp "$OUT/out_$name.txt" | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
 
 if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_cuda.xz ]; then
   [ -f $T/fused_cuda ] || xz -dk $T/fused_cuda.xz
@@ -94,7 +125,7 @@ if [ "${PEER:-1}" = 1 ]; then
     PEER_TIMING=$OUT/$name.json PYTHONPATH=$PWD/scripts/peer_shims/timing:$pp python3 .whl/train_text_to_image_lora.py \
       --pretrained_model_name_or_path /tmp/sd15 --train_data_dir $DATA --resolution 512 --center_crop --random_flip \
       --learning_rate 1e-04 --max_grad_norm 1 --lr_scheduler cosine --lr_warmup_steps 0 --seed 1337 --rank 4 \
-      --output_dir /tmp/$name "$@" > /tmp/$name.log 2>&1
+      --output_dir /tmp/$name "$@" 2>&1 | tr '\r' '\n' | stamp "$OUT/out_$name.txt" > /tmp/$name.log
     rc=$?; smi_stop $name
     echo "exit $rc; wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"
     tr '\r' '\n' < /tmp/$name.log | grep -v -i "warn\|^Steps:\|^ *$" | tail -8

@@ -12,7 +12,8 @@
 # Carry .train-gpu (see scripts/gpu_train_bench.sh), .whl (diffusers wheel) and, after the first
 # part, .long. EXTRA adds flags. COMPARE=1 (first part only) first trains 80 steps of the recipe
 # with CUDA graphs in each --memory_format on 64 images and runs the whole run in the faster one
-# (recorded in the run's folder, so later parts keep it). A part ends by DEADLINE seconds (default
+# (recorded in the run's folder, so later parts keep it); without it the run uses the trainer's default,
+`auto`. A part ends by DEADLINE seconds (default
 # 560) after the script starts, leaving time for the checkpoint, the tar and the diffusers check.
 set -uo pipefail
 start=$(date +%s)
@@ -38,7 +39,9 @@ if [ "${COMPARE:-0}" = 1 ] && [ ! -f $run/memory_format ]; then
   done
   echo $best > $run/memory_format
 fi
-fmt=$(cat $run/memory_format 2>/dev/null || echo contiguous)
+# the run's --memory_format: COMPARE's pick, else the trainer's default (auto: channels-last on CUDA)
+[ -f $run/memory_format ] || echo auto > $run/memory_format
+fmt=$(cat $run/memory_format)
 left=$(( ${DEADLINE:-560} - ($(date +%s) - start) - 45 ))
 echo "this part: --memory_format $fmt, at most $left s of training"
 s=$(date +%s.%N)
