@@ -633,8 +633,12 @@ fn check_settings(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<()> {
     if matches!(device, Device::Cuda(_)) {
-        // fixed shapes every step: let cuDNN pick its fastest convolutions once
-        tch::Cuda::cudnn_set_benchmark(true);
+        // fixed shapes every step: let cuDNN pick its fastest convolutions once. Diagnostics knob
+        // `LORAFUSE_CUDNN_BENCHMARK=0`: cuDNN's heuristics instead (torch's default, and the
+        // script's): the search tries workspaces beside the step's activations, a transient peak
+        // the per-step memory readings do not see (docs/benchmarks.md)
+        let benchmark = std::env::var("LORAFUSE_CUDNN_BENCHMARK").as_deref() != Ok("0");
+        tch::Cuda::cudnn_set_benchmark(benchmark);
     }
     if device == Device::Cpu && kind != Kind::Float {
         on_event(Event::Warning(format!(
