@@ -13,8 +13,8 @@
 # part, .long. EXTRA adds flags. COMPARE=1 (first part only) first trains 80 steps of the recipe
 # with CUDA graphs in each --memory_format on 64 images and runs the whole run in the faster one
 # (recorded in the run's folder, so later parts keep it); without it the run uses the trainer's
-# default, `auto`. A part ends by DEADLINE seconds (default 560) after the script starts, leaving MARGIN seconds (default 45) for the checkpoint, the tar and
-# the diffusers check. The whole run as one part on a warm machine (model and data made, 111
+# default, `auto`. A part ends by DEADLINE seconds (default 560) after the script starts, leaving
+# MARGIN seconds (default 45) for the checkpoint, the tar and the diffusers check. The whole run as one part on a warm machine (model and data made, 111
 # samples/s: ≈ 565 s of training): DEADLINE=598 MARGIN=25.
 set -uo pipefail
 start=$(date +%s)
