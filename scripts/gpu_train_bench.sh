@@ -4,7 +4,8 @@
 # captured (--cuda_graphs on); samples/s, device memory and the phase breakdown of --profile_steps
 # (docs/benchmarks.md). Carry .train-gpu/ (git-ignored): lorafuse.xz (release build with
 # `--features train`, stripped, xz) and tokenizer/ (models/tiny/diffusers/tokenizer); .whl/ holds
-# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them);
+# the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them;
+# a word env:VAR=VALUE among the flags sets VAR for that run only);
 # TORCH_PROFILE=1 adds a PyTorch profiler trace of each run's --profile_steps (summed per kernel kind).
 # PEER=1 (the default) also runs diffusers' examples/text_to_image/train_text_to_image_lora.py (carried
 # as .whl/train_text_to_image_lora.py, with the datasets, dill and multiprocess wheels) on the same
@@ -61,7 +62,15 @@ PY
 }
 # every line of stdin with the time in front (HH:MM:SS.mmm), into FILE and on to stdout
 stamp() { while IFS= read -r l; do printf '%s %s\n' "$(date +%H:%M:%S.%3N)" "$l"; done | tee "$1" | cut -d' ' -f2-; }
-run() { name=$1; shift; echo "== $name: $*"; s=$(date +%s.%N); smi_start $name; $T/lorafuse train $common --output_dir /tmp/$name "$@" 2>&1 | stamp "$OUT/out_$name.txt" | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'; smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null; }
+# run NAME [env:VAR=VALUE ...] FLAGS...: one lorafuse run; env: words set that variable for it
+# (e.g. env:LORAFUSE_CUDNN_BENCHMARK=0 in a RUNS spec)
+run() {
+  name=$1; shift; local envs=() flags=()
+  for a in "$@"; do case $a in env:*) envs+=("${a#env:}");; *) flags+=("$a");; esac; done
+  echo "== $name: ${envs[*]} ${flags[*]}"; s=$(date +%s.%N); smi_start $name
+  env "${envs[@]}" $T/lorafuse train $common --output_dir /tmp/$name "${flags[@]}" 2>&1 | stamp "$OUT/out_$name.txt" | awk '!/^step / || $2 % 20 == 0 || $2 <= 5'
+  smi_stop $name; echo "wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s"; cp /tmp/$name/logs/train_log.csv $OUT/$name.csv 2>/dev/null
+}
 
 if [ "${KERNELS:-1}" = 1 ] && [ -f $T/fused_cuda.xz ]; then
   [ -f $T/fused_cuda ] || xz -dk $T/fused_cuda.xz
