@@ -28,7 +28,6 @@ tut="--train_batch_size 1 --gradient_accumulation_steps 4 --mixed_precision bf16
 # smi_start NAME / smi_stop NAME: the process's peak GPU memory over the idle reading, sampled by
 # nvidia-smi every 100 ms -- the same measure for lorafuse and the script (the trainers' own figures
 # differ: lorafuse's log reads cudaMemGetInfo, the device's whole use with the CUDA context; the
-# script's shim reads torch's max_memory_reserved, the caching allocator's only)
 # script's shim reads torch's max_memory_reserved, the caching allocator's only). Each sample and
 # each line of the trainer's output carry the time, so smi_stop also says when the peak came: the
 # trainer's last line before it (a phase: loading, caching latents, step N).

@@ -103,6 +103,13 @@ int lf_graph_capture_end(void* handle, char** err) {
   return rc;
 }
 
+// Hand the caching allocator's unused blocks back to the driver (torch.cuda.empty_cache): after
+// the latent cache is built, so the VAE's large transient blocks neither stay reserved nor split
+// into the training step's.
+int lf_empty_cache(char** err) {
+  return lf_shim::guarded(err, [] { c10::cuda::CUDACachingAllocator::emptyCache(); });
+}
+
 int lf_graph_replay(void* handle, char** err) {
   auto* g = static_cast<Graph*>(handle);
   return lf_shim::guarded(err, [&] { g->graph.replay(); });

@@ -24,6 +24,7 @@ mod ffi {
         pub fn lf_graph_capture_end(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_replay(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn lf_graph_free(g: *mut c_void);
+        pub fn lf_empty_cache(err: *mut *mut c_char) -> c_int;
     }
 }
 
@@ -40,6 +41,19 @@ pub struct CudaGraph {
 /// Whether this build has the shim and a CUDA device is present.
 pub fn available() -> bool {
     cfg!(lorafuse_cuda_graph) && tch::Cuda::is_available()
+}
+
+/// Return the caching allocator's unused device memory to the driver (`torch.cuda.empty_cache()`);
+/// nothing where this build or machine has no CUDA.
+pub fn empty_cache() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    #[cfg(lorafuse_cuda_graph)]
+    // SAFETY: no arguments; the shim catches libtorch's exceptions.
+    return call("empty_cache", |e| unsafe { ffi::lf_empty_cache(e) });
+    #[cfg(not(lorafuse_cuda_graph))]
+    Ok(())
 }
 
 #[cfg(lorafuse_cuda_graph)]

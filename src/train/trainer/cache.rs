@@ -186,7 +186,9 @@ fn encode_latents(
     let mut done = 0;
     for (t, (members, (w, h))) in groups.iter().enumerate() {
         let mut parts = Vec::new();
-        let chunk = 8usize;
+        // images (flips counted) per VAE pass: at 512² each holds a few 128 × 512² activations in the
+        // first block (64 MiB apiece in bf16), so 4 keep the caching phase under the step's memory
+        let chunk = 4usize;
         let mut px: Vec<f32> = Vec::new();
         let mut pending = 0i64;
         for (row, &i) in members.iter().enumerate() {

@@ -191,6 +191,10 @@ impl<'a> Trainer<'a> {
         if cfg.cache_latents {
             models.vae = None;
         }
+        if device.is_cuda() {
+            // the VAE's and text encoder's blocks back to the driver before the steps allocate
+            crate::train::cuda_graph::empty_cache()?;
+        }
 
         // ---- steps
         let (plan, lr_sched) = Plan::new(cfg, batches_per_epoch(cfg, &cache));
