@@ -344,6 +344,14 @@ impl<'a> Trainer<'a> {
         let lr_now = self.lr_sched.lr(self.pos.sched_step);
         self.opt.set_lr(lr_now);
         let inputs = step_inputs(&ctx, &self.models, &self.ds, epoch, &micro)?;
+        // a partial step replays the captured graph with padding rows when it can
+        let (inputs, full) = match (&mut self.graph, &self.scaler) {
+            (Some(g), None) if !full => match g.fit(inputs, self.pos.global_step + 1, on_event) {
+                Ok(padded) => (padded, true),
+                Err(inputs) => (inputs, false),
+            },
+            _ => (inputs, full),
+        };
         self.clock.mark(Phase::Data);
         let out = match (&mut self.graph, self.scaler.as_mut()) {
             (Some(g), None) if full => {

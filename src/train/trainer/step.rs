@@ -55,6 +55,45 @@ impl MicroInputs {
         v
     }
 
+    /// The micro-batch's rows (examples).
+    pub(super) fn rows(&self) -> i64 {
+        self.weights.size().first().copied().unwrap_or(0)
+    }
+
+    /// These inputs grown to `rows` rows by repeating the first row with loss weight zero, and
+    /// with every weight zeroed when `silent` (a micro-batch the step does not have): a partial
+    /// step as the captured full one's inputs. The padding rows add exact zeros to the loss and
+    /// the gradients, so the step equals the unpadded one to rounding (the batched kernels sum in
+    /// another order). `None` when there are more rows than `rows`.
+    pub(super) fn padded(&self, rows: i64, silent: bool) -> Option<Self> {
+        let b = self.rows();
+        if b == 0 || b > rows {
+            return None;
+        }
+        let device = self.weights.device();
+        let idx: Vec<i64> = (0..rows).map(|r| if r < b { r } else { 0 }).collect();
+        let idx = Tensor::from_slice(&idx).to_device(device);
+        let take = |t: &Tensor| t.index_select(0, &idx.to_device(t.device()));
+        let keep = Tensor::from_slice(
+            &(0..rows)
+                .map(|r| if r < b && !silent { 1f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+        )
+        .to_device(device);
+        Some(Self {
+            params: take(&self.params),
+            eps: take(&self.eps),
+            noise: take(&self.noise),
+            offset: self.offset.as_ref().map(take),
+            text: match &self.text {
+                TextInput::States(t) => TextInput::States(take(t)),
+                TextInput::Ids(t) => TextInput::Ids(take(t)),
+            },
+            timesteps: take(&self.timesteps),
+            weights: take(&self.weights) * keep,
+        })
+    }
+
     /// A copy in new memory (the static inputs of a CUDA graph).
     pub(super) fn deep_copy(&self) -> Self {
         Self {
@@ -186,7 +225,8 @@ fn latent_params(
         let lat = &lat[t];
         return Ok(lat
             .index_select(0, &Tensor::from_slice(&idx).to_device(lat.device()))
-            .to_device(ctx.device));
+            .to_device(ctx.device)
+            .to_kind(Kind::Float));
     }
     let vae = models
         .vae
