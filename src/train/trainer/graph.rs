@@ -13,8 +13,8 @@
 //! shape is not the full one (the partial batch at the end of an epoch, a short accumulation
 //! group) replay the graph too once it is captured, their inputs padded with rows of loss weight
 //! zero ([`StepGraph::fit`]): no second set of activations, no cuDNN search for new shapes (on an
-//! H100 the tutorial's 833 images made the epoch-end step eager: 7 s for the first one, 0.2 s
-//! each after, and 0.7 GiB beside the graph's pool). Before the capture they run eagerly.
+//! H100 the tutorial's 833 images made the epoch-end step eager: 5–7 s for the first one and
+//! 0.46 GiB beside the graph's pool). Before the capture they run eagerly.
 
 use tch::{Device, Tensor};
 
