@@ -1,8 +1,9 @@
 //! `--cuda_graphs` on the CPU: the graph path's step flow (static input buffers refilled every
-//! step, warm-up, capture, replays, eager steps for other shapes) with the captured function run
-//! eagerly at each "replay" (`--cuda_graphs emulate`) gives the eager run's losses, gradient
-//! norms and LoRA bit for bit; the configurations that cannot be captured are named; `on`
-//! without CUDA is an error naming why; `--profile_steps` reports the phases. The capture and
+//! step, warm-up, capture, replays, partial steps eager before the capture and padded with
+//! zero-weighted rows after it) with the captured function run eagerly at each "replay"
+//! (`--cuda_graphs emulate`) gives the eager run's losses, gradient norms and LoRA bit for bit up
+//! to the first padded step and to rounding after it; the configurations that cannot be captured
+//! are named; `on` without CUDA is an error naming why; `--profile_steps` reports the phases. The capture and
 //! replay themselves need a GPU (`scripts/gpu_train_bench.sh`'s check run).
 #![cfg(feature = "train")]
 
