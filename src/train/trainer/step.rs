@@ -80,33 +80,29 @@ impl MicroInputs {
                 .collect::<Vec<_>>(),
         )
         .to_device(device);
-        Some(Self {
-            params: take(&self.params),
-            eps: take(&self.eps),
-            noise: take(&self.noise),
-            offset: self.offset.as_ref().map(take),
-            text: match &self.text {
-                TextInput::States(t) => TextInput::States(take(t)),
-                TextInput::Ids(t) => TextInput::Ids(take(t)),
-            },
-            timesteps: take(&self.timesteps),
-            weights: take(&self.weights) * keep,
-        })
+        let mut p = self.map(take);
+        p.weights *= keep;
+        Some(p)
     }
 
     /// A copy in new memory (the static inputs of a CUDA graph).
     pub(super) fn deep_copy(&self) -> Self {
+        self.map(Tensor::copy)
+    }
+
+    /// Every tensor through `f`, each in its field.
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
         Self {
-            params: self.params.copy(),
-            eps: self.eps.copy(),
-            noise: self.noise.copy(),
-            offset: self.offset.as_ref().map(Tensor::copy),
+            params: f(&self.params),
+            eps: f(&self.eps),
+            noise: f(&self.noise),
+            offset: self.offset.as_ref().map(&f),
             text: match &self.text {
-                TextInput::States(t) => TextInput::States(t.copy()),
-                TextInput::Ids(t) => TextInput::Ids(t.copy()),
+                TextInput::States(t) => TextInput::States(f(t)),
+                TextInput::Ids(t) => TextInput::Ids(f(t)),
             },
-            timesteps: self.timesteps.copy(),
-            weights: self.weights.copy(),
+            timesteps: f(&self.timesteps),
+            weights: f(&self.weights),
         }
     }
 }
