@@ -6,7 +6,8 @@
 # `--features train`, stripped, xz) and tokenizer/ (models/tiny/diffusers/tokenizer); .whl/ holds
 # the diffusers wheel. RUNS="name:flags;name:flags" picks other configurations (RUNS= skips them;
 # a word env:VAR=VALUE among the flags sets VAR for that run only);
-# TORCH_PROFILE=1 adds a PyTorch profiler trace of each run's --profile_steps (summed per kernel kind).
+# TORCH_PROFILE=1 adds a PyTorch profiler trace of each run's --profile_steps (summed per kernel kind;
+# TRACE_OPS=N also the top N launching operators with their shapes and autograd nodes).
 # PEER=1 (the default) also runs diffusers' examples/text_to_image/train_text_to_image_lora.py (carried
 # as .whl/train_text_to_image_lora.py, with the datasets, dill and multiprocess wheels) on the same
 # model and data, PEER_RUNS="name:samples_per_step:flags;..." (default: the tutorial recipe and batch
@@ -115,7 +116,7 @@ for spec in "${specs[@]}"; do
   run ${spec%%:*} --checkpointing_steps 500 ${spec#*:} "${tp[@]}"
   if [ -f "$OUT/trace_${spec%%:*}.json" ]; then
     n=$(sed -n 's/.*--profile_steps \([0-9]*\).*/\1/p' <<< "${spec#*:}")
-    python3 scripts/torch_trace_summary.py "$OUT/trace_${spec%%:*}.json" --steps "${n:-1}" --top 30
+    python3 scripts/torch_trace_summary.py "$OUT/trace_${spec%%:*}.json" --steps "${n:-1}" --top 30 --ops "${TRACE_OPS:-0}"
   fi
 done
 if [ "${PEER:-1}" = 1 ]; then

@@ -9,7 +9,7 @@
 
 use tch::Tensor;
 
-use super::lora::{GroupNorm, LayerNorm, LoraConv2d, LoraLinear, Paths};
+use super::lora::{GroupNorm, LayerNorm, LoraConv2d, LoraLinear, PackedLinears, Paths};
 use crate::Result;
 
 /// `Attention`: `to_q`, `to_k`, `to_v`, `to_out.0` (`to_out.1` is dropout).
@@ -22,6 +22,25 @@ pub struct Attention {
     pub heads: i64,
     /// The VAE's mid-block attention: GroupNorm over channels first, residual added after.
     pub group_norm: Option<GroupNorm>,
+    /// The projections that read the same input, packed ([`PackedLinears`]): q/k/v of a self
+    /// attention, k/v of a cross attention.
+    packed: Packed,
+}
+
+#[derive(Debug)]
+enum Packed {
+    None,
+    Qkv(PackedLinears),
+    Kv(PackedLinears),
+}
+
+/// `LORAFUSE_PACKED_PROJECTIONS=0` keeps every attention projection its own product (for
+/// comparisons, docs/benchmarks.md).
+pub const PACKED_ENV: &str = "LORAFUSE_PACKED_PROJECTIONS";
+
+fn packing_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(PACKED_ENV).as_deref() != Ok("0"))
 }
 
 impl Attention {
@@ -37,14 +56,52 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * dim_head;
         let ctx = context_dim.unwrap_or(query_dim);
+        let mut to_q = LoraLinear::new(&p.sub("to_q"), query_dim, inner, qkv_bias)?;
+        let mut to_k = LoraLinear::new(&p.sub("to_k"), ctx, inner, qkv_bias)?;
+        let mut to_v = LoraLinear::new(&p.sub("to_v"), ctx, inner, qkv_bias)?;
+        let packed = match (packing_enabled(), context_dim) {
+            (false, _) => None,
+            (true, None) => {
+                PackedLinears::pack(&mut [&mut to_q, &mut to_k, &mut to_v]).map(Packed::Qkv)
+            }
+            (true, Some(_)) => PackedLinears::pack(&mut [&mut to_k, &mut to_v]).map(Packed::Kv),
+        };
         Ok(Self {
-            to_q: LoraLinear::new(&p.sub("to_q"), query_dim, inner, qkv_bias)?,
-            to_k: LoraLinear::new(&p.sub("to_k"), ctx, inner, qkv_bias)?,
-            to_v: LoraLinear::new(&p.sub("to_v"), ctx, inner, qkv_bias)?,
+            to_q,
+            to_k,
+            to_v,
             to_out: LoraLinear::new(&p.sub("to_out").sub(0), inner, query_dim, true)?, // Python: to_out[0]
             heads,
             group_norm: None,
+            packed: packed.unwrap_or(Packed::None),
         })
+    }
+
+    /// q, k, v: packed where [`Self::packed`] allows, else each layer alone.
+    fn project(&self, x: &Tensor, context: Option<&Tensor>) -> (Tensor, Tensor, Tensor) {
+        let ctx = context.unwrap_or(x);
+        match (&self.packed, context) {
+            (Packed::Qkv(p), None) => {
+                let mut qkv = p
+                    .forward(&[&self.to_q, &self.to_k, &self.to_v], x)
+                    .into_iter();
+                if let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) {
+                    return (q, k, v);
+                }
+            }
+            (Packed::Kv(p), Some(c)) => {
+                let mut kv = p.forward(&[&self.to_k, &self.to_v], c).into_iter();
+                if let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                    return (self.to_q.forward(x), k, v);
+                }
+            }
+            _ => {}
+        }
+        (
+            self.to_q.forward(x),
+            self.to_k.forward(ctx),
+            self.to_v.forward(ctx),
+        )
     }
 
     /// The VAE mid block's `Attention(query_dim=c, heads=c // attention_head_dim, dim_head=attention_head_dim,
@@ -59,10 +116,7 @@ impl Attention {
     /// `[b, n, c]` (+ `[b, m, ctx]` for cross attention) → `[b, n, c]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
         let (b, n, _) = x.size3().unwrap_or((0, 0, 0));
-        let ctx = context.unwrap_or(x);
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(ctx);
-        let v = self.to_v.forward(ctx);
+        let (q, k, v) = self.project(x, context);
         let inner = k.size().last().copied().unwrap_or(0);
         let hd = inner / self.heads;
         let split = |t: Tensor| t.view([b, -1, self.heads, hd]).transpose(1, 2);

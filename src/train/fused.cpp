@@ -469,6 +469,21 @@ int lf_gn_nhwc(const char* src, const at::Tensor* x, const at::Tensor* gamma, co
   });
 }
 
+// Which fused backend scaled_dot_product_attention may pick (torch.backends.cuda's
+// enable_flash_sdp / enable_mem_efficient_sdp / enable_cudnn_sdp, at::Context's flags that
+// sdp_utils.cpp reads): `which` 1 = flash only, 2 = memory-efficient only, 3 = cuDNN only; the
+// math backend stays on as the fallback for shapes the chosen one rejects.
+int lf_sdp_backend(int which, char** err) {
+  return lf_shim::guarded(err, [&] {
+    if (which < 1 || which > 3) throw std::runtime_error("unknown SDPA backend");
+    auto& ctx = at::globalContext();
+    ctx.setSDPUseFlash(which == 1);
+    ctx.setSDPUseMemEfficient(which == 2);
+    ctx.setSDPUseCuDNN(which == 3);
+    ctx.setSDPUseMath(true);
+  });
+}
+
 // Compile the kernels for `arch` (e.g. "sm_90") and activation dtype "f32", "bf16" or "f16"
 // without running them (no GPU needed): the size of the cubin in *bytes.
 int lf_gn_compile_check(const char* src, const char* arch, const char* dtype, size_t* bytes,

@@ -51,6 +51,7 @@ mod ffi {
             out: *mut *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
+        pub fn lf_sdp_backend(which: c_int, err: *mut *mut c_char) -> c_int;
         pub fn lf_gn_compile_check(
             src: *const c_char,
             arch: *const c_char,
@@ -223,6 +224,44 @@ fn call_kernel(
 /// Why the fused kernels turned themselves off, once (for the trainer's warning).
 pub fn take_failure() -> Option<String> {
     FAILURE.lock().ok().and_then(|mut f| f.take())
+}
+
+/// The diagnostics switch for [`sdpa_backend_from_env`].
+pub const SDPA_ENV: &str = "LORAFUSE_SDPA";
+
+/// `LORAFUSE_SDPA=flash|efficient|cudnn`: restrict `scaled_dot_product_attention` to that fused
+/// backend (plus the math fallback), for comparing them on the device; unset or `default` leaves
+/// torch's choice. `Ok(None)` when nothing was changed, `Ok(Some(name))` when it was.
+pub fn sdpa_backend_from_env() -> Result<Option<String>> {
+    let Ok(v) = std::env::var(SDPA_ENV) else {
+        return Ok(None);
+    };
+    let which = match v.as_str() {
+        "" | "default" => return Ok(None),
+        "flash" => 1,
+        "efficient" => 2,
+        "cudnn" => 3,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "{SDPA_ENV}={other:?}: expected flash, efficient, cudnn or default"
+            )));
+        }
+    };
+    #[cfg(lorafuse_cuda_graph)]
+    {
+        crate::train::shim::call("SDPA backend", |err| {
+            // SAFETY: a plain integer; failures come back through `err`.
+            unsafe { ffi::lf_sdp_backend(which, err) }
+        })?;
+        Ok(Some(v))
+    }
+    #[cfg(not(lorafuse_cuda_graph))]
+    {
+        let _ = which;
+        Err(Error::InvalidArgument(format!(
+            "{SDPA_ENV}: this build has no CUDA shim"
+        )))
+    }
 }
 
 /// Compile the kernels with NVRTC for `arch` (e.g. `sm_90`) and activation dtype `f32`, `bf16` or

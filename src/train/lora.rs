@@ -348,6 +348,107 @@ impl LoraLinear {
     }
 }
 
+/// Linear layers that read the same input (an attention's q/k/v, or a cross attention's k/v),
+/// run as one: their frozen weights (and biases) packed in one tensor whose rows the layers'
+/// own weights now view, so the projections are one GEMM each way and the input's gradient
+/// gathers two contributions instead of one per layer and LoRA. Their LoRAs run packed too:
+/// the A matrices stacked (one down-projection) and the B matrices as a block diagonal (one
+/// up-projection accumulated into the packed output). The maths per output is the layers' own;
+/// ONNX Runtime packs attention projections the same way (its MultiHeadAttention's packed QKV).
+#[derive(Debug)]
+pub struct PackedLinears {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Each layer's output width, in packing order.
+    widths: Vec<i64>,
+}
+
+impl PackedLinears {
+    /// Pack `layers` (same input width, dtype and device; all with a bias or none): their weights
+    /// are copied into one tensor and rebound to views of it, in place (the base store's handles
+    /// see the views too, and the separate copies are freed). `None` when they cannot be packed.
+    pub fn pack(layers: &mut [&mut LoraLinear]) -> Option<Self> {
+        let first = layers.first()?;
+        let (inner, kind, device) = (
+            first.weight.size().get(1).copied()?,
+            first.weight.kind(),
+            first.weight.device(),
+        );
+        let same = layers.iter().all(|l| {
+            l.weight.dim() == 2
+                && l.weight.size()[1] == inner
+                && l.weight.kind() == kind
+                && l.weight.device() == device
+                && l.bias.is_some() == first.bias.is_some()
+        });
+        if !same || layers.len() < 2 {
+            return None;
+        }
+        let _guard = tch::no_grad_guard();
+        let widths: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
+        let weight = Tensor::cat(&layers.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0);
+        let bias = first.bias.is_some().then(|| {
+            Tensor::cat(
+                &layers
+                    .iter()
+                    .filter_map(|l| l.bias.as_ref())
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        });
+        let mut offset = 0;
+        for (l, &w) in layers.iter_mut().zip(&widths) {
+            let _ = l.weight.set_source_tensor_storage_offset_(
+                &weight,
+                offset * inner,
+                [w, inner],
+                [inner, 1],
+            );
+            if let (Some(b), Some(packed)) = (l.bias.as_mut(), bias.as_ref()) {
+                let _ = b.set_source_tensor_storage_offset_(packed, offset, [w], [1]);
+            }
+            offset += w;
+        }
+        Some(Self {
+            weight,
+            bias,
+            widths,
+        })
+    }
+
+    /// `[l.forward(x) for l in layers]` (the layers given to [`Self::pack`], same order) as one
+    /// product: views of one `[…, Σ out]` output.
+    pub fn forward(&self, layers: &[&LoraLinear], x: &Tensor) -> Vec<Tensor> {
+        let x2 = as_rows(x);
+        let mut y = x2.linear(&self.weight, self.bias.as_ref());
+        if layers.iter().any(|l| l.lora.is_some()) {
+            let (k, dev) = (x.kind(), x.device());
+            let mut downs = Vec::new();
+            let mut ups = Vec::new();
+            for (l, &w) in layers.iter().zip(&self.widths) {
+                match &l.lora {
+                    Some((a, b, s)) => {
+                        let (a, b) = in_kind(a, b, k);
+                        downs.push(a);
+                        ups.push(if *s == 1.0 { b } else { b * *s });
+                    }
+                    // no adapter: zero rows of the block diagonal, no columns
+                    None => ups.push(Tensor::zeros([w, 0], (k, dev))),
+                }
+            }
+            let h = x2.linear::<Tensor>(&Tensor::cat(&downs, 0), None);
+            y = add_lora_up(y, &h, &Tensor::block_diag(&ups), 1.0);
+        }
+        y.split_with_sizes(self.widths.as_slice(), 1)
+            .into_iter()
+            .map(|part| {
+                let w = part.size()[1];
+                part.view(out_shape(x, w).as_slice())
+            })
+            .collect()
+    }
+}
+
 /// The LoRA weights in the activations' dtype: peft casts the input to the adapter dtype; in
 /// mixed precision the f32 master weights are cast to the compute dtype instead (what autocast
 /// does for matmul). FlatParams normally hands the model compute-dtype views already, so the

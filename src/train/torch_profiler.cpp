@@ -27,7 +27,9 @@ int lf_prof_start(int cuda, char** err) {
   return lf_shim::guarded(err, [&] {
     std::set<prof::ActivityType> activities{prof::ActivityType::CPU};
     if (cuda != 0) activities.insert(prof::ActivityType::CUDA);
-    const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+    // input shapes recorded (torch.profiler's record_shapes=True): the trace summary attributes
+    // kernel time to operators and their shapes (scripts/torch_trace_summary.py --ops)
+    const prof::ProfilerConfig config(prof::ProfilerState::KINETO, /*report_input_shapes=*/true);
     torch::autograd::profiler::prepareProfiler(config, activities);
     torch::autograd::profiler::enableProfiler(config, activities);
   });

@@ -639,6 +639,12 @@ fn check_settings(
         // the per-step memory readings do not see (docs/benchmarks.md)
         let benchmark = std::env::var("LORAFUSE_CUDNN_BENCHMARK").as_deref() != Ok("0");
         tch::Cuda::cudnn_set_benchmark(benchmark);
+        if let Some(b) = crate::train::fused::sdpa_backend_from_env()? {
+            on_event(Event::Warning(format!(
+                "{}={b}: attention restricted to that backend (diagnostics)",
+                crate::train::fused::SDPA_ENV
+            )));
+        }
     }
     if device == Device::Cpu && kind != Kind::Float {
         on_event(Event::Warning(format!(
