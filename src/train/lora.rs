@@ -526,8 +526,15 @@ impl LoraConv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with_bias(x, self.bias.as_ref())
+    }
+
+    /// [`Self::forward`] with `bias` in place of the layer's own (`None`: without one): callers
+    /// fold the bias into a per-channel term they add anyway (ATen adds a cuDNN convolution's
+    /// bias in a pass of its own over the output, aten/src/ATen/native/Convolution.cpp).
+    pub fn forward_with_bias(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let (s, pd) = ([self.stride, self.stride], [self.padding, self.padding]);
-        let y = x.conv2d(&self.weight, self.bias.as_ref(), s, pd, [1, 1], 1);
+        let y = x.conv2d(&self.weight, bias, s, pd, [1, 1], 1);
         match &self.lora {
             None => y,
             Some((a, b, sc)) => {

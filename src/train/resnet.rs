@@ -67,16 +67,35 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x));
+        let normed = self.norm1.forward_silu(x);
+        // conv1's bias joins the time embedding's per-channel term ([b, c] + [c]) and conv2's
+        // joins the shortcut convolution's: one broadcast pass over the activations each instead
+        // of two (LoraConv2d::forward_with_bias)
         let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => h + proj.forward(&t.silu()).unsqueeze(-1).unsqueeze(-1),
-            _ => h,
+            (Some(proj), Some(t)) => {
+                let shift = proj.forward(&t.silu());
+                let shift = match &self.conv1.bias {
+                    Some(b) => shift + b,
+                    None => shift,
+                };
+                self.conv1.forward_with_bias(&normed, None) + shift.unsqueeze(-1).unsqueeze(-1)
+            }
+            _ => self.conv1.forward(&normed),
         };
         // dropout is 0 (the SD configs), so it is omitted.
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h));
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
-            None => x.shallow_clone(),
+        let normed = self.norm2.forward_silu(&h);
+        let (shortcut, h) = match &self.conv_shortcut {
+            Some(c) => {
+                let bias = match (&c.bias, &self.conv2.bias) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.as_ref().or(b.as_ref()).map(Tensor::shallow_clone),
+                };
+                (
+                    c.forward_with_bias(x, bias.as_ref()),
+                    self.conv2.forward_with_bias(&normed, None),
+                )
+            }
+            None => (x.shallow_clone(), self.conv2.forward(&normed)),
         };
         let out = shortcut + h;
         if self.output_scale_factor != 1.0 {
