@@ -221,9 +221,11 @@ void launch(CUfunction f, dim3 grid, dim3 block, unsigned smem, std::vector<void
 // ---- the operation ----------------------------------------------------------------------------
 
 struct Shape {
-  int N, C, HW, G, P, chunks, block, sms;
-  long long total;
+  int N, C, HW, G, P, chunks, sms;
 };
+
+// Every GroupNorm kernel runs 256 threads a block (group_norm_nhwc.cu's thread layout).
+constexpr int kBlock = 256;
 
 Shape plan(const at::Tensor& x, int64_t groups) {
   if (!x.is_cuda() || x.dim() != 4) throw std::runtime_error("a 4-D CUDA tensor is needed");
@@ -233,8 +235,8 @@ Shape plan(const at::Tensor& x, int64_t groups) {
   if (groups <= 0 || C % groups != 0)
     throw std::runtime_error(std::to_string(C) + " channels do not split into " +
                              std::to_string(groups) + " groups");
-  // the statistics kernels keep 2 * C floats in shared memory: at most the default 48 KiB
-  if (N <= 0 || HW <= 0 || C > 6144 || N > 65535 || x.numel() > (int64_t{1} << 40))
+  // the statistics kernels' shared memory (stats_smem) stays within the default 48 KiB
+  if (N <= 0 || HW <= 0 || C > 3072 || N > 65535 || x.numel() > (int64_t{1} << 40))
     throw std::runtime_error("unsupported GroupNorm input size");
   const int sms = attribute(cudaDevAttrMultiProcessorCount, x.get_device());
   Shape s;
@@ -248,9 +250,15 @@ Shape plan(const at::Tensor& x, int64_t groups) {
   const int64_t per_sample = std::clamp<int64_t>((8 * sms + N - 1) / N, 1, HW);
   s.P = (int)((HW + per_sample - 1) / per_sample);
   s.chunks = (int)((HW + s.P - 1) / s.P);
-  s.block = (int)std::min<int64_t>(512, (C + 31) / 32 * 32);
-  s.total = x.numel();
   return s;
+}
+
+// The thread layout of the kernels for vector width v: pixel rows per block.
+int rows(const Shape& s, int v) { return kBlock / std::min(s.C / v, kBlock); }
+
+// The statistics kernels' shared memory: (2 * rows + 2) * C floats.
+unsigned stats_smem(const Shape& s, int v) {
+  return (unsigned)((2 * rows(s, v) + 2) * s.C * sizeof(float));
 }
 
 void check_affine(const at::Tensor& x, const at::Tensor& w, const char* what) {
@@ -275,10 +283,12 @@ std::string names(const at::Tensor& x, const at::Tensor& w) {
   return dtype_name(x.scalar_type()) + "_" + dtype_name(w.scalar_type());
 }
 
-unsigned apply_blocks(const Shape& s, int v) {
-  const long long threads = (s.total / v + 255) / 256;
-  const long long cap = (long long)s.sms * 16;
-  return (unsigned)std::max<long long>(1, std::min(threads, cap));
+// The elementwise passes' grid: (blocks along the pixels, samples), about sixteen blocks per SM.
+dim3 apply_grid(const Shape& s, int v) {
+  const int r = rows(s, v);
+  const long long along = std::min<long long>((s.HW + r - 1) / r,
+                                              std::max<long long>(1, (16LL * s.sms + s.N - 1) / s.N));
+  return dim3((unsigned)along, (unsigned)s.N);
 }
 
 at::Tensor forward_impl(const char* src, const at::Tensor& x, const at::Tensor& gamma,
@@ -298,10 +308,11 @@ at::Tensor forward_impl(const char* src, const at::Tensor& x, const at::Tensor& 
   rstd = at::empty({s.N, s.G}, f32);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   const void* xp = x.data_ptr();
+  void* yp = y.data_ptr();
   float* pp = part.data_ptr<float>();
-  launch(kernel(src, dev, dt, "gn_stats_" + dt), dim3(s.chunks, s.N), dim3(s.block),
-         (unsigned)(2 * s.C * sizeof(float)),
-         {(void*)&xp, (void*)&pp, &s.HW, &s.C, &s.G, &s.P, &s.chunks});
+  const int vs = vector_width(s, x.scalar_type(), {xp});
+  launch(kernel(src, dev, dt, "gn_stats_" + dt + "_v" + std::to_string(vs)), dim3(s.chunks, s.N),
+         dim3(kBlock), stats_smem(s, vs), {(void*)&xp, (void*)&pp, &s.HW, &s.C, &s.G, &s.P, &s.chunks});
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   int cg = s.C / s.G;
@@ -311,13 +322,10 @@ at::Tensor forward_impl(const char* src, const at::Tensor& x, const at::Tensor& 
          {(void*)&pp, (void*)&mp, (void*)&rp, &s.N, &s.HW, &s.G, &cg, &s.P, &s.chunks, &e});
   const void* gp = gamma.data_ptr();
   const void* bp = beta.data_ptr();
-  void* yp = y.data_ptr();
   const int v = vector_width(s, x.scalar_type(), {xp, yp});
-  long long hwc = (long long)s.HW * s.C;
   const std::string name = "gn_apply_" + names(x, gamma) + "_v" + std::to_string(v) + (silu ? "_silu" : "");
-  launch(kernel(src, dev, dt, name), dim3(apply_blocks(s, v)), dim3(256), 0,
-         {(void*)&xp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&yp, &s.total, &hwc,
-          &s.C, &s.G});
+  launch(kernel(src, dev, dt, name), apply_grid(s, v), dim3(kBlock), 0,
+         {(void*)&xp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&yp, &s.HW, &s.C, &s.G});
   return y;
 }
 
@@ -343,19 +351,19 @@ at::Tensor backward_impl(const char* src, const at::Tensor& x, const at::Tensor&
   float* cp = coef.data_ptr<float>();
   void* dxp = dx.data_ptr();
   const std::string sfx = silu ? "_silu" : "";
-  launch(kernel(src, dev, dt, "gn_bstats_" + names(x, gamma) + sfx), dim3(s.chunks, s.N),
-         dim3(s.block), (unsigned)(2 * s.C * sizeof(float)),
+  const int v = vector_width(s, x.scalar_type(), {xp, dyp, dxp});
+  const std::string vn = "_v" + std::to_string(v);
+  launch(kernel(src, dev, dt, "gn_bstats_" + names(x, gamma) + vn + sfx), dim3(s.chunks, s.N),
+         dim3(kBlock), stats_smem(s, v),
          {(void*)&xp, (void*)&dyp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&pp,
           &s.HW, &s.C, &s.G, &s.P, &s.chunks});
   int cg = s.C / s.G;
   launch(kernel(src, dev, dt, "gn_bfinalize"), dim3((s.N * s.G + 3) / 4), dim3(128), 0,
          {(void*)&pp, (void*)&cp, &s.N, &s.HW, &s.G, &cg, &s.chunks});
-  const int v = vector_width(s, x.scalar_type(), {xp, dyp, dxp});
-  long long hwc = (long long)s.HW * s.C;
-  const std::string name = "gn_bapply_" + names(x, gamma) + "_v" + std::to_string(v) + sfx;
-  launch(kernel(src, dev, dt, name), dim3(apply_blocks(s, v)), dim3(256), 0,
+  launch(kernel(src, dev, dt, "gn_bapply_" + names(x, gamma) + vn + sfx), apply_grid(s, v),
+         dim3(kBlock), 0,
          {(void*)&xp, (void*)&dyp, (void*)&gp, (void*)&bp, (void*)&mp, (void*)&rp, (void*)&cp,
-          (void*)&dxp, &s.total, &hwc, &s.C, &s.G});
+          (void*)&dxp, &s.HW, &s.C, &s.G});
   return dx;
 }
 

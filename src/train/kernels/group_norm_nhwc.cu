@@ -13,51 +13,102 @@
 //
 // Statistics are deterministic (no atomics): each block of (chunk of pixels, sample) writes its
 // groups' sums and centred second moments, combined in double by Chan's parallel formula.
+// Every kernel reads V channels at a time (16-byte accesses; V = 1 where the channel count or an
+// address does not allow it) and keeps what depends on the channel (group statistics, affine
+// parameters) in registers while it walks pixels: thread t of a block owns the channel vectors
+// t % TCV (+ TCV, ...) with TCV = min(C / V, blockDim.x), and the pixel rows t / TCV (+ R, ...)
+// with R = blockDim.x / TCV (the host computes the same layout for the shared memory it gives).
 // Frozen affine parameters only (LoRA training): no gamma/beta gradients.
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+
+// ---- thread layout -----------------------------------------------------------------------------
+
+struct Lanes {
+  int tcv, rows, tc, tr;
+  bool active;
+};
+
+__device__ __forceinline__ Lanes lanes(int CV) {
+  Lanes l;
+  l.tcv = min(CV, (int)blockDim.x);
+  l.rows = blockDim.x / l.tcv;
+  l.tc = threadIdx.x % l.tcv;
+  l.tr = threadIdx.x / l.tcv;
+  l.active = l.tr < l.rows;
+  return l;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
 
 // ---- forward ----------------------------------------------------------------------------------
 
 // Block (chunk, n): the pixels [chunk * P, min(HW, (chunk + 1) * P)) of sample n. Writes, for each
 // group, the sum and the second moment about the chunk's own group mean to part[n][chunk][g][0..2].
-// Shared memory: 2 * C floats.
-template <typename T>
+// One pass: each thread sums d = x - K and d * d with K the chunk's first pixel in that channel
+// (the shifted-data formula, exact enough in float for a chunk's few dozen pixels, even far from
+// zero), then per channel mean = K + S / cnt and M2 = Q - S^2 / cnt, and per group Chan's formula.
+// Shared memory: (2 * rows + 2) * C floats.
+template <typename T, int V>
 __device__ void stats(const T* __restrict__ x, float* __restrict__ part, int HW, int C, int G, int P,
                       int chunks) {
   extern __shared__ float sh[];
-  float* gmean = sh + C;  // G floats (G <= C), reused after the first pass
+  const Lanes l = lanes(C / V);
   const int chunk = blockIdx.x, n = blockIdx.y, cg = C / G;
   const int p0 = chunk * P, p1 = min(p0 + P, HW);
-  const float cnt = (float)((p1 - p0) * cg);
   const T* xb = x + (long long)n * HW * C;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float s = 0.f;
-    for (int p = p0; p < p1; ++p) s += to_f(xb[(long long)p * C + c]);
-    sh[c] = s;
-  }
-  __syncthreads();
-  for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    float s = 0.f;
-    for (int c = g * cg; c < (g + 1) * cg; ++c) s += sh[c];
-    gmean[g] = s / cnt;
-    part[(((long long)n * chunks + chunk) * G + g) * 2] = s;
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const float m = gmean[c / cg];
-    float q = 0.f;
-    for (int p = p0; p < p1; ++p) {
-      const float d = to_f(xb[(long long)p * C + c]) - m;
-      q += d * d;
+  float* cmean = sh + 2 * l.rows * C;
+  float* cm2 = cmean + C;
+  if (l.active) {
+    for (int cv = l.tc; cv < C / V; cv += l.tcv) {
+      const int c0 = cv * V;
+      const Vec<T, V> k = load<T, V>(xb + (long long)p0 * C + c0);
+      float s[V], q[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) s[j] = q[j] = 0.f;
+      for (int p = p0 + l.tr; p < p1; p += l.rows) {
+        const Vec<T, V> in = load<T, V>(xb + (long long)p * C + c0);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = to_f(in.v[j]) - to_f(k.v[j]);
+          s[j] += d;
+          q[j] += d * d;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        sh[l.tr * C + c0 + j] = s[j];
+        sh[(l.rows + l.tr) * C + c0 + j] = q[j];
+      }
     }
-    sh[c] = q;
+  }
+  __syncthreads();
+  const float cnt = (float)(p1 - p0);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float S = 0.f, Q = 0.f;
+    for (int r = 0; r < l.rows; ++r) {
+      S += sh[r * C + c];
+      Q += sh[(l.rows + r) * C + c];
+    }
+    cmean[c] = to_f(xb[(long long)p0 * C + c]) + S / cnt;
+    cm2[c] = fmaxf(Q - S * S / cnt, 0.f);
   }
   __syncthreads();
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    float m = 0.f;
+    for (int c = g * cg; c < (g + 1) * cg; ++c) m += cmean[c];
+    m /= (float)cg;
     float q = 0.f;
-    for (int c = g * cg; c < (g + 1) * cg; ++c) q += sh[c];
-    part[(((long long)n * chunks + chunk) * G + g) * 2 + 1] = q;
+    for (int c = g * cg; c < (g + 1) * cg; ++c) {
+      const float d = cmean[c] - m;
+      q += cm2[c] + cnt * d * d;
+    }
+    float* o = part + (((long long)n * chunks + chunk) * G + g) * 2;
+    o[0] = m * cnt * (float)cg;
+    o[1] = q;
   }
 }
 
@@ -94,78 +145,132 @@ extern "C" __global__ void gn_finalize(const float* __restrict__ part, float* __
   }
 }
 
-// y = (x - mean) * rstd * gamma + beta (then SiLU); V elements per thread, C % V == 0.
+// Block (b, n): y = (x - mean) * rstd * gamma + beta (then SiLU) over the pixel rows
+// b * R + tr, + gridDim.x * R, ... of sample n.
 template <typename T, typename W, int V, bool SILU>
 __device__ void apply(const T* __restrict__ x, const W* __restrict__ gamma,
                       const W* __restrict__ beta, const float* __restrict__ mean,
-                      const float* __restrict__ rstd, T* __restrict__ y, long long total, long long HWC,
-                      int C, int G) {
-  const int cg = C / G;
-  const long long stride = (long long)gridDim.x * blockDim.x * V;
-  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += stride) {
-    const int n = (int)(i / HWC), c0 = (int)(i % C);
-    Vec<T, V> in = *reinterpret_cast<const Vec<T, V>*>(x + i), out;
+                      const float* __restrict__ rstd, T* __restrict__ y, int HW, int C, int G) {
+  const Lanes l = lanes(C / V);
+  if (!l.active) return;
+  const int n = blockIdx.y, cg = C / G;
+  const long long base = (long long)n * HW * C;
+  for (int cv = l.tc; cv < C / V; cv += l.tcv) {
+    const int c0 = cv * V;
+    float m[V], a[V], b[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int c = c0 + k, ng = n * G + c / cg;
-      float z = (to_f(in.v[k]) - mean[ng]) * rstd[ng] * to_f(gamma[c]) + to_f(beta[c]);
-      if (SILU) z = z * sigmoid(z);
-      out.v[k] = from_f<T>(z);
+    for (int j = 0; j < V; ++j) {
+      const int ng = n * G + (c0 + j) / cg;
+      m[j] = mean[ng];
+      a[j] = rstd[ng] * to_f(gamma[c0 + j]);
+      b[j] = to_f(beta[c0 + j]);
     }
-    *reinterpret_cast<Vec<T, V>*>(y + i) = out;
+    for (int p = blockIdx.x * l.rows + l.tr; p < HW; p += gridDim.x * l.rows) {
+      const long long o = base + (long long)p * C + c0;
+      const Vec<T, V> in = load<T, V>(x + o);
+      Vec<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float z = (to_f(in.v[j]) - m[j]) * a[j] + b[j];
+        if (SILU) z = z * sigmoid(z);
+        out.v[j] = from_f<T>(z);
+      }
+      *reinterpret_cast<Vec<T, V>*>(y + o) = out;
+    }
   }
 }
 
 // ---- input gradient ---------------------------------------------------------------------------
 
 // u = gamma * dz (dz: the gradient at the GroupNorm's output, through the SiLU when fused)
-template <typename T, typename W, bool SILU>
-__device__ __forceinline__ float grad_u(T xv, T dyv, float m, float r, W gw, W bw, float* xhat) {
-  const float xh = (to_f(xv) - m) * r, gam = to_f(gw);
-  float dz = to_f(dyv);
+template <bool SILU>
+__device__ __forceinline__ float grad_u(float xv, float dyv, float m, float r, float gam, float bet,
+                                        float* xhat) {
+  const float xh = (xv - m) * r;
+  float dz = dyv;
   if (SILU) {
-    const float z = xh * gam + to_f(bw), s = sigmoid(z);
+    const float z = xh * gam + bet, s = sigmoid(z);
     dz = dz * s * (1.f + z * (1.f - s));
   }
   *xhat = xh;
   return gam * dz;
 }
 
+// The per-channel constants of the gradient kernels for channels c0 .. c0 + V of sample n.
+template <typename W, int V>
+__device__ __forceinline__ void channel_params(const W* __restrict__ gamma, const W* __restrict__ beta,
+                                               const float* __restrict__ mean,
+                                               const float* __restrict__ rstd, int n, int c0, int G,
+                                               int cg, float* m, float* r, float* gam, float* bet) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int ng = n * G + (c0 + j) / cg;
+    m[j] = mean[ng];
+    r[j] = rstd[ng];
+    gam[j] = to_f(gamma[c0 + j]);
+    bet[j] = to_f(beta[c0 + j]);
+  }
+}
+
 // Block (chunk, n): per group, the sums of u and u * xhat over the chunk -> part[n][chunk][g][0..2].
-template <typename T, typename W, bool SILU>
+// Shared memory: (2 * rows + 2) * C floats.
+template <typename T, typename W, int V, bool SILU>
 __device__ void bstats(const T* __restrict__ x, const T* __restrict__ dy, const W* __restrict__ gamma,
                        const W* __restrict__ beta, const float* __restrict__ mean,
                        const float* __restrict__ rstd, float* __restrict__ part, int HW, int C, int G,
                        int P, int chunks) {
   extern __shared__ float sh[];
+  const Lanes l = lanes(C / V);
   const int chunk = blockIdx.x, n = blockIdx.y, cg = C / G;
   const int p0 = chunk * P, p1 = min(p0 + P, HW);
   const long long base = (long long)n * HW * C;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const int ng = n * G + c / cg;
-    const float m = mean[ng], r = rstd[ng];
-    const W gw = gamma[c], bw = beta[c];
-    float s1 = 0.f, s2 = 0.f;
-    for (int p = p0; p < p1; ++p) {
-      const long long o = base + (long long)p * C + c;
-      float xh;
-      const float u = grad_u<T, W, SILU>(x[o], dy[o], m, r, gw, bw, &xh);
-      s1 += u;
-      s2 += u * xh;
+  float* c1 = sh + 2 * l.rows * C;
+  float* c2 = c1 + C;
+  if (l.active) {
+    for (int cv = l.tc; cv < C / V; cv += l.tcv) {
+      const int c0 = cv * V;
+      float m[V], r[V], gam[V], bet[V], s1[V], s2[V];
+      channel_params<W, V>(gamma, beta, mean, rstd, n, c0, G, cg, m, r, gam, bet);
+#pragma unroll
+      for (int j = 0; j < V; ++j) s1[j] = s2[j] = 0.f;
+      for (int p = p0 + l.tr; p < p1; p += l.rows) {
+        const long long o = base + (long long)p * C + c0;
+        const Vec<T, V> xv = load<T, V>(x + o), gv = load<T, V>(dy + o);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          float xh;
+          const float u = grad_u<SILU>(to_f(xv.v[j]), to_f(gv.v[j]), m[j], r[j], gam[j], bet[j], &xh);
+          s1[j] += u;
+          s2[j] += u * xh;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        sh[l.tr * C + c0 + j] = s1[j];
+        sh[(l.rows + l.tr) * C + c0 + j] = s2[j];
+      }
     }
-    sh[c] = s1;
-    sh[C + c] = s2;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float a = 0.f, b = 0.f;
+    for (int k = 0; k < l.rows; ++k) {
+      a += sh[k * C + c];
+      b += sh[(l.rows + k) * C + c];
+    }
+    c1[c] = a;
+    c2[c] = b;
   }
   __syncthreads();
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    float s1 = 0.f, s2 = 0.f;
+    float a = 0.f, b = 0.f;
     for (int c = g * cg; c < (g + 1) * cg; ++c) {
-      s1 += sh[c];
-      s2 += sh[C + c];
+      a += c1[c];
+      b += c2[c];
     }
     float* o = part + (((long long)n * chunks + chunk) * G + g) * 2;
-    o[0] = s1;
-    o[1] = s2;
+    o[0] = a;
+    o[1] = b;
   }
 }
 
@@ -190,79 +295,89 @@ extern "C" __global__ void gn_bfinalize(const float* __restrict__ part, float* _
   }
 }
 
-// dx = rstd * (u - mean_g(u) - xhat * mean_g(u * xhat)); V elements per thread, C % V == 0.
+// Block (b, n): dx = rstd * (u - mean_g(u) - xhat * mean_g(u * xhat)) over the pixel rows
+// b * R + tr, + gridDim.x * R, ... of sample n.
 template <typename T, typename W, int V, bool SILU>
 __device__ void bapply(const T* __restrict__ x, const T* __restrict__ dy, const W* __restrict__ gamma,
                        const W* __restrict__ beta, const float* __restrict__ mean,
                        const float* __restrict__ rstd, const float* __restrict__ coef,
-                       T* __restrict__ dx, long long total, long long HWC, int C, int G) {
-  const int cg = C / G;
-  const long long stride = (long long)gridDim.x * blockDim.x * V;
-  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += stride) {
-    const int n = (int)(i / HWC), c0 = (int)(i % C);
-    Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
-    Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + i), out;
+                       T* __restrict__ dx, int HW, int C, int G) {
+  const Lanes l = lanes(C / V);
+  if (!l.active) return;
+  const int n = blockIdx.y, cg = C / G;
+  const long long base = (long long)n * HW * C;
+  for (int cv = l.tc; cv < C / V; cv += l.tcv) {
+    const int c0 = cv * V;
+    float m[V], r[V], gam[V], bet[V], k1[V], k2[V];
+    channel_params<W, V>(gamma, beta, mean, rstd, n, c0, G, cg, m, r, gam, bet);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int c = c0 + k, ng = n * G + c / cg;
-      const float r = rstd[ng];
-      float xh;
-      const float u = grad_u<T, W, SILU>(xv.v[k], gv.v[k], mean[ng], r, gamma[c], beta[c], &xh);
-      out.v[k] = from_f<T>(r * (u - coef[ng * 2] - xh * coef[ng * 2 + 1]));
+    for (int j = 0; j < V; ++j) {
+      const int ng = n * G + (c0 + j) / cg;
+      k1[j] = coef[ng * 2];
+      k2[j] = coef[ng * 2 + 1];
     }
-    *reinterpret_cast<Vec<T, V>*>(dx + i) = out;
+    for (int p = blockIdx.x * l.rows + l.tr; p < HW; p += gridDim.x * l.rows) {
+      const long long o = base + (long long)p * C + c0;
+      const Vec<T, V> xv = load<T, V>(x + o), gv = load<T, V>(dy + o);
+      Vec<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float xh;
+        const float u = grad_u<SILU>(to_f(xv.v[j]), to_f(gv.v[j]), m[j], r[j], gam[j], bet[j], &xh);
+        out.v[j] = from_f<T>(r[j] * (u - k1[j] - xh * k2[j]));
+      }
+      *reinterpret_cast<Vec<T, V>*>(dx + o) = out;
+    }
   }
 }
 
-// ---- entry points: gn_<kernel>_<x type>_<affine type>[_v<V>][_silu] ----------------------------
+// ---- entry points: gn_<kernel>_<x type>[_<affine type>]_v<V>[_silu] ----------------------------
 
-#define LF_STATS(TN, T)                                                                          \
-  extern "C" __global__ void gn_stats_##TN(const T* x, float* part, int HW, int C, int G, int P, \
-                                           int chunks) {                                         \
-    stats<T>(x, part, HW, C, G, P, chunks);                                                      \
+#define LF_STATS(TN, T, V)                                                                       \
+  extern "C" __global__ void gn_stats_##TN##_v##V(const T* x, float* part, int HW, int C, int G, \
+                                                  int P, int chunks) {                           \
+    stats<T, V>(x, part, HW, C, G, P, chunks);                                                   \
   }
 
 #define LF_APPLY(TN, T, WN, W, V, SILU, SUFFIX)                                                   \
   extern "C" __global__ void gn_apply_##TN##_##WN##_v##V##SUFFIX(                                 \
       const T* x, const W* gamma, const W* beta, const float* mean, const float* rstd, T* y,     \
-      long long total, long long HWC, int C, int G) {                                             \
-    apply<T, W, V, SILU>(x, gamma, beta, mean, rstd, y, total, HWC, C, G);                        \
+      int HW, int C, int G) {                                                                     \
+    apply<T, W, V, SILU>(x, gamma, beta, mean, rstd, y, HW, C, G);                                \
   }                                                                                               \
   extern "C" __global__ void gn_bapply_##TN##_##WN##_v##V##SUFFIX(                                \
       const T* x, const T* dy, const W* gamma, const W* beta, const float* mean,                 \
-      const float* rstd, const float* coef, T* dx, long long total, long long HWC, int C,        \
-      int G) {                                                                                    \
-    bapply<T, W, V, SILU>(x, dy, gamma, beta, mean, rstd, coef, dx, total, HWC, C, G);            \
-  }
-
-#define LF_BSTATS(TN, T, WN, W, SILU, SUFFIX)                                                     \
-  extern "C" __global__ void gn_bstats_##TN##_##WN##SUFFIX(                                       \
+      const float* rstd, const float* coef, T* dx, int HW, int C, int G) {                        \
+    bapply<T, W, V, SILU>(x, dy, gamma, beta, mean, rstd, coef, dx, HW, C, G);                    \
+  }                                                                                               \
+  extern "C" __global__ void gn_bstats_##TN##_##WN##_v##V##SUFFIX(                                \
       const T* x, const T* dy, const W* gamma, const W* beta, const float* mean,                 \
       const float* rstd, float* part, int HW, int C, int G, int P, int chunks) {                  \
-    bstats<T, W, SILU>(x, dy, gamma, beta, mean, rstd, part, HW, C, G, P, chunks);               \
+    bstats<T, W, V, SILU>(x, dy, gamma, beta, mean, rstd, part, HW, C, G, P, chunks);            \
   }
 
 // V: 16 bytes per access, or 1 when C or an address does not allow it
-#define LF_TYPE(TN, T, WN, W, V)           \
-  LF_APPLY(TN, T, WN, W, V, false, )       \
-  LF_APPLY(TN, T, WN, W, V, true, _silu)   \
-  LF_APPLY(TN, T, WN, W, 1, false, )       \
-  LF_APPLY(TN, T, WN, W, 1, true, _silu)   \
-  LF_BSTATS(TN, T, WN, W, false, )         \
-  LF_BSTATS(TN, T, WN, W, true, _silu)
+#define LF_TYPE(TN, T, WN, W, V)         \
+  LF_APPLY(TN, T, WN, W, V, false, )     \
+  LF_APPLY(TN, T, WN, W, V, true, _silu) \
+  LF_APPLY(TN, T, WN, W, 1, false, )     \
+  LF_APPLY(TN, T, WN, W, 1, true, _silu)
 
 // the C++ side defines LF_WANT_<x type> for the activations' dtype only (less to compile)
 #ifdef LF_WANT_F32
-LF_STATS(f32, float)
+LF_STATS(f32, float, 4)
+LF_STATS(f32, float, 1)
 LF_TYPE(f32, float, f32, float, 4)
 #endif
 #ifdef LF_WANT_BF16
-LF_STATS(bf16, bf16)
+LF_STATS(bf16, bf16, 8)
+LF_STATS(bf16, bf16, 1)
 LF_TYPE(bf16, bf16, bf16, bf16, 8)
 LF_TYPE(bf16, bf16, f32, float, 8)
 #endif
 #ifdef LF_WANT_F16
-LF_STATS(f16, f16)
+LF_STATS(f16, f16, 8)
+LF_STATS(f16, f16, 1)
 LF_TYPE(f16, f16, f16, f16, 8)
 LF_TYPE(f16, f16, f32, float, 8)
 #endif
