@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use lorafuse::pipeline::scheduler::SchedulerConfig;
+use lorafuse::train::lora::{LoraLinear, PackedLinears};
 use lorafuse::train::noise::{NoiseSchedule, Prediction};
 use lorafuse::train::optim::{
     AdamW, AdamWConfig, FlatParams, clip_grad_norm, clip_grad_norm_device,
@@ -98,16 +99,16 @@ fn one_step_matches_peft_and_torch_adamw() {
     let target = sched.target(Prediction::Epsilon, &latents, &noise, &ts);
     let loss = sched.loss(&pred, &target, &ts, Prediction::Epsilon, None);
     let r_loss = rel(&loss, &t("loss"));
-    loss.backward();
+    flat.backward(&loss).expect("backward");
 
+    let mut g = flat.flat_grad();
     let mut worst_grad = (0.0f64, String::new());
-    for (name, p) in flat.by_name() {
-        let r = rel(&p.grad(), &t(&format!("grad.{name}")));
+    for (name, grad) in flat.split(&g) {
+        let r = rel(&grad, &t(&format!("grad.{name}")));
         if r > worst_grad.0 {
             worst_grad = (r, name.clone());
         }
     }
-    let mut g = flat.flat_grad();
     // the device-resident path, on a second copy of the initial LoRA and the same gradient
     let init: BTreeMap<String, Tensor> = vars
         .keys()
@@ -218,34 +219,131 @@ fn device_resident_update_equals_the_host_update_over_steps() {
     }
 }
 
+/// `FlatParams::backward` lays the gradients out in the flat buffer: the first backward after
+/// `zero_grad` overwrites it, later ones accumulate; a parameter the loss does not reach gets
+/// zeros; `flat_grad` right after `zero_grad` is zeros.
 #[test]
-fn flat_gradients_accumulate_in_place_after_aliasing() {
-    let mut vars = BTreeMap::new();
-    vars.insert(
-        "a".to_string(),
-        Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true),
-    );
-    vars.insert(
-        "b".to_string(),
-        Tensor::from_slice(&[4f32, 5.0])
-            .reshape([1, 2])
-            .set_requires_grad(true),
-    );
-    let mut f = FlatParams::adopt(&vars);
-    let p = f.by_name();
-    let loss = || (&p["a"] * 2.0).sum(Kind::Float) + p["b"].square().sum(Kind::Float);
-    let v = |t: &Tensor| Vec::<f32>::try_from(t.shallow_clone()).expect("vec");
-    loss().backward();
-    let g1 = f.flat_grad(); // first call: concatenated, then the gradients are aliased into it
-    assert_eq!(v(&g1), [2.0, 2.0, 2.0, 8.0, 10.0]);
-    f.zero_grad();
-    assert_eq!(v(&f.flat_grad()), [0.0; 5]);
-    loss().backward();
-    loss().backward(); // accumulates
-    assert_eq!(v(&f.flat_grad()), [4.0, 4.0, 4.0, 16.0, 20.0]);
-    assert_eq!(
-        v(&p["b"].grad().flatten(0, -1)),
-        [16.0, 20.0],
-        "the parameter's own .grad is the buffer view"
-    );
+fn flat_gradients_overwrite_then_accumulate() {
+    for compute in [Kind::Float, Kind::BFloat16] {
+        let mut vars = BTreeMap::new();
+        vars.insert(
+            "a".to_string(),
+            Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true),
+        );
+        vars.insert(
+            "b".to_string(),
+            Tensor::from_slice(&[4f32, 5.0])
+                .reshape([1, 2])
+                .set_requires_grad(true),
+        );
+        vars.insert(
+            "c".to_string(),
+            Tensor::from_slice(&[7f32]).set_requires_grad(true),
+        );
+        let mut f = FlatParams::adopt_as(&vars, compute);
+        let p = f.by_name();
+        // `b` is used twice and transposed: autograd sums its two gradients before handing them
+        let loss = || {
+            (&p["a"] * 2.0).sum(Kind::Float)
+                + p["b"].square().sum(Kind::Float)
+                + p["b"].tr().sum(Kind::Float)
+        };
+        let v = |t: &Tensor| Vec::<f32>::try_from(t.shallow_clone()).expect("vec");
+        f.backward(&loss()).expect("backward");
+        assert_eq!(v(&f.flat_grad()), [2.0, 2.0, 2.0, 9.0, 11.0, 0.0]);
+        f.zero_grad();
+        assert_eq!(v(&f.flat_grad()), [0.0; 6], "zeros right after zero_grad");
+        f.zero_grad();
+        f.backward(&loss()).expect("backward");
+        f.backward(&loss()).expect("backward"); // accumulates
+        assert_eq!(v(&f.flat_grad()), [4.0, 4.0, 4.0, 18.0, 22.0, 0.0]);
+        f.zero_grad();
+        f.backward(&(loss() * 0.5)).expect("backward"); // overwrites the stale buffer
+        assert_eq!(v(&f.flat_grad()), [1.0, 1.0, 1.0, 4.5, 5.5, 0.0]);
+        assert!(!p["a"].grad().defined(), "no per-parameter .grad");
+    }
+}
+
+/// `PackedLinears` (an attention's q/k/v as one GEMM, the LoRAs as stacked A and block-diagonal
+/// B) gives each layer's own output and the same input and LoRA gradients as the layers run one
+/// by one: equal ranks (the broadcast-identity block diagonal, whose B gradients come back
+/// contiguous), a layer without an adapter and unequal ranks (`block_diag`), with a scaling ≠ 1.
+#[test]
+fn packed_projections_equal_the_separate_layers() {
+    let (inp, out) = (8i64, 6i64);
+    for ranks in [
+        [Some(2), Some(2), Some(2)],
+        [Some(2), None, Some(2)],
+        [Some(2), Some(3), Some(1)],
+    ] {
+        let layers = || -> Vec<LoraLinear> {
+            ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| LoraLinear {
+                    weight: wave(out * inp, i as f64, 0.4).reshape([out, inp]),
+                    bias: Some(wave(out, 3.0 + i as f64, 0.1)),
+                    lora: r.map(|r| {
+                        (
+                            wave(r * inp, 7.0 + i as f64, 0.3)
+                                .reshape([r, inp])
+                                .set_requires_grad(true),
+                            wave(out * r, 11.0 + i as f64, 0.2)
+                                .reshape([out, r])
+                                .set_requires_grad(true),
+                            if i == 2 { 0.5 } else { 1.0 },
+                        )
+                    }),
+                })
+                .collect()
+        };
+        let x = wave(2 * 5 * inp, 0.9, 1.0).reshape([2, 5, inp]);
+        let dy: Vec<Tensor> = (0..3)
+            .map(|i| wave(2 * 5 * out, i as f64 * 2.1, 1.0).reshape([2, 5, out]))
+            .collect();
+        // the loss Σ yᵢ·dyᵢ and its gradients with respect to x and every LoRA tensor
+        let run = |ls: &[LoraLinear], ys: Vec<Tensor>, x: &Tensor| {
+            let loss = ys
+                .iter()
+                .zip(&dy)
+                .map(|(y, d)| (y * d).sum(Kind::Float))
+                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
+            let mut inputs = vec![x.shallow_clone()];
+            for l in ls {
+                if let Some((a, b, _)) = &l.lora {
+                    inputs.push(a.shallow_clone());
+                    inputs.push(b.shallow_clone());
+                }
+            }
+            Tensor::run_backward(&[loss], &inputs, false, false)
+        };
+        let sep = layers();
+        let xs = x.copy().set_requires_grad(true);
+        let ys: Vec<Tensor> = sep.iter().map(|l| l.forward(&xs)).collect();
+        let ys_ref: Vec<Tensor> = ys.iter().map(|y| y.detach().copy()).collect();
+        let g_ref = run(&sep, ys, &xs);
+
+        let mut pk = layers();
+        let packed = {
+            let mut refs: Vec<&mut LoraLinear> = pk.iter_mut().collect();
+            PackedLinears::pack(&mut refs).expect("packs")
+        };
+        let xp = x.copy().set_requires_grad(true);
+        let ys = packed.forward(&pk.iter().collect::<Vec<_>>(), &xp);
+        for (y, r) in ys.iter().zip(&ys_ref) {
+            assert!(rel(y, r) < 1e-6, "{ranks:?}: output {}", rel(y, r));
+        }
+        let g = run(&pk, ys, &xp);
+        assert_eq!(g.len(), g_ref.len());
+        for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+            assert_eq!(a.size(), b.size(), "{ranks:?}: gradient {i}");
+            assert!(rel(a, b) < 1e-6, "{ranks:?}: gradient {i}: {}", rel(a, b));
+            if ranks.iter().all(|r| *r == Some(2)) {
+                assert!(
+                    a.is_contiguous(),
+                    "{ranks:?}: gradient {i} comes back contiguous"
+                );
+            }
+        }
+    }
 }

@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -455,9 +456,64 @@ struct Geglu : public torch::autograd::Function<Geglu> {
   }
 };
 
+// ---- LoRA linear --------------------------------------------------------------------------------
+
+// y = x W^T + bias + (x A^T) B^T as one autograd node (W and bias frozen), so that the input
+// gradient takes the LoRA's part in the GEMM that adds it (dx = dy W, then dx += (dy B) A with
+// beta = 1) instead of autograd writing (dy B) A out and adding it to dy W in a pass of its own
+// (torch/csrc/autograd/input_buffer.cpp accumulates a tensor's gradients that way). The products
+// are ATen's, the ones peft's Linear (peft/tuners/lora/layer.py) runs through autograd.
+struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                            const at::Tensor& b) {
+    at::Tensor y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+    at::Tensor h = at::mm(x, a.t());
+    y.addmm_(h, b.t());
+    ctx->save_for_backward({x, w, a, b, h});
+    ctx->saved_data["bias"] = bias.has_value();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &a = saved[2], &b = saved[3], &h = saved[4];
+    const at::Tensor& dy = grads[0];
+    at::Tensor dx, da, db;
+    // needs_input_grad counts the tensor inputs only: a missing bias has no edge
+    const size_t ia = ctx->saved_data["bias"].toBool() ? 3 : 2;
+    const bool need_x = ctx->needs_input_grad(0), need_a = ctx->needs_input_grad(ia);
+    if (need_x || need_a) {
+      at::Tensor dh = at::mm(dy, b);
+      if (need_x) {
+        dx = at::mm(dy, w);
+        dx.addmm_(dh, a);
+      }
+      if (need_a) da = at::mm(dh.t(), x);
+    }
+    if (ctx->needs_input_grad(ia + 1)) db = at::mm(dy.t(), h);
+    return {dx, at::Tensor(), at::Tensor(), da, db};
+  }
+};
+
 }  // namespace
 
 extern "C" {
+
+// LoraLinearFn on x [M, in], w [out, in], bias [out] (or null), a [r, in], b [out, r] (scaling
+// already applied): y [M, out], differentiable in x, a and b.
+int lf_lora_linear(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
+                   const at::Tensor* a, const at::Tensor* b, at::Tensor** out, char** err) {
+  return lf_shim::guarded(err, [&] {
+    if (x->dim() != 2 || w->dim() != 2 || a->dim() != 2 || b->dim() != 2 ||
+        w->size(1) != x->size(1) || a->size(1) != x->size(1) || b->size(0) != w->size(0) ||
+        b->size(1) != a->size(0) || (bias && bias->numel() != w->size(0)))
+      throw std::runtime_error("LoRA linear: shapes do not chain");
+    if (w->requires_grad() || (bias && bias->requires_grad()))
+      throw std::runtime_error("LoRA linear: the base weight and bias must be frozen");
+    *out = new at::Tensor(LoraLinearFn::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt, *a, *b));
+  });
+}
 
 // hidden * gelu(gate) of hg = [..., 2 * inner] (hidden | gate), differentiable in hg.
 int lf_geglu(const char* src, const at::Tensor* hg, at::Tensor** out, char** err) {

@@ -8,6 +8,10 @@
 //! - [`geglu`]: GEGLU's `hidden * gelu(gate)` on the projection's output (`kernels/geglu.cu`), one
 //!   kernel each way, keeping only the projection for the backward pass (`LORAFUSE_FUSED_GEGLU=0`
 //!   turns it off, for comparisons).
+//! - [`lora_linear`]: a linear layer with its LoRA as one autograd node whose input gradient
+//!   accumulates the LoRA's part inside the GEMM that adds it (no separate add over the
+//!   activations' gradient); ATen products only, so it runs on the CPU too
+//!   (`LORAFUSE_LORA_LINEAR=0` turns it off, for comparisons).
 //!
 //! Each returns `None` where its kernels do not apply (a CPU tensor, a layout or dtype they do not
 //! take, a build without the shim, `LORAFUSE_FUSED_GROUP_NORM=0`), and the caller runs ATen's
@@ -48,6 +52,15 @@ mod ffi {
         pub fn lf_geglu(
             src: *const c_char,
             hg: *const c_void,
+            out: *mut *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn lf_lora_linear(
+            x: *const c_void,
+            w: *const c_void,
+            bias: *const c_void,
+            a: *const c_void,
+            b: *const c_void,
             out: *mut *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
@@ -192,11 +205,77 @@ pub fn geglu(hg: &Tensor) -> Option<Tensor> {
     y
 }
 
+/// The switch for [`lora_linear`]: on unless `0`.
+pub const LORA_LINEAR_ENV: &str = "LORAFUSE_LORA_LINEAR";
+static LORA_LINEAR: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// `x W^T + bias + (x A^T) B^T` for `x [M, in]`, frozen `w [out, in]` and `bias [out]`, `a [r, in]`
+/// and `b [out, r]` (the LoRA's scaling already in `b`), differentiable in `x`, `a` and `b`, as
+/// one autograd node (fused.cpp `LoraLinearFn`): the backward adds `(dy B) A` into `dy W` with
+/// the GEMM's `beta = 1`, where the composed form writes it out and adds it in a pass of its own.
+/// `None` where it does not apply (off, no shim, a base weight that needs a gradient) or failed
+/// (then it stays off for the process, and [`take_failure`] says why); the caller composes it.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+) -> Option<Tensor> {
+    let on = match LORA_LINEAR.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on =
+                cfg!(lorafuse_cuda_graph) && std::env::var(LORA_LINEAR_ENV).as_deref() != Ok("0");
+            LORA_LINEAR.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    };
+    if !on || w.requires_grad() || bias.is_some_and(Tensor::requires_grad) {
+        return None;
+    }
+    #[cfg(lorafuse_cuda_graph)]
+    let y = call_entry("LoRA linear", &LORA_LINEAR, |out, err| {
+        let bias = bias.map_or(std::ptr::null(), |t| t.as_ptr().cast());
+        // SAFETY: the tensors outlive the call (autograd keeps its own references); a null
+        // bias means none; failures come back through `err`.
+        unsafe {
+            ffi::lf_lora_linear(
+                x.as_ptr().cast(),
+                w.as_ptr().cast(),
+                bias,
+                a.as_ptr().cast(),
+                b.as_ptr().cast(),
+                out,
+                err,
+            )
+        }
+    });
+    #[cfg(not(lorafuse_cuda_graph))]
+    let y = {
+        let _ = (x, a, b);
+        None
+    };
+    y
+}
+
 #[cfg(lorafuse_cuda_graph)]
 /// Run one kernel entry that returns a tensor through `out`; on failure turn the kernels off
 /// for the process, keep the first reason for [`take_failure`], and return `None`.
 fn call_kernel(
     what: &str,
+    f: impl FnOnce(*mut *mut std::os::raw::c_void, *mut *mut std::os::raw::c_char) -> i32,
+) -> Option<Tensor> {
+    call_entry(what, &STATE, f)
+}
+
+#[cfg(lorafuse_cuda_graph)]
+/// Run one shim entry that returns a tensor through `out`; on failure set `switch` off for the
+/// process, keep the first reason for [`take_failure`], and return `None`.
+fn call_entry(
+    what: &str,
+    switch: &AtomicU8,
     f: impl FnOnce(*mut *mut std::os::raw::c_void, *mut *mut std::os::raw::c_char) -> i32,
 ) -> Option<Tensor> {
     let mut out: *mut std::os::raw::c_void = std::ptr::null_mut();
@@ -212,7 +291,7 @@ fn call_kernel(
     match r {
         Ok(t) => Some(t),
         Err(e) => {
-            STATE.store(OFF, Ordering::Relaxed);
+            switch.store(OFF, Ordering::Relaxed);
             if let Ok(mut f) = FAILURE.lock() {
                 f.get_or_insert_with(|| e.to_string());
             }
@@ -221,7 +300,7 @@ fn call_kernel(
     }
 }
 
-/// Why the fused kernels turned themselves off, once (for the trainer's warning).
+/// Why a fused operation turned itself off, once (for the trainer's warning).
 pub fn take_failure() -> Option<String> {
     FAILURE.lock().ok().and_then(|mut f| f.take())
 }
@@ -322,6 +401,76 @@ mod tests {
         let x = Tensor::zeros([1, 4, 2, 2], (Kind::Float, tch::Device::Cpu));
         let w = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
         assert!(group_norm(&x, &w, &w, 2, 1e-5, true).is_none());
+    }
+
+    /// The LoRA linear node gives the composed products' output and gradients (x, A, B; none
+    /// for the frozen weight), in f32 and bf16, with and without a bias, on the CPU.
+    #[test]
+    #[cfg(lorafuse_cuda_graph)]
+    fn lora_linear_equals_the_composed_products() {
+        let wave = |shape: &[i64], phase: f64| {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (0.5 * (i as f64 * 0.731 + phase).sin()) as f32)
+                .collect();
+            Tensor::from_slice(&v).reshape(shape)
+        };
+        let (m, inp, out, r) = (7, 12, 10, 3);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for with_bias in [true, false] {
+                let w = wave(&[out, inp], 0.1).to_kind(kind);
+                let bias = with_bias.then(|| wave(&[out], 0.2).to_kind(kind));
+                let leaf = |t: Tensor| t.to_kind(kind).set_requires_grad(true);
+                let (x1, a1, b1) = (
+                    leaf(wave(&[m, inp], 0.3)),
+                    leaf(wave(&[r, inp], 0.4)),
+                    leaf(wave(&[out, r], 0.5)),
+                );
+                let (x2, a2, b2) = (
+                    leaf(wave(&[m, inp], 0.3)),
+                    leaf(wave(&[r, inp], 0.4)),
+                    leaf(wave(&[out, r], 0.5)),
+                );
+                let dy = wave(&[m, out], 0.6).to_kind(kind);
+                let y1 = lora_linear(&x1, &w, bias.as_ref(), &a1, &b1)
+                    .unwrap_or_else(|| panic!("does not apply: {:?}", take_failure()));
+                let y2 = x2.linear(&w, bias.as_ref())
+                    + x2.linear::<Tensor>(&a2, None).linear::<Tensor>(&b2, None);
+                let g1 = Tensor::run_backward(
+                    &[(&y1 * &dy).sum(Kind::Float)],
+                    &[&x1, &a1, &b1],
+                    false,
+                    false,
+                );
+                let g2 = Tensor::run_backward(
+                    &[(&y2 * &dy).sum(Kind::Float)],
+                    &[&x2, &a2, &b2],
+                    false,
+                    false,
+                );
+                let tol = if kind == Kind::Float { 1e-6 } else { 2e-2 };
+                for (what, p, q) in [
+                    ("y", &y1, &y2),
+                    ("dx", &g1[0], &g2[0]),
+                    ("dA", &g1[1], &g2[1]),
+                    ("dB", &g1[2], &g2[2]),
+                ] {
+                    let d = (p.to_kind(Kind::Double) - q.to_kind(Kind::Double))
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let s = q.to_kind(Kind::Double).abs().max().double_value(&[]);
+                    assert!(
+                        d <= tol * s,
+                        "{kind:?} bias {with_bias}: {what} differs by {d} (max {s})"
+                    );
+                }
+            }
+        }
+        // a base weight that needs a gradient is not this node's job
+        let w = Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let t = Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu));
+        assert!(lora_linear(&t, &w, None, &t, &t).is_none());
     }
 
     /// NVRTC compiles the kernels for Hopper and Ampere in every dtype, on any machine: what the

@@ -313,8 +313,7 @@ impl LoraLinear {
             Some((a, b, s)) => {
                 let (a, b) = in_kind(a, b, x.kind());
                 let x2 = as_rows(x);
-                let y = x2.linear(&self.weight, self.bias.as_ref());
-                let y = add_lora_up(y, &x2.linear::<Tensor>(&a, None), &b, *s);
+                let y = lora_product(&x2, &self.weight, self.bias.as_ref(), &a, &b, *s);
                 y.view(out_shape(x, y.size()[1]).as_slice())
             }
         }
@@ -353,7 +352,10 @@ impl LoraLinear {
 /// own weights now view, so the projections are one GEMM each way and the input's gradient
 /// gathers two contributions instead of one per layer and LoRA. Their LoRAs run packed too:
 /// the A matrices stacked (one down-projection) and the B matrices as a block diagonal (one
-/// up-projection accumulated into the packed output). The maths per output is the layers' own;
+/// up-projection accumulated into the packed output). With equal widths and ranks (an
+/// attention's) the block diagonal is the stacked B times a broadcast identity, whose backward
+/// hands each B a contiguous gradient (`block_diag`'s hands out strided blocks, which
+/// `FlatParams::backward` would have to copy one by one). The maths per output is the layers' own;
 /// ONNX Runtime packs attention projections the same way (its MultiHeadAttention's packed QKV).
 #[derive(Debug)]
 pub struct PackedLinears {
@@ -361,6 +363,9 @@ pub struct PackedLinears {
     bias: Option<Tensor>,
     /// Each layer's output width, in packing order.
     widths: Vec<i64>,
+    /// `eye(n)` as `[n, 1, n, 1]` in the weights' dtype: places row block i of the stacked B in
+    /// column block i.
+    eye: Tensor,
 }
 
 impl PackedLinears {
@@ -409,10 +414,13 @@ impl PackedLinears {
             }
             offset += w;
         }
+        let n = widths.len() as i64;
+        let eye = Tensor::eye(n, (kind, device)).view([n, 1, n, 1]);
         Some(Self {
             weight,
             bias,
             widths,
+            eye,
         })
     }
 
@@ -420,8 +428,7 @@ impl PackedLinears {
     /// product: views of one `[…, Σ out]` output.
     pub fn forward(&self, layers: &[&LoraLinear], x: &Tensor) -> Vec<Tensor> {
         let x2 = as_rows(x);
-        let mut y = x2.linear(&self.weight, self.bias.as_ref());
-        if layers.iter().any(|l| l.lora.is_some()) {
+        let y = if layers.iter().any(|l| l.lora.is_some()) {
             let (k, dev) = (x.kind(), x.device());
             let mut downs = Vec::new();
             let mut ups = Vec::new();
@@ -436,9 +443,23 @@ impl PackedLinears {
                     None => ups.push(Tensor::zeros([w, 0], (k, dev))),
                 }
             }
-            let h = x2.linear::<Tensor>(&Tensor::cat(&downs, 0), None);
-            y = add_lora_up(y, &h, &Tensor::block_diag(&ups), 1.0);
-        }
+            let (n, w0, r0) = (ups.len() as i64, ups[0].size()[0], ups[0].size()[1]);
+            let b = if r0 > 0 && ups.iter().all(|u| u.size() == [w0, r0]) {
+                // [n·w, r] → [n, w, 1, r] · [n, 1, n, 1] → [n·w, n·r]
+                let eye = if self.eye.kind() == k {
+                    self.eye.shallow_clone()
+                } else {
+                    self.eye.to_kind(k)
+                };
+                (Tensor::cat(&ups, 0).view([n, w0, 1, r0]) * eye).view([n * w0, n * r0])
+            } else {
+                Tensor::block_diag(&ups)
+            };
+            let a = Tensor::cat(&downs, 0);
+            lora_product(&x2, &self.weight, self.bias.as_ref(), &a, &b, 1.0)
+        } else {
+            x2.linear(&self.weight, self.bias.as_ref())
+        };
         y.split_with_sizes(self.widths.as_slice(), 1)
             .into_iter()
             .map(|part| {
@@ -447,6 +468,31 @@ impl PackedLinears {
             })
             .collect()
     }
+}
+
+/// `x W^T + bias + scaling · (x A^T) B^T` for rows `x`: one autograd node where the fused
+/// operation applies (`fused::lora_linear`: the input gradient's two parts meet inside a GEMM),
+/// else composed from ATen's products ([`add_lora_up`]).
+fn lora_product(
+    x2: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Tensor {
+    let scaled = || {
+        if scaling == 1.0 {
+            b.shallow_clone()
+        } else {
+            b * scaling
+        }
+    };
+    if let Some(y) = crate::train::fused::lora_linear(x2, w, bias, a, &scaled()) {
+        return y;
+    }
+    let y = x2.linear(w, bias);
+    add_lora_up(y, &x2.linear::<Tensor>(a, None), b, scaling)
 }
 
 /// The LoRA weights in the activations' dtype: peft casts the input to the adapter dtype; in

@@ -33,7 +33,7 @@ use crate::{Error, Result};
 /// Trainable tensors sharing one flat f32 buffer.
 ///
 /// In mixed precision the model computes with a bf16/fp16 copy of that buffer (the tensors the
-/// model holds are views of it, and so are their gradients), while the optimiser keeps the f32
+/// model holds are views of it, and their gradients land in a buffer of the same layout), while the optimiser keeps the f32
 /// master copy: the forward pass then needs no per-layer casts of the LoRA weights, and the
 /// update costs two extra kernels for the whole buffer (grad → f32, master → compute copy).
 pub struct FlatParams {
@@ -45,9 +45,10 @@ pub struct FlatParams {
     pub flat: Tensor,
     /// The compute-dtype copy the parameters view, when it is not f32.
     compute: Option<Tensor>,
-    /// Once every parameter has a gradient, the gradients too live in one buffer (autograd then
-    /// accumulates into it in place: no per-tensor zeroing, no concatenation).
-    grad: Option<Tensor>,
+    /// The gradients, laid out like `flat`, in the compute dtype ([`FlatParams::backward`]).
+    grad: Tensor,
+    /// No backward since the last [`FlatParams::zero_grad`]: `grad` holds stale values.
+    grad_clean: bool,
 }
 
 impl FlatParams {
@@ -80,6 +81,10 @@ impl FlatParams {
             }
         });
         let compute = (compute != Kind::Float).then(|| flat.to_kind(compute));
+        let grad = Tensor::zeros(
+            [total],
+            (compute.as_ref().map_or(Kind::Float, Tensor::kind), device),
+        );
         let backing = compute.as_ref().unwrap_or(&flat).shallow_clone();
         let mut params = Vec::new();
         tch::no_grad(|| {
@@ -95,7 +100,8 @@ impl FlatParams {
             params,
             flat,
             compute,
-            grad: None,
+            grad,
+            grad_clean: true,
         }
     }
 
@@ -121,68 +127,61 @@ impl FlatParams {
         self.flat.numel() as i64
     }
 
-    /// All gradients as one flat f32 tensor (zeros where a parameter got none), ready to be
-    /// clipped and used in place. After the first call where every parameter has a gradient,
-    /// the gradients are views of one buffer that [`FlatParams::zero_grad`] clears; in f32 the
-    /// tensor returned is that buffer itself.
-    pub fn flat_grad(&mut self) -> Tensor {
-        if let Some(g) = &self.grad {
-            return if g.kind() == Kind::Float {
-                g.shallow_clone()
+    /// `loss.backward()` for the parameters, with their gradients written into the flat
+    /// gradient buffer: autograd hands the gradients back (`torch.autograd.grad`, engine
+    /// `execute` with `inputs` and no `AccumulateGrad`) and one concatenation lays them out, where
+    /// per-parameter `.grad` tensors would cost one accumulation kernel each (256 in the
+    /// tutorial's recipe). The first backward after [`FlatParams::zero_grad`] overwrites the
+    /// buffer, later ones add to it (gradient accumulation). Parameters the loss does not reach
+    /// get zeros. The parameters' own `.grad` stays undefined.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = Tensor::f_run_backward(&[loss], &self.params, false, false)
+            .map_err(|e| Error::Internal(format!("backward: {e}")))?;
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = grads
+                .iter()
+                .zip(&self.params)
+                .map(|(g, p)| {
+                    if !g.defined() {
+                        Tensor::zeros([p.numel() as i64], (self.grad.kind(), p.device()))
+                    } else if g.kind() != self.grad.kind() {
+                        g.reshape([-1]).to_kind(self.grad.kind())
+                    } else {
+                        // a view when contiguous (ATen's batched cat then moves every part in
+                        // one launch); a copy otherwise
+                        g.reshape([-1])
+                    }
+                })
+                .collect();
+            if self.grad_clean {
+                let _ = Tensor::f_cat_out(&self.grad, &parts, 0)
+                    .map_err(|e| Error::Internal(format!("backward: gradients: {e}")))?;
+                self.grad_clean = false;
             } else {
-                g.to_kind(Kind::Float)
-            };
+                let _ = self.grad.g_add_(&Tensor::cat(&parts, 0));
+            }
+            Ok(())
+        })
+    }
+
+    /// All gradients as one flat f32 tensor (zeros where a parameter got none), ready to be
+    /// clipped and used in place: the gradient buffer itself in f32, its f32 copy otherwise.
+    pub fn flat_grad(&mut self) -> Tensor {
+        if self.grad_clean {
+            let _ = self.grad.zero_();
+            self.grad_clean = false;
         }
-        let all_defined = self.params.iter().all(|p| p.grad().defined());
-        let parts: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| {
-                let g = p.grad();
-                if g.defined() {
-                    g.flatten(0, -1)
-                } else {
-                    Tensor::zeros([p.numel() as i64], (p.kind(), p.device()))
-                }
-            })
-            .collect();
-        let flat = Tensor::cat(&parts, 0);
-        if all_defined {
-            // `param.grad.data = flat_grad[a:b].view_as(param)`: AccumulateGrad adds into the
-            // existing gradient in place, so from now on backward writes straight into `flat`.
-            tch::no_grad(|| {
-                for ((_, off, shape), p) in self.layout.iter().zip(&self.params) {
-                    let numel: i64 = shape.iter().product();
-                    let mut g = p.grad();
-                    g.set_data(&flat.narrow(0, *off, numel).view(shape.as_slice()));
-                }
-            });
-            self.grad = Some(flat.shallow_clone());
-        }
-        if flat.kind() == Kind::Float {
-            flat
+        if self.grad.kind() == Kind::Float {
+            self.grad.shallow_clone()
         } else {
-            flat.to_kind(Kind::Float)
+            self.grad.to_kind(Kind::Float)
         }
     }
 
-    /// The flat gradient buffer, once the gradients live in it (after the first
-    /// [`FlatParams::flat_grad`] that found every gradient).
-    pub fn grad_buffer(&self) -> Option<&Tensor> {
-        self.grad.as_ref()
-    }
-
+    /// Forget the gradients: the next [`FlatParams::backward`] overwrites the buffer (no kernel
+    /// here; [`FlatParams::flat_grad`] zeroes it if no backward came in between).
     pub fn zero_grad(&mut self) {
-        match &mut self.grad {
-            Some(g) => {
-                let _ = g.zero_();
-            }
-            None => {
-                for p in &mut self.params {
-                    p.zero_grad();
-                }
-            }
-        }
+        self.grad_clean = true;
     }
 
     /// A named copy of slices of `buf` (same layout as the parameters), on the CPU.

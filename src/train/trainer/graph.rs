@@ -2,7 +2,7 @@
 //! torch's whole-network capture does it (torch/cuda/graphs.py and the "whole network capture"
 //! example of torch's CUDA graph notes): static input buffers refilled before each replay,
 //! [`WARMUP_STEPS`] eager iterations on the graph's side stream, one capture of forward +
-//! backward + clip + AdamW + zeroed gradients ([`forward_backward`] then [`apply_gradients`], the
+//! backward + clip + AdamW ([`forward_backward`] then [`apply_gradients`], the
 //! eager step's own code), then per step: copy the inputs in, write the learning rate into the
 //! optimiser's 0-d tensor, replay, read the loss and gradient norm after the replay.
 //!
@@ -26,7 +26,7 @@ use crate::{Error, Result};
 
 /// Eager steps before the capture (`make_graphed_callables`' `num_warmup_iters=3`): cuDNN's
 /// benchmark search, cuBLAS workspaces, the autograd engine's device threads, the optimiser
-/// state and the flat gradient buffer (aliased at the first step) all exist before capturing.
+/// state and the flat gradient buffer all exist before capturing.
 pub const WARMUP_STEPS: usize = 3;
 
 /// `--cuda_graphs`.
@@ -181,7 +181,7 @@ pub(super) fn eager_step(
     opt: &AdamW,
     inputs: &[MicroInputs],
 ) -> Result<StepOut> {
-    let loss = forward_backward(ctx, models, inputs, 1.0)?;
+    let loss = forward_backward(ctx, models, flat, inputs, 1.0)?;
     let norm = apply_gradients(flat, opt, ctx.cfg.max_grad_norm, None);
     Ok(StepOut {
         loss,
@@ -363,7 +363,7 @@ impl StepGraph {
         let first = self.replays == 0;
         let graph = match &mut self.engine {
             Engine::Emulated | Engine::Failed => {
-                let loss = forward_backward(ctx, models, statics, 1.0)?;
+                let loss = forward_backward(ctx, models, flat, statics, 1.0)?;
                 let norm = apply_gradients(flat, opt, max_norm, None);
                 self.replays += 1;
                 return Ok(StepOut {
@@ -376,20 +376,12 @@ impl StepGraph {
             Engine::Cuda(g) => g,
         };
         if self.outputs.is_none() {
-            let captured = if flat.grad_buffer().is_none() {
-                // a LoRA tensor got no gradient in the warm-up: backward would allocate them
-                Err(Error::Internal(
-                    "the gradients do not live in one preallocated buffer".into(),
-                ))
-            } else {
-                graph.capture(|| {
-                    let loss = forward_backward(ctx, models, statics, 1.0)?;
-                    let norm = apply_gradients(flat, opt, max_norm, None).ok_or_else(|| {
-                        Error::Internal("a captured step skipped its update".into())
-                    })?;
-                    Ok((loss, norm))
-                })
-            };
+            let captured = graph.capture(|| {
+                let loss = forward_backward(ctx, models, flat, statics, 1.0)?;
+                let norm = apply_gradients(flat, opt, max_norm, None)
+                    .ok_or_else(|| Error::Internal("a captured step skipped its update".into()))?;
+                Ok((loss, norm))
+            });
             match captured {
                 Ok(out) => self.outputs = Some(out),
                 Err(e) if !self.strict => {

@@ -22,7 +22,7 @@ pub(super) enum Phase {
     Data,
     /// Eager: forward and backward.
     ForwardBackward,
-    /// Eager: clipping, AdamW, zeroed gradients.
+    /// Eager: clipping, AdamW.
     Optimizer,
     /// A replay of the captured step (forward, backward and optimizer in one).
     Replay,

@@ -375,7 +375,8 @@ impl<'a> Trainer<'a> {
                     g.eager_step_of_other_shape(self.pos.global_step + 1, on_event);
                 }
                 let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
-                let loss = forward_backward(&ctx, &self.models, &inputs, loss_scale)?;
+                let loss =
+                    forward_backward(&ctx, &self.models, &mut self.flat, &inputs, loss_scale)?;
                 self.clock.mark(Phase::ForwardBackward);
                 let norm = apply_gradients(&mut self.flat, &self.opt, cfg.max_grad_norm, scaler);
                 self.clock.mark(Phase::Optimizer);
@@ -422,7 +423,7 @@ impl<'a> Trainer<'a> {
         self.stats.losses.push(loss);
         if let Some(why) = crate::train::fused::take_failure() {
             on_event(Event::Warning(format!(
-                "the fused channels-last GroupNorm kernels are off ({why}); torch's GroupNorm runs instead"
+                "{why}: that fused operation is off for the rest of the run; torch's own operations run instead"
             )));
         }
         on_event(Event::Step(&line));

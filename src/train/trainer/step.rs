@@ -1,5 +1,5 @@
 //! One optimiser step: its inputs (drawn on the host), the forward and backward over its
-//! micro-batches, and the update (clip, AdamW, zeroed gradients), all on the device.
+//! micro-batches, and the update (clip, AdamW), all on the device.
 
 #[allow(unused_imports)]
 use super::*;
@@ -338,6 +338,7 @@ fn prepare(ctx: &StepCtx, models: &Models, m: &MicroInputs) -> Result<Prepared> 
 pub(super) fn forward_backward(
     ctx: &StepCtx,
     models: &Models,
+    flat: &mut FlatParams,
     inputs: &[MicroInputs],
     loss_scale: f64,
 ) -> Result<Tensor> {
@@ -395,7 +396,7 @@ pub(super) fn forward_backward(
             }
         };
         let loss = (per * w).sum(Kind::Float);
-        (&loss * loss_scale).backward();
+        flat.backward(&(&loss * loss_scale))?;
         total += loss.detach();
     }
     Ok(total)
@@ -403,9 +404,9 @@ pub(super) fn forward_backward(
 
 /// After the backward: with fp16, unscale the gradients and skip the update on inf/NaN (a host
 /// read: why fp16 is not captured); then clip, AdamW at the learning rate already in
-/// [`AdamW::lr`], and zero the gradients in place, all on the device. Returns the total gradient
-/// norm (a 0-d device tensor), or `None` for a skipped step. The caller counts the update on
-/// the host (`opt.step`) once it has run. The CUDA graph captures this, without a scaler, after
+/// [`AdamW::lr`], all on the device, and mark the gradients spent (the next backward overwrites
+/// them). Returns the total gradient norm (a 0-d device tensor), or `None` for a skipped step.
+/// The caller counts the update on the host (`opt.step`) once it has run. The CUDA graph captures this, without a scaler, after
 /// [`forward_backward`].
 pub(super) fn apply_gradients(
     flat: &mut FlatParams,
