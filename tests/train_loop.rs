@@ -334,6 +334,25 @@ fn out_of_memory_in_a_step_names_the_flags_to_lower() {
         ),
         "{err}"
     );
+    // the same failure returned as an error (tch's `f_` calls: the backward's) rather than panicked
+    let o = Command::new(exe)
+        .args(common::train_cli(
+            &tiny().join("diffusers"),
+            &tiny().join("dataset"),
+            &tmp.path().join("out-err"),
+            "--caption_column caption --resolution 64 --max_train_steps 2 --device cpu --plain_log --report_to csv --train_batch_size 2",
+        ))
+        .args(["--debug_error_in_step", oom])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("out of memory in a training step with a batch of 2 at 64 px: lower --train_batch_size")
+            && err.contains("CUDA out of memory. Tried to allocate 20.00 MiB")
+            && !err.contains("internal error"),
+        "{err}"
+    );
     // anything else is not dressed up as a memory problem
     let o = run("some other libtorch failure", &[]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -481,18 +481,16 @@ fn lora_product(
     b: &Tensor,
     scaling: f64,
 ) -> Tensor {
-    let scaled = || {
-        if scaling == 1.0 {
-            b.shallow_clone()
-        } else {
-            b * scaling
-        }
+    let b = if scaling == 1.0 {
+        b.shallow_clone()
+    } else {
+        b * scaling
     };
-    if let Some(y) = crate::train::fused::lora_linear(x2, w, bias, a, &scaled()) {
+    if let Some(y) = crate::train::fused::lora_linear(x2, w, bias, a, &b) {
         return y;
     }
     let y = x2.linear(w, bias);
-    add_lora_up(y, &x2.linear::<Tensor>(a, None), b, scaling)
+    add_lora_up(y, &x2.linear::<Tensor>(a, None), &b, 1.0)
 }
 
 /// The LoRA weights in the activations' dtype: peft casts the input to the adapter dtype; in

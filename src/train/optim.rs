@@ -33,9 +33,10 @@ use crate::{Error, Result};
 /// Trainable tensors sharing one flat f32 buffer.
 ///
 /// In mixed precision the model computes with a bf16/fp16 copy of that buffer (the tensors the
-/// model holds are views of it, and their gradients land in a buffer of the same layout), while the optimiser keeps the f32
-/// master copy: the forward pass then needs no per-layer casts of the LoRA weights, and the
-/// update costs two extra kernels for the whole buffer (grad → f32, master → compute copy).
+/// model holds are views of it, and their gradients land in a buffer of the same layout), while
+/// the optimiser keeps the f32 master copy: the forward pass then needs no per-layer casts of the
+/// LoRA weights, and the update costs two extra kernels for the whole buffer (grad → f32, master
+/// → compute copy).
 pub struct FlatParams {
     /// `(name, offset, shape)` in name order.
     pub layout: Vec<(String, i64, Vec<i64>)>,
@@ -135,8 +136,7 @@ impl FlatParams {
     /// buffer, later ones add to it (gradient accumulation). Parameters the loss does not reach
     /// get zeros. The parameters' own `.grad` stays undefined.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = Tensor::f_run_backward(&[loss], &self.params, false, false)
-            .map_err(|e| Error::Internal(format!("backward: {e}")))?;
+        let grads = Tensor::f_run_backward(&[loss], &self.params, false, false)?;
         tch::no_grad(|| {
             let parts: Vec<Tensor> = grads
                 .iter()
@@ -154,8 +154,7 @@ impl FlatParams {
                 })
                 .collect();
             if self.grad_clean {
-                let _ = Tensor::f_cat_out(&self.grad, &parts, 0)
-                    .map_err(|e| Error::Internal(format!("backward: gradients: {e}")))?;
+                let _ = Tensor::f_cat_out(&self.grad, &parts, 0)?;
                 self.grad_clean = false;
             } else {
                 let _ = self.grad.g_add_(&Tensor::cat(&parts, 0));

@@ -278,6 +278,11 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long = "debug_panic_in_step", hide = true)]
     pub panic_in_step: Option<String>,
+    /// Testing: fail with this text inside the first optimiser step, as libtorch errors surface
+    /// through tch's `f_` calls (e.g. the backward's, `FlatParams::backward`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "debug_error_in_step", hide = true)]
+    pub error_in_step: Option<String>,
 }
 
 /// `--memory_format`: how the frozen UNet's convolution weights are laid out.
@@ -392,6 +397,7 @@ impl TrainConfig {
             torch_profile: None,
             abort_after_step: None,
             panic_in_step: None,
+            error_in_step: None,
         }
     }
 }

@@ -281,14 +281,21 @@ impl<'a> Trainer<'a> {
                 if self.pos.global_step >= self.plan.max_steps {
                     return Ok(());
                 }
-                // tch panics on libtorch errors: an out-of-memory becomes an error naming the
-                // flags to lower, anything else goes on unwinding
+                // libtorch errors come as tch's panics or as errors: an out-of-memory becomes an
+                // error naming the flags to lower; any other panic goes on unwinding
                 let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     self.step(epoch, &batches, b, on_event)
                 }));
                 b = match stepped {
-                    Ok(r) => r?,
-                    Err(p) => match out_of_memory(self.cfg, &self.plan, p.as_ref()) {
+                    Ok(Ok(next)) => next,
+                    Ok(Err(e)) => {
+                        return Err(
+                            out_of_memory(self.cfg, &self.plan, &e.to_string()).unwrap_or(e)
+                        );
+                    }
+                    Err(p) => match crate::error::panic_message(p.as_ref())
+                        .and_then(|text| out_of_memory(self.cfg, &self.plan, text))
+                    {
                         Some(e) => return Err(e),
                         None => std::panic::resume_unwind(p),
                     },
@@ -320,6 +327,9 @@ impl<'a> Trainer<'a> {
         let (cfg, plan) = (self.cfg, &self.plan);
         if let Some(text) = &cfg.panic_in_step {
             panic!("{text}");
+        }
+        if let Some(text) = &cfg.error_in_step {
+            return Err(tch::TchError::Torch(text.clone()).into());
         }
         let t0 = Instant::now();
         self.clock.begin_step()?;
@@ -688,10 +698,9 @@ pub fn is_out_of_memory(text: &str) -> bool {
     .any(|m| text.contains(m))
 }
 
-/// A step that ran out of memory, as an error that says which flags lower the step's memory;
-/// `None` for any other panic.
-fn out_of_memory(cfg: &TrainConfig, plan: &Plan, p: &(dyn std::any::Any + Send)) -> Option<Error> {
-    let text = crate::error::panic_message(p)?;
+/// A step that ran out of memory (libtorch's message `text`), as an error that says which flags
+/// lower the step's memory; `None` for any other failure.
+fn out_of_memory(cfg: &TrainConfig, plan: &Plan, text: &str) -> Option<Error> {
     if !is_out_of_memory(text) {
         return None;
     }
